@@ -1,0 +1,126 @@
+"""The ``meshq`` command line.
+
+Each sub-command is a small function; heavy imports (torch, the server) happen
+inside the command that needs them, so ``meshq workers`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from app.errors import MeshqError
+
+
+def _redis() -> Any:
+    from app.redis_client import get_redis
+
+    return get_redis()
+
+
+def _age_s(iso: str | None) -> float | None:
+    if not iso:
+        return None
+    try:
+        return round((datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds(), 1)
+    except ValueError:
+        return None
+
+
+# -- workers / health / redis ---------------------------------------------------
+def cmd_workers(args: argparse.Namespace) -> int:
+    from app.registry import list_workers
+
+    workers = list_workers(_redis())
+    for worker in workers:
+        worker["last_seen_age_s"] = _age_s(worker.get("last_seen"))
+    if not args.all:
+        workers = [w for w in workers if w["alive"]]
+    if args.json:
+        print(json.dumps(workers, indent=2))
+        return 0
+    if not workers:
+        print("no live workers")
+        return 0
+    print(f"{'WORKER':<24} {'STATUS':<9} {'TAGS':<20} {'LAST BEAT':>10}  CURRENT TASK")
+    for w in workers:
+        age = w["last_seen_age_s"]
+        status = w.get("status", "?") if w["alive"] else "DEAD"
+        print(f"{w['worker_id']:<24} {status:<9} {','.join(w.get('tags') or []) or '-':<20} "
+              f"{(f'{age:.0f}s ago' if age is not None else '?'):>10}  {w.get('current_task') or '-'}")
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from app import keys
+
+    ttl = _redis().ttl(keys.worker_heartbeat(args.worker))
+    alive = ttl is not None and ttl > 0
+    print(f"worker {args.worker}: {'alive' if alive else 'not alive'}" + (f" (hb ttl {ttl}s)" if alive else ""))
+    return 0 if alive else 1
+
+
+def cmd_redis(args: argparse.Namespace) -> int:
+    import time
+
+    from app.embedded_redis import EmbeddedRedis
+
+    with EmbeddedRedis(port=args.port) as server:
+        print(f"embedded Redis running: export REDIS_URL={server.url}   (Ctrl-C to stop)", flush=True)
+        try:
+            while server.process is not None and server.process.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from app.demo import run_demo
+
+    return run_demo(args.workdir)
+
+
+# -- wiring ---------------------------------------------------------------------
+Command = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshq", description="LLM jobs on a Celery worker fleet")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("workers", help="list live workers from their heartbeat hashes")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--all", action="store_true", help="include workers whose heartbeat expired")
+    p.set_defaults(func=cmd_workers)
+
+    p = sub.add_parser("health", help="exit 0 if the worker's heartbeat key is alive, 1 otherwise")
+    p.add_argument("--worker", required=True, help="WORKER_ID to check")
+    p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("redis", help="run the embedded Redis server in the foreground")
+    p.add_argument("--port", type=int, default=6379)
+    p.set_defaults(func=cmd_redis)
+
+    p = sub.add_parser("demo", help="run the main job end to end on a private local deployment")
+    p.add_argument("--workdir", help="where logs and results go (default: a new temporary directory)")
+    p.set_defaults(func=cmd_demo)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except MeshqError as exc:
+        print(f"meshq: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""One error hierarchy for meshq.
+
+Every error names what it is about (a field, a path, a URL, a variable) so the
+person reading the message knows what to fix. Constructor arguments are kept in
+``args`` so Celery can rebuild the same exception class on the client side.
+"""
+
+from __future__ import annotations
+
+
+class MeshqError(Exception):
+    """Root of every error meshq raises on purpose."""
+
+
+class ConfigError(MeshqError):
+    """A bad environment variable or setting; ``variable`` names it."""
+
+    def __init__(self, variable: str, message: str) -> None:
+        super().__init__(variable, message)
+        self.variable = variable
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.variable}: {self.message}"
+
+
+class SpecError(MeshqError):
+    """An invalid task or pipeline spec; ``field`` is the dotted path of the culprit."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(field, message)
+        self.field = field
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+
+class ExecutorError(MeshqError):
+    """An executor could not do its job (model missing, data unreadable, ...)."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message, path)
+        self.message = message
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ArtifactError(MeshqError):
+    """An archive, upload or download failed; ``url`` or ``path`` says which."""
+
+    def __init__(self, message: str, url: str | None = None, path: str | None = None,
+                 status: int | None = None) -> None:
+        super().__init__(message, url, path, status)
+        self.message = message
+        self.url = url
+        self.path = path
+        self.status = status
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class TaskCancelled(MeshqError):
+    """Raised inside an executor when the user cancelled the task."""
+
+    def __init__(self, task_id: str, where: str = "") -> None:
+        super().__init__(task_id, where)
+        self.task_id = task_id
+        self.where = where
+
+    def __str__(self) -> str:
+        return f"task {self.task_id} cancelled{(' ' + self.where) if self.where else ''}"

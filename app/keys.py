@@ -1,0 +1,45 @@
+"""Every Redis key and channel name meshq uses, built in one place (DESIGN §3)."""
+
+from __future__ import annotations
+
+WORKERS_SET = "workers:ids"
+WORKERS_CHANNEL = "workers.events"
+TASKS_CHANNEL = "tasks.events"
+
+
+def worker_hash(worker_id: str) -> str:
+    return f"worker:{worker_id}"
+
+
+def worker_heartbeat(worker_id: str) -> str:
+    return f"worker:{worker_id}:hb"
+
+
+def task_lease(task_id: str) -> str:
+    """Held by the worker running ``task_id`` (no duplicate concurrent runs)."""
+    return f"meshq:task:{task_id}:lease"
+
+
+def task_runs(task_id: str) -> str:
+    """Counter of how many times an executor really started for ``task_id``."""
+    return f"meshq:task:{task_id}:runs"
+
+
+def task_cancel(task_id: str) -> str:
+    """Set when the user cancels ``task_id``; executors poll it cooperatively."""
+    return f"meshq:task:{task_id}:cancel"
+
+
+def task_deliveries(task_id: str) -> str:
+    """Counter of deliveries of ``task_id`` (caps tasks that kill their worker)."""
+    return f"meshq:task:{task_id}:deliveries"
+
+
+def pipeline(pipeline_id: str) -> str:
+    """Hash describing a submitted pipeline (stage names → task ids)."""
+    return f"meshq:pipeline:{pipeline_id}"
+
+
+def task_pipeline(task_id: str) -> str:
+    """Maps a stage task id back to its pipeline id."""
+    return f"meshq:task:{task_id}:pipeline"

@@ -1,0 +1,208 @@
+"""The worker's presence in Redis (DESIGN §3): registration, status, heartbeats.
+
+The registry lives in the worker's main process. Its heartbeat thread sends one
+Redis pipeline per beat (hash update + ``SETEX worker:<id>:hb`` + publish), so it
+keeps beating while a pool child runs a task, and it survives Redis being down:
+a failed beat is logged and the next one tries again. Because each beat rewrites
+the hash, a Redis that lost its data (restart without persistence) gets the
+worker back at the next beat.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+from app import events, hardware, keys
+from app.redis_client import get_redis
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STARTING, IDLE, RUNNING, STOPPING = "STARTING", "IDLE", "RUNNING", "STOPPING"
+
+
+def redact_url(url: str) -> str:
+    """``redis://user:secret@host`` → ``redis://user:***@host`` for display."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def public_env(settings: Settings) -> dict[str, Any]:
+    """The worker's configuration as stored in ``env_json`` (no secrets)."""
+    return {
+        "REDIS_URL": redact_url(settings.redis_url),
+        "RESULTS_DIR": os.path.abspath(settings.results_dir),
+        "TASK_TOPIC": settings.task_topic,
+        "HEARTBEAT_INTERVAL_SEC": settings.heartbeat_interval_s,
+        "WORKER_TAGS": ",".join(settings.worker_tags),
+        "LOG_LEVEL": settings.log_level,
+        "ORCHESTRATOR_BASE_URL": settings.orchestrator_base_url,
+        "ORCHESTRATOR_TOKEN": "set" if settings.orchestrator_token else "",
+        "MESHQ_VISIBILITY_TIMEOUT_S": settings.visibility_timeout_s,
+    }
+
+
+def set_worker_status(worker_id: str, status: str, *, current_task: str = "",
+                      last_task: str | None = None, client: redis.Redis | None = None) -> None:
+    """Record a status change (from any process of the worker) and publish ``STATUS``."""
+    client = client or get_redis()
+    fields: dict[Any, Any] = {"status": status, "current_task": current_task,
+                              "last_seen": events.utc_now_iso()}
+    if last_task is not None:
+        fields["last_task"] = last_task
+    try:
+        pipe = client.pipeline(transaction=False)
+        pipe.hset(keys.worker_hash(worker_id), mapping=fields)
+        pipe.publish(keys.WORKERS_CHANNEL, events.worker_event(
+            "STATUS", worker_id, status=status,
+            payload={"current_task": current_task, "last_task": last_task}))
+        pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("could not record status %s for worker %s: %s", status, worker_id, exc)
+
+
+class WorkerRegistry:
+    """Registers one worker, beats for it in a thread, unregisters it on shutdown."""
+
+    def __init__(self, settings: Settings, queues: Iterable[str], *,
+                 active_task_ids: Callable[[], list[str]] = list,
+                 on_beat: Callable[[Any, list[str]], None] | None = None,
+                 client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.worker_id = settings.worker_id
+        self.queues = list(queues)
+        self.client = client or get_redis(settings.redis_url)
+        # Parent-side view of what runs now; used to restore status after a Redis flush.
+        self.active_task_ids = active_task_ids
+        # Extra commands added to every beat's pipeline (e.g. task lease refresh).
+        self.on_beat = on_beat
+        self.started_at = events.utc_now_iso()
+        self.hardware = hardware.probe()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._redis_was_down = False
+
+    # -- the hash -------------------------------------------------------------
+    def static_fields(self) -> dict[Any, Any]:
+        return {
+            "worker_id": self.worker_id,
+            "started_at": self.started_at,
+            "pid": str(os.getpid()),
+            "env_json": json.dumps(public_env(self.settings)),
+            "hardware_json": json.dumps(self.hardware),
+            "tags_json": json.dumps(list(self.settings.worker_tags)),
+            "queues_json": json.dumps(self.queues),
+            "cost_per_hour": str(self.settings.cost_per_hour),
+        }
+
+    def register(self) -> None:
+        """Write every field with status ``STARTING`` and publish ``REGISTER``."""
+        now = events.utc_now_iso()
+        fields: dict[Any, Any] = self.static_fields() | {"status": STARTING, "last_seen": now,
+                                         "current_task": "", "last_task": ""}
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(keys.worker_hash(self.worker_id), mapping=fields)
+        pipe.sadd(keys.WORKERS_SET, self.worker_id)
+        pipe.setex(keys.worker_heartbeat(self.worker_id), self.settings.heartbeat_ttl_s, now)
+        pipe.publish(keys.WORKERS_CHANNEL, events.worker_event(
+            "REGISTER", self.worker_id, status=STARTING, tags=list(self.settings.worker_tags),
+            metrics=hardware.metrics(), payload={"queues": self.queues, "hardware": self.hardware}))
+        pipe.execute()
+        log.info("worker %s registered (tags %s, %d queues)", self.worker_id,
+                 ",".join(self.settings.worker_tags) or "-", len(self.queues))
+
+    def set_status(self, status: str, current_task: str = "") -> None:
+        set_worker_status(self.worker_id, status, current_task=current_task, client=self.client)
+
+    # -- heartbeats -----------------------------------------------------------
+    def beat(self) -> None:
+        """One heartbeat: one Redis round trip."""
+        now = events.utc_now_iso()
+        running = self.active_task_ids()
+        hkey = keys.worker_hash(self.worker_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(hkey, mapping=self.static_fields() | {"last_seen": now})
+        # Status is owned by the process running tasks; only restore it if Redis lost it.
+        pipe.hsetnx(hkey, "status", RUNNING if running else IDLE)
+        pipe.hsetnx(hkey, "current_task", running[0] if running else "")
+        pipe.sadd(keys.WORKERS_SET, self.worker_id)
+        pipe.setex(keys.worker_heartbeat(self.worker_id), self.settings.heartbeat_ttl_s, now)
+        pipe.publish(keys.WORKERS_CHANNEL, events.worker_event(
+            "HEARTBEAT", self.worker_id, status=RUNNING if running else IDLE,
+            tags=list(self.settings.worker_tags), metrics=hardware.metrics(),
+            payload={"current_tasks": running}))
+        if self.on_beat is not None:
+            self.on_beat(pipe, running)
+        pipe.execute()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_interval_s):
+            try:
+                self.beat()
+            except Exception as exc:  # Redis down, or anything else: never kill the thread
+                if not self._redis_was_down:
+                    log.warning("heartbeat failed (%s); retrying every %ss", exc,
+                                self.settings.heartbeat_interval_s)
+                self._redis_was_down = True
+            else:
+                if self._redis_was_down:
+                    log.info("heartbeat resumed: Redis is reachable again")
+                self._redis_was_down = False
+
+    def start_heartbeat(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="meshq-heartbeat", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop beating, remove the worker's keys and publish ``UNREGISTER``."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.settings.heartbeat_interval_s + 5)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.srem(keys.WORKERS_SET, self.worker_id)
+            pipe.delete(keys.worker_hash(self.worker_id), keys.worker_heartbeat(self.worker_id))
+            pipe.publish(keys.WORKERS_CHANNEL, events.worker_event(
+                "UNREGISTER", self.worker_id, status=STOPPING, tags=list(self.settings.worker_tags)))
+            pipe.execute()
+            log.info("worker %s unregistered", self.worker_id)
+        except redis.RedisError as exc:
+            log.warning("could not unregister worker %s: %s (its :hb key will expire)",
+                        self.worker_id, exc)
+
+
+def list_workers(client: redis.Redis) -> list[dict[str, Any]]:
+    """Every registered worker's hash, decoded, with ``alive`` (its ``:hb`` key exists)."""
+    ids = sorted(str(i) for i in client.smembers(keys.WORKERS_SET))
+    if not ids:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for worker_id in ids:
+        pipe.hgetall(keys.worker_hash(worker_id))
+        pipe.ttl(keys.worker_heartbeat(worker_id))
+    replies = pipe.execute()
+    workers = []
+    for worker_id, fields, ttl in zip(ids, replies[::2], replies[1::2], strict=True):
+        if not fields:
+            continue
+        worker: dict[str, Any] = {k: v for k, v in fields.items() if not k.endswith("_json")}
+        for name in ("env", "hardware", "tags", "queues"):
+            raw = fields.get(f"{name}_json")
+            worker[name] = json.loads(raw) if raw else None
+        worker["worker_id"] = worker_id
+        worker["alive"] = ttl is not None and ttl > 0
+        worker["hb_ttl_s"] = ttl if ttl and ttl > 0 else 0
+        workers.append(worker)
+    return workers

@@ -1,0 +1,39 @@
+"""Tag routing (DESIGN §4): pure functions from tags to queue names."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import combinations
+
+from app.errors import SpecError
+from app.settings import TAG_RE
+
+
+def queue_for_tags(topic: str, required: Iterable[str]) -> str:
+    """The queue a task requiring ``required`` tags is sent to.
+
+    No requirement → the default queue ``topic``; otherwise
+    ``topic + "." + "+".join(sorted(required))``, consumed only by workers whose
+    tags include every required tag.
+    """
+    tags = sorted(set(required))
+    for tag in tags:
+        if not TAG_RE.match(tag):
+            raise SpecError("spec.tags", f"tag {tag!r} is not 1-32 characters of [A-Za-z0-9_-]")
+    return f"{topic}.{'+'.join(tags)}" if tags else topic
+
+
+def queue_for_worker(topic: str, worker_id: str) -> str:
+    """A worker's own queue, for tasks pinned to that worker."""
+    return f"{topic}.worker.{worker_id}"
+
+
+def worker_queues(topic: str, tags: Iterable[str], worker_id: str) -> list[str]:
+    """Every queue a worker with ``tags`` consumes: default, one per non-empty tag subset, own."""
+    tags = sorted(set(tags))
+    queues = [topic]
+    for size in range(1, len(tags) + 1):
+        for subset in combinations(tags, size):
+            queues.append(queue_for_tags(topic, subset))
+    queues.append(queue_for_worker(topic, worker_id))
+    return queues

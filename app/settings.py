@@ -1,0 +1,166 @@
+"""Configuration from the environment (DESIGN §2), validated in one place.
+
+Defaults live here, with units in their names. Every bad value raises
+``ConfigError`` naming the variable, so ``celery -A app worker`` fails at start-up
+instead of misbehaving later.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from app.errors import ConfigError
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+DEFAULT_RESULTS_DIR = "./results_workers"
+DEFAULT_TASK_TOPIC = "tasks"
+DEFAULT_HEARTBEAT_INTERVAL_S = 30.0
+MIN_HEARTBEAT_TTL_S = 120
+DEFAULT_LOG_LEVEL = "INFO"
+DEFAULT_LOG_FILE = "worker.log"
+DEFAULT_VISIBILITY_TIMEOUT_S = 3600
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024**3
+MAX_WORKER_TAGS = 6  # 2**6 - 1 = 63 tag-subset queues per worker
+
+TAG_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str
+    redis_url_from_env: bool
+    results_dir: str
+    task_topic: str
+    heartbeat_interval_s: float
+    worker_id: str
+    worker_tags: tuple[str, ...]
+    log_level: str
+    log_file: str
+    orchestrator_base_url: str
+    orchestrator_token: str = field(repr=False)  # never printed
+    visibility_timeout_s: int
+    max_upload_bytes: int
+    cost_per_hour: float
+
+    @property
+    def heartbeat_ttl_s(self) -> int:
+        return heartbeat_ttl_s(self.heartbeat_interval_s)
+
+
+def heartbeat_ttl_s(interval_s: float) -> int:
+    """TTL of ``worker:<id>:hb``: ``max(4 * interval, 120)`` seconds."""
+    return max(int(round(4 * interval_s)), MIN_HEARTBEAT_TTL_S)
+
+
+def parse_tags(raw: str, variable: str = "WORKER_TAGS") -> tuple[str, ...]:
+    """Comma-separated tags → sorted tuple; bad, duplicate or too many tags raise."""
+    tags = [t.strip() for t in raw.split(",")] if raw.strip() else []
+    for tag in tags:
+        if not TAG_RE.match(tag):
+            raise ConfigError(variable, f"tag {tag!r} is not 1-32 characters of [A-Za-z0-9_-]")
+    if len(set(tags)) != len(tags):
+        raise ConfigError(variable, f"duplicate tag in {raw!r}")
+    if len(tags) > MAX_WORKER_TAGS:
+        raise ConfigError(variable, f"{len(tags)} tags given, at most {MAX_WORKER_TAGS} allowed")
+    return tuple(sorted(tags))
+
+
+def _positive_float(env: Mapping[str, str], variable: str, default: float) -> float:
+    raw = env.get(variable, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(variable, f"{raw!r} is not a number") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise ConfigError(variable, f"{raw!r} must be a positive number")
+    return value
+
+
+def _positive_int(env: Mapping[str, str], variable: str, default: int) -> int:
+    raw = env.get(variable, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(variable, f"{raw!r} is not an integer") from None
+    if value <= 0:
+        raise ConfigError(variable, f"{raw!r} must be a positive integer")
+    return value
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate every meshq variable; raises ``ConfigError``."""
+    env = os.environ if env is None else env
+    redis_url = env.get("REDIS_URL", "").strip()
+    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("REDIS_URL", f"{redis_url!r} is not a redis://, rediss:// or unix:// URL")
+
+    topic = env.get("TASK_TOPIC", "").strip() or DEFAULT_TASK_TOPIC
+    if not NAME_RE.match(topic):
+        raise ConfigError("TASK_TOPIC", f"{topic!r} is not 1-64 characters of [A-Za-z0-9_-]")
+
+    worker_id = env.get("WORKER_ID", "").strip() or secrets.token_hex(6)
+    if not NAME_RE.match(worker_id):
+        raise ConfigError("WORKER_ID", f"{worker_id!r} is not 1-64 characters of [A-Za-z0-9_-]")
+
+    log_level = (env.get("LOG_LEVEL", "").strip() or DEFAULT_LOG_LEVEL).upper()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError("LOG_LEVEL", f"{log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+
+    base_url = env.get("ORCHESTRATOR_BASE_URL", "").strip().rstrip("/")
+    if base_url and not base_url.startswith(("http://", "https://")):
+        raise ConfigError("ORCHESTRATOR_BASE_URL", f"{base_url!r} is not an http(s) URL")
+
+    cost_raw = env.get("WORKER_COST_PER_HOUR", "").strip()
+    try:
+        cost = float(cost_raw) if cost_raw else 0.0
+    except ValueError:
+        raise ConfigError("WORKER_COST_PER_HOUR", f"{cost_raw!r} is not a number") from None
+
+    return Settings(
+        redis_url=redis_url or DEFAULT_REDIS_URL,
+        redis_url_from_env=bool(redis_url),
+        results_dir=env.get("RESULTS_DIR", "").strip() or DEFAULT_RESULTS_DIR,
+        task_topic=topic,
+        heartbeat_interval_s=_positive_float(env, "HEARTBEAT_INTERVAL_SEC", DEFAULT_HEARTBEAT_INTERVAL_S),
+        worker_id=worker_id,
+        worker_tags=parse_tags(env.get("WORKER_TAGS", "")),
+        log_level=log_level,
+        log_file=env.get("MESHQ_LOG_FILE", "").strip() or DEFAULT_LOG_FILE,
+        orchestrator_base_url=base_url,
+        orchestrator_token=env.get("ORCHESTRATOR_TOKEN", "").strip(),
+        visibility_timeout_s=_positive_int(env, "MESHQ_VISIBILITY_TIMEOUT_S", DEFAULT_VISIBILITY_TIMEOUT_S),
+        max_upload_bytes=_positive_int(env, "MESHQ_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES),
+        cost_per_hour=cost,
+    )
+
+
+_current: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process-wide settings, read once.
+
+    A random ``WORKER_ID`` is written back to the environment so pool children
+    and re-forked processes agree with the parent on the worker's identity.
+    """
+    global _current
+    if _current is None:
+        _current = load_settings()
+        os.environ.setdefault("WORKER_ID", _current.worker_id)
+    return _current
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests and the CLI change the environment)."""
+    global _current
+    _current = None

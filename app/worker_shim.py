@@ -1,0 +1,123 @@
+"""Celery signal handlers that turn a plain Celery worker into a meshq worker.
+
+Parent process: name the node after ``WORKER_ID``, consume the tag queues,
+register, start the heartbeat thread, unregister on graceful shutdown.
+Pool child: mark the worker RUNNING/IDLE and publish task events around each task.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Any
+
+from celery import signals
+from celery.app import trace
+from celery.worker import state as worker_state
+
+from app import routing
+from app.events import publish_task_event
+from app.registry import IDLE, RUNNING, WorkerRegistry, redact_url, set_worker_status
+from app.settings import get_settings
+
+log = logging.getLogger("meshq.worker")
+
+_registry: WorkerRegistry | None = None
+_started_at: dict[str, float] = {}
+_beat_hooks: list[Any] = []
+
+
+def add_beat_hook(hook: Any) -> None:
+    """Add ``hook(pipe, running_task_ids)`` to every heartbeat's Redis pipeline."""
+    _beat_hooks.append(hook)
+
+
+def _on_beat(pipe: Any, running: list[str]) -> None:
+    for hook in _beat_hooks:
+        hook(pipe, running)
+
+
+def active_task_ids() -> list[str]:
+    """Tasks the parent has handed to the pool and not yet seen finish."""
+    return [request.id for request in list(worker_state.active_requests)]
+
+
+@signals.celeryd_init.connect
+def configure_worker(sender: str, instance: Any, conf: Any, options: dict, **_: Any) -> None:
+    global _registry
+    settings = get_settings()
+    # The Celery node name carries the worker id unless the user chose one with -n.
+    if instance.hostname.startswith("celery@"):
+        instance.hostname = f"meshq-{settings.worker_id}@{socket.gethostname()}"
+        trace.setup_worker_optimizations(instance.app, instance.hostname)
+
+    queues = routing.worker_queues(settings.task_topic, settings.worker_tags, settings.worker_id)
+    for queue in queues:
+        instance.app.amqp.queues.select_add(queue)
+    _registry = WorkerRegistry(settings, queues, active_task_ids=active_task_ids, on_beat=_on_beat)
+    try:
+        _registry.register()
+    except Exception as exc:  # Redis not up yet: the first heartbeat registers us
+        log.warning("could not register worker %s yet: %s", settings.worker_id, exc)
+
+
+@signals.after_setup_logger.connect
+def log_to_file(logger: logging.Logger, format: str, **_: Any) -> None:
+    handler = logging.FileHandler(get_settings().log_file)
+    handler.setFormatter(logging.Formatter(format))
+    logger.addHandler(handler)
+    settings = get_settings()
+    if not settings.redis_url_from_env:
+        log.warning("REDIS_URL is not set: using %s", settings.redis_url)
+    else:
+        log.info("Redis: %s", redact_url(settings.redis_url))
+
+
+@signals.worker_ready.connect
+def start_heartbeat(**_: Any) -> None:
+    if _registry is not None:
+        _registry.set_status(IDLE)
+        _registry.start_heartbeat()
+
+
+@signals.worker_shutdown.connect
+def unregister(**_: Any) -> None:
+    if _registry is not None:
+        _registry.stop()
+
+
+def _task_type(task: Any) -> str:
+    return str(getattr(task, "task_type", None) or task.name.rsplit(".", 1)[-1])
+
+
+@signals.task_prerun.connect
+def on_task_start(task_id: str, task: Any, **_: Any) -> None:
+    worker_id = get_settings().worker_id
+    _started_at[task_id] = time.monotonic()
+    set_worker_status(worker_id, RUNNING, current_task=task_id)
+    publish_task_event("TASK_STARTED", worker_id, task_id, taskType=_task_type(task))
+
+
+@signals.task_postrun.connect
+def on_task_end(task_id: str, task: Any, state: str | None = None, **_: Any) -> None:
+    set_worker_status(get_settings().worker_id, IDLE, last_task=task_id)
+
+
+def _runtime_s(task_id: str) -> float:
+    started = _started_at.pop(task_id, None)
+    return round(time.monotonic() - started, 3) if started is not None else 0.0
+
+
+@signals.task_success.connect
+def on_task_success(sender: Any, **_: Any) -> None:
+    task_id = sender.request.id
+    publish_task_event("TASK_SUCCEEDED", get_settings().worker_id, task_id,
+                       taskType=_task_type(sender), runtime_sec=_runtime_s(task_id))
+
+
+@signals.task_failure.connect
+def on_task_failure(sender: Any, task_id: str, exception: BaseException, **_: Any) -> None:
+    publish_task_event("TASK_FAILED", get_settings().worker_id, task_id,
+                       error=f"{type(exception).__name__}: {exception}",
+                       taskType=_task_type(sender), runtime_sec=_runtime_s(task_id))

@@ -1,0 +1,55 @@
+"""Every Celery setting meshq uses, read from the environment in one place.
+
+Pool choice — prefork with concurrency 1 and children that live forever:
+  * one task at a time per worker, because a task owns the whole GPU/CPU;
+  * the pool child survives between tasks (``worker_max_tasks_per_child`` unset),
+    so a model loaded by one task is still in memory for the next (warm cache);
+  * tasks run in the child, never in the parent: the parent never imports torch,
+    so CUDA is initialised only in the child and a fork never copies a CUDA context;
+  * the parent stays free for the heartbeat thread, which keeps beating while a
+    long task holds the child busy (a solo/threads pool would share the GIL and the
+    process with the task, and a crash in native code would take the heartbeat down).
+"""
+
+from __future__ import annotations
+
+from app.settings import get_settings
+
+_settings = get_settings()
+
+broker_url = _settings.redis_url
+result_backend = _settings.redis_url
+broker_connection_retry_on_startup = True
+# Tasks may run for hours: the visibility timeout must be the same for the broker
+# and the result backend; duplicate runs past it are stopped by the task lease (§10).
+broker_transport_options = {"visibility_timeout": _settings.visibility_timeout_s}
+result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout_s,
+                                    "retry_policy": {"timeout": 5.0}}
+
+# JSON only: no pickle anywhere.
+task_serializer = "json"
+result_serializer = "json"
+event_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+# Delivery: acknowledge after the task ran; a worker that dies gets its task redelivered.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+worker_concurrency = 1
+worker_pool = "prefork"
+worker_max_tasks_per_child = None
+
+# Monitoring: events on so Flower sees workers, tasks and progress.
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = True
+result_extended = True
+result_expires = 7 * 24 * 3600
+
+# Routing: the default queue is TASK_TOPIC; tag queues are created on demand.
+task_default_queue = _settings.task_topic
+task_create_missing_queues = True
+
+include = ["tasks"]

@@ -1,0 +1,1 @@
+"""Staged pipelines: templates → Celery chains, ``${...}`` references, submission API."""

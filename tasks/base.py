@@ -1,0 +1,115 @@
+"""The thin Celery layer around executors.
+
+``MeshqTask.run`` validates the spec, prepares ``RESULTS_DIR/<task_id>/``, runs the
+executor with a ``CeleryProgress``, writes ``responses.json`` + ``manifest.json``
+and returns the same dict. Executors are created once per worker process and
+kept, so they can keep a model warm between tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from celery import Task, states
+from celery.exceptions import Ignore
+
+from app.errors import SpecError, TaskCancelled
+from app.manifest import write_task_outputs
+from app.names import check_name
+from app.settings import get_settings
+from tasks.progress import CeleryProgress, Progress
+from tasks.spec import TaskSpec, parse_task_spec
+
+log = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    """Pure work: spec + output directory in, result dict out, progress via callback."""
+
+    def run(self, spec: TaskSpec, out_dir: Path, progress: Progress) -> dict[str, Any]: ...
+
+
+# taskType → factory; filled by the modules that define executors.
+EXECUTOR_FACTORIES: dict[str, Callable[[], Executor]] = {}
+_executors: dict[str, Executor] = {}
+
+
+def register_executor(task_type: str, factory: Callable[[], Executor]) -> None:
+    EXECUTOR_FACTORIES[task_type] = factory
+
+
+def get_executor(task_type: str) -> Executor:
+    """The process's executor for ``task_type`` (created once, then reused: warm caches)."""
+    executor = _executors.get(task_type)
+    if executor is None:
+        factory = EXECUTOR_FACTORIES.get(task_type)
+        if factory is None:
+            raise SpecError("spec.taskType", f"no executor for task type {task_type!r}")
+        executor = _executors[task_type] = factory()
+    return executor
+
+
+def split_args(args: tuple[Any, ...]) -> tuple[Any, Any]:
+    """``task(spec)`` or, inside a plain Celery chain, ``task(previous_result, spec)``."""
+    if len(args) == 1:
+        return None, args[0]
+    if len(args) == 2:
+        return args[0], args[1]
+    raise SpecError("spec", f"expected (spec) or (previous_result, spec) arguments, got {len(args)}")
+
+
+# Hooks other layers install without this module importing them:
+#  resolve_spec(spec_dict, previous_result, pipeline_info) -> spec_dict  (pipelines)
+#  after_outputs(task_id, spec, result, out_dir) -> result              (artifact delivery)
+SPEC_RESOLVERS: list[Callable[[Any, Any, dict[str, Any] | None], Any]] = []
+RESULT_HOOKS: list[Callable[[str, TaskSpec, dict[str, Any], Path], dict[str, Any]]] = []
+
+
+class MeshqTask(Task):
+    """Base of every meshq task; subclasses only set ``task_type``."""
+
+    abstract = True
+    task_type = ""
+    typing = False  # arguments are checked by the spec, not by Celery's signature check
+
+    def run(self, *args: Any, pipeline: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
+        settings = get_settings()
+        task_id = self.request.id
+        try:
+            check_name(task_id, "task_id")
+        except ValueError as exc:
+            raise SpecError("task_id", str(exc)) from None
+        previous, raw_spec = split_args(args)
+        for resolve in SPEC_RESOLVERS:
+            raw_spec = resolve(raw_spec, previous, pipeline)
+        spec = parse_task_spec(raw_spec)
+        if spec.taskType != self.task_type:
+            raise SpecError("spec.taskType", f"{spec.taskType!r} sent to the {self.task_type!r} task")
+        out_dir = Path(settings.results_dir).resolve() / task_id
+        out_dir.mkdir(parents=True, exist_ok=True)
+        progress = CeleryProgress(self, settings.worker_id, self.task_type)
+        executor = get_executor(self.task_type)
+        try:
+            result = executor.run(spec, out_dir, progress)
+        except TaskCancelled as exc:
+            self._end_cancelled(exc, out_dir, progress)
+        result = {"task_id": task_id, "taskType": self.task_type,
+                  "worker_id": settings.worker_id, **result}
+        write_task_outputs(out_dir, result)
+        for hook in RESULT_HOOKS:
+            result = hook(task_id, spec, result, out_dir)
+        return result
+
+    def _end_cancelled(self, exc: TaskCancelled, out_dir: Path, progress: CeleryProgress) -> None:
+        """Record the cancellation (state REVOKED, ``responses.json``) and stop."""
+        info = {"task_id": exc.task_id, "taskType": self.task_type, "cancelled": True,
+                "message": str(exc), "progress": progress.last}
+        write_task_outputs(out_dir, info)
+        self.update_state(state=states.REVOKED, meta={
+            "exc_type": "TaskCancelled", "exc_module": "app.errors",
+            "exc_message": [exc.task_id, exc.where]})
+        log.info("%s", exc)
+        raise Ignore()

@@ -1,0 +1,39 @@
+"""The echo task: the smallest real job (tests, benchmarks, smoke checks)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from app.celery import app
+from tasks.base import MeshqTask, register_executor
+from tasks.progress import Progress
+from tasks.spec import EchoOptions, TaskSpec
+
+
+class EchoExecutor:
+    """Returns the spec's ``data`` and ``echo.message``; optionally sleeps in steps."""
+
+    def run(self, spec: TaskSpec, out_dir: Path, progress: Progress) -> dict[str, Any]:
+        options = spec.echo or EchoOptions()
+        started = time.monotonic()
+        if options.sleep_s > 0:
+            step_s = options.sleep_s / options.steps
+            for step in range(1, options.steps + 1):
+                progress.check_cancelled(f"at step {step - 1}")
+                time.sleep(step_s)
+                progress(step=step, total_steps=options.steps, force=step == options.steps)
+        return {"echo": {"message": options.message, "data": spec.data},
+                "runtime_sec": round(time.monotonic() - started, 6)}
+
+
+register_executor("echo", EchoExecutor)
+
+
+class EchoTask(MeshqTask):
+    name = "meshq.echo"
+    task_type = "echo"
+
+
+echo = app.register_task(EchoTask())

@@ -1,0 +1,150 @@
+"""Shared fixtures: a real Redis (``REDIS_URL`` or the embedded server) and real workers.
+
+The test process itself is a Celery client: ``REDIS_URL`` is set before
+``app.celery`` is imported, so the client and the worker subprocesses share it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from app.embedded_redis import EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parent.parent
+_embedded: EmbeddedRedis | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Start the embedded Redis before any test module imports the Celery app."""
+    global _embedded
+    if not os.environ.get("REDIS_URL"):
+        _embedded = EmbeddedRedis().start()
+        os.environ["REDIS_URL"] = _embedded.url
+        os.environ["MESHQ_TEST_EMBEDDED_REDIS"] = "1"
+    os.environ.setdefault("HEARTBEAT_INTERVAL_SEC", "1")
+    os.environ.setdefault("MESHQ_LOG_FILE", os.devnull)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _embedded is not None:
+        _embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return os.environ["REDIS_URL"]
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A client on a freshly flushed database (each test starts from nothing)."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s: float = 0.1,
+             message: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s}s waiting for {message}")
+        time.sleep(interval_s)
+
+
+class WorkerProcess:
+    """A real ``celery -A app worker`` subprocess."""
+
+    def __init__(self, worker_id: str, env: dict[str, str], cwd: Path, log_path: Path,
+                 extra_args: list[str]) -> None:
+        self.worker_id = worker_id
+        self.env = env
+        self.log_path = log_path
+        self.results_dir = Path(env["RESULTS_DIR"])
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "app", "worker", "--loglevel", "INFO",
+             "--without-mingle", "--without-gossip", *extra_args],
+            cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def wait_ready(self, client: redis.Redis, timeout_s: float = 60.0) -> None:
+        def ready() -> bool:
+            if not self.alive():
+                pytest.fail(f"worker {self.worker_id} exited:\n{self.log()[-4000:]}")
+            return client.hget(f"worker:{self.worker_id}", "status") == "IDLE"
+
+        wait_for(ready, timeout_s, message=f"worker {self.worker_id} to be IDLE")
+
+    def terminate(self, timeout_s: float = 30.0) -> int:
+        """Graceful (warm) shutdown, as ``kill -TERM``."""
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (the pool child too), as a crash would."""
+        if self.alive():
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def close(self) -> None:
+        if self.alive():
+            self.terminate(timeout_s=10)
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # leftover pool children
+        except ProcessLookupError:
+            pass
+        self._log.close()
+
+
+@pytest.fixture
+def worker_factory(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """``worker_factory(tags="gpu", results_dir=..., env={...})`` starts a ready worker."""
+    started: list[WorkerProcess] = []
+
+    def start(tags: str = "", *, worker_id: str | None = None, results_dir: Path | None = None,
+              env: dict[str, str] | None = None, extra_args: list[str] | None = None,
+              wait: bool = True) -> WorkerProcess:
+        worker_id = worker_id or f"w{len(started)}-{secrets.token_hex(3)}"
+        base = tmp_path / f"worker-{worker_id}"
+        base.mkdir(parents=True, exist_ok=True)
+        full_env = {**os.environ, "REDIS_URL": redis_url, "WORKER_ID": worker_id,
+                    "WORKER_TAGS": tags, "HEARTBEAT_INTERVAL_SEC": "1",
+                    "RESULTS_DIR": str(results_dir or base / "results"),
+                    "MESHQ_LOG_FILE": str(base / "worker.log"), "PYTHONUNBUFFERED": "1"}
+        full_env.update(env or {})
+        worker = WorkerProcess(worker_id, full_env, ROOT, base / "stdout.log", extra_args or [])
+        started.append(worker)
+        if wait:
+            worker.wait_ready(redis_client)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.close()
