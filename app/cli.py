@@ -79,6 +79,14 @@ def cmd_redis(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from app.tiny_model import build_tiny_model
+
+    out = build_tiny_model(args.dir, size=args.size, seed=args.seed)
+    print(f"tiny {args.size} model written to {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from app.demo import run_demo
 
@@ -105,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("redis", help="run the embedded Redis server in the foreground")
     p.add_argument("--port", type=int, default=6379)
     p.set_defaults(func=cmd_redis)
+
+    p = sub.add_parser("tiny-model", help="build a tiny random Llama model + tokenizer locally")
+    p.add_argument("dir", help="output directory")
+    p.add_argument("--size", choices=["test", "bench", "gpu"], default="test",
+                   help="test ~1M, bench ~30M, gpu ~100M parameters")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("demo", help="run the main job end to end on a private local deployment")
     p.add_argument("--workdir", help="where logs and results go (default: a new temporary directory)")

@@ -68,6 +68,14 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s: 
         time.sleep(interval_s)
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ~1M-parameter tiny Llama model, built once per test session."""
+    from app.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model", size="test")
+
+
 class WorkerProcess:
     """A real ``celery -A app worker`` subprocess."""
 
