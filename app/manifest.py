@@ -41,14 +41,16 @@ def build_manifest(task_dir: str | os.PathLike[str], *, skip_dirs: tuple[str, ..
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    """Write JSON to a temporary file and rename it, so readers never see half a file."""
+    """Write JSON to a temporary file and rename it, so readers never see half a file.
+
+    No fsync: the rename is atomic for readers and a killed worker loses nothing
+    (the page cache survives it); the Celery result in Redis is the durable copy.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=2, sort_keys=True)
         fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 

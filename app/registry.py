@@ -54,8 +54,13 @@ def public_env(settings: Settings) -> dict[str, Any]:
 
 
 def set_worker_status(worker_id: str, status: str, *, current_task: str = "",
-                      last_task: str | None = None, client: redis.Redis | None = None) -> None:
-    """Record a status change (from any process of the worker) and publish ``STATUS``."""
+                      last_task: str | None = None, client: redis.Redis | None = None,
+                      task_event: str | None = None) -> None:
+    """Record a status change (from any process of the worker) and publish ``STATUS``.
+
+    ``task_event`` (a serialised ``tasks.events`` message) rides in the same
+    round trip, so a task start or end costs one Redis call.
+    """
     client = client or get_redis()
     fields: dict[Any, Any] = {"status": status, "current_task": current_task,
                               "last_seen": events.utc_now_iso()}
@@ -67,6 +72,8 @@ def set_worker_status(worker_id: str, status: str, *, current_task: str = "",
         pipe.publish(keys.WORKERS_CHANNEL, events.worker_event(
             "STATUS", worker_id, status=status,
             payload={"current_task": current_task, "last_task": last_task}))
+        if task_event is not None:
+            pipe.publish(keys.TASKS_CHANNEL, task_event)
         pipe.execute()
     except redis.RedisError as exc:
         log.warning("could not record status %s for worker %s: %s", status, worker_id, exc)

@@ -71,7 +71,7 @@ def build_tiny_model(out_dir: str | Path, size: str = "test", seed: int = 0) -> 
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dims = SIZES[size]
+    dims: dict[str, Any] = dict(SIZES[size])
     tokenizer = build_tokenizer(dims["vocab_size"])
     torch.manual_seed(seed)
     config = LlamaConfig(

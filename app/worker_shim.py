@@ -17,7 +17,7 @@ from celery.app import trace
 from celery.worker import state as worker_state
 
 from app import routing
-from app.events import publish_task_event
+from app.events import task_event
 from app.registry import IDLE, RUNNING, WorkerRegistry, redact_url, set_worker_status
 from app.settings import get_settings
 
@@ -91,33 +91,29 @@ def _task_type(task: Any) -> str:
     return str(getattr(task, "task_type", None) or task.name.rsplit(".", 1)[-1])
 
 
-@signals.task_prerun.connect
-def on_task_start(task_id: str, task: Any, **_: Any) -> None:
-    worker_id = get_settings().worker_id
-    _started_at[task_id] = time.monotonic()
-    set_worker_status(worker_id, RUNNING, current_task=task_id)
-    publish_task_event("TASK_STARTED", worker_id, task_id, taskType=_task_type(task))
-
-
-@signals.task_postrun.connect
-def on_task_end(task_id: str, task: Any, state: str | None = None, **_: Any) -> None:
-    set_worker_status(get_settings().worker_id, IDLE, last_task=task_id)
-
-
 def _runtime_s(task_id: str) -> float:
     started = _started_at.pop(task_id, None)
     return round(time.monotonic() - started, 3) if started is not None else 0.0
 
 
-@signals.task_success.connect
-def on_task_success(sender: Any, **_: Any) -> None:
-    task_id = sender.request.id
-    publish_task_event("TASK_SUCCEEDED", get_settings().worker_id, task_id,
-                       taskType=_task_type(sender), runtime_sec=_runtime_s(task_id))
+# Start and end of a task each cost one Redis round trip: status + both events.
+@signals.task_prerun.connect
+def on_task_start(task_id: str, task: Any, **_: Any) -> None:
+    worker_id = get_settings().worker_id
+    _started_at[task_id] = time.monotonic()
+    set_worker_status(worker_id, RUNNING, current_task=task_id, task_event=task_event(
+        "TASK_STARTED", worker_id, task_id, taskType=_task_type(task)))
 
 
-@signals.task_failure.connect
-def on_task_failure(sender: Any, task_id: str, exception: BaseException, **_: Any) -> None:
-    publish_task_event("TASK_FAILED", get_settings().worker_id, task_id,
-                       error=f"{type(exception).__name__}: {exception}",
-                       taskType=_task_type(sender), runtime_sec=_runtime_s(task_id))
+@signals.task_postrun.connect
+def on_task_end(task_id: str, task: Any, retval: Any = None, state: str | None = None, **_: Any) -> None:
+    worker_id = get_settings().worker_id
+    payload: dict[str, Any] = {"taskType": _task_type(task), "runtime_sec": _runtime_s(task_id)}
+    if state == "SUCCESS":
+        event = task_event("TASK_SUCCEEDED", worker_id, task_id, **payload)
+    elif state in ("FAILURE", "REVOKED", "IGNORED") or isinstance(retval, BaseException):
+        error = f"{type(retval).__name__}: {retval}" if isinstance(retval, BaseException) else str(state)
+        event = task_event("TASK_FAILED", worker_id, task_id, error=error, state=state, **payload)
+    else:  # RETRY / REJECTED: the task will run again, it has not finished
+        event = None
+    set_worker_status(worker_id, IDLE, last_task=task_id, task_event=event)

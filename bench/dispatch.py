@@ -1,0 +1,164 @@
+"""Dispatch overhead: N echo tasks through meshq vs N no-op tasks of a bare Celery app.
+
+Same Redis (embedded unless REDIS_URL is set), same worker settings (prefork,
+concurrency 1, prefetch 1, late acks, JSON, events on). Prints throughput of each,
+the ratio, and p50/p99 submit→start latency. Target: meshq ≥ 0.7× bare Celery.
+
+    python bench/dispatch.py [--tasks 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from app.embedded_redis import EmbeddedRedis  # noqa: E402
+
+
+def percentile(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def start_worker(app_name: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "celery", "-A", app_name, "worker", "--loglevel", "WARNING",
+                             "--without-mingle", "--without-gossip"],
+                            cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def wait_worker_ready(app, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if app.control.ping(timeout=0.5):
+            return
+    raise SystemExit("worker did not answer ping")
+
+
+def run_bare(n: int, env: dict[str, str], workdir: Path) -> dict[str, float]:
+    worker = start_worker("bench.bare_app", env, workdir / "bare.log")
+    try:
+        from bench.bare_app import app, noop
+
+        wait_worker_ready(app)
+        submitted: dict[str, float] = {}
+        t0 = time.perf_counter()
+        results = []
+        for i in range(n):
+            submitted_at = time.time()
+            r = noop.apply_async(args=[{"i": i}])
+            submitted[r.id] = submitted_at
+            results.append(r)
+        starts = []
+        for r in results:
+            value = r.get(timeout=600)
+            starts.append(value["started_at"] - submitted[r.id])
+        elapsed = time.perf_counter() - t0
+    finally:
+        stop(worker)
+    return {"tasks_per_s": n / elapsed, "p50_ms": percentile(starts, 50) * 1000,
+            "p99_ms": percentile(starts, 99) * 1000, "elapsed_s": elapsed}
+
+
+def run_meshq(n: int, env: dict[str, str], workdir: Path) -> dict[str, float]:
+    worker_env = {**env, "WORKER_ID": "bench", "RESULTS_DIR": str(workdir / "results"),
+                  "MESHQ_LOG_FILE": str(workdir / "meshq-worker.log"), "LOG_LEVEL": "WARNING"}
+    worker = start_worker("app", worker_env, workdir / "meshq.log")
+    client = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
+    started: dict[str, float] = {}
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe("tasks.events")
+    stop_flag = threading.Event()
+
+    def listen() -> None:
+        while not stop_flag.is_set():
+            message = pubsub.get_message(timeout=0.2)
+            if message:
+                event = json.loads(message["data"])
+                if event["type"] == "TASK_STARTED":
+                    from datetime import datetime
+
+                    started[event["task_id"]] = datetime.fromisoformat(event["ts"]).timestamp()
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    try:
+        from app.celery import app
+        from tasks import echo
+
+        while client.hget("worker:bench", "status") != "IDLE":
+            time.sleep(0.1)
+        submitted: dict[str, float] = {}
+        t0 = time.perf_counter()
+        results = []
+        for i in range(n):
+            submitted_at = time.time()
+            r = echo.apply_async(args=[{"taskType": "echo", "data": {"i": i}}])
+            submitted[r.id] = submitted_at
+            results.append(r)
+        for r in results:
+            r.get(timeout=600)
+        elapsed = time.perf_counter() - t0
+        time.sleep(0.5)
+        starts = [started[tid] - submitted[tid] for tid in submitted if tid in started]
+        assert app is not None
+    finally:
+        stop_flag.set()
+        listener.join()
+        pubsub.close()
+        stop(worker)
+    return {"tasks_per_s": n / elapsed, "p50_ms": percentile(starts, 50) * 1000,
+            "p99_ms": percentile(starts, 99) * 1000, "elapsed_s": elapsed}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=2000)
+    args = parser.parse_args()
+    server = None
+    if not os.environ.get("REDIS_URL"):
+        server = EmbeddedRedis().start()
+        os.environ["REDIS_URL"] = server.url
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        with tempfile.TemporaryDirectory(prefix="meshq-bench-dispatch-") as tmp:
+            workdir = Path(tmp)
+            redis.Redis.from_url(os.environ["REDIS_URL"]).flushdb()
+            bare = run_bare(args.tasks, env, workdir)
+            redis.Redis.from_url(os.environ["REDIS_URL"]).flushdb()
+            meshq = run_meshq(args.tasks, env, workdir)
+    finally:
+        if server is not None:
+            server.stop()
+    ratio = meshq["tasks_per_s"] / bare["tasks_per_s"]
+    print(f"\ndispatch: {args.tasks} tasks, 1 worker (prefork, concurrency 1, prefetch 1, acks_late)")
+    print(f"{'':<14}{'tasks/s':>10}{'p50 submit→start ms':>22}{'p99 ms':>10}{'elapsed s':>11}")
+    for name, row in (("bare celery", bare), ("meshq echo", meshq)):
+        print(f"{name:<14}{row['tasks_per_s']:>10.1f}{row['p50_ms']:>22.1f}{row['p99_ms']:>10.1f}{row['elapsed_s']:>11.1f}")
+    print(f"ratio meshq/bare throughput: {ratio:.2f}  (target ≥ 0.70: {'met' if ratio >= 0.7 else 'NOT met'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
