@@ -22,7 +22,12 @@ result_backend = _settings.redis_url
 broker_connection_retry_on_startup = True
 # Tasks may run for hours: the visibility timeout must be the same for the broker
 # and the result backend; duplicate runs past it are stopped by the task lease (§10).
-broker_transport_options = {"visibility_timeout": _settings.visibility_timeout_s}
+# Abandoned messages (a worker died holding them) are swept back into their queue
+# every few seconds, so recovery takes about the visibility timeout, not 100 s more.
+_restore_interval_s = min(10, max(1, _settings.visibility_timeout_s // 4))
+broker_transport_options = {"visibility_timeout": _settings.visibility_timeout_s,
+                            "unacked_restore_interval": _restore_interval_s,
+                            "unacked_restore_throttle": 1}
 result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout_s,
                                     "retry_policy": {"timeout": 5.0}}
 
@@ -52,4 +57,5 @@ result_expires = 7 * 24 * 3600
 task_default_queue = _settings.task_topic
 task_create_missing_queues = True
 
-include = ["tasks"]
+# pipelines.resolver resolves ${...} references on the worker just before a stage runs.
+include = ["tasks", "pipelines.resolver"]

@@ -18,6 +18,7 @@ from celery.worker import state as worker_state
 
 from app import routing
 from app.events import task_event
+from app.lease import lease_ttl_s, refresh_leases
 from app.registry import IDLE, RUNNING, WorkerRegistry, redact_url, set_worker_status
 from app.settings import get_settings
 
@@ -55,6 +56,8 @@ def configure_worker(sender: str, instance: Any, conf: Any, options: dict, **_: 
     queues = routing.worker_queues(settings.task_topic, settings.worker_tags, settings.worker_id)
     for queue in queues:
         instance.app.amqp.queues.select_add(queue)
+    ttl_s = lease_ttl_s(settings.heartbeat_interval_s)
+    add_beat_hook(lambda pipe, running: refresh_leases(pipe, running, settings.worker_id, ttl_s))
     _registry = WorkerRegistry(settings, queues, active_task_ids=active_task_ids, on_beat=_on_beat)
     try:
         _registry.register()

@@ -16,9 +16,11 @@ from typing import Any, Protocol
 from celery import Task, states
 from celery.exceptions import Ignore
 
-from app.errors import SpecError, TaskCancelled
+from app.errors import ExecutorError, SpecError, TaskCancelled
+from app.lease import TaskLease, lease_ttl_s, max_task_runs
 from app.manifest import write_task_outputs
 from app.names import check_name
+from app.redis_client import get_redis
 from app.settings import get_settings
 from tasks.progress import CeleryProgress, Progress
 from tasks.spec import TaskSpec, parse_task_spec
@@ -88,6 +90,21 @@ class MeshqTask(Task):
         spec = parse_task_spec(raw_spec)
         if spec.taskType != self.task_type:
             raise SpecError("spec.taskType", f"{spec.taskType!r} sent to the {self.task_type!r} task")
+        # One run at a time: a redelivered copy waits while the first run is alive, then
+        # returns the first run's stored result, or takes over if that run died.
+        lease = TaskLease(get_redis(), task_id, settings.worker_id, lease_ttl_s(settings.heartbeat_interval_s))
+        redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+        runs = lease.wait_for_turn(poll_s=min(2.0, settings.heartbeat_interval_s), count_run=not redelivered)
+        self.request.meshq_lease = lease
+        if redelivered:
+            finished = self.AsyncResult(task_id)
+            if finished.state == states.SUCCESS:
+                log.info("task %s already succeeded; returning its stored result", task_id)
+                return dict(finished.result)
+            runs = lease.count_run()
+        if runs > max_task_runs():
+            raise ExecutorError(f"task {task_id} was started {runs - 1} times and its worker died each time; "
+                                f"giving up (MESHQ_MAX_TASK_RUNS={max_task_runs()})")
         out_dir = Path(settings.results_dir).resolve() / task_id
         out_dir.mkdir(parents=True, exist_ok=True)
         progress = CeleryProgress(self, settings.worker_id, self.task_type)
@@ -102,6 +119,12 @@ class MeshqTask(Task):
         for hook in RESULT_HOOKS:
             result = hook(task_id, spec, result, out_dir)
         return result
+
+    def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        # Released only now, after Celery stored the result, so a waiting copy finds it.
+        lease = getattr(self.request, "meshq_lease", None)
+        if lease is not None:
+            lease.release()
 
     def _end_cancelled(self, exc: TaskCancelled, out_dir: Path, progress: CeleryProgress) -> None:
         """Record the cancellation (state REVOKED, ``responses.json``) and stop."""

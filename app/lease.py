@@ -1,0 +1,104 @@
+"""Per-task leases: a task never runs twice at the same time (DESIGN §10).
+
+The worker that runs a task holds ``meshq:task:<id>:lease`` (value: its worker
+id) and its heartbeat thread refreshes it. A redelivered copy — the broker's
+visibility timeout passed while the first run still goes on — finds the live
+lease and waits instead of starting a second run. When the lease disappears the
+copy either finds the stored result (the first run finished) or takes over (the
+first worker died: the lease expired). A run counter caps tasks that kill their
+worker every time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import redis
+
+from app import keys
+from app.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MIN_LEASE_TTL_S = 10
+DEFAULT_MAX_TASK_RUNS = 3
+
+# Compare-and-act scripts: only the holder may refresh or release its lease.
+_REFRESH = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+# Take the lease when it is free or ours (an earlier life of this same worker id held
+# it); optionally count the run in the same round trip. Returns runs so far, or -1.
+_ACQUIRE = """
+local holder = redis.call('get', KEYS[1])
+if holder and holder ~= ARGV[1] then return -1 end
+redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if ARGV[3] == '1' then return redis.call('incr', KEYS[2]) end
+return tonumber(redis.call('get', KEYS[2]) or '0')
+"""
+
+
+def lease_ttl_s(heartbeat_interval_s: float) -> int:
+    """Three missed heartbeats (at least ``MIN_LEASE_TTL_S``) and the lease is gone."""
+    return max(int(3 * heartbeat_interval_s) + 1, MIN_LEASE_TTL_S)
+
+
+def max_task_runs() -> int:
+    raw = os.environ.get("MESHQ_MAX_TASK_RUNS", "").strip()
+    if not raw:
+        return DEFAULT_MAX_TASK_RUNS
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError("MESHQ_MAX_TASK_RUNS", f"{raw!r} must be a positive integer")
+    return int(raw)
+
+
+def refresh_leases(pipe: Any, task_ids: list[str], owner: str, ttl_s: int) -> None:
+    """Add lease refreshes for ``task_ids`` to a heartbeat pipeline."""
+    for task_id in task_ids:
+        pipe.eval(_REFRESH, 1, keys.task_lease(task_id), owner, ttl_s * 1000)
+
+
+class TaskLease:
+    def __init__(self, client: redis.Redis, task_id: str, owner: str, ttl_s: int) -> None:
+        self.client = client
+        self.task_id = task_id
+        self.key = keys.task_lease(task_id)
+        self.owner = owner
+        self.ttl_s = ttl_s
+
+    def try_acquire(self, count_run: bool = False) -> int | None:
+        """Take the lease if it is free (or left by an earlier life of this worker id).
+
+        Returns the number of runs recorded so far (this one included when
+        ``count_run``), or ``None`` when another live worker holds the lease.
+        """
+        runs = int(self.client.eval(_ACQUIRE, 2, self.key, keys.task_runs(self.task_id),
+                                    self.owner, self.ttl_s, "1" if count_run else "0"))
+        return None if runs < 0 else runs
+
+    def holder(self) -> str | None:
+        value = self.client.get(self.key)
+        return str(value) if value is not None else None
+
+    def wait_for_turn(self, poll_s: float, count_run: bool = False) -> int:
+        """Block until this worker holds the lease; return the runs recorded so far."""
+        announced = False
+        while (runs := self.try_acquire(count_run)) is None:
+            if not announced:
+                log.info("task %s is running on worker %s; this delivery waits for it",
+                         self.task_id, self.holder())
+                announced = True
+            time.sleep(poll_s)
+        return runs
+
+    def release(self) -> None:
+        try:
+            self.client.eval(_RELEASE, 1, self.key, self.owner)
+        except redis.RedisError as exc:  # it expires by itself
+            log.warning("could not release lease of task %s: %s", self.task_id, exc)
+
+    def count_run(self) -> int:
+        """Record one real start of the task; return how many there have been."""
+        return int(self.client.incr(keys.task_runs(self.task_id)))

@@ -1,0 +1,101 @@
+"""Delivery guarantees under failure (DESIGN §10), with real workers and real Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import redis
+
+from app.embedded_redis import EmbeddedRedis, free_port
+from tests.conftest import ROOT, WorkerProcess, wait_for
+
+
+def count_started(client: redis.Redis, stop: threading.Event, seen: list[dict]) -> threading.Thread:
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe("tasks.events")
+
+    def run() -> None:
+        while not stop.is_set():
+            message = pubsub.get_message(timeout=0.2)
+            if message:
+                seen.append(json.loads(message["data"]))
+        pubsub.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_task_longer_than_visibility_timeout_runs_once(worker_factory, redis_client) -> None:
+    """Visibility timeout 2 s, task 12 s, two workers: redelivered copies wait, one run."""
+    from tasks import echo
+
+    env = {"MESHQ_VISIBILITY_TIMEOUT_S": "2"}
+    first = worker_factory(worker_id="vt-a", env=env)
+    second = worker_factory(worker_id="vt-b", env=env)
+    stop, events = threading.Event(), []
+    listener = count_started(redis_client, stop, events)
+    time.sleep(0.3)
+    try:
+        result = echo.apply_async(args=[{"taskType": "echo", "data": {"n": 1},
+                                         "echo": {"sleep_s": 12, "steps": 24}}])
+        value = result.get(timeout=120)
+    finally:
+        stop.set()
+        listener.join()
+    starts = [e for e in events if e["type"] == "TASK_STARTED" and e["task_id"] == result.id]
+    # The broker really did hand the task out again while it ran...
+    assert len(starts) >= 2, f"no redelivery happened: {starts}"
+    assert {e["worker_id"] for e in starts} == {"vt-a", "vt-b"}
+    # ...yet the executor ran exactly once, and the result is the first run's.
+    assert redis_client.get(f"meshq:task:{result.id}:runs") == "1"
+    assert value["echo"]["data"] == {"n": 1}
+    ran_on = value["worker_id"]
+    assert "waits for it" in (first if ran_on == "vt-b" else second).log_path.with_name("worker.log").read_text()
+    assert not redis_client.exists(f"meshq:task:{result.id}:lease")
+
+
+def test_redis_restart_mid_task(tmp_path: Path) -> None:
+    """Redis killed and restarted on the same port during a task: result stored, beats resume."""
+    port = free_port()
+    server = EmbeddedRedis(port=port).start()
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url, decode_responses=True)
+    env = {**os.environ, "REDIS_URL": url, "WORKER_ID": "survivor", "HEARTBEAT_INTERVAL_SEC": "1",
+           "RESULTS_DIR": str(tmp_path / "results"), "MESHQ_LOG_FILE": str(tmp_path / "worker.log")}
+    worker = WorkerProcess("survivor", env, ROOT, tmp_path / "stdout.log", [])
+    try:
+        worker.wait_ready(client)
+        submit = subprocess.run(
+            [sys.executable, "-c",
+             "import tasks; print(tasks.echo.apply_async(args=[{'taskType': 'echo', 'data': {'v': 'x'},"
+             " 'echo': {'sleep_s': 8, 'steps': 8}}]).id)"],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        task_id = submit.stdout.strip()
+        assert task_id, submit.stderr
+        wait_for(lambda: client.hget("worker:survivor", "status") == "RUNNING", 30, message="task start")
+        server.stop()
+        time.sleep(1.5)
+        server = EmbeddedRedis(port=port).start()
+        wait_for(lambda: client.exists("worker:survivor:hb"), 30, message="heartbeats to resume")
+
+        def stored() -> dict | None:
+            raw = client.get(f"celery-task-meta-{task_id}")
+            return json.loads(raw) if raw else None
+
+        meta = wait_for(lambda: (m := stored()) and m["status"] == "SUCCESS" and m, 60,
+                        message="the task's result in the restarted Redis")
+        assert meta["result"]["echo"]["data"] == {"v": "x"}
+        assert (tmp_path / "results" / task_id / "responses.json").is_file()
+        assert worker.alive()
+        wait_for(lambda: client.hget("worker:survivor", "status") == "IDLE", 30, message="IDLE after the task")
+    finally:
+        worker.close()
+        client.close()
+        server.stop()
