@@ -36,7 +36,7 @@ worker: install
 	$(BIN)/celery -A app worker --loglevel INFO
 
 flower: install
-	$(BIN)/celery -A app flower
+	$(BIN)/celery -A app flower --task_runtime_metric_buckets=1,5,15,60,300,900,1800,3600,7200,14400,43200
 
 serve: install
 	$(BIN)/meshq serve

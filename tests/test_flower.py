@@ -1,0 +1,112 @@
+"""Flower against the test Redis: meshq workers, tasks and progress are visible."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from app.embedded_redis import free_port
+from tests.conftest import ROOT, wait_for
+
+DOCS = ROOT / "docs"
+AUTH = ("meshq", "flower-test")  # Flower's API needs auth (or FLOWER_UNAUTHENTICATED_API)
+# The same runtime buckets as `make flower`: long LLM tasks need buckets up to hours.
+BUCKETS = "1,5,15,60,300,900,1800,3600,7200,14400,43200"
+
+
+@pytest.fixture
+def flower(redis_url: str, tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    log = open(tmp_path / "flower.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "app", "flower", f"--port={port}", "--address=127.0.0.1",
+         f"--basic-auth={AUTH[0]}:{AUTH[1]}", f"--task_runtime_metric_buckets={BUCKETS}"],
+        cwd=ROOT, env={**os.environ, "REDIS_URL": redis_url}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            pytest.fail("flower exited:\n" + (tmp_path / "flower.log").read_text())
+        try:
+            return requests.get(f"{base}/healthcheck", timeout=1, auth=AUTH).ok
+        except requests.ConnectionError:
+            return False
+
+    try:
+        wait_for(up, 60, message="flower to answer")
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_flower_shows_workers_and_task_progress(flower: str, worker_factory) -> None:
+    from tasks import echo
+
+    worker = worker_factory("gpu", worker_id="flower-w")
+    node = f"meshq-{worker.worker_id}@"
+
+    def listed() -> bool:
+        workers = requests.get(f"{flower}/api/workers", params={"refresh": "true"}, timeout=10,
+                               auth=AUTH).json()
+        return any(name.startswith(node) for name in workers)
+
+    wait_for(listed, 30, interval_s=0.5, message="the worker in /api/workers")
+
+    result = echo.apply_async(args=[{"taskType": "echo", "data": {}, "echo": {"sleep_s": 4, "steps": 8}}])
+    states: list[str] = []
+
+    def task_state() -> str | None:
+        tasks = requests.get(f"{flower}/api/tasks", timeout=10, auth=AUTH).json()
+        state = tasks.get(result.id, {}).get("state")
+        if state and (not states or states[-1] != state):
+            states.append(state)
+        return state
+
+    wait_for(lambda: task_state() == "SUCCESS", 60, interval_s=0.2, message="SUCCESS in /api/tasks")
+    assert "PROGRESS" in states, states
+    assert states.index("PROGRESS") < states.index("SUCCESS")
+    info = requests.get(f"{flower}/api/task/info/{result.id}", timeout=10, auth=AUTH).json()
+    assert info["worker"].startswith(node)
+    metrics = requests.get(f"{flower}/metrics", timeout=10, auth=AUTH).text
+    assert 'flower_task_runtime_seconds_bucket{' in metrics and 'le="14400.0"' in metrics
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="BROWSER TEST NOT RUN: no Chromium on this machine "
+                    "(apt-get install chromium; .ci/run does)")
+def test_flower_worker_page_in_headless_chromium(flower: str, worker_factory, tmp_path: Path) -> None:
+    worker = worker_factory(worker_id="browser-w")
+    workers = wait_for(lambda: [n for n in requests.get(f"{flower}/api/workers", params={"refresh": "true"},
+                                                        timeout=10, auth=AUTH).json() if "browser-w" in n],
+                       30, interval_s=0.5, message="the worker in /api/workers")
+    node = workers[0]
+    url = f"{flower}/worker/{node}".replace("http://", f"http://{AUTH[0]}:{AUTH[1]}@")
+    flags = [CHROMIUM or "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
+             "--window-size=1280,900"]
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert node in dom.stdout, dom.stderr[-2000:]
+    assert worker.worker_id in dom.stdout
+    DOCS.mkdir(exist_ok=True)
+    shot = DOCS / "flower-worker.png"
+    subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 10_000
