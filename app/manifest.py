@@ -48,9 +48,13 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written leftovers (e.g. disk full)
+        raise
     os.replace(tmp, path)
 
 

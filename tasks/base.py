@@ -115,7 +115,10 @@ class MeshqTask(Task):
             self._end_cancelled(exc, out_dir, progress)
         result = {"task_id": task_id, "taskType": self.task_type,
                   "worker_id": settings.worker_id, **result}
-        write_task_outputs(out_dir, result)
+        try:
+            write_task_outputs(out_dir, result)
+        except OSError as exc:  # disk full, read-only mount...: say where, keep the worker
+            raise ExecutorError(f"could not write the results to {out_dir}: {exc}", path=str(out_dir)) from exc
         for hook in RESULT_HOOKS:
             result = hook(task_id, spec, result, out_dir)
         return result
