@@ -8,8 +8,10 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
+import pytest
 import redis
 
 from app.embedded_redis import EmbeddedRedis, free_port
@@ -99,3 +101,19 @@ def test_redis_restart_mid_task(tmp_path: Path) -> None:
         worker.close()
         client.close()
         server.stop()
+
+
+def test_task_that_keeps_killing_its_worker_is_capped(worker_factory, redis_client) -> None:
+    """After MESHQ_MAX_TASK_RUNS starts (each worker died), the next delivery gives up clearly."""
+    from app.errors import ExecutorError
+    from tasks import echo
+
+    worker = worker_factory(worker_id="capper", env={"MESHQ_MAX_TASK_RUNS": "3"})
+    task_id = str(uuid.uuid4())
+    # Three earlier starts whose workers died (what the run counter records).
+    redis_client.set(f"meshq:task:{task_id}:runs", 3)
+    result = echo.apply_async(args=[{"taskType": "echo"}], task_id=task_id)
+    with pytest.raises(ExecutorError, match=r"started 3 times and its worker died each time"):
+        result.get(timeout=60)
+    assert worker.alive()
+    assert echo.apply_async(args=[{"taskType": "echo"}]).get(timeout=60)["worker_id"] == "capper"
