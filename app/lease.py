@@ -93,6 +93,10 @@ class TaskLease:
             time.sleep(poll_s)
         return runs
 
+    def release_in(self, pipe: Any) -> None:
+        """Add the release to a pipeline (the task-end round trip)."""
+        pipe.eval(_RELEASE, 1, self.key, self.owner)
+
     def release(self) -> None:
         try:
             self.client.eval(_RELEASE, 1, self.key, self.owner)

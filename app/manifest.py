@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 CHUNK_BYTES = 1024 * 1024
 MANIFEST_NAME = "manifest.json"
 RESPONSES_NAME = "responses.json"
+SKIP_DIRS = ("checkpoints",)  # large, transient, and not part of the result
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -21,48 +21,71 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def build_manifest(task_dir: str | os.PathLike[str], *, skip_dirs: tuple[str, ...] = ("checkpoints",)) -> dict[str, Any]:
+def build_manifest(task_dir: str | os.PathLike[str], *, skip_dirs: tuple[str, ...] = SKIP_DIRS,
+                   known: dict[str, bytes] | None = None) -> dict[str, Any]:
     """Every regular file under ``task_dir`` (except the manifest itself and ``skip_dirs``)
-    with its size and sha256, sorted by relative path."""
-    root = Path(task_dir)
+    with its size and sha256, sorted by relative path.
+
+    ``known`` maps relative paths to contents just written, hashed from memory.
+    """
+    known = known or {}
     files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = Path(dirpath).relative_to(root)
-        if rel_dir == Path("."):
-            dirnames[:] = [d for d in dirnames if d not in skip_dirs]
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            rel = (rel_dir / name).as_posix()
-            if rel == MANIFEST_NAME or path.is_symlink() or not path.is_file():
-                continue
-            files.append({"path": rel, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+
+    def walk(directory: str, prefix: str) -> None:
+        with os.scandir(directory) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                rel = prefix + entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    if not (prefix == "" and entry.name in skip_dirs):
+                        walk(entry.path, rel + "/")
+                elif entry.is_file(follow_symlinks=False) and rel != MANIFEST_NAME:
+                    content = known.get(rel)
+                    if content is not None:
+                        size, digest = len(content), hashlib.sha256(content).hexdigest()
+                    else:
+                        size, digest = entry.stat().st_size, sha256_file(entry.path)
+                    files.append({"path": rel, "bytes": size, "sha256": digest})
+
+    walk(os.fspath(task_dir), "")
+    files.sort(key=lambda f: f["path"])
     return {"files": files, "total_bytes": sum(f["bytes"] for f in files)}
 
 
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    """Write JSON to a temporary file and rename it, so readers never see half a file.
+def json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], content: bytes) -> None:
+    """Write to a temporary file and rename it, so readers never see half a file.
 
     No fsync: the rename is atomic for readers and a killed worker loses nothing
     (the page cache survives it); the Celery result in Redis is the durable copy.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    path = os.fspath(path)
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
+        with open(tmp, "wb") as fh:
+            fh.write(content)
     except BaseException:
-        tmp.unlink(missing_ok=True)  # no half-written leftovers (e.g. disk full)
+        try:
+            os.unlink(tmp)  # no half-written leftovers (e.g. disk full)
+        except FileNotFoundError:
+            pass
         raise
     os.replace(tmp, path)
 
 
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
+    write_bytes_atomic(path, json_bytes(data))
+
+
 def write_task_outputs(task_dir: str | os.PathLike[str], result: dict[str, Any]) -> dict[str, Any]:
     """Write ``responses.json`` then ``manifest.json`` (which covers it); return the manifest."""
-    task_dir = Path(task_dir)
-    task_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(task_dir / RESPONSES_NAME, result)
-    manifest = build_manifest(task_dir)
-    write_json_atomic(task_dir / MANIFEST_NAME, manifest)
+    task_dir = os.fspath(task_dir)
+    os.makedirs(task_dir, exist_ok=True)
+    body = json_bytes(result)
+    write_bytes_atomic(os.path.join(task_dir, RESPONSES_NAME), body)
+    manifest = build_manifest(task_dir, known={RESPONSES_NAME: body})
+    write_json_atomic(os.path.join(task_dir, MANIFEST_NAME), manifest)
     return manifest

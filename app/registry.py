@@ -55,11 +55,12 @@ def public_env(settings: Settings) -> dict[str, Any]:
 
 def set_worker_status(worker_id: str, status: str, *, current_task: str = "",
                       last_task: str | None = None, client: redis.Redis | None = None,
-                      task_event: str | None = None) -> None:
+                      task_event: str | None = None, extra: Callable[[Any], None] | None = None) -> None:
     """Record a status change (from any process of the worker) and publish ``STATUS``.
 
     ``task_event`` (a serialised ``tasks.events`` message) rides in the same
-    round trip, so a task start or end costs one Redis call.
+    round trip, so a task start or end costs one Redis call; ``extra(pipe)`` may add
+    more commands to it.
     """
     client = client or get_redis()
     fields: dict[Any, Any] = {"status": status, "current_task": current_task,
@@ -74,6 +75,8 @@ def set_worker_status(worker_id: str, status: str, *, current_task: str = "",
             payload={"current_task": current_task, "last_task": last_task}))
         if task_event is not None:
             pipe.publish(keys.TASKS_CHANNEL, task_event)
+        if extra is not None:
+            extra(pipe)
         pipe.execute()
     except redis.RedisError as exc:
         log.warning("could not record status %s for worker %s: %s", status, worker_id, exc)

@@ -119,4 +119,8 @@ def on_task_end(task_id: str, task: Any, retval: Any = None, state: str | None =
         event = task_event("TASK_FAILED", worker_id, task_id, error=error, state=state, **payload)
     else:  # RETRY / REJECTED: the task will run again, it has not finished
         event = None
-    set_worker_status(worker_id, IDLE, last_task=task_id, task_event=event)
+    # The task's lease is released here, after Celery stored the result, so a
+    # redelivered copy waiting for it finds the result.
+    lease = getattr(task.request, "meshq_lease", None)
+    set_worker_status(worker_id, IDLE, last_task=task_id, task_event=event,
+                      extra=lease.release_in if lease is not None else None)

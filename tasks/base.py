@@ -95,7 +95,7 @@ class MeshqTask(Task):
         lease = TaskLease(get_redis(), task_id, settings.worker_id, lease_ttl_s(settings.heartbeat_interval_s))
         redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
         runs = lease.wait_for_turn(poll_s=min(2.0, settings.heartbeat_interval_s), count_run=not redelivered)
-        self.request.meshq_lease = lease
+        self.request.meshq_lease = lease  # released by the task_postrun handler (worker_shim)
         if redelivered:
             finished = self.AsyncResult(task_id)
             if finished.state == states.SUCCESS:
@@ -110,6 +110,7 @@ class MeshqTask(Task):
         progress = CeleryProgress(self, settings.worker_id, self.task_type)
         executor = get_executor(self.task_type)
         try:
+            progress.check_cancelled("before it started")  # cancelled while queued on a worker
             result = executor.run(spec, out_dir, progress)
         except TaskCancelled as exc:
             self._end_cancelled(exc, out_dir, progress)
@@ -119,15 +120,12 @@ class MeshqTask(Task):
             write_task_outputs(out_dir, result)
         except OSError as exc:  # disk full, read-only mount...: say where, keep the worker
             raise ExecutorError(f"could not write the results to {out_dir}: {exc}", path=str(out_dir)) from exc
+        delivered = result
         for hook in RESULT_HOOKS:
-            result = hook(task_id, spec, result, out_dir)
-        return result
-
-    def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        # Released only now, after Celery stored the result, so a waiting copy finds it.
-        lease = getattr(self.request, "meshq_lease", None)
-        if lease is not None:
-            lease.release()
+            delivered = hook(task_id, spec, delivered, out_dir)
+        if delivered != result:  # a hook added fields (e.g. archive URLs): keep responses.json equal
+            write_task_outputs(out_dir, delivered)
+        return delivered
 
     def _end_cancelled(self, exc: TaskCancelled, out_dir: Path, progress: CeleryProgress) -> None:
         """Record the cancellation (state REVOKED, ``responses.json``) and stop."""
