@@ -29,7 +29,7 @@ def build_manifest(task_dir: str | os.PathLike[str], *, skip_dirs: tuple[str, ..
     ``known`` maps relative paths to contents just written, hashed from memory.
     """
     known = known or {}
-    files = []
+    files: list[dict[str, Any]] = []
 
     def walk(directory: str, prefix: str) -> None:
         with os.scandir(directory) as entries:
@@ -47,7 +47,7 @@ def build_manifest(task_dir: str | os.PathLike[str], *, skip_dirs: tuple[str, ..
                     files.append({"path": rel, "bytes": size, "sha256": digest})
 
     walk(os.fspath(task_dir), "")
-    files.sort(key=lambda f: f["path"])
+    files.sort(key=lambda f: str(f["path"]))
     return {"files": files, "total_bytes": sum(f["bytes"] for f in files)}
 
 
