@@ -93,6 +93,84 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.workdir)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from app.server import serve
+
+    serve(args.host, args.port, args.results_dir)
+    return 0
+
+
+# -- pipelines: submit / status / cancel ----------------------------------------
+def _print_report(report: dict[str, Any], as_json: bool) -> None:
+    from pipelines.display import result_lines, status_lines
+
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+        return
+    for line in status_lines(report):
+        print(line)
+    for line in result_lines(report):
+        print(line)
+
+
+def _exit_status(report: dict[str, Any]) -> int:
+    """0 only when every stage succeeded."""
+    return 0 if report["state"] == "SUCCESS" else 1
+
+
+def _follow(run: Any, args: argparse.Namespace) -> int:
+    try:
+        report = run.follow(timeout=args.timeout, progress=True)
+    except TimeoutError as exc:
+        print(f"meshq: {exc}", file=sys.stderr)
+        report = run.status()
+    _print_report(report, args.json)
+    return _exit_status(report)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipelines import Pipeline
+
+    run = Pipeline.from_yaml(args.file).submit()
+    for warning in run.warnings:
+        print(f"meshq: warning: {warning}", file=sys.stderr)
+    if args.wait:
+        return _follow(run, args)
+    if args.json:
+        print(json.dumps({"id": run.id, "name": run.name, "warnings": run.warnings,
+                          "stages": {s["name"]: {"task_id": s["task_id"], "queue": s["queue"]}
+                                     for s in run.stages}}, indent=2))
+    else:
+        print(f"submitted pipeline {run.id} ({run.name})")
+        for stage in run.stages:
+            print(f"  {stage['name']}: task {stage['task_id']} → queue {stage['queue']}"
+                  + (f" (runs on the worker of {stage['run_on']!r})" if stage.get("run_on") else ""))
+        print(f"follow it with: meshq status {run.id} --wait")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipelines import PipelineRun
+
+    run = PipelineRun.find(args.id)
+    if args.wait:
+        return _follow(run, args)
+    report = run.status()
+    _print_report(report, args.json)
+    return _exit_status(report)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from pipelines.run import cancel_any
+
+    report = cancel_any(args.id)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(f"cancel requested for {report.get('kind', 'pipeline')} {report['id']}: now {report['state']}")
+    return 0
+
+
 # -- wiring ---------------------------------------------------------------------
 Command = Callable[[argparse.Namespace], int]
 
@@ -121,9 +199,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
 
+    p = sub.add_parser("submit", help="submit a pipeline or task file (YAML or JSON)")
+    p.add_argument("file", help="pipeline template or task spec, e.g. pipelines/examples/lora_then_infer.yaml")
+    p.add_argument("--wait", action="store_true", help="show live progress and wait for the end")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after SECONDS")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="state of a pipeline (or task) by id; exit 0 only if every stage succeeded")
+    p.add_argument("id", help="pipeline id, or the task id of a stage or of a single task")
+    p.add_argument("--wait", action="store_true", help="show live progress and wait for the end")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after SECONDS")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("cancel", help="cancel a pipeline (its later stages never start) or a single task")
+    p.add_argument("id", help="pipeline id, or a task id")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_cancel)
+
     p = sub.add_parser("demo", help="run the main job end to end on a private local deployment")
     p.add_argument("--workdir", help="where logs and results go (default: a new temporary directory)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="run the orchestrator HTTP server (artifacts, results, tasks, workers)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    p.add_argument("--results-dir", default=None,
+                   help="where artifacts and results are kept "
+                        "(default $MESHQ_SERVER_RESULTS_DIR or ./results_server)")
+    p.set_defaults(func=cmd_serve)
 
     return parser
 

@@ -73,3 +73,16 @@ class TaskCancelled(MeshqError):
 
     def __str__(self) -> str:
         return f"task {self.task_id} cancelled{(' ' + self.where) if self.where else ''}"
+
+
+class PipelineError(MeshqError):
+    """A pipeline failed, was cancelled, timed out or is unknown; ``stage`` names the stage."""
+
+    def __init__(self, pipeline_id: str, message: str, stage: str | None = None) -> None:
+        super().__init__(pipeline_id, message, stage)
+        self.pipeline_id = pipeline_id
+        self.message = message
+        self.stage = stage
+
+    def __str__(self) -> str:
+        return f"pipeline {self.pipeline_id}: {self.message}"

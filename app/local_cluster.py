@@ -68,6 +68,38 @@ class LocalCluster:
             self.wait_worker(worker_id, process)
         return process
 
+    def start_server(self, results_dir: str | Path | None = None, port: int | None = None,
+                     extra_env: dict[str, str] | None = None) -> str:
+        """Run ``meshq serve`` on a loopback port; returns its base URL once ``/healthz`` answers."""
+        import urllib.error
+        import urllib.request
+
+        from app.embedded_redis import free_port
+
+        port = port or free_port()
+        results = Path(results_dir or self.workdir / "results-server")
+        env = self.env(MESHQ_LOG_FILE=str(self.workdir / "server.log"), **(extra_env or {}))
+        process = self.spawn("server-stdout", [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1",
+                                               "--port", str(port), "--results-dir", str(results)], env)
+        base_url = f"http://127.0.0.1:{port}"
+        token = env.get("ORCHESTRATOR_TOKEN", "")
+        request = urllib.request.Request(f"{base_url}/healthz",
+                                         headers={"Authorization": f"Bearer {token}"} if token else {})
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                log = (self.workdir / "server-stdout.log").read_text(errors="replace")
+                raise MeshqError(f"meshq serve exited during start-up:\n{log[-3000:]}")
+            try:
+                with urllib.request.urlopen(request, timeout=1) as reply:
+                    if reply.status == 200:
+                        return base_url
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise MeshqError(f"meshq serve not ready after {READY_TIMEOUT_S}s")
+            time.sleep(0.2)
+
     def wait_worker(self, worker_id: str, process: subprocess.Popen[bytes]) -> None:
         client = redis.Redis.from_url(self.redis_url, decode_responses=True)
         deadline = time.monotonic() + READY_TIMEOUT_S

@@ -24,6 +24,9 @@ DEFAULT_LOG_LEVEL = "INFO"
 DEFAULT_LOG_FILE = "worker.log"
 DEFAULT_VISIBILITY_TIMEOUT_S = 3600
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024**3
+# Artifact uploads/downloads: retries after the first attempt, first backoff (doubles each time).
+DEFAULT_UPLOAD_RETRIES = 5
+DEFAULT_UPLOAD_BACKOFF_S = 1.0
 MAX_WORKER_TAGS = 6  # 2**6 - 1 = 63 tag-subset queues per worker
 
 TAG_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
@@ -47,6 +50,8 @@ class Settings:
     visibility_timeout_s: int
     max_upload_bytes: int
     cost_per_hour: float
+    upload_retries: int = DEFAULT_UPLOAD_RETRIES
+    upload_backoff_s: float = DEFAULT_UPLOAD_BACKOFF_S
 
     @property
     def heartbeat_ttl_s(self) -> int:
@@ -97,6 +102,19 @@ def _positive_int(env: Mapping[str, str], variable: str, default: int) -> int:
     return value
 
 
+def _non_negative_int(env: Mapping[str, str], variable: str, default: int) -> int:
+    raw = env.get(variable, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(variable, f"{raw!r} is not an integer") from None
+    if value < 0:
+        raise ConfigError(variable, f"{raw!r} must be 0 or a positive integer")
+    return value
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every meshq variable; raises ``ConfigError``."""
     env = os.environ if env is None else env
@@ -141,6 +159,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         visibility_timeout_s=_positive_int(env, "MESHQ_VISIBILITY_TIMEOUT_S", DEFAULT_VISIBILITY_TIMEOUT_S),
         max_upload_bytes=_positive_int(env, "MESHQ_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES),
         cost_per_hour=cost,
+        upload_retries=_non_negative_int(env, "MESHQ_UPLOAD_RETRIES", DEFAULT_UPLOAD_RETRIES),
+        upload_backoff_s=_positive_float(env, "MESHQ_UPLOAD_BACKOFF_S", DEFAULT_UPLOAD_BACKOFF_S),
     )
 
 

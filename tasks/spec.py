@@ -7,6 +7,7 @@ happens at submission and again on the worker before any model is loaded.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -115,6 +116,7 @@ class TrainingOptions(Strict):
     logging_steps: int = Field(default=1, ge=1)
     warmup_steps: int = Field(default=0, ge=0)
     weight_decay: float = Field(default=0.0, ge=0)
+    lr_scheduler_type: Literal["linear", "constant", "constant_with_warmup", "cosine"] = "linear"
     seed: int = 42
     bf16: bool = False
     fp16: bool = False
@@ -126,6 +128,7 @@ class LoraOptions(Strict):
     dropout: float = Field(default=0.05, ge=0, lt=1)
     bias: Literal["none", "all", "lora_only"] = "none"
     target_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None  # e.g. ["norm"]: also train (and save) these whole modules
     task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
 
 
@@ -236,11 +239,10 @@ def _loc_to_path(prefix: str, loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
-def spec_error_from(exc: ValidationError, prefix: str) -> SpecError:
-    """Turn pydantic's errors into one ``SpecError`` naming the first field."""
+def error_messages(errors: Sequence[Any], prefix: str) -> list[tuple[str, str]]:
+    """``(dotted field path, message)`` for each of pydantic's error dicts."""
     messages = []
-    first_field = prefix
-    for i, err in enumerate(exc.errors()):
+    for err in errors:
         path = _loc_to_path(prefix, tuple(err["loc"]))
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
@@ -250,11 +252,24 @@ def spec_error_from(exc: ValidationError, prefix: str) -> SpecError:
             # Validators that name a sub-field as "field: message" extend the path.
             head, sep, tail = msg.partition(": ")
             if sep and head.isidentifier():
-                path, msg = f"{path}.{head}", tail
-        if i == 0:
-            first_field = path
-        messages.append(f"{path}: {msg}")
-    return SpecError(first_field, "; ".join(messages)[len(first_field) + 2:] if messages else str(exc))
+                path, msg = f"{path}.{head}" if path else head, tail
+        messages.append((path, msg))
+    return messages
+
+
+def spec_error_from_messages(messages: Sequence[tuple[str, str]], prefix: str) -> SpecError:
+    """One ``SpecError`` naming the first field and listing every problem."""
+    if not messages:
+        return SpecError(prefix, "invalid")
+    first_field = messages[0][0]
+    text = "; ".join(f"{path}: {msg}" for path, msg in messages)
+    return SpecError(first_field, text[len(first_field) + 2:])
+
+
+def spec_error_from(exc: ValidationError, prefix: str) -> SpecError:
+    """Turn pydantic's errors into one ``SpecError`` naming the first field."""
+    messages = error_messages(exc.errors(), prefix)
+    return spec_error_from_messages(messages, prefix) if messages else SpecError(prefix, str(exc))
 
 
 def parse_task_spec(raw: Any, prefix: str = "spec") -> TaskSpec:

@@ -156,3 +156,94 @@ def worker_factory(redis_client: redis.Redis, redis_url: str, tmp_path: Path) ->
     yield start
     for worker in started:
         worker.close()
+
+
+class ServerProcess:
+    """A real ``python -m app.cli serve`` subprocess on a loopback port (the orchestrator)."""
+
+    def __init__(self, port: int, results_dir: Path, env: dict[str, str], log_path: Path,
+                 token: str | None) -> None:
+        self.port = port
+        self.results_dir = results_dir
+        self.env = env
+        self.log_path = log_path
+        self.token = token
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def headers(self) -> dict[str, str]:
+        """The ``Authorization`` header for this server's token (empty without one)."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self, timeout_s: float = 30.0) -> ServerProcess:
+        """Start (or restart) on the same port and results directory; wait for ``/healthz``."""
+        import urllib.error
+        import urllib.request
+
+        if self.alive():
+            return self
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1",
+                 "--port", str(self.port), "--results-dir", str(self.results_dir)],
+                cwd=ROOT, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
+                start_new_session=True)
+
+        def ready() -> bool:
+            if not self.alive():
+                pytest.fail(f"server on port {self.port} exited:\n{self.log()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/healthz", timeout=1) as reply:
+                    return bool(reply.status == 200)
+            except (urllib.error.URLError, OSError):
+                return False
+
+        wait_for(ready, timeout_s, interval_s=0.1, message=f"server on port {self.port}")
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Graceful stop (SIGTERM), SIGKILL if it does not exit in time."""
+        if self.process is not None and self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        if self.process is not None and self.alive():
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture
+def server_factory(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """``server_factory(token=None, results_dir=None, env=None, port=None)`` starts a ready server."""
+    from app.embedded_redis import free_port
+
+    started: list[ServerProcess] = []
+
+    def start(token: str | None = None, results_dir: Path | None = None,
+              env: dict[str, str] | None = None, port: int | None = None) -> ServerProcess:
+        base = tmp_path / f"server-{len(started)}"
+        base.mkdir(parents=True, exist_ok=True)
+        results = Path(results_dir) if results_dir is not None else base / "results"
+        full_env = {**os.environ, "REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1",
+                    "MESHQ_LOG_FILE": str(base / "server.log")}
+        full_env.pop("ORCHESTRATOR_TOKEN", None)
+        if token:
+            full_env["ORCHESTRATOR_TOKEN"] = token
+        full_env.update(env or {})
+        server = ServerProcess(port or free_port(), results, full_env, base / "stdout.log", token)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()

@@ -1,0 +1,256 @@
+"""The artifact workflow of a task (DESIGN §7): deliver results over HTTP, fetch checkpoints.
+
+* ``deliver_result`` — for ``output.destination.type: http``: upload every
+  ``final_*_archive`` of the result to ``{results_url}/{task_id}/files`` (streamed,
+  retried) and record ``final_*_archive_url``; then POST the envelope
+  ``{task_id, result, worker_id}`` to ``{results_url}``. ``results_url`` is
+  ``destination.url`` or ``ORCHESTRATOR_BASE_URL/api/v1/results``.
+* ``fetch_checkpoint`` — for ``checkpoint.load``: a local directory is used in
+  place; a local or downloaded archive is verified, unpacked safely into the
+  worker's cache (``RESULTS_DIR/.cache/checkpoints/<sha256>/``) and reused from
+  there, so one worker never downloads or unpacks the same archive twice.
+
+The lower layers are ``app.archive`` (zip/tar.gz, safe unpack), ``app.upload``,
+``app.download`` and ``app.retry``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from app.archive import content_root, detect_format, safe_extract
+from app.errors import ArtifactError, SpecError
+from app.manifest import sha256_file, write_json_atomic
+from app.retry import RetryPolicy, redact
+from app.settings import get_settings
+from app.upload import post_json, upload_file
+
+if TYPE_CHECKING:
+    from tasks.spec import CheckpointLoad, Destination
+
+log = logging.getLogger(__name__)
+
+RESULTS_PATH = "/api/v1/results"
+ARCHIVE_KINDS = ("model", "lora")  # final_model_* and final_lora_* result fields
+CACHE_DIRNAME = ".cache"
+MODEL_MARKERS = ("config.json", "adapter_config.json")
+
+
+# -- delivery -------------------------------------------------------------------
+def results_url(destination: Destination) -> str:
+    """Where results go: ``destination.url`` or ``ORCHESTRATOR_BASE_URL/api/v1/results``."""
+    if destination.url:
+        url = destination.url.rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise SpecError("spec.output.destination.url", f"{redact(url)!r} is not an http(s) URL")
+        return url
+    base = get_settings().orchestrator_base_url
+    if not base:
+        raise SpecError("spec.output.destination.url",
+                        "required for an http destination when ORCHESTRATOR_BASE_URL is not set")
+    return base + RESULTS_PATH
+
+
+def deliver_result(task_id: str, destination: Destination, result: dict[str, Any],
+                   policy: RetryPolicy | None = None) -> dict[str, Any]:
+    """Upload the result's archives and POST its envelope; return the result with the URLs.
+
+    A failure after the last retry raises ``ArtifactError`` naming the URL; the
+    local archives stay where they are.
+    """
+    if destination.type != "http":
+        return result
+    base = results_url(destination)
+    token = get_settings().orchestrator_token
+    result = dict(result)
+    for kind in ARCHIVE_KINDS:
+        archive = result.get(f"final_{kind}_archive")
+        if not archive:
+            continue
+        reply = upload_file(f"{base}/{task_id}/files", archive, sha256=result.get(f"final_{kind}_archive_sha256"),
+                            token=token, headers=destination.headers, timeout_s=destination.timeoutSec,
+                            policy=policy)
+        expected = result.get(f"final_{kind}_archive_sha256")
+        if expected and reply.get("sha256") and reply["sha256"] != expected:
+            raise ArtifactError(f"upload of {archive} to {redact(base)}: the server stored sha256 "
+                                f"{reply['sha256']}, expected {expected}", url=redact(base))
+        url = reply.get("url") or f"{base}/{task_id}/files/{Path(archive).name}"
+        result[f"final_{kind}_archive_url"] = url
+        log.info("uploaded %s (%s bytes) to %s", Path(archive).name, result.get(f"final_{kind}_archive_bytes"),
+                 redact(url))
+    post_json(base, {"task_id": task_id, "result": result, "worker_id": result.get("worker_id")},
+              token=token, headers=destination.headers, timeout_s=destination.timeoutSec, policy=policy)
+    return result
+
+
+# -- checkpoint load ----------------------------------------------------------------
+def checkpoint_url(load: CheckpointLoad) -> str:
+    """``load.url``, or ``ORCHESTRATOR_BASE_URL/api/v1/results/{task_id}/files/{filename}``."""
+    if load.url:
+        if not load.url.startswith(("http://", "https://")):
+            raise SpecError("spec.checkpoint.load.url", f"{redact(load.url)!r} is not an http(s) URL")
+        return load.url
+    base = get_settings().orchestrator_base_url
+    if not base:
+        raise SpecError("spec.checkpoint.load.url",
+                        "required when ORCHESTRATOR_BASE_URL is not set (task_id + filename need it)")
+    return f"{base}{RESULTS_PATH}/{load.task_id}/files/{load.filename}"
+
+
+def _token_for(url: str) -> str:
+    """The orchestrator token, sent only to the orchestrator (or anywhere if no base URL is set)."""
+    settings = get_settings()
+    if not settings.orchestrator_token:
+        return ""
+    if not settings.orchestrator_base_url:
+        return settings.orchestrator_token
+    mine, theirs = urlsplit(settings.orchestrator_base_url), urlsplit(url)
+    same = (mine.scheme, mine.hostname, mine.port) == (theirs.scheme, theirs.hostname, theirs.port)
+    return settings.orchestrator_token if same else ""
+
+
+def _model_dir(directory: Path) -> Path:
+    if any((directory / marker).exists() for marker in MODEL_MARKERS):
+        return directory
+    return content_root(directory)
+
+
+class CheckpointCache:
+    """Unpacked archives by sha256 (``<root>/<sha256>/``) plus a URL → sha256 index."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def unpacked(self, sha256: str) -> Path | None:
+        path = self.root / sha256.lower()
+        return _model_dir(path) if path.is_dir() else None
+
+    def sha_for_url(self, url: str) -> str | None:
+        index = self._url_entry(url)
+        try:
+            data = json.loads(index.read_text())
+        except (OSError, ValueError):
+            return None
+        sha = data.get("sha256") if isinstance(data, dict) and data.get("url") == url else None
+        return str(sha) if sha else None
+
+    def remember_url(self, url: str, sha256: str) -> None:
+        entry = self._url_entry(url)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(entry, {"url": url, "sha256": sha256})
+
+    def _url_entry(self, url: str) -> Path:
+        return self.root / "urls" / (hashlib.sha256(url.encode()).hexdigest() + ".json")
+
+    def add(self, archive: Path, sha256: str, fmt: str | None) -> Path:
+        """Unpack ``archive`` into ``<root>/<sha256>/`` (atomic; a concurrent winner is kept)."""
+        target = self.root / sha256.lower()
+        if not target.is_dir():
+            try:
+                safe_extract(archive, target, fmt)
+            except OSError:
+                if not target.is_dir():  # not a lost race with another process: a real error
+                    raise
+        return _model_dir(target)
+
+
+def default_cache_dir(dest_dir: Path) -> Path:
+    """``RESULTS_DIR/.cache/checkpoints`` for a task directory ``RESULTS_DIR/<task_id>``."""
+    return dest_dir.resolve().parent / CACHE_DIRNAME / "checkpoints"
+
+
+def fetch_checkpoint(load: CheckpointLoad, dest_dir: Path, *, cache_dir: Path | None = None,
+                     policy: RetryPolicy | None = None) -> Path:
+    """Make ``checkpoint.load`` available locally; return the directory holding the model/adapter.
+
+    ``dest_dir`` is the task directory asking for it; the cache lives beside it in
+    ``RESULTS_DIR/.cache/checkpoints`` unless ``cache_dir`` says otherwise. A
+    directory given as ``local`` path is used in place (or its single top-level
+    folder); an archive (local or http) is verified against ``load.sha256`` when
+    given, unpacked safely once per sha256, and the unpacked folder returned.
+    """
+    cache = CheckpointCache(Path(cache_dir) if cache_dir is not None else default_cache_dir(Path(dest_dir)))
+    if load.type == "local":
+        return _fetch_local(load, cache)
+    return _fetch_http(load, cache, policy)
+
+
+def _fetch_local(load: CheckpointLoad, cache: CheckpointCache) -> Path:
+    path = Path(str(load.path)).expanduser()
+    if path.is_dir():
+        return _model_dir(path.resolve())
+    if not path.is_file():
+        raise SpecError("spec.checkpoint.load.path", f"{path} does not exist")
+    detect_format(path, load.archive_format)  # fail early on something that is not an archive
+    sha = sha256_file(path)
+    if load.sha256 and sha != load.sha256.lower():
+        raise ArtifactError(f"{path}: sha256 mismatch: expected {load.sha256.lower()}, got {sha}", path=str(path))
+    cached = cache.unpacked(sha)
+    if cached is not None:
+        log.info("checkpoint %s: using the unpacked copy in the cache (%s)", path, sha[:12])
+        return cached
+    return cache.add(path, sha, load.archive_format)
+
+
+def _fetch_http(load: CheckpointLoad, cache: CheckpointCache, policy: RetryPolicy | None) -> Path:
+    from app import download
+
+    url = checkpoint_url(load)
+    known_sha = (load.sha256 or "").lower() or cache.sha_for_url(url)
+    if known_sha:
+        cached = cache.unpacked(known_sha)
+        if cached is not None:
+            log.info("checkpoint %s: already in the cache (%s), not downloading", redact(url), known_sha[:12])
+            return cached
+    downloads = cache.root / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    name = Path(urlsplit(url).path).name or "checkpoint"
+    scratch = Path(tempfile.mkdtemp(prefix="dl-", dir=downloads))
+    try:
+        info = download.download_file(url, scratch / name, expected_sha256=load.sha256 or None, token=_token_for(url),
+                             policy=policy)
+        log.info("checkpoint %s: downloaded %d bytes (sha256 %s)", redact(url), info.bytes, info.sha256[:12])
+        fmt = load.archive_format or detect_format(info.path)
+        directory = cache.add(info.path, info.sha256, fmt)
+        cache.remember_url(url, info.sha256)
+        return directory
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def download_file(url: str, dest_dir: str | Path, *, expected_sha256: str | None = None,
+                  policy: RetryPolicy | None = None) -> Path:
+    """Download ``url`` (a data file, say) into ``dest_dir`` under its own name; return the file.
+
+    Streamed, retried, checked against ``expected_sha256`` or the server's checksum
+    header; the orchestrator token is sent only to the orchestrator.
+    """
+    from app import download
+
+    if not url.startswith(("http://", "https://")):
+        raise ArtifactError(f"{redact(url)!r} is not an http(s) URL", url=redact(url))
+    name = Path(urlsplit(url).path).name or "download"
+    info = download.download_file(url, Path(dest_dir) / name, expected_sha256=expected_sha256,
+                                  token=_token_for(url), policy=policy)
+    return info.path
+
+
+def checkpoint_kind(directory: Path) -> str:
+    """``"lora"`` for a peft adapter directory, ``"model"`` for a full model directory."""
+    if (directory / "adapter_config.json").is_file():
+        return "lora"
+    if (directory / "config.json").is_file():
+        return "model"
+    raise ArtifactError(f"{directory}: neither a model (config.json) nor a LoRA adapter "
+                        "(adapter_config.json)", path=str(directory))
+
+
+__all__ = ["deliver_result", "fetch_checkpoint", "download_file", "checkpoint_kind", "results_url",
+           "CheckpointCache", "default_cache_dir"]

@@ -1,0 +1,121 @@
+"""Streamed downloads with retries, ``Range`` resume and sha256 verification.
+
+The body goes to ``<dest>.part`` in 1 MiB chunks and is hashed as it arrives. A
+connection that breaks half-way is retried; when the server answers the retry's
+``Range`` request with 206 the download continues where it stopped, otherwise it
+starts again. Only a complete, verified file is renamed to ``dest``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from app.errors import ArtifactError
+from app.retry import Retryable, RetryPolicy, is_retryable_status, redact, with_retries
+from app.upload import BODY_EXCERPT_CHARS, CHECKSUM_HEADER, CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, auth_headers
+
+CHUNK_BYTES = 1024 * 1024
+CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+@dataclass(frozen=True)
+class DownloadInfo:
+    path: Path
+    sha256: str
+    bytes: int
+    resumed: bool  # True when a retry continued with a Range request
+
+
+@dataclass
+class _Partial:
+    """What is already in ``<dest>.part``: its size and the running hash of those bytes."""
+
+    size: int = 0
+    digest: Any = field(default_factory=hashlib.sha256)
+    resumed: bool = False
+    server_sha256: str = ""
+
+    def restart(self) -> None:
+        self.size = 0
+        self.digest = hashlib.sha256()
+
+
+def download_file(url: str, dest: str | os.PathLike[str], *, expected_sha256: str | None = None,
+                  token: str = "", headers: dict[str, str] | None = None,
+                  timeout_s: float = DEFAULT_TIMEOUT_S, policy: RetryPolicy | None = None) -> DownloadInfo:
+    """Download ``url`` to ``dest``; verify ``expected_sha256`` (or the server's checksum header)."""
+    target = Path(dest)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    part.unlink(missing_ok=True)  # never trust bytes from another process or an earlier run
+    shown = redact(url)
+    partial = _Partial()
+
+    def attempt(_: int) -> None:
+        offset = partial.size if part.exists() else 0
+        request_headers = auth_headers(token, headers)
+        request_headers["Accept-Encoding"] = "identity"  # byte offsets must mean file offsets
+        if offset:
+            request_headers["Range"] = f"bytes={offset}-"
+        try:
+            reply = requests.get(url, headers=request_headers, stream=True,
+                                 timeout=(CONNECT_TIMEOUT_S, timeout_s))
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise Retryable(f"{type(exc).__name__}: {exc}"[:BODY_EXCERPT_CHARS]) from None
+        with reply:
+            status = reply.status_code
+            if status == 416:
+                part.unlink(missing_ok=True)
+                partial.restart()
+                raise Retryable("HTTP 416: range not satisfiable, starting again", status)
+            if not reply.ok:
+                body = reply.text[:BODY_EXCERPT_CHARS].strip()
+                reason = f"HTTP {status}" + (f": {body}" if body else "")
+                if is_retryable_status(status):
+                    raise Retryable(reason, status)
+                raise ArtifactError(f"download of {shown} failed: {reason}", url=shown, status=status)
+            if status == 206 and offset:
+                partial.resumed = True
+            else:  # the server sent the whole file (no Range support or first attempt)
+                offset = 0
+                partial.restart()
+            total = _expected_total(reply, offset)
+            partial.server_sha256 = reply.headers.get(CHECKSUM_HEADER, "") or partial.server_sha256
+            with open(part, "ab" if offset else "wb") as fh:
+                try:
+                    for chunk in reply.iter_content(CHUNK_BYTES):
+                        fh.write(chunk)
+                        partial.digest.update(chunk)
+                        partial.size += len(chunk)
+                except (requests.ConnectionError, requests.Timeout,
+                        requests.exceptions.ChunkedEncodingError) as exc:
+                    raise Retryable(f"connection broken after {partial.size} bytes ({type(exc).__name__})") from None
+            if total is not None and partial.size != total:
+                raise Retryable(f"body ended after {partial.size} of {total} bytes")
+
+    with_retries("download of", url, attempt, policy)
+    sha = partial.digest.hexdigest()
+    expected = (expected_sha256 or partial.server_sha256 or "").lower()
+    if expected and sha != expected:
+        part.unlink(missing_ok=True)
+        raise ArtifactError(f"download of {shown}: sha256 mismatch: expected {expected}, got {sha}", url=shown)
+    os.replace(part, target)
+    return DownloadInfo(target, sha, partial.size, partial.resumed)
+
+
+def _expected_total(reply: requests.Response, offset: int) -> int | None:
+    """The full file size the reply promises (from Content-Range or Content-Length)."""
+    if reply.status_code == 206:
+        match = CONTENT_RANGE_RE.match(reply.headers.get("Content-Range", "").strip())
+        if not match or int(match.group(1)) != offset:
+            raise Retryable("206 reply with a Content-Range that does not match the request", 206)
+        return int(match.group(3)) if match.group(3) != "*" else None
+    length = reply.headers.get("Content-Length", "")
+    return int(length) if length.isdigit() else None

@@ -1,0 +1,117 @@
+"""Uploads to the orchestrator: a file as a streamed multipart body, or a JSON envelope.
+
+The multipart body is produced from the open file as the socket asks for it
+(``requests_toolbelt``'s ``MultipartEncoder``), so a 20 GiB archive costs a few
+hundred KiB of memory. The expected sha256 travels as form field ``sha256`` and
+header ``X-Checksum-Sha256`` so the server can refuse a corrupted upload. The
+token goes in ``Authorization: Bearer`` and never into a log line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin
+
+import requests
+from requests_toolbelt import MultipartEncoder
+
+from app.errors import ArtifactError
+from app.retry import Retryable, RetryPolicy, is_retryable_status, redact, with_retries
+
+CONNECT_TIMEOUT_S = 10.0
+DEFAULT_TIMEOUT_S = 300.0
+CHECKSUM_HEADER = "X-Checksum-Sha256"
+BODY_EXCERPT_CHARS = 300
+
+
+def auth_headers(token: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    headers = dict(extra or {})
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+def _check_reply(reply: requests.Response, what: str, url: str) -> None:
+    """Raise ``Retryable`` for 5xx/408/429 and ``ArtifactError`` for other non-2xx replies."""
+    if reply.ok:
+        return
+    body = reply.text[:BODY_EXCERPT_CHARS].strip()
+    reason = f"HTTP {reply.status_code}" + (f": {body}" if body else "")
+    if is_retryable_status(reply.status_code):
+        raise Retryable(reason, reply.status_code)
+    raise ArtifactError(f"{what} {redact(url)} failed: {reason}", url=redact(url), status=reply.status_code)
+
+
+def _json_reply(reply: requests.Response, what: str, url: str) -> dict[str, Any]:
+    try:
+        data = reply.json()
+    except ValueError:
+        raise ArtifactError(f"{what} {redact(url)}: the server did not answer with JSON",
+                            url=redact(url), status=reply.status_code) from None
+    return data if isinstance(data, dict) else {"reply": data}
+
+
+def upload_file(url: str, path: str | os.PathLike[str], *, sha256: str | None = None, token: str = "",
+                headers: dict[str, str] | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                policy: RetryPolicy | None = None, filename: str | None = None) -> dict[str, Any]:
+    """POST ``path`` as multipart field ``file`` to ``url``; return the server's JSON reply.
+
+    The reply's ``url`` (if any) is made absolute against ``url``.
+    """
+    file = Path(path)
+    name = filename or file.name
+    if not file.is_file():
+        raise ArtifactError(f"{file}: no such file to upload", path=str(file), url=redact(url))
+
+    def attempt(_: int) -> dict[str, Any]:
+        with open(file, "rb") as fh:
+            fields: list[tuple[str, Any]] = []
+            if sha256:
+                fields.append(("sha256", sha256))
+            fields.append(("file", (name, fh, "application/octet-stream")))
+            body = MultipartEncoder(fields=fields)
+            request_headers = auth_headers(token, headers)
+            request_headers["Content-Type"] = body.content_type
+            if sha256:
+                request_headers[CHECKSUM_HEADER] = sha256
+            try:
+                reply = requests.post(url, data=body, headers=request_headers,
+                                      timeout=(CONNECT_TIMEOUT_S, timeout_s))
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                raise Retryable(f"{type(exc).__name__}: {_short(exc)}") from None
+        with reply:
+            _check_reply(reply, "upload of " + name + " to", url)
+            data = _json_reply(reply, "upload to", url)
+        if isinstance(data.get("url"), str):
+            data["url"] = urljoin(url, data["url"])
+        return data
+
+    return with_retries(f"upload of {name} to", url, attempt, policy)
+
+
+def post_json(url: str, payload: dict[str, Any], *, token: str = "", headers: dict[str, str] | None = None,
+              timeout_s: float = DEFAULT_TIMEOUT_S, policy: RetryPolicy | None = None) -> dict[str, Any]:
+    """POST ``payload`` as JSON with retries; return the JSON reply (``{}`` if none)."""
+
+    def attempt(_: int) -> dict[str, Any]:
+        try:
+            reply = requests.post(url, json=payload, headers=auth_headers(token, headers),
+                                  timeout=(CONNECT_TIMEOUT_S, timeout_s))
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise Retryable(f"{type(exc).__name__}: {_short(exc)}") from None
+        with reply:
+            _check_reply(reply, "POST", url)
+            return _json_reply(reply, "POST", url) if reply.content else {}
+
+    return with_retries("POST", url, attempt, policy)
+
+
+def _short(exc: BaseException) -> str:
+    """The innermost reason of a requests error, without urllib3's long wrapper text."""
+    text = str(exc)
+    marker = "Caused by "
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    return text[:BODY_EXCERPT_CHARS]

@@ -1,0 +1,239 @@
+"""Artifact transfer through ``meshq serve`` vs ``cp`` of the same file on the same disk.
+
+Uploads (multipart POST) and downloads (GET) a file of ``--size-mb`` MiB through a
+real server process on loopback with curl (or a small raw-socket client when curl
+is missing), and copies the same file with ``cp``. Each operation runs ``--repeat``
+times after a ``sync``; the best run counts, timed both without and with a
+final ``sync`` (page cache vs on disk). The server's peak RSS is sampled
+every 10 ms during the transfers. Target: ≥ 50% of cp's throughput, RSS < 200 MB.
+
+    python bench/server_transfer.py [--size-mb 1024] [--repeat 3] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from app.embedded_redis import free_port  # noqa: E402
+
+MIB = 1024 * 1024
+
+
+class RssSampler:
+    """Peak RSS of one process, sampled in a thread."""
+
+    def __init__(self, pid: int, interval_s: float = 0.01) -> None:
+        self.process = psutil.Process(pid)
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.process.memory_info().rss)
+            except psutil.Error:
+                return
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self.peak = self.process.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def make_file(path: Path, size_mb: int) -> str:
+    """Random-looking content (a 16 MiB random block repeated with a counter); returns sha256."""
+    block = os.urandom(16 * MIB)
+    digest = hashlib.sha256()
+    with open(path, "wb") as fh:
+        for i in range(0, size_mb, 16):
+            n = min(16, size_mb - i) * MIB
+            piece = i.to_bytes(8, "little") + block[8:n]
+            fh.write(piece)
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(4 * MIB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -- clients -----------------------------------------------------------------------
+def curl_upload(url: str, src: Path) -> dict:
+    out = subprocess.run(["curl", "-sS", "--fail-with-body", "-F", f"file=@{src};type=application/octet-stream",
+                          url], check=True, capture_output=True)
+    return dict(json.loads(out.stdout))
+
+
+def curl_download(url: str, dst: Path) -> None:
+    subprocess.run(["curl", "-sS", "--fail", "-o", str(dst), url], check=True)
+
+
+def raw_upload(url: str, src: Path) -> dict:
+    """multipart POST with os.sendfile for the file bytes (when curl is missing)."""
+    host, port, path = _split(url)
+    boundary = "meshqbench" + os.urandom(8).hex()
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{src.name}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    size = src.stat().st_size
+    with socket.create_connection((host, port)) as sock, open(src, "rb") as fh:
+        sock.sendall((f"POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+                      f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+                      f"Content-Length: {len(head) + size + len(tail)}\r\n\r\n").encode() + head)
+        offset = 0
+        while offset < size:
+            offset += os.sendfile(sock.fileno(), fh.fileno(), offset, size - offset)
+        sock.sendall(tail)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    headers, _, body = reply.partition(b"\r\n\r\n")
+    if b" 201 " not in headers.split(b"\r\n", 1)[0]:
+        raise RuntimeError(f"upload failed: {headers!r} {body[:200]!r}")
+    return dict(json.loads(body))
+
+
+def raw_download(url: str, dst: Path) -> None:
+    with urllib.request.urlopen(url) as reply, open(dst, "wb") as fh:
+        shutil.copyfileobj(reply, fh, 4 * MIB)
+
+
+def _split(url: str) -> tuple[str, int, str]:
+    rest = url.removeprefix("http://")
+    hostport, _, path = rest.partition("/")
+    host, _, port = hostport.partition(":")
+    return host, int(port), "/" + path
+
+
+# -- the benchmark -------------------------------------------------------------------
+def best_of(repeat: int, action: Callable[[], object], before: Callable[[], None]) -> tuple[float, float]:
+    """Best wall time of ``action`` alone (page cache) and of ``action`` + ``sync`` (on disk)."""
+    cached, durable = [], []
+    for _ in range(repeat):
+        before()
+        subprocess.run(["sync"], check=False)
+        started = time.perf_counter()
+        action()
+        cached.append(time.perf_counter() - started)
+        subprocess.run(["sync"], check=False)
+        durable.append(time.perf_counter() - started)
+    return min(cached), min(durable)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=1024, help="file size in MiB (default 1024)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each operation; the best counts")
+    parser.add_argument("--workdir", default=None, help="directory on the disk to test (default: .bench/ in the repo)")
+    parser.add_argument("--client", choices=["auto", "curl", "python"], default="auto")
+    args = parser.parse_args()
+
+    use_curl = args.client == "curl" or (args.client == "auto" and shutil.which("curl") is not None)
+    upload, download = (curl_upload, curl_download) if use_curl else (raw_upload, raw_download)
+    base_dir = Path(args.workdir or ROOT / ".bench")
+    base_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="server-transfer-", dir=base_dir))
+    size = args.size_mb * MIB
+    server = None
+    try:
+        src = work / "payload.bin"
+        print(f"writing a {args.size_mb} MiB test file in {work} ...", flush=True)
+        src_sha = make_file(src, args.size_mb)
+
+        copy_dst = work / "copy.bin"
+        cp_s = best_of(args.repeat, lambda: subprocess.run(["cp", str(src), str(copy_dst)], check=True),
+                       lambda: copy_dst.unlink(missing_ok=True))
+        copy_dst.unlink(missing_ok=True)
+
+        port = free_port()
+        results = work / "results"
+        env = {**os.environ, "MESHQ_MAX_UPLOAD_BYTES": str(size * 2), "LOG_LEVEL": "WARNING"}
+        env.pop("ORCHESTRATOR_TOKEN", None)
+        server_log = open(work / "server.log", "wb")
+        server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port),
+                                   "--results-dir", str(results)], cwd=ROOT, env=env,
+                                  stdout=server_log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/healthz", timeout=1):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"server did not start:\n{(work / 'server.log').read_text()}") from None
+                time.sleep(0.1)
+        idle_rss = psutil.Process(server.pid).memory_info().rss
+
+        upload_url = f"{base}/api/v1/results/bench/files"
+        replies: list[dict] = []
+        stored = results / "bench" / "artifacts" / src.name
+        with RssSampler(server.pid) as up_rss:
+            up_s = best_of(args.repeat, lambda: replies.append(upload(upload_url, src)),
+                           lambda: stored.unlink(missing_ok=True))
+        if replies[-1]["sha256"] != src_sha or replies[-1]["bytes"] != size:
+            raise SystemExit(f"upload reply does not match the file: {replies[-1]}")
+
+        down_dst = work / "download.bin"
+        with RssSampler(server.pid) as down_rss:
+            down_s = best_of(args.repeat, lambda: download(f"{upload_url}/{src.name}", down_dst),
+                             lambda: down_dst.unlink(missing_ok=True))
+        if sha256_file(down_dst) != src_sha:
+            raise SystemExit("downloaded bytes differ from the uploaded file")
+
+        def mbps(seconds: float) -> float:
+            return size / 1e6 / seconds
+
+        client = "curl" if use_curl else "python (sendfile)"
+        print(f"\nserver transfer, {args.size_mb} MiB file, best of {args.repeat}, client {client}, "
+              f"server idle RSS {idle_rss / 1e6:.0f} MB")
+        print("'cached': the operation alone (data may still be in the page cache); "
+              "'on disk': until a following sync returns")
+        print(f"{'operation':<16} {'cached MB/s':>11} {'vs cp':>6} {'on disk MB/s':>12} {'vs cp':>6} "
+              f"{'server peak RSS':>16}")
+        print(f"{'cp (same disk)':<16} {mbps(cp_s[0]):>11.0f} {'1.00':>6} {mbps(cp_s[1]):>12.0f} {'1.00':>6} "
+              f"{'-':>16}")
+        for name, (cached, durable), rss in (("upload (POST)", up_s, up_rss.peak),
+                                             ("download (GET)", down_s, down_rss.peak)):
+            print(f"{name:<16} {mbps(cached):>11.0f} {cp_s[0] / cached:>6.2f} {mbps(durable):>12.0f} "
+                  f"{cp_s[1] / durable:>6.2f} {rss / 1e6:>13.0f} MB")
+        print("target: >= 0.50 of cp, server RSS < 200 MB")
+        return 0
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=15)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""LoRA fine-tuning through a meshq task vs a plain script with the same ``Trainer`` arguments.
+
+Builds the ~30M-parameter tiny Llama ("bench" size; ``--quick``: the ~1M "test"
+size) and a set of prompt/response pairs, then trains the same LoRA adapter twice
+on this machine's CPU (or ``--device cuda``):
+
+* plain: a separate Python process with transformers' ``Trainer`` + peft, the
+  same ``TrainingArguments`` (``tasks.training.training_arguments``), data and
+  collator, no Celery, no progress reporting;
+* meshq: a ``lora_sft`` task through a real worker (``LocalCluster``: embedded
+  Redis + ``celery worker``): progress every step, cancel checks, archive.
+
+Steps/s is optimiser steps over ``Trainer``'s own ``train_runtime`` in both (model
+loading and archiving are reported apart, as wall time). Target: meshq ≥ 0.95× plain.
+
+    python bench/training.py [--quick] [--steps N] [--device cpu|cuda] [--repeat N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SUBJECTS = ["the sky", "a spider", "the sea", "a tree", "the moon", "a river", "the sun", "a fox",
+            "a city", "the wind", "a bridge", "the road", "a garden", "the night", "a song", "the rain"]
+
+
+def make_pairs(n: int) -> list[dict[str, str]]:
+    return [{"prompt": f"Question {i}: describe {SUBJECTS[i % len(SUBJECTS)]} in a few words.\nAnswer:",
+             "response": f" {SUBJECTS[(i * 7) % len(SUBJECTS)]} is calm, bright and {i % 10} times new."}
+            for i in range(n)]
+
+
+def task_spec(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "taskType": "lora_sft",
+        "model": {"source": {"identifier": str(model_dir)},
+                  "transformers": {"device_map": args.device, "dtype": "auto"}},
+        "data": {"prompts": make_pairs(args.pairs), "separator": ""},
+        "training": {"max_steps": args.steps, "batch_size": args.batch_size, "learning_rate": 1e-3,
+                     "max_seq_length": 128, "save_steps": args.steps, "logging_steps": 1,
+                     "bf16": args.device == "cuda"},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+    }
+
+
+def plain(spec_json: str, out_json: str) -> None:
+    """The plain script: Trainer + peft with meshq's arguments, data and collator; nothing else."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
+    from transformers.trainer_callback import PrinterCallback
+
+    from tasks.spec import parse_task_spec
+    from tasks.training import training_arguments
+    from tasks.training_data import PaddingCollator, load_examples, tokenize_examples
+
+    spec = parse_task_spec(json.loads(Path(spec_json).read_text()))
+    assert spec.model is not None and spec.training is not None and spec.lora is not None
+    started = time.perf_counter()
+    device = "cuda" if spec.model.transformers.device_map == "cuda" else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(spec.model.source.identifier)
+    rows = tokenize_examples(load_examples(spec.training_data()), tokenizer, spec.training.max_seq_length)
+    model = AutoModelForCausalLM.from_pretrained(spec.model.source.identifier, dtype=torch.float32)
+    lora = spec.lora
+    set_seed(spec.training.seed)
+    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                             target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(model=model, args=training_arguments(spec.training, Path(tmp), device),
+                          train_dataset=rows, data_collator=PaddingCollator(tokenizer.pad_token_id),  # type: ignore[arg-type]
+                          processing_class=tokenizer)
+        trainer.remove_callback(PrinterCallback)  # meshq removes it too (one stdout line per step)
+        output = trainer.train()
+        model.save_pretrained(Path(tmp) / "final_lora")
+    runtime = float(output.metrics["train_runtime"])
+    Path(out_json).write_text(json.dumps({
+        "steps_per_second": trainer.state.global_step / runtime, "train_runtime_sec": runtime,
+        "wall_s": time.perf_counter() - started, "loss_last": next((e["loss"] for e in reversed(trainer.state.log_history) if "loss" in e), None)}))
+
+
+def run_plain(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    spec_path, out_path = workdir / "plain-spec.json", workdir / "plain.json"
+    spec_path.write_text(json.dumps(spec))
+    code = subprocess.call([sys.executable, str(Path(__file__).resolve()), "--plain", str(spec_path),
+                            str(out_path)], cwd=ROOT, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    if code != 0:
+        raise SystemExit(f"training: the plain script failed (exit {code})")
+    return dict(json.loads(out_path.read_text()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the ~1M test model and 20 steps")
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default 60; --quick 20)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each (alternating); the best counts")
+    parser.add_argument("--plain", nargs=2, metavar=("SPEC_JSON", "OUT_JSON"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.plain:
+        plain(*args.plain)
+        return 0
+    args.steps = args.steps or (20 if args.quick else 60)
+
+    from app.local_cluster import LocalCluster
+    from app.tiny_model import build_tiny_model, parameter_count
+
+    workdir = Path(tempfile.mkdtemp(prefix="meshq-bench-training-"))
+    size = "test" if args.quick else "bench"
+    model_dir = build_tiny_model(workdir / f"tiny-{size}", size=size)
+    params = parameter_count(model_dir)
+    spec = task_spec(model_dir, args)
+    plain_runs: list[dict[str, Any]] = []
+    meshq_runs: list[dict[str, Any]] = []
+    with LocalCluster(workdir / "cluster") as cluster:
+        os.environ["REDIS_URL"] = cluster.start_redis()  # before the Celery client is imported
+        cluster.start_worker("bench-train", results_dir=workdir / "results",
+                             extra_env={"TRANSFORMERS_VERBOSITY": "error"})
+        from app.celery import app
+        from tasks.submit import submit_task
+
+        for n in range(1, args.repeat + 1):
+            print(f"run {n}/{args.repeat}: plain Trainer script, {args.steps} steps ...", flush=True)
+            plain_runs.append(run_plain(spec, workdir))
+            print(f"run {n}/{args.repeat}: meshq lora_sft task through a worker ...", flush=True)
+            started = time.perf_counter()
+            result = app.AsyncResult(submit_task(spec).task_id).get(timeout=3600)
+            result["wall_s"] = time.perf_counter() - started
+            meshq_runs.append(result)
+
+    best_plain = max(plain_runs, key=lambda r: r["steps_per_second"])
+    best_meshq = max(meshq_runs, key=lambda r: r["steps_per_second"])
+    ratio = best_meshq["steps_per_second"] / best_plain["steps_per_second"]
+    print(f"\nLoRA fine-tuning, tiny Llama {size} ({params / 1e6:.1f}M parameters), {args.device}, "
+          f"{args.steps} steps x batch {args.batch_size}, r=16 all-linear, best of {args.repeat}")
+    print(f"{'':28} {'steps/s':>8} {'train s':>8} {'wall s':>8}")
+    print(f"  {'plain Trainer script':<26} {best_plain['steps_per_second']:8.2f} "
+          f"{best_plain['train_runtime_sec']:8.2f} {best_plain['wall_s']:8.2f}")
+    print(f"  {'meshq lora_sft task':<26} {best_meshq['steps_per_second']:8.2f} "
+          f"{best_meshq['train_runtime_sec']:8.2f} {best_meshq['wall_s']:8.2f}")
+    print(f"  ratio meshq / plain: {ratio:.3f}   (target >= 0.95)")
+    print("  wall s: plain = process start to adapter saved; meshq = submit to result "
+          "(worker warm; includes loading, archive, result)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""``Pipeline``: a validated template that becomes one Celery chain when submitted.
+
+Pipelines are data until submitted: ``Pipeline.from_yaml(path)`` validates,
+``.chain()`` builds the Celery canvas without touching a broker, ``.submit()``
+records the pipeline in Redis and sends the chain.
+
+Each stage is the per-type task (``meshq.<taskType>``) with the stage's merged
+spec and a ``pipeline`` kwarg (pipeline id, stage name and index, every stage's
+task id, ``runOn``), sent to the queue of the stage's own tags. Task ids are
+generated here, before anything is sent, so every stage can be looked up by id
+from the moment ``submit`` returns. A one-stage pipeline (a plain task spec)
+uses its task id as the pipeline id.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from celery import chain
+
+from app import routing
+from app.errors import SpecError
+from app.events import utc_now_iso
+from app.redis_client import get_redis
+from app.settings import get_settings
+from pipelines.run import PipelineRun
+from pipelines.template import PipelineTemplate, StageTemplate, load_document, load_file, parse_pipeline
+
+
+def stage_queue(stage: StageTemplate, topic: str | None = None) -> str:
+    """The queue a stage is first sent to (a ``runOn`` stage is re-pointed at run time)."""
+    return routing.queue_for_tags(topic or get_settings().task_topic, stage.tags)
+
+
+def stage_task(stage: StageTemplate) -> Any:
+    from tasks.submit import task_for_type
+
+    try:
+        return task_for_type(stage.task_type)
+    except KeyError:
+        raise SpecError(f"{stage.location}.taskType",
+                        f"no task is registered for {stage.task_type!r} in this installation") from None
+
+
+class Pipeline:
+    """A validated pipeline template (see ``pipelines.template`` for the format)."""
+
+    def __init__(self, template: PipelineTemplate) -> None:
+        self.template = template
+
+    # -- loading --------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, document: Mapping[str, Any], *, env: Mapping[str, str] | None = None,
+                  expand_environment: bool = True) -> Pipeline:
+        """From a document (or bare task spec); ``${env:NAME}`` expands from ``env`` or os.environ."""
+        return cls(parse_pipeline(document, env=env, expand_environment=expand_environment))
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Pipeline:
+        """From a YAML or JSON file."""
+        return cls.from_dict(load_file(Path(path)), env=env)
+
+    @classmethod
+    def from_text(cls, text: str | bytes, source: str = "document", *, env: Mapping[str, str] | None = None,
+                  expand_environment: bool = True) -> Pipeline:
+        return cls.from_dict(load_document(text, source), env=env, expand_environment=expand_environment)
+
+    # -- views ----------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.template.name
+
+    @property
+    def stages(self) -> tuple[StageTemplate, ...]:
+        return self.template.stages
+
+    @property
+    def document(self) -> dict[str, Any]:
+        return self.template.document
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.name!r}, stages={[s.name for s in self.stages]})"
+
+    # -- the Celery canvas ----------------------------------------------------
+    def stage_info(self, stage: StageTemplate, pipeline_id: str, task_ids: list[str]) -> dict[str, Any]:
+        """The ``pipeline`` kwarg each stage task receives (everything the worker needs)."""
+        return {"id": pipeline_id, "name": self.name, "stage": stage.name, "index": stage.index,
+                "location": stage.location, "run_on": stage.run_on,
+                "stages": [{"name": s.name, "task_id": t} for s, t in zip(self.stages, task_ids, strict=True)]}
+
+    def chain(self, pipeline_id: str | None = None, task_ids: list[str] | None = None) -> Any:
+        """The Celery chain (no broker needed); ids are generated unless given."""
+        pipeline_id = pipeline_id or str(uuid.uuid4())
+        task_ids = task_ids or [str(uuid.uuid4()) for _ in self.stages]
+        if len(task_ids) != len(self.stages):
+            raise ValueError(f"task_ids: {len(task_ids)} ids for {len(self.stages)} stages")
+        signatures = []
+        for stage, task_id in zip(self.stages, task_ids, strict=True):
+            signature = stage_task(stage).s(stage.spec, pipeline=self.stage_info(stage, pipeline_id, task_ids))
+            signatures.append(signature.set(task_id=task_id, queue=stage_queue(stage)))
+        return chain(*signatures)
+
+    # -- submitting -----------------------------------------------------------
+    def submit(self) -> PipelineRun:
+        """Record the pipeline in Redis and send its chain; returns a ``PipelineRun``."""
+        from app.celery import app
+        from tasks.submit import queue_warning
+
+        task_ids = [str(uuid.uuid4()) for _ in self.stages]
+        # A one-stage pipeline (a plain task) has its task's id, so either view finds it.
+        pipeline_id = task_ids[0] if len(task_ids) == 1 else str(uuid.uuid4())
+        canvas = self.chain(pipeline_id, task_ids)
+        warnings = []
+        for stage in self.stages:
+            if stage.run_on is None:
+                warning = queue_warning(stage_queue(stage))
+                if warning:
+                    warnings.append(f"stage {stage.name!r}: {warning}")
+        run = PipelineRun(
+            id=pipeline_id, name=self.name, submitted_at=utc_now_iso(), document=self.document,
+            warnings=warnings,
+            stages=[{"name": s.name, "task_id": t, "taskType": s.task_type, "queue": stage_queue(s),
+                     "run_on": s.run_on} for s, t in zip(self.stages, task_ids, strict=True)])
+        run.record(get_redis(), int(app.conf.result_expires or 7 * 24 * 3600))
+        canvas.apply_async()
+        return run

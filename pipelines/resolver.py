@@ -1,0 +1,167 @@
+"""Worker side of pipelines: resolve ``${...}`` just before a stage runs, pin ``runOn`` stages.
+
+Installed into ``tasks.base.SPEC_RESOLVERS`` when a worker imports this module
+(``celeryconfig.include``). For every task it receives:
+
+* a stage of a cancelled pipeline ends as REVOKED before doing anything;
+* ``${stage.result...}`` (and a reference to the previous stage by name) resolves
+  against ``previous_result``, the argument Celery's chain passes in;
+* ``${<name>.result...}`` for an older stage reads that stage's result from the
+  result backend by the task id recorded at submission. Each task's Celery result
+  is exactly its own ``responses.json`` (DESIGN §6), so results cannot pile up in
+  the values passed along the chain; the backend already holds every stage's
+  result, and reading only the referenced ones keeps messages small;
+* if the next stage in the chain says ``runOn: {stage: X}``, its message is
+  pointed at the own queue of the worker that ran X before Celery sends it (the
+  worker id is only known at run time; the rest of the chain travels in
+  ``request.chain``, where the next signature's options decide its queue);
+* a ``runOn`` stage that still reaches another worker forwards itself there with
+  ``Task.replace`` (same task id, the rest of the chain follows it).
+
+A plain Celery chain (no ``pipeline`` kwarg) gets ``${stage.result...}`` only.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from celery import current_task, states
+from celery.exceptions import Ignore
+
+from app import keys, routing
+from app.errors import SpecError
+from app.redis_client import get_redis
+from app.settings import get_settings
+from pipelines.references import PREVIOUS_STAGE, resolve_stage_references
+from tasks.base import SPEC_RESOLVERS
+
+log = logging.getLogger(__name__)
+
+MAX_RUN_ON_FORWARDS = 3  # a runOn stage bouncing between workers more often than this fails
+
+
+def stage_result(task: Any, info: dict[str, Any], name: str, previous: Any) -> Any:
+    """The result of stage ``name`` (or the previous stage) of ``info``'s pipeline."""
+    stages = [s["name"] for s in info["stages"]]
+    index = int(info["index"])
+    target = index - 1 if name == PREVIOUS_STAGE else stages.index(name) if name in stages else -1
+    if target < 0:
+        raise LookupError(f"unknown stage {name!r} (stages: {', '.join(stages)})")
+    if target >= index:
+        raise LookupError(f"stage {stages[target]!r} has not run before this stage")
+    if target == index - 1 and previous is not None:
+        return previous
+    task_id = info["stages"][target]["task_id"]
+    meta = task.app.backend.get_task_meta(task_id)
+    if meta.get("status") != states.SUCCESS:
+        raise LookupError(f"stage {stages[target]!r} (task {task_id}) has no result: "
+                          f"its state is {meta.get('status')}")
+    return meta.get("result")
+
+
+def _plain_results(previous: Any) -> Any:
+    def results(name: str) -> Any:
+        if name != PREVIOUS_STAGE:
+            raise LookupError(f"a plain Celery chain knows only the previous stage's result: "
+                              f"write ${{stage.result...}}, not {name!r}")
+        if previous is None:
+            raise LookupError("there is no previous stage (this task did not run inside a chain)")
+        return previous
+
+    return results
+
+
+def _stop_if_cancelled(task: Any, info: dict[str, Any]) -> None:
+    try:
+        cancelled = get_redis().exists(keys.task_cancel(task.request.id))
+    except redis.RedisError:
+        return
+    if cancelled:
+        log.info("stage %s of pipeline %s was cancelled before it started", info["stage"], info["id"])
+        task.update_state(state=states.REVOKED, meta={
+            "exc_type": "TaskCancelled", "exc_module": "app.errors",
+            "exc_message": [task.request.id, "before it started"]})
+        raise Ignore()
+
+
+def worker_of(task: Any, info: dict[str, Any], stage_name: str, previous: Any) -> str:
+    """The worker id that ran ``stage_name`` (this worker when it is the current stage)."""
+    if stage_name == info["stage"]:
+        return get_settings().worker_id
+    result = stage_result(task, info, stage_name, previous)
+    worker_id = result.get("worker_id") if isinstance(result, dict) else None
+    if not worker_id:
+        raise SpecError(f"{info['location']}", f"runOn: stage {stage_name!r} recorded no worker_id")
+    return str(worker_id)
+
+
+def _check_run_on(task: Any, info: dict[str, Any], previous: Any, raw_spec: Any) -> None:
+    """A ``runOn`` stage that reached another worker forwards itself (same task id).
+
+    The stage before it normally points it at the right queue; this covers what that
+    cannot know, e.g. a redelivered copy of the earlier stage that returned the
+    result of the first run, made on another worker.
+    """
+    target = info.get("run_on")
+    if not target:
+        return
+    wanted = worker_of(task, info, target, previous)
+    here = get_settings().worker_id
+    if wanted == here:
+        return
+    forwards = int(task.request.get("replaced_task_nesting") or 0)
+    if forwards >= MAX_RUN_ON_FORWARDS:
+        where = info["location"].rsplit(".spec", 1)[0]
+        raise SpecError(f"{where}.runOn", f"stage {info['stage']!r} must run on worker {wanted} "
+                                          f"(which ran {target!r}) but was delivered to {here} "
+                                          f"{forwards + 1} times")
+    queue = routing.queue_for_worker(get_settings().task_topic, wanted)
+    log.info("stage %s of pipeline %s reached worker %s: forwarding it to %s (queue %s)",
+             info["stage"], info["id"], here, wanted, queue)
+    args = (raw_spec,) if previous is None else (previous, raw_spec)
+    raise task.replace(task.signature(args, {"pipeline": info}, queue=queue))
+
+
+def _route_next_stage(task: Any, info: dict[str, Any], previous: Any) -> None:
+    """Point the next stage at the worker its ``runOn`` names, before Celery sends it."""
+    remaining = task.request.chain
+    if not remaining:
+        return
+    following = remaining[-1]
+    next_info = (following.get("kwargs") or {}).get("pipeline")
+    if not isinstance(next_info, dict) or next_info.get("id") != info["id"] or not next_info.get("run_on"):
+        return
+    worker_id = worker_of(task, info, next_info["run_on"], previous)
+    queue = routing.queue_for_worker(get_settings().task_topic, worker_id)
+    options = following.setdefault("options", {})
+    options["queue"] = queue
+    options.pop("routing_key", None)
+    options.pop("exchange", None)
+    log.info("stage %s of pipeline %s will run on worker %s (queue %s)",
+             next_info["stage"], info["id"], worker_id, queue)
+
+
+def resolve_spec(raw_spec: Any, previous: Any, pipeline: dict[str, Any] | None) -> Any:
+    """The ``SPEC_RESOLVERS`` hook: the spec this task really runs with."""
+    task = current_task
+    if pipeline is None:
+        return resolve_stage_references(raw_spec, _plain_results(previous), "spec")
+    _stop_if_cancelled(task, pipeline)
+    _check_run_on(task, pipeline, previous, raw_spec)
+
+    def results(name: str) -> Any:
+        return stage_result(task, pipeline, name, previous)
+
+    resolved = resolve_stage_references(raw_spec, results, pipeline["location"])
+    _route_next_stage(task, pipeline, previous)
+    return resolved
+
+
+def install() -> None:
+    if resolve_spec not in SPEC_RESOLVERS:
+        SPEC_RESOLVERS.append(resolve_spec)
+
+
+install()

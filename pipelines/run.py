@@ -1,0 +1,215 @@
+"""A submitted pipeline: its record in Redis, status, waiting, cancelling.
+
+``submit`` records ``meshq:pipeline:<id>`` (a hash: id, name, stage names with
+their pre-generated task ids, queues, the document, submitted_at) and
+``meshq:task:<task_id>:pipeline`` for each stage *before* the chain is sent, so
+``PipelineRun.get(id)`` works from any process at any time. Both expire with the
+Celery results (``result_expires``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import redis
+from celery import states
+
+from app import keys
+from app.errors import PipelineError
+from app.events import utc_now_iso
+from app.redis_client import get_redis
+from pipelines.status import (
+    FINAL_PIPELINE_STATES,
+    mark_skipped,
+    pipeline_state,
+    task_status,
+)
+from tasks.progress import request_cancel
+
+DEFAULT_POLL_INTERVAL_S = 0.5
+
+
+def _celery_app() -> Any:
+    from app.celery import app
+
+    return app
+
+
+@dataclass
+class PipelineRun:
+    """Handle on a submitted pipeline (or, for a plain task id, a one-stage view of it)."""
+
+    id: str
+    name: str
+    stages: list[dict[str, Any]]          # {name, task_id, taskType, queue, run_on}
+    submitted_at: str = ""
+    document: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    is_pipeline: bool = True
+
+    # -- records --------------------------------------------------------------
+    def record(self, client: redis.Redis, ttl_s: int) -> None:
+        pipe = client.pipeline(transaction=True)
+        pipe.hset(keys.pipeline(self.id), mapping={
+            "id": self.id, "name": self.name, "submitted_at": self.submitted_at,
+            "stages_json": json.dumps(self.stages), "document_json": json.dumps(self.document),
+            "warnings_json": json.dumps(self.warnings)})
+        pipe.expire(keys.pipeline(self.id), ttl_s)
+        for stage in self.stages:
+            pipe.set(keys.task_pipeline(stage["task_id"]), self.id, ex=ttl_s)
+        pipe.execute()
+
+    @classmethod
+    def get(cls, pipeline_id: str, client: redis.Redis | None = None) -> PipelineRun:
+        """The pipeline recorded under ``pipeline_id``; ``PipelineError`` if there is none."""
+        client = client or get_redis()
+        fields = {str(k): str(v) for k, v in client.hgetall(keys.pipeline(pipeline_id)).items()}
+        if not fields:
+            raise PipelineError(pipeline_id, "no such pipeline (unknown id, or its records expired)")
+        return cls(id=fields["id"], name=fields.get("name", ""), stages=json.loads(fields["stages_json"]),
+                   submitted_at=fields.get("submitted_at", ""),
+                   document=json.loads(fields.get("document_json") or "{}"),
+                   warnings=json.loads(fields.get("warnings_json") or "[]"))
+
+    @classmethod
+    def find(cls, some_id: str, client: redis.Redis | None = None) -> PipelineRun:
+        """A pipeline id, the task id of one of its stages, or any other Celery task id.
+
+        A task that is not part of a pipeline is shown as a one-stage run whose id
+        is the task id (its state comes from the result backend alone).
+        """
+        client = client or get_redis()
+        if client.exists(keys.pipeline(some_id)):
+            return cls.get(some_id, client)
+        owner = client.get(keys.task_pipeline(some_id))
+        if owner:
+            return cls.get(str(owner), client)
+        meta = _celery_app().backend.get_task_meta(some_id)
+        if meta.get("status", states.PENDING) == states.PENDING and not meta.get("result"):
+            raise PipelineError(some_id, "no pipeline or task with this id (unknown, not started yet, "
+                                         "or its records expired)")
+        name = str(meta.get("name") or "meshq.task").rsplit(".", 1)[-1]
+        return cls(id=some_id, name=name, is_pipeline=False,
+                   stages=[{"name": name, "task_id": some_id, "taskType": name, "queue": meta.get("queue"),
+                            "run_on": None}])
+
+    def cancelled(self, client: redis.Redis | None = None) -> bool:
+        if not self.is_pipeline:
+            return bool((client or get_redis()).exists(keys.task_cancel(self.id)))
+        return bool((client or get_redis()).hget(keys.pipeline(self.id), "cancelled_at"))
+
+    # -- status ---------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """``{id, name, state, stages: {name: {state, task_id, worker_id, progress|result|error}}}``."""
+        app = _celery_app()
+        cancelled = self.cancelled()
+        stages = []
+        for stage in self.stages:
+            info = task_status(app, stage["task_id"])
+            info["taskType"] = stage.get("taskType")
+            stages.append({"name": stage["name"], **info})
+        mark_skipped(stages, cancelled)
+        state = pipeline_state([s["state"] for s in stages], cancelled)
+        report: dict[str, Any] = {
+            "id": self.id, "name": self.name, "kind": "pipeline" if self.is_pipeline else "task",
+            "state": state, "submitted_at": self.submitted_at,
+            "stages": {s.pop("name"): s for s in stages}}
+        failed = next(((name, s) for name, s in report["stages"].items()
+                       if s["state"] in (states.FAILURE, states.REVOKED)), None)
+        if failed is not None and state in ("FAILURE", "CANCELLED", "CANCELLING"):
+            report["failed_stage"] = failed[0]
+            report["error"] = failed[1].get("error")
+        if self.warnings:
+            report["warnings"] = self.warnings
+        return report
+
+    # -- waiting --------------------------------------------------------------
+    def wait(self, timeout: float | None = None, progress: bool = False,
+             interval_s: float = DEFAULT_POLL_INTERVAL_S, stream: IO[str] | None = None) -> dict[str, Any]:
+        """Block until every stage succeeded; return ``{stage_name: result}``.
+
+        Raises ``PipelineError`` naming the failed stage and its error (or saying it
+        was cancelled) and ``TimeoutError`` after ``timeout`` seconds. ``progress``
+        shows each stage's progress on ``stream`` (default stderr) while waiting.
+        """
+        report = self.follow(timeout=timeout, progress=progress, interval_s=interval_s, stream=stream)
+        return self.results_of(report)
+
+    def follow(self, timeout: float | None = None, progress: bool = False,
+               interval_s: float = DEFAULT_POLL_INTERVAL_S, stream: IO[str] | None = None) -> dict[str, Any]:
+        """Like ``wait`` but returns the final status report instead of raising on failure."""
+        from pipelines.display import ProgressDisplay
+
+        display = ProgressDisplay(stream) if progress else None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                report = self.status()
+                if display is not None:
+                    display.update(report)
+                if report["state"] in FINAL_PIPELINE_STATES:
+                    return report
+                if deadline is not None and time.monotonic() > deadline:
+                    summary = ", ".join(f"{n}={s['state']}" for n, s in report["stages"].items())
+                    raise TimeoutError(f"pipeline {self.id} did not finish within {timeout}s ({summary})")
+                time.sleep(interval_s)
+        finally:
+            if display is not None:
+                display.close()
+
+    def results_of(self, report: dict[str, Any]) -> dict[str, Any]:
+        if report["state"] == "SUCCESS":
+            return {name: stage["result"] for name, stage in report["stages"].items()}
+        stage = report.get("failed_stage")
+        if report["state"] == "FAILURE":
+            raise PipelineError(self.id, f"stage {stage!r} failed: {report.get('error')}", stage=stage)
+        if report["state"] == "CANCELLED":
+            raise PipelineError(self.id, "cancelled" + (f" (stage {stage!r} was stopped)" if stage else ""),
+                                stage=stage)
+        raise PipelineError(self.id, f"not finished: {report['state']}")
+
+    # -- cancelling -----------------------------------------------------------
+    def cancel(self) -> dict[str, Any]:
+        """Stop the running stage cooperatively; later stages never start.
+
+        Every unfinished stage gets the cancel flag (the running one stops at its
+        next step; one that is about to start sees it and ends REVOKED before doing
+        anything) and its task id is revoked, so a worker that receives it drops it.
+        A finished pipeline is left as it is.
+        """
+        report = self.status()
+        if report["state"] in FINAL_PIPELINE_STATES:
+            return report
+        client = get_redis()
+        unfinished = [s["task_id"] for s in report["stages"].values() if s["state"] != states.SUCCESS]
+        if self.is_pipeline:
+            client.hset(keys.pipeline(self.id), "cancelled_at", utc_now_iso())
+        for task_id in unfinished:
+            request_cancel(task_id, client)
+        pending = [s["task_id"] for s in report["stages"].values()
+                   if s["state"] in (states.PENDING, "SKIPPED")]
+        if pending:
+            _celery_app().control.revoke(pending)
+        return self.status()
+
+
+
+def cancel_any(some_id: str, client: redis.Redis | None = None) -> dict[str, Any]:
+    """Cancel a pipeline by its id or a stage's task id (the whole pipeline), or a single task.
+
+    A single task still waiting in its queue has no record yet; it is asked to stop
+    anyway (cancel flag + revoke), so it ends REVOKED instead of running.
+    """
+    client = client or get_redis()
+    try:
+        run = PipelineRun.find(some_id, client)
+    except PipelineError:
+        from tasks.control import cancel_task
+
+        cancel_task(some_id)
+        return {"id": some_id, "kind": "task", "state": states.PENDING, "stages": {},
+                "note": "no record of this id yet: if it is a queued task it will end REVOKED without running"}
+    return run.cancel()

@@ -1,0 +1,279 @@
+"""Pipeline templates (pure): a document → validated stages, ready to become a chain.
+
+A document is ``{apiVersion, kind, metadata, spec}`` (DESIGN §5) or a bare task
+spec. ``spec.stages: [{name, spec, tags?, runOn?}]`` lists the stages; each
+stage's ``spec`` is merged over the shared ``spec`` (everything but ``stages``)
+as a JSON Merge Patch (RFC 7386: mappings merge key by key, anything else
+replaces, ``null`` removes the shared field). A spec without ``stages`` is a
+one-stage pipeline whose stage is named after its ``taskType``.
+
+Validation happens here, before anything is sent: stage names, ``runOn``,
+``${...}`` references (unknown or later stages) and every merged stage spec
+(``tasks.spec``). A field whose value holds a stage reference cannot be
+type-checked until the worker resolves it, so errors at such fields are left to
+the worker's own check; every other field is checked now.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from app.errors import SpecError
+from app.settings import NAME_RE
+from pipelines.references import (
+    PREVIOUS_STAGE,
+    FieldPath,
+    check_stage_references,
+    expand_env,
+    find_references,
+    format_location,
+)
+from tasks.spec import DATA_MODELS, TASK_TYPES, TaskSpec, error_messages, spec_error_from_messages
+
+DOCUMENT_FIELDS = ("apiVersion", "kind", "metadata", "spec")
+STAGE_FIELDS = ("name", "spec", "tags", "runOn")
+RUN_ON_FIELDS = ("stage",)
+# Routing is decided at submission, so these fields cannot wait for a stage result.
+NO_REFERENCE_FIELDS = ("taskType", "tags")
+
+
+@dataclass(frozen=True)
+class StageTemplate:
+    """One stage: its merged spec (stage references still unresolved) and placement."""
+
+    name: str
+    index: int
+    spec: dict[str, Any]
+    run_on: str | None = None
+    location: str = "spec"  # where this stage's own fields live in the document
+
+    @property
+    def task_type(self) -> str:
+        return str(self.spec["taskType"])
+
+    @property
+    def tags(self) -> list[str]:
+        return sorted(set(self.spec.get("tags") or []))
+
+
+@dataclass(frozen=True)
+class PipelineTemplate:
+    name: str
+    document: dict[str, Any]
+    stages: tuple[StageTemplate, ...]
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [stage.name for stage in self.stages]
+
+
+def load_document(text: str | bytes, source: str = "document") -> dict[str, Any]:
+    """Parse YAML or JSON (JSON is YAML) into a mapping; ``source`` names it in errors."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(source, f"not valid YAML or JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise SpecError(source, f"must be a mapping, got {type(document).__name__}")
+    return document
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(str(path), f"cannot read: {exc.strerror or exc}") from None
+    return load_document(text, str(path))
+
+
+def deep_merge(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON Merge Patch (RFC 7386) of ``patch`` over ``base``; neither is modified."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        elif isinstance(value, Mapping):
+            merged[key] = deep_merge({}, value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def normalise_document(raw: Any) -> dict[str, Any]:
+    """A full document, or a bare spec wrapped as ``{"spec": ...}``; unknown keys are errors."""
+    if not isinstance(raw, Mapping):
+        raise SpecError("document", f"must be a mapping, got {type(raw).__name__}")
+    if "spec" not in raw and ("taskType" in raw or "stages" in raw):
+        raw = {"spec": raw}
+    for key in raw:
+        if key not in DOCUMENT_FIELDS:
+            raise SpecError(str(key), f"unknown field (expected {', '.join(DOCUMENT_FIELDS)})")
+    if "spec" not in raw:
+        raise SpecError("spec", "required")
+    if not isinstance(raw["spec"], Mapping):
+        raise SpecError("spec", f"must be a mapping, got {type(raw['spec']).__name__}")
+    for key in ("apiVersion", "kind"):
+        if key in raw and not isinstance(raw[key], str):
+            raise SpecError(key, "must be a string")
+    metadata = raw.get("metadata") or {}
+    if not isinstance(metadata, Mapping):
+        raise SpecError("metadata", "must be a mapping")
+    if "name" in metadata and not isinstance(metadata["name"], str):
+        raise SpecError("metadata.name", "must be a string")
+    try:
+        json.dumps(raw, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise SpecError("document", f"must be plain JSON data (strings, numbers, lists, mappings): {exc}") \
+            from None
+    return copy.deepcopy(dict(raw))
+
+
+def parse_pipeline(raw: Any, env: Mapping[str, str] | None = None,
+                   expand_environment: bool = True) -> PipelineTemplate:
+    """Validate a document and return its stages; raises ``SpecError`` naming the field.
+
+    ``${env:NAME}`` is expanded from ``env`` (default ``os.environ``); with
+    ``expand_environment=False`` (the HTTP server) environment references are errors.
+    """
+    try:
+        return _parse_pipeline(raw, env, expand_environment)
+    except RecursionError:
+        raise SpecError("document", "nested too deeply") from None
+
+
+def _parse_pipeline(raw: Any, env: Mapping[str, str] | None, expand_environment: bool) -> PipelineTemplate:
+    document = normalise_document(raw)
+    document = expand_env(document, (os.environ if env is None else env) if expand_environment else None, "")
+    spec = document["spec"]
+    shared = {key: value for key, value in spec.items() if key != "stages"}
+    if "stages" not in spec:
+        name = str(shared.get("taskType") or "task")
+        stages_raw: list[Any] = [{"name": name if NAME_RE.match(name) else "task", "spec": {}}]
+        plain = True
+    else:
+        stages_raw = spec["stages"]
+        plain = False
+        if not isinstance(stages_raw, list) or not stages_raw:
+            raise SpecError("spec.stages", "must be a non-empty list of stages")
+    names = _stage_names(stages_raw) if not plain else [stages_raw[0]["name"]]
+    stages = []
+    for index, stage_raw in enumerate(stages_raw):
+        location = "spec" if plain else f"spec.stages[{index}]"
+        for key in stage_raw:
+            if key not in STAGE_FIELDS:
+                raise SpecError(f"{location}.{key}", f"unknown field (expected {', '.join(STAGE_FIELDS)})")
+        stage_spec = stage_raw.get("spec", {})
+        if stage_spec is None:
+            stage_spec = {}
+        if not isinstance(stage_spec, Mapping):
+            raise SpecError(f"{location}.spec", "must be a mapping")
+        merged = deep_merge(shared, stage_spec)
+        spec_location = location if plain else f"{location}.spec"
+        if "tags" in stage_raw:
+            tags = stage_raw["tags"]
+            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+                raise SpecError(f"{location}.tags", "must be a list of tags")
+            merged["tags"] = tags
+        run_on = _run_on(stage_raw.get("runOn"), f"{location}.runOn", names, index)
+        stage = StageTemplate(names[index], index, merged, run_on, spec_location)
+        _validate_stage(stage, stage_spec, shared, names, plain)
+        stages.append(stage)
+    metadata = document.get("metadata") or {}
+    return PipelineTemplate(str(metadata.get("name") or names[0]), document, tuple(stages))
+
+
+def _stage_names(stages_raw: list[Any]) -> list[str]:
+    names: list[str] = []
+    for index, stage in enumerate(stages_raw):
+        where = f"spec.stages[{index}]"
+        if not isinstance(stage, Mapping):
+            raise SpecError(where, f"must be a mapping with name and spec, got {type(stage).__name__}")
+        name = stage.get("name")
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise SpecError(f"{where}.name", f"{name!r} is not 1-64 characters of [A-Za-z0-9_-]")
+        if name == PREVIOUS_STAGE:
+            raise SpecError(f"{where}.name", f"{name!r} is reserved: ${{stage.result...}} means the previous stage")
+        if name in names:
+            raise SpecError(f"{where}.name", f"duplicate stage name {name!r} (also spec.stages[{names.index(name)}])")
+        names.append(name)
+    return names
+
+
+def _run_on(raw: Any, where: str, names: list[str], index: int) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) or set(raw) != set(RUN_ON_FIELDS):
+        raise SpecError(where, "must be {stage: <name of an earlier stage>}")
+    target = raw["stage"]
+    if target == PREVIOUS_STAGE and index > 0:
+        return names[index - 1]
+    if target not in names:
+        raise SpecError(f"{where}.stage", f"unknown stage {target!r} (stages: {', '.join(names)})")
+    if names.index(target) >= index:
+        raise SpecError(f"{where}.stage", f"stage {target!r} does not run before this stage")
+    return str(target)
+
+
+def _has_path(value: Any, path: FieldPath) -> bool:
+    for key in path:
+        if isinstance(value, Mapping) and str(key) in value:
+            value = value[str(key)]
+        elif isinstance(value, list) and isinstance(key, int) and 0 <= key < len(value):
+            value = value[key]
+        else:
+            return False
+    return True
+
+
+def _validate_stage(stage: StageTemplate, own_spec: Mapping[str, Any], shared: Mapping[str, Any],
+                    names: list[str], plain: bool) -> None:
+    """References first, then the merged spec with reference-holding fields left to the worker."""
+
+    def locate(path: FieldPath) -> str:
+        # A field the stage inherits is named in the shared spec; anything else, in the stage.
+        inherited = not plain and not _has_path(own_spec, path) and _has_path(shared, path)
+        return format_location("spec" if inherited else stage.location, path)
+
+    refs = find_references(stage.spec, locate)
+    for path, where, ref in refs:
+        if path and path[0] in NO_REFERENCE_FIELDS:
+            raise SpecError(where, f"{ref.text}: references are not allowed in {path[0]} "
+                                   "(routing is decided at submission)")
+    check_stage_references(refs, names, stage.index)
+    ref_paths = {".".join(map(str, path)) for path, _, _ in refs}
+
+    def held_by_reference(dotted: str) -> bool:
+        return any(dotted == p or dotted.startswith(p + ".") for p in ref_paths)
+
+    errors: list[Any] = []
+    try:
+        TaskSpec.model_validate(stage.spec)
+    except ValidationError as exc:
+        errors.extend(exc.errors())
+    messages = [(path, msg) for path, msg in error_messages(errors, "") if not held_by_reference(path)]
+    task_type = stage.spec.get("taskType")
+    data_model = DATA_MODELS.get(task_type) if isinstance(task_type, str) else None
+    if data_model is not None and isinstance(stage.spec.get("data"), Mapping):
+        try:
+            data_model.model_validate(stage.spec["data"])
+        except ValidationError as exc:
+            messages += [(path, msg) for path, msg in error_messages(exc.errors(), "data")
+                         if not held_by_reference(path)]
+    if messages:
+        located = [(locate(tuple(int(p) if p.isdigit() else p for p in path.split(".")) if path else ()), msg)
+                   for path, msg in messages]
+        raise spec_error_from_messages(located, stage.location)
+    if not isinstance(task_type, str) or task_type not in TASK_TYPES:  # pragma: no cover (the model checks)
+        raise SpecError(f"{stage.location}.taskType", "required")

@@ -1,0 +1,379 @@
+"""The inference task: batched Hugging Face generation with a warm model cache.
+
+``InferenceExecutor.run`` reads the prompts (``data: {type: list, items}`` or a
+dataset), renders them (``system_prompt``, chat template), tokenizes them once,
+sorts them by length and generates in micro-batches with left padding; results
+come back in input order. With ``do_sample: false`` every output is exactly what
+``model.generate`` gives for that prompt alone: each row's attention mask and
+position ids ignore its padding, and the transformers Llama-style models give the
+same tokens batched or not (the tests check it on prompts of very different
+lengths). Usage counts real tokens only, never padding.
+
+The model comes from the worker's ``ModelCache`` (``tasks/models.py``): the second
+task on the same model skips loading; ``model_cache`` in the result says whether
+it was a hit, how long loading took and how many loads the process has done.
+
+torch and transformers are imported inside functions only: the worker's parent
+process imports this module and must never import them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from app.celery import app
+from app.errors import SpecError
+from tasks.base import MeshqTask, register_executor
+from tasks.data import column, read_records
+from tasks.models import (
+    CHECKPOINT_FIELD,
+    MODEL_CACHE,
+    LoadedModel,
+    ModelCache,
+    check_model_dir,
+    is_adapter_dir,
+)
+from tasks.progress import Progress
+from tasks.spec import CheckpointLoad, InferenceOptions, TaskSpec
+
+log = logging.getLogger(__name__)
+
+# Automatic batch size: rows per batch are capped by a token budget (prompt + new
+# tokens of the longest row), so long prompts get smaller batches.
+CPU_MAX_BATCH = 32
+CPU_TOKEN_BUDGET = 16_384
+CUDA_MAX_BATCH = 256
+CUDA_MEMORY_FRACTION = 0.5  # of free GPU memory, for the KV cache of one batch
+
+
+# -- pure helpers ------------------------------------------------------------------------
+def plan_batches(lengths: Sequence[int], max_new_tokens: int, batch_size: int | None = None,
+                 *, max_batch: int = CPU_MAX_BATCH, token_budget: int = CPU_TOKEN_BUDGET,
+                 ) -> list[list[int]]:
+    """Indices of the prompts in each micro-batch, longest prompts first.
+
+    A fixed ``batch_size`` gives batches of that many rows; without one a batch grows
+    while ``rows × (longest prompt + max_new_tokens)`` fits ``token_budget`` and it
+    has at most ``max_batch`` rows. Sorting by length keeps padding small.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if batch_size is not None:
+        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        # The first row of a batch is its longest (descending order).
+        longest = lengths[current[0]] if current else lengths[index]
+        if current and (len(current) >= max_batch
+                        or (len(current) + 1) * (longest + max_new_tokens) > token_budget):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the earliest stop string (excluded), and whether one was found."""
+    cut = min((pos for pos in (text.find(s) for s in stops if s) if pos >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def render_prompts(prompts: Sequence[str], options: InferenceOptions, tokenizer: Any,
+                   identifier: str) -> tuple[list[str], bool]:
+    """Prompts as the model sees them; ``True`` when a chat template rendered them.
+
+    Without a chat template a ``system_prompt`` is put before each prompt, separated
+    by a blank line. ``chat_template: true`` uses the tokenizer's template, a string
+    is a Jinja template used instead.
+    """
+    template = options.chat_template
+    if template is None or template is False:
+        if options.system_prompt:
+            return [f"{options.system_prompt}\n\n{p}" for p in prompts], False
+        return list(prompts), False
+    field = "spec.inference.chat_template"
+    if template is True and not getattr(tokenizer, "chat_template", None):
+        raise SpecError(field, f"true, but the tokenizer of {identifier!r} has no chat template; "
+                               "give a Jinja template string instead")
+    rendered = []
+    for prompt in prompts:
+        messages = ([{"role": "system", "content": options.system_prompt}] if options.system_prompt
+                    else []) + [{"role": "user", "content": prompt}]
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True,
+                chat_template=template if isinstance(template, str) else None)
+        except Exception as exc:  # jinja2 errors, missing roles, ...
+            raise SpecError(field, f"cannot render the chat template: {type(exc).__name__}: {exc}") from None
+        rendered.append(str(text))
+    return rendered, True
+
+
+# -- data --------------------------------------------------------------------------------
+def load_prompts(spec: TaskSpec, out_dir: Path) -> list[str]:
+    """The prompts of ``spec.data`` (a list, a local table file, a cached dataset or a url)."""
+    data = spec.inference_data()
+    if data.type == "list":
+        return list(data.items or [])
+    if data.url:
+        field = "spec.data.url"
+        path = str(_download_data(data.url, out_dir))
+    else:
+        field = "spec.data.path"
+        path = str(data.path)
+    rows = read_records(path, field=field, split=data.split, name=data.name)
+    if not rows:
+        raise SpecError(field, f"{path!r} has no rows")
+    return column(rows, data.column, "spec.data.column")
+
+
+def _download_data(url: str, out_dir: Path) -> Path:
+    from app.artifacts import download_file
+
+    if not url.startswith(("http://", "https://")):
+        raise SpecError("spec.data.url", f"{url!r} is not an http(s) URL")
+    return download_file(url, out_dir / "inputs")
+
+
+# -- checkpoints -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CheckpointDirs:
+    model_dir: Path | None = None    # a full fine-tuned model used instead of the base
+    adapter_dir: Path | None = None  # a peft adapter on top of the model
+
+
+def resolve_checkpoint(load: CheckpointLoad | None, out_dir: Path) -> CheckpointDirs:
+    """Local directory of ``spec.checkpoint.load`` and whether it is an adapter or a model.
+
+    A local directory is used in place; an archive (local or http) is fetched,
+    verified and unpacked by ``app.artifacts`` into the worker's checkpoint cache.
+    """
+    if load is None:
+        return CheckpointDirs()
+    if load.type == "local" and not Path(str(load.path)).expanduser().exists():
+        raise SpecError(CHECKPOINT_FIELD, f"{str(load.path)!r} does not exist")
+    from app.artifacts import fetch_checkpoint
+
+    directory = Path(fetch_checkpoint(load, out_dir)).resolve()
+    if is_adapter_dir(directory):
+        return CheckpointDirs(adapter_dir=directory)
+    if (directory / "config.json").is_file():
+        return CheckpointDirs(model_dir=check_model_dir(directory, CHECKPOINT_FIELD))
+    raise SpecError(CHECKPOINT_FIELD, f"{str(directory)!r} is neither a LoRA adapter "
+                                      "(adapter_config.json) nor a model directory (config.json)")
+
+
+# -- generation --------------------------------------------------------------------------
+@cache
+def _stop_criteria_class() -> Any:
+    """A transformers ``StoppingCriteria`` that ends a row once its new text holds a stop string."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class StopOnStrings(StoppingCriteria):  # type: ignore[misc]
+        def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_len: int) -> None:
+            self.tokenizer = tokenizer
+            self.stops = [s for s in stops if s]
+            self.prompt_len = prompt_len
+            # A stop string of n bytes spans at most n tokens; a few more for split characters.
+            self.window = max(len(s.encode("utf-8")) for s in self.stops) + 4
+            self.stopped_at: dict[int, int] = {}  # row → number of new tokens when it stopped
+
+        def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
+            length = input_ids.shape[1]
+            start = max(self.prompt_len, length - self.window)
+            flags = []
+            for row, tail_ids in enumerate(input_ids[:, start:].tolist()):  # one device→host copy
+                if row not in self.stopped_at:
+                    tail = self.tokenizer.decode(tail_ids, skip_special_tokens=True)
+                    if any(s in tail for s in self.stops):
+                        self.stopped_at[row] = length - self.prompt_len
+                flags.append(row in self.stopped_at)
+            return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+
+    return StopOnStrings
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return {int(e) for e in eos} if isinstance(eos, list | tuple) else {int(eos)}
+
+
+def _auto_limits(loaded: LoadedModel) -> tuple[int, int]:
+    """(max rows, token budget) of a batch when ``batch_size`` is not given."""
+    import torch
+
+    model = loaded.model
+    device = model.device
+    if device.type != "cuda":
+        return CPU_MAX_BATCH, CPU_TOKEN_BUDGET
+    config = model.config
+    layers = int(getattr(config, "num_hidden_layers", 32))
+    heads = int(getattr(config, "num_attention_heads", 32))
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    kv_bytes_per_token = 2 * layers * kv_heads * head_dim * model.dtype.itemsize
+    free_bytes, _total = torch.cuda.mem_get_info(device)
+    budget = int(free_bytes * CUDA_MEMORY_FRACTION // max(kv_bytes_per_token, 1))
+    return CUDA_MAX_BATCH, max(budget, 1)
+
+
+class InferenceExecutor:
+    """Runs ``taskType: inference``; one per worker process, so its model cache stays warm."""
+
+    def __init__(self, cache: ModelCache | None = None) -> None:
+        self.cache = cache or MODEL_CACHE
+
+    def run(self, spec: TaskSpec, out_dir: Path, progress: Progress) -> dict[str, Any]:
+        started = time.monotonic()
+        if spec.model is None:
+            raise SpecError("spec.model", "required for taskType 'inference'")
+        options = spec.inference or InferenceOptions()
+        prompts = load_prompts(spec, out_dir)
+        data_field = "spec.data.items" if spec.inference_data().type == "list" else "spec.data.column"
+        if not (options.system_prompt or options.chat_template):  # cheap checks before any loading
+            empty = next((i for i, p in enumerate(prompts) if not p), None)
+            if empty is not None:
+                raise SpecError(data_field, f"prompt {empty} is empty")
+        checkpoint = resolve_checkpoint(spec.checkpoint.load if spec.checkpoint else None, out_dir)
+        key = self.cache.key_for(spec.model, model_dir=checkpoint.model_dir,
+                                 adapter_dir=checkpoint.adapter_dir)
+        loaded, hit = self.cache.get(key)
+        tokenizer = loaded.tokenizer
+        texts, templated = render_prompts(prompts, options, tokenizer, spec.model.source.identifier)
+        encoded = tokenizer(texts, add_special_tokens=not templated)["input_ids"]
+        self._check_lengths(encoded, options, loaded, data_field)
+
+        total = len(prompts)
+        if options.batch_size is not None:
+            batches = plan_batches([len(ids) for ids in encoded], options.max_new_tokens, options.batch_size)
+        else:
+            max_batch, budget = _auto_limits(loaded)
+            batches = plan_batches([len(ids) for ids in encoded], options.max_new_tokens,
+                                   max_batch=max_batch, token_budget=budget)
+        if options.seed is not None:
+            import torch
+
+            torch.manual_seed(options.seed)
+
+        items: list[dict[str, Any] | None] = [None] * total
+        prompt_tokens = completion_tokens = done = 0
+        generate_s = 0.0
+        progress(done=0, total=total, tokens_per_s=0.0, force=True)
+        for number, batch in enumerate(batches, 1):
+            progress.check_cancelled(f"after {done} of {total} prompts")
+            batch_started = time.monotonic()
+            outputs = self._generate([encoded[i] for i in batch], options, loaded)
+            generate_s += time.monotonic() - batch_started
+            for index, (text, reason, n_new) in zip(batch, outputs, strict=True):
+                items[index] = {"index": index, "prompt": prompts[index], "output": text,
+                                "finish_reason": reason}
+                prompt_tokens += len(encoded[index])
+                completion_tokens += n_new
+            done += len(batch)
+            progress(done=done, total=total, tokens_per_s=round(completion_tokens / max(generate_s, 1e-9), 2),
+                     batch=number, batches=len(batches), force=number == len(batches))
+
+        latency_s = time.monotonic() - started
+        device = loaded.model.device
+        return {
+            "items": items,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens, "num_requests": total,
+                      "latency_sec": round(latency_s, 4)},
+            "tokens_per_s": round(completion_tokens / max(generate_s, 1e-9), 2),
+            "generate_sec": round(generate_s, 4),
+            "batches": len(batches),
+            "max_batch_size": max(len(b) for b in batches),
+            "model": {"identifier": spec.model.source.identifier, "revision": spec.model.source.revision,
+                      "path": key.weights_dir, "adapter": key.adapter_dir,
+                      "dtype": str(loaded.model.dtype).removeprefix("torch."), "device": str(device)},
+            "model_cache": {"hit": hit, "load_sec": round(0.0 if hit else loaded.load_s, 4),
+                            "loads": self.cache.stats.loads, "hits": self.cache.stats.hits},
+        }
+
+    @staticmethod
+    def _check_lengths(encoded: Sequence[Sequence[int]], options: InferenceOptions,
+                       loaded: LoadedModel, data_field: str) -> None:
+        for index, ids in enumerate(encoded):
+            if not ids:
+                raise SpecError(data_field, f"prompt {index} is empty (no tokens)")
+        context = getattr(loaded.model.config, "max_position_embeddings", None)
+        if context:
+            longest = max(range(len(encoded)), key=lambda i: len(encoded[i]))
+            if len(encoded[longest]) + options.max_new_tokens > context:
+                raise SpecError("spec.inference.max_new_tokens",
+                                f"prompt {longest} has {len(encoded[longest])} tokens; with "
+                                f"max_new_tokens={options.max_new_tokens} it exceeds the model's "
+                                f"context of {context} tokens")
+
+    @staticmethod
+    def _generate(rows: Sequence[Sequence[int]], options: InferenceOptions,
+                  loaded: LoadedModel) -> list[tuple[str, str, int]]:
+        """``(output text, finish_reason, new tokens)`` for each row of one micro-batch."""
+        import torch
+
+        model, tokenizer = loaded.model, loaded.tokenizer
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, ids in enumerate(rows):  # left padding: every row ends where generation starts
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids):] = 1
+        kwargs: dict[str, Any] = {"max_new_tokens": options.max_new_tokens, "do_sample": options.do_sample,
+                                  "pad_token_id": pad_id}
+        if options.do_sample:
+            kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
+        if options.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = options.repetition_penalty
+        eos = _eos_ids(model, tokenizer)
+        if not getattr(model.generation_config, "eos_token_id", None) and eos:
+            kwargs["eos_token_id"] = sorted(eos)
+        stops = [s for s in options.stop if s]
+        criteria = _stop_criteria_class()(tokenizer, stops, width) if stops else None
+        if criteria is not None:
+            kwargs["stopping_criteria"] = [criteria]
+        with torch.inference_mode():
+            output = model.generate(input_ids=input_ids.to(model.device),
+                                    attention_mask=attention_mask.to(model.device), **kwargs)
+        new_tokens = output[:, width:].tolist()
+        results = []
+        for row, tokens in enumerate(new_tokens):
+            # HF fills a finished row with pad tokens: only what came before its end counts.
+            end = len(tokens)
+            if criteria is not None and row in criteria.stopped_at:
+                end = min(end, criteria.stopped_at[row])
+            eos_at = next((i for i, t in enumerate(tokens[:end]) if t in eos), None)
+            if eos_at is not None:
+                end = eos_at + 1
+            # Decoded as ``tokenizer.decode(generate(...)[0, prompt_len:], skip_special_tokens=True)``
+            # would: the eos token is special (and dropped) in every real tokenizer.
+            text = tokenizer.decode(tokens[:end], skip_special_tokens=True)
+            text, stopped = cut_at_stop(text, stops)
+            reason = "stop" if stopped or eos_at is not None else "length"
+            results.append((text, reason, end))
+        return results
+
+
+register_executor("inference", InferenceExecutor)
+
+
+class InferenceTask(MeshqTask):
+    name = "meshq.inference"
+    task_type = "inference"
+
+
+inference = app.register_task(InferenceTask())

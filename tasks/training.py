@@ -1,0 +1,364 @@
+"""Training executors (full SFT and LoRA) on transformers' ``Trainer``, and their Celery tasks.
+
+``SFTExecutor`` fine-tunes every weight and writes ``final_model/``;
+``LoRASFTExecutor`` trains a peft LoRA adapter and writes ``final_lora/``. Both:
+
+* read examples from ``spec.data`` (see ``tasks.training_data``: loss on the
+  response only, eos appended so generation stops after the answer);
+* start from ``spec.model.source``, or from ``spec.checkpoint.load`` — a full model
+  directory (trained from), or a LoRA adapter (LoRA: trained further; SFT: merged
+  into the base first);
+* save a checkpoint every ``save_steps`` in ``<task dir>/checkpoints/`` and, when
+  the same task id runs again (redelivery after a worker died), resume from the
+  latest one (``resumed_from_step`` in the result);
+* report progress every step and stop at the next step when the task is cancelled
+  (``TaskCancelled`` → the task ends REVOKED, "cancelled at step N");
+* save ``final_*/`` with the tokenizer, archive it (``output.archive_format``) with
+  its sha256, and return the DESIGN §6 fields plus metrics. Uploading the archive
+  for an ``http`` destination is the result hook's job (``tasks.delivery``).
+
+Settings that make the ~1M-parameter test model memorise short answers exactly
+(greedy generation of the prompt then gives ``separator + answer``), in ~100-150
+CPU steps, a few seconds to ~30 s on two busy cores:
+
+    training: {learning_rate: 5.0e-3, lr_scheduler_type: constant, max_steps: 150,
+               batch_size: <number of pairs>, save_steps: 1000}
+    lora: {r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear}
+
+Adding ``modules_to_save: [norm]`` (train the RMSNorm scales too) gets there in
+~100 steps: a random tiny model's logits are bounded by its norm scales, which
+LoRA alone cannot change. ``tests/test_training.py`` checks these settings.
+
+Nothing here imports torch, transformers or peft at module level: the worker's
+parent process imports ``tasks`` and must stay free of them.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from app.archive import make_archive
+from app.celery import app
+from app.errors import ExecutorError, SpecError, TaskCancelled
+from tasks.base import MeshqTask, register_executor
+from tasks.progress import Progress
+from tasks.spec import LoraOptions, TaskSpec, TrainingOptions
+from tasks.training_data import PaddingCollator, load_examples, tokenize_examples
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_DIRNAME = "checkpoints"
+LOSS_HISTORY_POINTS = 50  # loss_history in the result is sampled down to about this many points
+TRAINING_LOG = "logs/training_log.jsonl"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def last_checkpoint(checkpoints_dir: Path) -> tuple[Path, int] | None:
+    """The newest complete ``checkpoint-<step>`` directory and its step, if any."""
+    if not checkpoints_dir.is_dir():
+        return None
+    found = []
+    for path in checkpoints_dir.iterdir():
+        name = path.name
+        if path.is_dir() and name.startswith("checkpoint-") and name[11:].isdigit():
+            if (path / "trainer_state.json").is_file():  # written last: the checkpoint is complete
+                found.append((int(name[11:]), path))
+    if not found:
+        return None
+    step, path = max(found)
+    return path, step
+
+
+def sample_history(points: list[tuple[int, float]], limit: int = LOSS_HISTORY_POINTS) -> list[list[float]]:
+    """At most about ``limit`` evenly spaced ``[step, loss]`` points, always with the last one."""
+    if len(points) <= limit:
+        chosen = points
+    else:
+        stride = len(points) / limit
+        chosen = [points[int(i * stride)] for i in range(limit)]
+        if chosen[-1] != points[-1]:
+            chosen.append(points[-1])
+    return [[step, round(loss, 6)] for step, loss in chosen]
+
+
+def training_arguments(options: TrainingOptions, checkpoints_dir: Path, device: str) -> Any:
+    """The ``TrainingArguments`` meshq trains with (also used by ``bench/training.py``'s plain script)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(checkpoints_dir),
+        per_device_train_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.gradient_accumulation_steps,
+        num_train_epochs=options.num_train_epochs,
+        max_steps=options.max_steps or -1,
+        learning_rate=options.learning_rate,
+        lr_scheduler_type=options.lr_scheduler_type,
+        warmup_steps=options.warmup_steps,
+        weight_decay=options.weight_decay,
+        logging_steps=options.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=options.save_steps,
+        save_total_limit=options.save_total_limit,
+        seed=options.seed,
+        bf16=options.bf16,
+        fp16=options.fp16,
+        use_cpu=device == "cpu",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
+
+
+class TrainingExecutor:
+    """Shared training flow; subclasses decide how the model is built and what is saved."""
+
+    kind = "model"  # final_<kind>/ and final_<kind>_* result fields
+
+    def run(self, spec: TaskSpec, out_dir: Path, progress: Progress) -> dict[str, Any]:
+        import torch
+        from transformers import Trainer
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+        from transformers.utils import logging as hf_logging
+
+        from tasks import models
+        from tasks.trainer_callbacks import MeshqProgressCallback
+
+        hf_logging.disable_progress_bar()
+        started = time.monotonic()
+        options = spec.training or TrainingOptions()
+        if spec.model is None:  # the spec validator requires it; this keeps mypy honest
+            raise SpecError("spec.model", "required for training")
+        device = self._device(spec, options)
+        progress.check_cancelled("before loading the model")
+
+        data = spec.training_data()
+        data_file = None
+        if data.url and not data.prompts:
+            from app.artifacts import download_file
+
+            data_file = str(download_file(data.url, out_dir / "inputs"))
+        examples = load_examples(data, data_file)
+
+        base_dir = models.resolve_model_dir(spec.model.source.identifier, spec.model.source.revision)
+        init_dir, init_kind = self._initial_checkpoint(spec, out_dir)
+        tokenizer_dir = init_dir if init_dir is not None and _has_tokenizer(init_dir) else base_dir
+        tokenizer = models.load_tokenizer(tokenizer_dir, trust_remote_code=spec.model.transformers.trust_remote_code)
+        if tokenizer.pad_token_id is None:
+            raise ExecutorError(f"{tokenizer_dir}: the tokenizer has neither a pad nor an eos token",
+                                path=str(tokenizer_dir))
+        rows = tokenize_examples(examples, tokenizer, options.max_seq_length)
+
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        model = self.build_model(spec, base_dir, init_dir, init_kind, options)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+
+        checkpoints = out_dir / CHECKPOINTS_DIRNAME
+        resume = last_checkpoint(checkpoints)
+        resumed_from_step = resume[1] if resume else 0
+        if resume:
+            log.info("resuming %s from %s (step %d)", progress.task_id, resume[0], resumed_from_step)
+
+        args = training_arguments(options, checkpoints, device)
+        callback = MeshqProgressCallback(progress)
+        trainer = Trainer(model=model, args=args, train_dataset=rows,  # type: ignore[arg-type]
+                          data_collator=PaddingCollator(tokenizer.pad_token_id),
+                          processing_class=tokenizer, callbacks=[callback])
+        trainer.remove_callback(PrinterCallback)  # one stdout line per step; our callback logs instead
+        trainer.remove_callback(ProgressCallback)
+        try:
+            output = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+            if callback.cancelled_at_step is not None:
+                raise TaskCancelled(progress.task_id, f"at step {callback.cancelled_at_step}")
+            final_dir = self._save_final(trainer, tokenizer, out_dir)
+            history = list(trainer.state.log_history)
+            steps = trainer.state.global_step
+            max_steps = trainer.state.max_steps
+            epoch = float(trainer.state.epoch or 0.0)
+        finally:
+            peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+            del trainer, model
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+        archive = make_archive(final_dir, spec.output.archive_format)
+        _write_log(out_dir / TRAINING_LOG, history)
+        losses = [(int(entry["step"]), float(entry["loss"])) for entry in history if "loss" in entry]
+        train_runtime = float(output.metrics.get("train_runtime", 0.0))
+        run_steps = steps - resumed_from_step
+        kind = self.kind
+        result: dict[str, Any] = {
+            f"final_{kind}_path": str(final_dir),
+            f"final_{kind}_archive": str(archive.path),
+            f"final_{kind}_archive_sha256": archive.sha256,
+            f"final_{kind}_archive_bytes": archive.bytes,
+            f"final_{kind}_archive_format": archive.format,
+            "train_loss": round(float(output.training_loss), 6),
+            "loss_first": losses[0][1] if losses else None,
+            "loss_last": losses[-1][1] if losses else None,
+            "loss_history": sample_history(losses),
+            "steps": steps,
+            "total_steps": max_steps,
+            "epochs": round(epoch, 4),
+            "samples": len(rows),
+            "resumed_from_step": resumed_from_step,
+            "train_runtime_sec": round(train_runtime, 3),
+            "steps_per_second": round(run_steps / train_runtime, 4) if train_runtime > 0 else None,
+            "runtime_sec": round(time.monotonic() - started, 3),
+            "trainable_params": trainable,
+            "total_params": total,
+            "base_model": str(base_dir),
+            "init_checkpoint": str(init_dir) if init_dir is not None else None,
+            "device": device,
+            "precision": ("bf16" if options.bf16 else "fp16" if options.fp16
+                          else {"auto": "float32"}.get(spec.model.transformers.dtype, spec.model.transformers.dtype)),
+        }
+        if peak is not None:
+            result["peak_gpu_memory_bytes"] = int(peak)
+        return result
+
+    # -- pieces subclasses share or override ---------------------------------------------
+    @staticmethod
+    def _device(spec: TaskSpec, options: TrainingOptions) -> str:
+        import torch
+
+        assert spec.model is not None
+        requested = spec.model.transformers.device_map
+        has_cuda = torch.cuda.is_available()
+        if requested == "cuda" and not has_cuda:
+            raise SpecError("spec.model.transformers.device_map", "'cuda' requested but this worker has no CUDA device")
+        device = "cuda" if requested in ("cuda", "auto") and has_cuda else "cpu"
+        if options.fp16 and device != "cuda":
+            raise SpecError("spec.training.fp16", "fp16 mixed precision needs a CUDA device; use bf16 on CPU")
+        if options.bf16 and options.fp16:
+            raise SpecError("spec.training.bf16", "choose bf16 or fp16, not both")
+        return device
+
+    @staticmethod
+    def _initial_checkpoint(spec: TaskSpec, out_dir: Path) -> tuple[Path | None, str | None]:
+        load = spec.checkpoint.load if spec.checkpoint else None
+        if load is None:
+            return None, None
+        from app.artifacts import checkpoint_kind, fetch_checkpoint
+
+        directory = fetch_checkpoint(load, out_dir)
+        return directory, checkpoint_kind(directory)
+
+    @staticmethod
+    def load_causal_lm(directory: Path, spec: TaskSpec, field: str) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        from tasks import models
+
+        assert spec.model is not None
+        dtype_name = spec.model.transformers.dtype
+        dtype = "float32" if dtype_name == "auto" else dtype_name  # master weights in fp32 unless asked
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                str(directory), dtype=models.torch_dtype(dtype), local_files_only=True,
+                trust_remote_code=spec.model.transformers.trust_remote_code)
+        except Exception as exc:
+            raise ExecutorError(f"{field}: cannot load a causal LM from {str(directory)!r}: "
+                                f"{type(exc).__name__}: {exc}", path=str(directory)) from None
+
+    def build_model(self, spec: TaskSpec, base_dir: Path, init_dir: Path | None, init_kind: str | None,
+                    options: TrainingOptions) -> Any:
+        """Full fine-tuning: the base model, a full checkpoint, or the base with an adapter merged in."""
+        if init_kind == "model" and init_dir is not None:
+            return self.load_causal_lm(init_dir, spec, "spec.checkpoint.load")
+        model = self.load_causal_lm(base_dir, spec, "spec.model.source.identifier")
+        if init_kind == "lora" and init_dir is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(init_dir)).merge_and_unload()
+            model.requires_grad_(True)  # peft froze the base weights; full fine-tuning trains them all
+        return model
+
+    def _save_final(self, trainer: Any, tokenizer: Any, out_dir: Path) -> Path:
+        """Write ``final_<kind>/`` (weights + tokenizer) via a temporary directory and a rename."""
+        final_dir = out_dir / f"final_{self.kind}"
+        tmp = out_dir / f".final_{self.kind}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        trainer.save_model(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the result has the arguments
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        tmp.rename(final_dir)
+        return final_dir
+
+
+class SFTExecutor(TrainingExecutor):
+    """Full supervised fine-tuning: every weight trains; writes ``final_model/``."""
+
+    kind = "model"
+
+
+class LoRASFTExecutor(TrainingExecutor):
+    """LoRA fine-tuning with peft: only the adapter trains; writes ``final_lora/``."""
+
+    kind = "lora"
+
+    def build_model(self, spec: TaskSpec, base_dir: Path, init_dir: Path | None, init_kind: str | None,
+                    options: TrainingOptions) -> Any:
+        from peft import LoraConfig, PeftModel, get_peft_model
+        from transformers import set_seed
+
+        if init_kind == "lora" and init_dir is not None:  # continue training an earlier adapter
+            base = self.load_causal_lm(base_dir, spec, "spec.model.source.identifier")
+            try:
+                return PeftModel.from_pretrained(base, str(init_dir), is_trainable=True)
+            except Exception as exc:
+                raise ExecutorError(f"spec.checkpoint.load: cannot apply the adapter {str(init_dir)!r} to "
+                                    f"{str(base_dir)!r}: {type(exc).__name__}: {exc}", path=str(init_dir)) from None
+        source = init_dir if init_kind == "model" and init_dir is not None else base_dir
+        field = "spec.checkpoint.load" if source is init_dir else "spec.model.source.identifier"
+        base = self.load_causal_lm(source, spec, field)
+        lora = spec.lora or LoraOptions()
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+                            target_modules=lora.target_modules, modules_to_save=lora.modules_to_save,
+                            task_type=lora.task_type)
+        set_seed(options.seed)  # the adapter's initial weights
+        try:
+            return get_peft_model(base, config)
+        except ValueError as exc:  # e.g. target modules not found in the model
+            raise SpecError("spec.lora.target_modules", str(exc)) from None
+
+
+def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for entry in history:
+            fh.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
+register_executor("sft", SFTExecutor)
+register_executor("lora_sft", LoRASFTExecutor)
+
+
+class SFTTask(MeshqTask):
+    name = "meshq.sft"
+    task_type = "sft"
+
+
+class LoRASFTTask(MeshqTask):
+    name = "meshq.lora_sft"
+    task_type = "lora_sft"
+
+
+sft = app.register_task(SFTTask())
+lora_sft = app.register_task(LoRASFTTask())

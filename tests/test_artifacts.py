@@ -1,0 +1,342 @@
+"""Archives, safe unpacking, checkpoint fetching and uploads (real files, real HTTP servers)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import logging
+import os
+import stat
+import tarfile
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from app.archive import make_archive, safe_extract
+from app.artifacts import CheckpointCache, checkpoint_kind, fetch_checkpoint
+from app.download import download_file
+from app.errors import ArtifactError, SpecError
+from app.manifest import sha256_file
+from app.retry import RetryPolicy, with_retries
+from app.settings import reset_settings
+from app.upload import post_json, upload_file
+from tasks.spec import CheckpointLoad
+
+FAST = RetryPolicy(retries=2, backoff_s=0.05)
+
+
+def make_model_dir(root: Path, name: str = "final_lora", big_bytes: int = 0) -> Path:
+    model = root / name
+    (model / "sub").mkdir(parents=True)
+    (model / "adapter_config.json").write_text('{"r": 8}')
+    (model / "adapter_model.safetensors").write_bytes(os.urandom(2048))
+    (model / "sub" / "notes.txt").write_text("hello " * 100)
+    if big_bytes:
+        (model / "big.bin").write_bytes(os.urandom(big_bytes))
+    return model
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# -- archives ---------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["zip", "tar.gz"])
+def test_archive_round_trip_and_checksum_while_writing(tmp_path: Path, fmt: str) -> None:
+    model = make_model_dir(tmp_path / "task")
+    info = make_archive(model, fmt)
+    assert info.path == tmp_path / "task" / f"final_lora.{fmt}"
+    assert info.sha256 == sha256_file(info.path) and info.bytes == info.path.stat().st_size
+    assert not list((tmp_path / "task").glob(".*part"))
+    out = safe_extract(info.path, tmp_path / "out")
+    assert tree(out / "final_lora") == tree(model)
+
+
+def test_zip_stores_weights_and_deflates_text(tmp_path: Path) -> None:
+    info = make_archive(make_model_dir(tmp_path, big_bytes=9 * 1024 * 1024))
+    with zipfile.ZipFile(info.path) as zf:
+        methods = {i.filename: i.compress_type for i in zf.infolist()}
+    assert methods["final_lora/adapter_model.safetensors"] == zipfile.ZIP_STORED
+    assert methods["final_lora/big.bin"] == zipfile.ZIP_STORED
+    assert methods["final_lora/sub/notes.txt"] == zipfile.ZIP_DEFLATED
+
+
+def test_archive_of_missing_directory_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="nope: not a directory"):
+        make_archive(tmp_path / "nope")
+
+
+# -- unsafe archives ---------------------------------------------------------------------
+def _zip(path: Path, members: list[tuple[str, bytes, int | None]]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data, mode in members:
+            info = zipfile.ZipInfo(name)
+            if mode is not None:
+                info.external_attr = mode << 16
+            zf.writestr(info, data)
+    return path
+
+
+def _tar(path: Path, members: list[tarfile.TarInfo], data: dict[str, bytes] | None = None) -> Path:
+    with tarfile.open(path, "w:gz") as tf:
+        for member in members:
+            payload = (data or {}).get(member.name)
+            if payload is not None:
+                member.size = len(payload)
+                tf.addfile(member, io.BytesIO(payload))
+            else:
+                tf.addfile(member)
+    return path
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    info.mode = 0o644
+    return info
+
+
+UNSAFE = {  # case: (archive builder, what the error must say)
+    "zip-slip": (lambda d: _zip(d / "a.zip", [("ok.txt", b"x", None), ("../evil.txt", b"pwned", None)]),
+                 "member '../evil.txt' contains '..'"),
+    "zip-absolute": (lambda d: _zip(d / "a.zip", [("/tmp/meshq-evil.txt", b"pwned", None)]),
+                     "has an absolute path"),
+    "zip-symlink-escape": (lambda d: _zip(d / "a.zip", [("link", b"../../outside", stat.S_IFLNK | 0o777)]),
+                           "link 'link' points outside"),
+    "tar-dotdot": (lambda d: _tar(d / "a.tar.gz", [_member("dir/../../evil.txt")], {"dir/../../evil.txt": b"p"}),
+                   "contains '..'"),
+    "tar-absolute": (lambda d: _tar(d / "a.tar.gz", [_member("/tmp/meshq-evil.txt")],
+                                    {"/tmp/meshq-evil.txt": b"p"}), "has an absolute path"),
+    "tar-symlink-escape": (lambda d: _tar(d / "a.tar.gz", [
+        _member("model/link", tarfile.SYMTYPE, "../../outside"), _member("model/link/evil.txt")],
+        {"model/link/evil.txt": b"p"}), "link 'model/link' points outside"),
+    "tar-symlink-absolute": (lambda d: _tar(d / "a.tar.gz", [_member("link", tarfile.SYMTYPE, "/etc")]),
+                             "points to absolute path '/etc'"),
+    "tar-hardlink-escape": (lambda d: _tar(d / "a.tar.gz", [_member("hard", tarfile.LNKTYPE, "../../etc/passwd")]),
+                            "link 'hard' points outside"),
+    "tar-device": (lambda d: _tar(d / "a.tar.gz", [_member("dev", tarfile.CHRTYPE)]), "device, fifo"),
+    "tar-fifo": (lambda d: _tar(d / "a.tar.gz", [_member("fifo", tarfile.FIFOTYPE)]), "device, fifo"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSAFE))
+def test_unsafe_archives_are_rejected_and_nothing_is_written(tmp_path: Path, case: str) -> None:
+    build, reason = UNSAFE[case]
+    source = tmp_path / "src"
+    source.mkdir()
+    archive = build(source)
+    sandbox = tmp_path / "sandbox"
+    (sandbox / "cache").mkdir(parents=True)
+    before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    with pytest.raises(ArtifactError) as err:
+        safe_extract(archive, sandbox / "cache" / "target")
+    assert str(err.value).startswith(str(archive)) and reason in str(err.value)
+    after = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    assert after == before  # no target, no temporary directory, nothing outside
+    assert not Path("/tmp/meshq-evil.txt").exists()
+
+
+def test_unsafe_archive_through_fetch_checkpoint_leaves_the_cache_clean(tmp_path: Path) -> None:
+    archive, _ = UNSAFE["zip-slip"]
+    (tmp_path / "src").mkdir()
+    path = archive(tmp_path / "src")
+    with pytest.raises(ArtifactError, match="contains '..'"):
+        fetch_checkpoint(CheckpointLoad(type="local", path=str(path)), tmp_path / "results" / "t1")
+    cache = tmp_path / "results" / ".cache" / "checkpoints"
+    assert not cache.exists() or not any(p for p in cache.iterdir() if p.name != "downloads")
+    assert not (tmp_path / "results" / "evil.txt").exists() and not (tmp_path / "evil.txt").exists()
+
+
+def test_links_inside_the_archive_are_kept(tmp_path: Path) -> None:
+    archive = _tar(tmp_path / "ok.tar.gz", [
+        _member("m/config.json"), _member("m/alias.json", tarfile.SYMTYPE, "config.json"),
+        _member("m/hard.json", tarfile.LNKTYPE, "m/config.json")], {"m/config.json": b"{}"})
+    out = safe_extract(archive, tmp_path / "out")
+    assert (out / "m" / "alias.json").is_symlink() and (out / "m" / "alias.json").read_bytes() == b"{}"
+    assert (out / "m" / "hard.json").read_bytes() == b"{}"
+
+
+def test_corrupt_archive_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ArtifactError, match="bad.zip"):
+        safe_extract(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# -- checkpoint fetch (local) ----------------------------------------------------------------
+def test_local_directory_is_used_in_place(tmp_path: Path) -> None:
+    model = make_model_dir(tmp_path)
+    got = fetch_checkpoint(CheckpointLoad(type="local", path=str(model)), tmp_path / "results" / "t1")
+    assert got == model.resolve() and checkpoint_kind(got) == "lora"
+
+
+def test_local_archive_is_unpacked_once_into_the_cache(tmp_path: Path) -> None:
+    info = make_archive(make_model_dir(tmp_path / "stage1"), "tar.gz")
+    load = CheckpointLoad(type="local", path=str(info.path), sha256=info.sha256)
+    first = fetch_checkpoint(load, tmp_path / "results" / "t1")
+    assert first == tmp_path / "results" / ".cache" / "checkpoints" / info.sha256 / "final_lora"
+    marker = first / "adapter_config.json"
+    mtime = marker.stat().st_mtime_ns
+    second = fetch_checkpoint(load, tmp_path / "results" / "t2")
+    assert second == first and marker.stat().st_mtime_ns == mtime
+    wrong = CheckpointLoad(type="local", path=str(info.path), sha256="0" * 64)
+    with pytest.raises(ArtifactError, match="sha256 mismatch"):
+        fetch_checkpoint(wrong, tmp_path / "results" / "t3")
+
+
+def test_local_path_that_does_not_exist_names_the_field(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=r"spec\.checkpoint\.load\.path: .*missing does not exist"):
+        fetch_checkpoint(CheckpointLoad(type="local", path=str(tmp_path / "missing")), tmp_path / "t")
+
+
+# -- retries (pure) ------------------------------------------------------------------------
+def test_backoff_doubles_and_is_capped() -> None:
+    policy = RetryPolicy(retries=8, backoff_s=0.5, max_backoff_s=10)
+    assert [policy.delay_s(i) for i in range(1, 7)] == [0.5, 1, 2, 4, 8, 10]
+    assert RetryPolicy(retries=3, backoff_s=1).window_s() == 7
+
+
+def test_retries_log_info_and_final_failure_names_url(caplog: pytest.LogCaptureFixture) -> None:
+    from app.retry import Retryable
+
+    slept: list[float] = []
+
+    def attempt(n: int) -> None:
+        raise Retryable("HTTP 503", 503)
+
+    with caplog.at_level(logging.INFO, logger="app.retry"):
+        with pytest.raises(ArtifactError, match=r"upload to http://h/x failed after 3 attempt\(s\) "
+                                                r"\(last status 503\): HTTP 503") as err:
+            with_retries("upload to", "http://user:secret@h/x", attempt, RetryPolicy(2, 1.0), sleep=slept.append)
+    assert slept == [1.0, 2.0] and err.value.status == 503
+    assert [r.levelno for r in caplog.records] == [logging.INFO, logging.INFO]
+    assert "secret" not in caplog.text and "retry 1/2 in 1.0s" in caplog.text
+
+
+# -- HTTP against a real server: the orchestrator --------------------------------------------
+@pytest.fixture
+def orchestrator(server_factory, monkeypatch: pytest.MonkeyPatch) -> Iterator:
+    server = server_factory(token="s3cret-token")
+    monkeypatch.setenv("ORCHESTRATOR_BASE_URL", server.base_url)
+    monkeypatch.setenv("ORCHESTRATOR_TOKEN", "s3cret-token")
+    reset_settings()
+    yield server
+    reset_settings()
+
+
+def test_upload_then_fetch_checkpoint_by_task_and_filename(orchestrator, tmp_path: Path) -> None:
+    info = make_archive(make_model_dir(tmp_path / "stage1"))
+    reply = upload_file(f"{orchestrator.base_url}/api/v1/results/t-up/files", info.path, sha256=info.sha256,
+                        token="s3cret-token", policy=FAST)
+    assert reply["sha256"] == info.sha256 and reply["bytes"] == info.bytes
+    assert reply["url"] == f"{orchestrator.base_url}/api/v1/results/t-up/files/final_lora.zip"
+    downloaded = requests.get(reply["url"], headers=orchestrator.headers(), timeout=10).content
+    assert hashlib.sha256(downloaded).hexdigest() == info.sha256
+
+    results = tmp_path / "results"
+    load = CheckpointLoad(type="http", task_id="t-up", filename="final_lora.zip")
+    got = fetch_checkpoint(load, results / "t2", policy=FAST)
+    assert got == results / ".cache" / "checkpoints" / info.sha256 / "final_lora"
+    assert tree(got) == tree(tmp_path / "stage1" / "final_lora")
+    # Same URL again, server gone: served from the cache (URL → sha256 index), no download.
+    orchestrator.stop()
+    assert fetch_checkpoint(load, results / "t3", policy=FAST) == got
+    assert fetch_checkpoint(CheckpointLoad(type="http", url=reply["url"], sha256=info.sha256),
+                            results / "t4", policy=FAST) == got
+    assert not list((results / ".cache" / "checkpoints" / "downloads").iterdir())
+
+
+def test_fetch_with_wrong_sha256_fails_and_caches_nothing(orchestrator, tmp_path: Path) -> None:
+    info = make_archive(make_model_dir(tmp_path / "s1"))
+    reply = upload_file(f"{orchestrator.base_url}/api/v1/results/t-sha/files", info.path, token="s3cret-token")
+    load = CheckpointLoad(type="http", url=reply["url"], sha256="ab" * 32)
+    with pytest.raises(ArtifactError, match="sha256 mismatch: expected abab"):
+        fetch_checkpoint(load, tmp_path / "results" / "t", policy=FAST)
+    cache = CheckpointCache(tmp_path / "results" / ".cache" / "checkpoints")
+    assert cache.unpacked(info.sha256) is None and cache.sha_for_url(reply["url"]) is None
+
+
+def test_wrong_token_fails_at_once_without_retries(orchestrator, tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    info = make_archive(make_model_dir(tmp_path))
+    url = f"{orchestrator.base_url}/api/v1/results/t-tok/files"
+    with caplog.at_level(logging.INFO, logger="app.retry"):
+        with pytest.raises(ArtifactError, match=r"failed: HTTP 403") as err:
+            upload_file(url, info.path, token="wrong", policy=RetryPolicy(retries=3, backoff_s=5))
+    assert err.value.status == 403 and "retry" not in caplog.text
+    assert "wrong" not in str(err.value)
+
+
+def test_envelope_post_and_upload_to_a_dead_server_fail_clearly(tmp_path: Path) -> None:
+    from app.embedded_redis import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/api/v1/results"
+    started = time.monotonic()
+    with pytest.raises(ArtifactError, match=rf"POST {url} failed after 3 attempt\(s\): ConnectionError"):
+        post_json(url, {"task_id": "t"}, policy=FAST)
+    info = make_archive(make_model_dir(tmp_path))
+    with pytest.raises(ArtifactError, match=rf"upload of final_lora.zip to {url}/t/files failed after 3"):
+        upload_file(f"{url}/t/files", info.path, policy=FAST)
+    assert time.monotonic() - started < 30
+    assert info.path.is_file()  # the local archive stays
+
+
+# -- downloads: resume with Range after a broken connection (a real, flaky HTTP server) -------
+class FlakyHandler(http.server.BaseHTTPRequestHandler):
+    """Serves one file; the first full GET is cut after half the body; honours ``Range``."""
+
+    payload = b""
+    requests_seen: list[str | None] = []
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+        rng = self.headers.get("Range")
+        type(self).requests_seen.append(rng)
+        data = self.payload
+        if rng:
+            start = int(rng.split("=")[1].rstrip("-"))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            body = data[start:]
+        else:
+            self.send_response(200)
+            body = data
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Checksum-Sha256", hashlib.sha256(data).hexdigest())
+        self.end_headers()
+        if not rng and len(type(self).requests_seen) == 1:
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_broken_download_resumes_with_range(tmp_path: Path) -> None:
+    FlakyHandler.payload = os.urandom(3 * 1024 * 1024 + 17)
+    FlakyHandler.requests_seen = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FlakyHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/weights.bin"
+        info = download_file(url, tmp_path / "weights.bin", policy=FAST)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert info.resumed and info.bytes == len(FlakyHandler.payload)
+    assert info.sha256 == hashlib.sha256(FlakyHandler.payload).hexdigest()
+    assert FlakyHandler.requests_seen[0] is None and FlakyHandler.requests_seen[1].startswith("bytes=")
+    assert (tmp_path / "weights.bin").read_bytes() == FlakyHandler.payload
+    assert not (tmp_path / "weights.bin.part").exists()

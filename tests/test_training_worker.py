@@ -1,0 +1,150 @@
+"""Training tasks through real workers, a real orchestrator server and real Redis:
+upload (and its retries), resume after SIGKILL, cancel."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "t0ken-for-tests"
+PAIRS = [{"prompt": "Q: What is the capital of France?\nA:", "response": " Paris"},
+         {"prompt": "Q: What colour is the sky?\nA:", "response": " Blue"}]
+
+
+def lora_spec(model_dir: Path, *, max_steps: int = 4, save_steps: int = 1000, http: bool = False,
+              batch_size: int = 2) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "taskType": "lora_sft",
+        "model": {"source": {"identifier": str(model_dir)}, "transformers": {"device_map": "cpu"}},
+        "data": {"prompts": PAIRS, "separator": ""},
+        "training": {"max_steps": max_steps, "batch_size": batch_size, "learning_rate": 5e-3,
+                     "save_steps": save_steps, "save_total_limit": 3},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+    }
+    if http:
+        spec["output"] = {"destination": {"type": "http"}}
+    return spec
+
+
+def orchestrator_env(server: Any, retries: int, backoff_s: float) -> dict[str, str]:
+    return {"ORCHESTRATOR_BASE_URL": server.base_url, "ORCHESTRATOR_TOKEN": TOKEN,
+            "MESHQ_UPLOAD_RETRIES": str(retries), "MESHQ_UPLOAD_BACKOFF_S": str(backoff_s)}
+
+
+def submit(spec: dict[str, Any]) -> Any:
+    from app.celery import app
+    from tasks.submit import submit_task
+
+    return app.AsyncResult(submit_task(spec).task_id)
+
+
+def test_lora_task_uploads_its_archive_and_result(worker_factory, server_factory, tiny_model_dir) -> None:
+    server = server_factory(token=TOKEN)
+    worker = worker_factory(env=orchestrator_env(server, retries=2, backoff_s=0.2))
+    handle = submit(lora_spec(tiny_model_dir, http=True))
+    result = handle.get(timeout=180)
+
+    url = result["final_lora_archive_url"]
+    assert url == f"{server.base_url}/api/v1/results/{handle.id}/files/final_lora.zip"
+    body = requests.get(url, headers=server.headers(), timeout=30).content
+    assert hashlib.sha256(body).hexdigest() == result["final_lora_archive_sha256"]
+    assert len(body) == result["final_lora_archive_bytes"]
+    task_dir = worker.results_dir / handle.id
+    assert json.loads((task_dir / "responses.json").read_text()) == result
+    assert (task_dir / "final_lora.zip").is_file() and (task_dir / "final_lora" / "adapter_config.json").is_file()
+    envelope = requests.get(f"{server.base_url}/api/v1/results/{handle.id}", headers=server.headers(),
+                            timeout=10).json()
+    assert envelope["result"]["final_lora_archive_url"] == url and envelope["worker_id"] == worker.worker_id
+
+    # Every task type with an http destination posts its result envelope (echo here).
+    echo = submit({"taskType": "echo", "data": {"x": 1}, "output": {"destination": {"type": "http"}}})
+    echo_result = echo.get(timeout=30)
+    stored = requests.get(f"{server.base_url}/api/v1/results/{echo.id}", headers=server.headers(), timeout=10)
+    assert stored.json()["result"] == echo_result
+
+
+def test_upload_waits_for_a_restarted_server(worker_factory, server_factory, tiny_model_dir) -> None:
+    server = server_factory(token=TOKEN)
+    # Backoff 0.5, 1, 2, 4, 8, 16 s: a window of ~31 s for the server to come back.
+    worker = worker_factory(env=orchestrator_env(server, retries=6, backoff_s=0.5))
+    server.stop()
+    handle = submit(lora_spec(tiny_model_dir, http=True))
+    wait_for(lambda: "retry 1/6" in worker.log(), 120, message="the worker to retry the upload")
+    server.start()
+    result = handle.get(timeout=120)
+    assert "upload of final_lora.zip to" in worker.log()
+    body = requests.get(result["final_lora_archive_url"], headers=server.headers(), timeout=30).content
+    assert hashlib.sha256(body).hexdigest() == result["final_lora_archive_sha256"]
+
+
+def test_upload_to_a_server_that_stays_down_fails_clearly(worker_factory, server_factory, tiny_model_dir) -> None:
+    from app.errors import ArtifactError
+
+    server = server_factory(token=TOKEN)
+    worker = worker_factory(env=orchestrator_env(server, retries=2, backoff_s=0.2))
+    server.stop()
+    handle = submit(lora_spec(tiny_model_dir, http=True))
+    with pytest.raises(ArtifactError) as err:
+        handle.get(timeout=180)
+    message = str(err.value)
+    assert f"{server.base_url}/api/v1/results/{handle.id}/files" in message
+    assert "failed after 3 attempt(s)" in message and "ConnectionError" in message
+    assert handle.state == "FAILURE"
+    task_dir = worker.results_dir / handle.id
+    assert (task_dir / "final_lora.zip").is_file()  # the local archive stays
+    assert "final_lora_archive_url" not in json.loads((task_dir / "responses.json").read_text())
+    assert TOKEN not in worker.log()
+
+
+def test_training_resumes_on_another_worker_after_sigkill(worker_factory, redis_client, tiny_model_dir,
+                                                         tmp_path) -> None:
+    shared = tmp_path / "shared-results"
+    env = {"MESHQ_VISIBILITY_TIMEOUT_S": "5"}
+    first = worker_factory(results_dir=shared, env=env)
+    handle = submit(lora_spec(tiny_model_dir, max_steps=150, save_steps=10, batch_size=1))
+    checkpoints = shared / handle.id / "checkpoints"
+    wait_for(lambda: (checkpoints / "checkpoint-10" / "trainer_state.json").is_file(), 120,
+             message="the first checkpoint")
+    first.kill()
+    # Not ``wait``: the new worker may pick the task up before anyone sees it IDLE.
+    second = worker_factory(results_dir=shared, env=env, wait=False)
+    result = handle.get(timeout=240)
+    assert result["resumed_from_step"] >= 10 and result["steps"] == 150
+    assert result["worker_id"] == second.worker_id
+    assert Path(result["final_lora_path"]).is_dir()
+
+
+def test_cancel_stops_training_and_the_worker_goes_on(worker_factory, redis_client, tiny_model_dir) -> None:
+    from app.cli import main
+    from app.errors import TaskCancelled
+
+    worker = worker_factory()
+    handle = submit(lora_spec(tiny_model_dir, max_steps=100_000, batch_size=1))
+    wait_for(lambda: handle.state == "PROGRESS" and (handle.info or {}).get("step", 0) >= 2, 120,
+             message="training progress")
+    step_at_cancel = handle.info["step"]
+    assert main(["cancel", handle.id]) == 0
+    wait_for(lambda: handle.state == "REVOKED", 60, message="state REVOKED")
+    with pytest.raises(TaskCancelled):
+        handle.get(timeout=10)
+    recorded = json.loads((worker.results_dir / handle.id / "responses.json").read_text())
+    assert recorded["cancelled"] is True
+    stopped_at = int(recorded["message"].rsplit("at step ", 1)[1])
+    assert step_at_cancel <= stopped_at < 100_000
+    assert not (worker.results_dir / handle.id / "final_lora").exists()
+
+    from tasks.control import cancel_task
+
+    follow_up = submit(lora_spec(tiny_model_dir, max_steps=2))
+    assert follow_up.get(timeout=120)["steps"] == 2
+    cancel_task(follow_up.id)  # cancelling a finished task changes nothing
+    assert follow_up.state == "SUCCESS"
