@@ -76,12 +76,22 @@ class PipelineTemplate:
         return [stage.name for stage in self.stages]
 
 
-def load_document(text: str | bytes, source: str = "document") -> dict[str, Any]:
-    """Parse YAML or JSON (JSON is YAML) into a mapping; ``source`` names it in errors."""
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SpecError(source, f"not valid YAML or JSON: {exc}") from None
+def load_document(text: str | bytes, source: str = "document", *, strict_json: bool = False) -> dict[str, Any]:
+    """Parse YAML or JSON (JSON is YAML) into a mapping; ``source`` names it in errors.
+
+    ``strict_json`` (a ``.json`` file) parses with the JSON parser, so a JSON file with
+    a YAML-only leniency (a trailing comma, say) is an error rather than a surprise.
+    """
+    if strict_json:
+        try:
+            document = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SpecError(source, f"not valid JSON: {exc}") from None
+    else:
+        try:
+            document = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SpecError(source, f"not valid YAML or JSON: {exc}") from None
     if not isinstance(document, dict):
         raise SpecError(source, f"must be a mapping, got {type(document).__name__}")
     return document
@@ -93,7 +103,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as exc:
         raise SpecError(str(path), f"cannot read: {exc.strerror or exc}") from None
-    return load_document(text, str(path))
+    return load_document(text, str(path), strict_json=path.suffix.lower() == ".json")
 
 
 def deep_merge(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
