@@ -19,6 +19,8 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("dispatch.py", []),
     ("server_transfer.py", []),
     ("inference.py", []),
+    ("transfer.py", []),
+    ("training.py", ["--steps", "30", "--repeat", "2"]),
 ]
 
 

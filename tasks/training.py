@@ -224,6 +224,7 @@ class TrainingExecutor:
             "base_model": str(base_dir),
             "init_checkpoint": str(init_dir) if init_dir is not None else None,
             "device": device,
+            "torch_threads": torch.get_num_threads(),
             "precision": ("bf16" if options.bf16 else "fp16" if options.fp16
                           else {"auto": "float32"}.get(spec.model.transformers.dtype, spec.model.transformers.dtype)),
         }

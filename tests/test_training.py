@@ -197,3 +197,35 @@ def test_sample_history_keeps_the_ends() -> None:
     points = [(i, float(i)) for i in range(1, 201)]
     sampled = sample_history(points, limit=10)
     assert sampled[0] == [1, 1.0] and sampled[-1] == [200, 200.0] and len(sampled) == 11
+
+
+def test_modules_to_save_trains_and_saves_whole_modules(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    plain = LoRASFTExecutor().run(training_spec("lora_sft", tiny_model_dir, training={"max_steps": 1},
+                                                lora=MEMORISE_LORA), tmp_path / "a", RecordingProgress())
+    norms = LoRASFTExecutor().run(training_spec("lora_sft", tiny_model_dir, training={"max_steps": 1},
+                                                lora={**MEMORISE_LORA, "modules_to_save": ["norm"]}),
+                                  tmp_path / "b", RecordingProgress())
+    hidden, layers = 128, 4  # the test model: two RMSNorms per layer plus the final one
+    assert norms["trainable_params"] - plain["trainable_params"] == hidden * (2 * layers + 1)
+    with safe_open(Path(norms["final_lora_path"]) / "adapter_model.safetensors", "pt") as weights:
+        assert any("model.norm" in key for key in weights.keys())
+
+
+def test_training_data_from_a_url(server_factory, tiny_model_dir: Path, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.settings import reset_settings
+    from app.upload import upload_file
+
+    server = server_factory()
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    url = upload_file(f"{server.base_url}/api/v1/results/datasets/files", data)["url"]
+    monkeypatch.delenv("ORCHESTRATOR_BASE_URL", raising=False)
+    reset_settings()
+    spec = training_spec("sft", tiny_model_dir, data={"url": url, "separator": ""},
+                         training={"max_steps": 1, "batch_size": 3})
+    result = SFTExecutor().run(spec, tmp_path / "t1", RecordingProgress())
+    assert result["samples"] == 3
+    assert (tmp_path / "t1" / "inputs" / "train.jsonl").read_bytes() == data.read_bytes()
