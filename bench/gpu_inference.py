@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         from tasks.submit import submit_task
 
         print("starting a worker ...", flush=True)
-        cluster.start_worker("bench-gpu", extra_env={"PYTHONPATH": str(ROOT)})
+        cluster.start_worker("bench-gpu", extra_env={"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))})
 
         def run_task(items: list[str], new_tokens: int) -> tuple[float, dict]:
             spec = inference_spec(model, items, new_tokens, device=args.device, dtype=dtype)

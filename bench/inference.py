@@ -130,7 +130,8 @@ def worker_latencies(cluster: Any, model_a: Path, model_b: Path, prompts: list[s
     from tasks.submit import submit_task
 
     threads = os.environ.get("BENCH_THREADS", "1")
-    cluster.start_worker("bench-inference", extra_env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": threads})
+    cluster.start_worker("bench-inference", extra_env={"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])),
+                                                   "OMP_NUM_THREADS": threads})
 
     def timed(model: Path) -> tuple[float, dict[str, Any]]:
         started = time.perf_counter()
