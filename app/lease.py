@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from app import keys
-from app.errors import ConfigError
+from app.errors import ConfigError, TaskCancelled
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,11 @@ DEFAULT_MAX_TASK_RUNS = 3
 _REFRESH = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 # Take the lease when it is free or ours (an earlier life of this same worker id held
-# it); optionally count the run in the same round trip. Returns runs so far, or -1.
+# it); optionally count the run in the same round trip. Returns runs so far, -1 when
+# another worker holds the lease, -2 when the task was cancelled (lease not taken).
+_HELD, _CANCELLED = -1, -2
 _ACQUIRE = """
+if redis.call('exists', KEYS[3]) == 1 then return -2 end
 local holder = redis.call('get', KEYS[1])
 if holder and holder ~= ARGV[1] then return -1 end
 redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
@@ -68,29 +71,45 @@ class TaskLease:
         self.owner = owner
         self.ttl_s = ttl_s
 
-    def try_acquire(self, count_run: bool = False) -> int | None:
+    def _acquire_args(self, count_run: bool) -> tuple[Any, ...]:
+        return (_ACQUIRE, 3, self.key, keys.task_runs(self.task_id), keys.task_cancel(self.task_id),
+                self.owner, self.ttl_s, "1" if count_run else "0")
+
+    def acquire_in(self, pipe: Any, count_run: bool) -> None:
+        """Add a first acquisition attempt to a pipeline (the task-start round trip);
+        hand its reply to ``wait_for_turn(first_reply=...)``."""
+        pipe.eval(*self._acquire_args(count_run))
+
+    def try_acquire(self, count_run: bool = False, reply: Any = None) -> int | None:
         """Take the lease if it is free (or left by an earlier life of this worker id).
 
         Returns the number of runs recorded so far (this one included when
-        ``count_run``), or ``None`` when another live worker holds the lease.
+        ``count_run``), or ``None`` when another live worker holds the lease; raises
+        ``TaskCancelled`` when the task was cancelled before it could start.
         """
-        runs = int(self.client.eval(_ACQUIRE, 2, self.key, keys.task_runs(self.task_id),
-                                    self.owner, self.ttl_s, "1" if count_run else "0"))
-        return None if runs < 0 else runs
+        runs = int(self.client.eval(*self._acquire_args(count_run)) if reply is None else reply)
+        if runs == _CANCELLED:
+            raise TaskCancelled(self.task_id, "before it started")
+        return None if runs == _HELD else runs
 
     def holder(self) -> str | None:
         value = self.client.get(self.key)
         return str(value) if value is not None else None
 
-    def wait_for_turn(self, poll_s: float, count_run: bool = False) -> int:
-        """Block until this worker holds the lease; return the runs recorded so far."""
+    def wait_for_turn(self, poll_s: float, count_run: bool = False, first_reply: Any = None) -> int:
+        """Block until this worker holds the lease; return the runs recorded so far.
+
+        ``first_reply`` is the answer to an attempt already made by ``acquire_in``.
+        """
         announced = False
-        while (runs := self.try_acquire(count_run)) is None:
+        runs = self.try_acquire(count_run, reply=first_reply)
+        while runs is None:
             if not announced:
                 log.info("task %s is running on worker %s; this delivery waits for it",
                          self.task_id, self.holder())
                 announced = True
             time.sleep(poll_s)
+            runs = self.try_acquire(count_run)
         return runs
 
     def release_in(self, pipe: Any) -> None:

@@ -55,12 +55,13 @@ def public_env(settings: Settings) -> dict[str, Any]:
 
 def set_worker_status(worker_id: str, status: str, *, current_task: str = "",
                       last_task: str | None = None, client: redis.Redis | None = None,
-                      task_event: str | None = None, extra: Callable[[Any], None] | None = None) -> None:
+                      task_event: str | None = None,
+                      extra: Callable[[Any], None] | None = None) -> list[Any] | None:
     """Record a status change (from any process of the worker) and publish ``STATUS``.
 
     ``task_event`` (a serialised ``tasks.events`` message) rides in the same
     round trip, so a task start or end costs one Redis call; ``extra(pipe)`` may add
-    more commands to it.
+    more commands to it, whose replies are returned (``None`` if Redis failed).
     """
     client = client or get_redis()
     fields: dict[Any, Any] = {"status": status, "current_task": current_task,
@@ -75,11 +76,13 @@ def set_worker_status(worker_id: str, status: str, *, current_task: str = "",
             payload={"current_task": current_task, "last_task": last_task}))
         if task_event is not None:
             pipe.publish(keys.TASKS_CHANNEL, task_event)
+        own = len(pipe)
         if extra is not None:
             extra(pipe)
-        pipe.execute()
+        return list(pipe.execute(raise_on_error=False)[own:])
     except redis.RedisError as exc:
         log.warning("could not record status %s for worker %s: %s", status, worker_id, exc)
+        return None
 
 
 class WorkerRegistry:

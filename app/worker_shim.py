@@ -104,8 +104,14 @@ def _runtime_s(task_id: str) -> float:
 def on_task_start(task_id: str, task: Any, **_: Any) -> None:
     worker_id = get_settings().worker_id
     _started_at[task_id] = time.monotonic()
-    set_worker_status(worker_id, RUNNING, current_task=task_id, task_event=task_event(
-        "TASK_STARTED", worker_id, task_id, taskType=_task_type(task)))
+    # meshq tasks make their first lease attempt in this same round trip.
+    lease = task.lease_for_current() if hasattr(task, "lease_for_current") else None
+    replies = set_worker_status(
+        worker_id, RUNNING, current_task=task_id,
+        task_event=task_event("TASK_STARTED", worker_id, task_id, taskType=_task_type(task)),
+        extra=(lambda pipe: lease.acquire_in(pipe, task.counts_this_run())) if lease is not None else None)
+    if lease is not None and replies and not isinstance(replies[0], Exception):
+        task.request.meshq_lease_reply = replies[0]
 
 
 @signals.task_postrun.connect

@@ -90,13 +90,20 @@ class MeshqTask(Task):
         spec = parse_task_spec(raw_spec)
         if spec.taskType != self.task_type:
             raise SpecError("spec.taskType", f"{spec.taskType!r} sent to the {self.task_type!r} task")
+        out_dir = Path(settings.results_dir).resolve() / task_id
+        out_dir.mkdir(parents=True, exist_ok=True)
+        progress = CeleryProgress(self, settings.worker_id, self.task_type)
         # One run at a time: a redelivered copy waits while the first run is alive, then
-        # returns the first run's stored result, or takes over if that run died.
-        lease = TaskLease(get_redis(), task_id, settings.worker_id, lease_ttl_s(settings.heartbeat_interval_s))
-        redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
-        runs = lease.wait_for_turn(poll_s=min(2.0, settings.heartbeat_interval_s), count_run=not redelivered)
-        self.request.meshq_lease = lease  # released by the task_postrun handler (worker_shim)
-        if redelivered:
+        # returns the first run's stored result, or takes over if that run died. The
+        # first attempt was made in the task-start round trip (worker_shim).
+        lease = self.lease_for_current()
+        try:
+            runs = lease.wait_for_turn(poll_s=min(2.0, settings.heartbeat_interval_s),
+                                       count_run=self.counts_this_run(),
+                                       first_reply=getattr(self.request, "meshq_lease_reply", None))
+        except TaskCancelled as exc:  # cancelled while it waited in a queue
+            self._end_cancelled(exc, out_dir, progress)
+        if not self.counts_this_run():
             finished = self.AsyncResult(task_id)
             if finished.state == states.SUCCESS:
                 log.info("task %s already succeeded; returning its stored result", task_id)
@@ -105,12 +112,8 @@ class MeshqTask(Task):
         if runs > max_task_runs():
             raise ExecutorError(f"task {task_id} was started {runs - 1} times and its worker died each time; "
                                 f"giving up (MESHQ_MAX_TASK_RUNS={max_task_runs()})")
-        out_dir = Path(settings.results_dir).resolve() / task_id
-        out_dir.mkdir(parents=True, exist_ok=True)
-        progress = CeleryProgress(self, settings.worker_id, self.task_type)
         executor = get_executor(self.task_type)
         try:
-            progress.check_cancelled("before it started")  # cancelled while queued on a worker
             result = executor.run(spec, out_dir, progress)
         except TaskCancelled as exc:
             self._end_cancelled(exc, out_dir, progress)
@@ -126,6 +129,21 @@ class MeshqTask(Task):
         if delivered != result:  # a hook added fields (e.g. archive URLs): keep responses.json equal
             write_task_outputs(out_dir, delivered)
         return delivered
+
+    def lease_for_current(self) -> TaskLease:
+        """The lease of the task being run (created once per run, released at its end)."""
+        lease = getattr(self.request, "meshq_lease", None)
+        if lease is None:
+            settings = get_settings()
+            lease = TaskLease(get_redis(), self.request.id, settings.worker_id,
+                              lease_ttl_s(settings.heartbeat_interval_s))
+            self.request.meshq_lease = lease  # released by the task_postrun handler (worker_shim)
+        return lease
+
+    def counts_this_run(self) -> bool:
+        """A first delivery counts as a run at once; a redelivered one only after it
+        found that the earlier run did not finish."""
+        return not (self.request.delivery_info or {}).get("redelivered")
 
     def _end_cancelled(self, exc: TaskCancelled, out_dir: Path, progress: CeleryProgress) -> None:
         """Record the cancellation (state REVOKED, ``responses.json``) and stop."""
