@@ -225,6 +225,11 @@ def _extract_zip(archive: Path, root: Path) -> None:
                 dest = _destination(root, archive, rel)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.symlink(target, dest)
+                # The textual check above cannot see earlier links in the member's own
+                # path (a/b -> ../a, then a/b/t -> ../../x): check where it really points.
+                if not _inside(root, dest):
+                    dest.unlink()
+                    raise ArtifactError(f"{archive}: link {rel!r} resolves outside the target", path=str(archive))
                 continue
             if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
                 raise ArtifactError(f"{archive}: member {rel!r} is not a regular file or directory",
@@ -239,6 +244,16 @@ def _extract_zip(archive: Path, root: Path) -> None:
                                     path=str(archive))
             with zf.open(info) as src, open(dest, "wb") as out:
                 shutil.copyfileobj(src, out, COPY_CHUNK_BYTES)
+
+
+def _check_links_inside(archive: Path, root: Path) -> None:
+    """After unpacking: every symlink under ``root`` must resolve inside it."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            if path.is_symlink() and not _inside(root, path):
+                raise ArtifactError(f"{archive}: link {path.relative_to(root)} resolves outside the target",
+                                    path=str(archive))
 
 
 def _extract_tar(archive: Path, root: Path, gzipped: bool) -> None:
@@ -280,6 +295,7 @@ def safe_extract(archive: str | os.PathLike[str], target: str | os.PathLike[str]
             _extract_zip(archive, tmp)
         else:
             _extract_tar(archive, tmp, gzipped=kind == "tar.gz")
+        _check_links_inside(archive, tmp)
         os.replace(tmp, target)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, gzip.BadGzipFile) as exc:
         shutil.rmtree(tmp, ignore_errors=True)

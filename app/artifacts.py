@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from app.archive import content_root, detect_format, safe_extract
 from app.errors import ArtifactError, SpecError
@@ -68,7 +68,7 @@ def deliver_result(task_id: str, destination: Destination, result: dict[str, Any
     if destination.type != "http":
         return result
     base = results_url(destination)
-    token = get_settings().orchestrator_token
+    token = _token_for(base)  # never hand the orchestrator's token to another host
     result = dict(result)
     for kind in ARCHIVE_KINDS:
         archive = result.get(f"final_{kind}_archive")
@@ -101,16 +101,18 @@ def checkpoint_url(load: CheckpointLoad) -> str:
     if not base:
         raise SpecError("spec.checkpoint.load.url",
                         "required when ORCHESTRATOR_BASE_URL is not set (task_id + filename need it)")
-    return f"{base}{RESULTS_PATH}/{load.task_id}/files/{load.filename}"
+    return f"{base}{RESULTS_PATH}/{quote(str(load.task_id), safe='')}/files/{quote(str(load.filename), safe='')}"
 
 
 def _token_for(url: str) -> str:
-    """The orchestrator token, sent only to the orchestrator (or anywhere if no base URL is set)."""
+    """The orchestrator token, sent only to ``ORCHESTRATOR_BASE_URL``'s origin.
+
+    A URL in a spec is chosen by whoever submits the task; it must never receive
+    the token. Without ``ORCHESTRATOR_BASE_URL`` the token goes nowhere.
+    """
     settings = get_settings()
-    if not settings.orchestrator_token:
+    if not settings.orchestrator_token or not settings.orchestrator_base_url:
         return ""
-    if not settings.orchestrator_base_url:
-        return settings.orchestrator_token
     mine, theirs = urlsplit(settings.orchestrator_base_url), urlsplit(url)
     same = (mine.scheme, mine.hostname, mine.port) == (theirs.scheme, theirs.hostname, theirs.port)
     return settings.orchestrator_token if same else ""

@@ -30,10 +30,21 @@ DEFAULT_MAX_TASK_RUNS = 3
 _REFRESH = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 # Take the lease when it is free or ours (an earlier life of this same worker id held
-# it); optionally count the run in the same round trip. Returns runs so far, -1 when
-# another worker holds the lease, -2 when the task was cancelled (lease not taken).
-_HELD, _CANCELLED = -1, -2
+# it); optionally count the run in the same round trip. Returns runs so far, or:
+#  -1 another worker holds the lease,  -2 the task was cancelled,
+#  -3 the task already succeeded,      -4 a redelivered copy of a task that failed.
+# A finished task is seen in Celery's own result key, so a duplicate message (a
+# redelivery, or a chain step sent twice) never runs the work again.
+_HELD, _CANCELLED, _SUCCEEDED, _FAILED = -1, -2, -3, -4
 _ACQUIRE = """
+local meta = redis.call('get', KEYS[4])
+if meta then
+  local ok, decoded = pcall(cjson.decode, meta)
+  if ok and type(decoded) == 'table' then
+    if decoded['status'] == 'SUCCESS' then return -3 end
+    if decoded['status'] == 'FAILURE' and ARGV[3] == '0' then return -4 end
+  end
+end
 if redis.call('exists', KEYS[3]) == 1 then return -2 end
 local holder = redis.call('get', KEYS[1])
 if holder and holder ~= ARGV[1] then return -1 end
@@ -41,6 +52,15 @@ redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
 if ARGV[3] == '1' then return redis.call('incr', KEYS[2]) end
 return tonumber(redis.call('get', KEYS[2]) or '0')
 """
+
+
+class AlreadyFinished(Exception):
+    """The task already ended (``state``): this delivery must not run it again."""
+
+    def __init__(self, task_id: str, state: str) -> None:
+        super().__init__(task_id, state)
+        self.task_id = task_id
+        self.state = state
 
 
 def lease_ttl_s(heartbeat_interval_s: float) -> int:
@@ -64,16 +84,19 @@ def refresh_leases(pipe: Any, task_ids: list[str], owner: str, ttl_s: int) -> No
 
 
 class TaskLease:
-    def __init__(self, client: redis.Redis, task_id: str, owner: str, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, task_id: str, owner: str, ttl_s: int,
+                 result_key: str | bytes = b"") -> None:
         self.client = client
         self.task_id = task_id
+        self.result_key = result_key  # Celery's result-backend key of the task
         self.key = keys.task_lease(task_id)
         self.owner = owner
         self.ttl_s = ttl_s
 
     def _acquire_args(self, count_run: bool) -> tuple[Any, ...]:
-        return (_ACQUIRE, 3, self.key, keys.task_runs(self.task_id), keys.task_cancel(self.task_id),
-                self.owner, self.ttl_s, "1" if count_run else "0")
+        return (_ACQUIRE, 4, self.key, keys.task_runs(self.task_id), keys.task_cancel(self.task_id),
+                self.result_key or f"celery-task-meta-{self.task_id}", self.owner, self.ttl_s,
+                "1" if count_run else "0")
 
     def acquire_in(self, pipe: Any, count_run: bool) -> None:
         """Add a first acquisition attempt to a pipeline (the task-start round trip);
@@ -85,11 +108,14 @@ class TaskLease:
 
         Returns the number of runs recorded so far (this one included when
         ``count_run``), or ``None`` when another live worker holds the lease; raises
-        ``TaskCancelled`` when the task was cancelled before it could start.
+        ``TaskCancelled`` when the task was cancelled before it could start and
+        ``AlreadyFinished`` when it already ended.
         """
         runs = int(self.client.eval(*self._acquire_args(count_run)) if reply is None else reply)
         if runs == _CANCELLED:
             raise TaskCancelled(self.task_id, "before it started")
+        if runs in (_SUCCEEDED, _FAILED):
+            raise AlreadyFinished(self.task_id, "SUCCESS" if runs == _SUCCEEDED else "FAILURE")
         return None if runs == _HELD else runs
 
     def holder(self) -> str | None:

@@ -64,13 +64,15 @@ def is_retryable_status(status: int) -> bool:
 
 
 def redact(url: str) -> str:
-    """Drop credentials from a URL before it goes into a message or a log line."""
+    """Drop credentials from a URL before it goes into a message or a log line:
+    user:password, and the query string (presigned URLs carry tokens there)."""
     parts = urlsplit(url)
     if parts.username or parts.password:
         host = parts.hostname or ""
-        netloc = host + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+        parts = parts._replace(netloc=host + (f":{parts.port}" if parts.port else ""))
+    if parts.query:
+        parts = parts._replace(query="…")
+    return urlunsplit(parts)
 
 
 def with_retries(what: str, url: str, attempt: Callable[[int], T], policy: RetryPolicy | None = None,

@@ -27,8 +27,9 @@ BODY_EXCERPT_CHARS = 300
 
 
 def auth_headers(token: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """``extra`` plus the bearer token, unless the spec set its own ``Authorization``."""
     headers = dict(extra or {})
-    if token:
+    if token and not any(name.lower() == "authorization" for name in headers):
         headers["Authorization"] = f"Bearer {token}"
     return headers
 

@@ -120,6 +120,9 @@ def on_task_end(task_id: str, task: Any, retval: Any = None, state: str | None =
     payload: dict[str, Any] = {"taskType": _task_type(task), "runtime_sec": _runtime_s(task_id)}
     if state == "SUCCESS":
         event = task_event("TASK_SUCCEEDED", worker_id, task_id, **payload)
+    elif state == "IGNORED" and not getattr(task.request, "meshq_cancelled", False):
+        # A dropped duplicate or a stage forwarded to another worker: not an outcome.
+        event = None
     elif state in ("FAILURE", "REVOKED", "IGNORED") or isinstance(retval, BaseException):
         error = f"{type(retval).__name__}: {retval}" if isinstance(retval, BaseException) else str(state)
         event = task_event("TASK_FAILED", worker_id, task_id, error=error, state=state, **payload)

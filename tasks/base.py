@@ -17,7 +17,7 @@ from celery import Task, states
 from celery.exceptions import Ignore
 
 from app.errors import ExecutorError, SpecError, TaskCancelled
-from app.lease import TaskLease, lease_ttl_s, max_task_runs
+from app.lease import AlreadyFinished, TaskLease, lease_ttl_s, max_task_runs
 from app.manifest import write_task_outputs
 from app.names import check_name
 from app.redis_client import get_redis
@@ -103,11 +103,12 @@ class MeshqTask(Task):
                                        first_reply=getattr(self.request, "meshq_lease_reply", None))
         except TaskCancelled as exc:  # cancelled while it waited in a queue
             self._end_cancelled(exc, out_dir, progress)
+        except AlreadyFinished as exc:
+            # A duplicate delivery of a finished task: its result is stored and its chain
+            # continued already. Drop this copy (acknowledged, nothing stored, nothing sent).
+            log.info("task %s already ended with %s; this delivery is dropped", task_id, exc.state)
+            raise Ignore() from None
         if not self.counts_this_run():
-            finished = self.AsyncResult(task_id)
-            if finished.state == states.SUCCESS:
-                log.info("task %s already succeeded; returning its stored result", task_id)
-                return dict(finished.result)
             runs = lease.count_run()
         if runs > max_task_runs():
             raise ExecutorError(f"task {task_id} was started {runs - 1} times and its worker died each time; "
@@ -136,7 +137,8 @@ class MeshqTask(Task):
         if lease is None:
             settings = get_settings()
             lease = TaskLease(get_redis(), self.request.id, settings.worker_id,
-                              lease_ttl_s(settings.heartbeat_interval_s))
+                              lease_ttl_s(settings.heartbeat_interval_s),
+                              result_key=self.backend.get_key_for_task(self.request.id))
             self.request.meshq_lease = lease  # released by the task_postrun handler (worker_shim)
         return lease
 
@@ -150,6 +152,7 @@ class MeshqTask(Task):
         info = {"task_id": exc.task_id, "taskType": self.task_type, "cancelled": True,
                 "message": str(exc), "progress": progress.last}
         write_task_outputs(out_dir, info)
+        self.request.meshq_cancelled = True
         self.update_state(state=states.REVOKED, meta={
             "exc_type": "TaskCancelled", "exc_module": "app.errors",
             "exc_message": [exc.task_id, exc.where]})

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.errors import SpecError
+from app.names import check_name
 from app.settings import TAG_RE
 
 TASK_TYPES = ("inference", "sft", "lora_sft", "echo")
@@ -147,6 +148,13 @@ class CheckpointLoad(Strict):
             raise ValueError("path: required when type is 'local'")
         if self.type == "http" and not self.url and not (self.task_id and self.filename):
             raise ValueError("url: required when type is 'http' (or task_id and filename)")
+        for name in ("task_id", "filename"):
+            value = getattr(self, name)
+            if value is not None and not value.startswith("${"):  # a reference is checked once resolved
+                try:
+                    check_name(value, name)
+                except ValueError as exc:
+                    raise ValueError(str(exc)) from None
         return self
 
 

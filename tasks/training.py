@@ -136,6 +136,9 @@ class TrainingExecutor:
         from tasks.trainer_callbacks import MeshqProgressCallback
 
         hf_logging.disable_progress_bar()
+        # The pool child lives on: a model kept warm by an earlier inference task must
+        # not sit in (GPU) memory beside the one being trained.
+        models.release_cached_model()
         started = time.monotonic()
         options = spec.training or TrainingOptions()
         if spec.model is None:  # the spec validator requires it; this keeps mypy honest

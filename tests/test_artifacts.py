@@ -110,6 +110,11 @@ UNSAFE = {  # case: (archive builder, what the error must say)
                      "has an absolute path"),
     "zip-symlink-escape": (lambda d: _zip(d / "a.zip", [("link", b"../../outside", stat.S_IFLNK | 0o777)]),
                            "link 'link' points outside"),
+    # Textually fine ("a/b/../../outside" is "outside"), but a/b is itself a link to a/:
+    # the second link really lands in a/ and points two levels up, out of the target.
+    "zip-nested-symlink-escape": (lambda d: _zip(d / "a.zip", [
+        ("a/x.txt", b"x", None), ("a/b", b"../a", stat.S_IFLNK | 0o777),
+        ("a/b/t", b"../../outside", stat.S_IFLNK | 0o777)]), "link 'a/b/t' resolves outside the target"),
     "tar-dotdot": (lambda d: _tar(d / "a.tar.gz", [_member("dir/../../evil.txt")], {"dir/../../evil.txt": b"p"}),
                    "contains '..'"),
     "tar-absolute": (lambda d: _tar(d / "a.tar.gz", [_member("/tmp/meshq-evil.txt")],
