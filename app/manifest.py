@@ -22,13 +22,17 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 def build_manifest(task_dir: str | os.PathLike[str], *, skip_dirs: tuple[str, ...] = SKIP_DIRS,
-                   known: dict[str, bytes] | None = None) -> dict[str, Any]:
+                   known: dict[str, bytes] | None = None,
+                   known_sha256: dict[str, str] | None = None) -> dict[str, Any]:
     """Every regular file under ``task_dir`` (except the manifest itself and ``skip_dirs``)
     with its size and sha256, sorted by relative path.
 
-    ``known`` maps relative paths to contents just written, hashed from memory.
+    ``known`` maps relative paths to contents just written, hashed from memory;
+    ``known_sha256`` to digests computed already (a model archive hashed while it
+    was written), so multi-gigabyte files are not read again.
     """
     known = known or {}
+    known_sha256 = known_sha256 or {}
     files: list[dict[str, Any]] = []
 
     def walk(directory: str, prefix: str) -> None:
@@ -42,6 +46,8 @@ def build_manifest(task_dir: str | os.PathLike[str], *, skip_dirs: tuple[str, ..
                     content = known.get(rel)
                     if content is not None:
                         size, digest = len(content), hashlib.sha256(content).hexdigest()
+                    elif rel in known_sha256:
+                        size, digest = entry.stat().st_size, known_sha256[rel]
                     else:
                         size, digest = entry.stat().st_size, sha256_file(entry.path)
                     files.append({"path": rel, "bytes": size, "sha256": digest})
@@ -80,12 +86,24 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     write_bytes_atomic(path, json_bytes(data))
 
 
-def write_task_outputs(task_dir: str | os.PathLike[str], result: dict[str, Any]) -> dict[str, Any]:
-    """Write ``responses.json`` then ``manifest.json`` (which covers it); return the manifest."""
+def write_task_outputs(task_dir: str | os.PathLike[str], result: dict[str, Any], *,
+                       known_sha256: dict[str, str] | None = None,
+                       reuse: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``responses.json`` then ``manifest.json`` (which covers it); return the manifest.
+
+    ``reuse``: the manifest this directory got moments ago; only ``responses.json``
+    changed since, so every other entry is kept instead of hashing the files again.
+    """
     task_dir = os.fspath(task_dir)
     os.makedirs(task_dir, exist_ok=True)
     body = json_bytes(result)
     write_bytes_atomic(os.path.join(task_dir, RESPONSES_NAME), body)
-    manifest = build_manifest(task_dir, known={RESPONSES_NAME: body})
+    if reuse is not None:
+        files = [f for f in reuse["files"] if f["path"] != RESPONSES_NAME]
+        files.append({"path": RESPONSES_NAME, "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()})
+        files.sort(key=lambda f: str(f["path"]))
+        manifest = {"files": files, "total_bytes": sum(int(f["bytes"]) for f in files)}
+    else:
+        manifest = build_manifest(task_dir, known={RESPONSES_NAME: body}, known_sha256=known_sha256)
     write_json_atomic(os.path.join(task_dir, MANIFEST_NAME), manifest)
     return manifest

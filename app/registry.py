@@ -16,12 +16,12 @@ import os
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
 from app import events, hardware, keys
 from app.redis_client import get_redis
+from app.retry import redact
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,19 +29,10 @@ log = logging.getLogger(__name__)
 STARTING, IDLE, RUNNING, STOPPING = "STARTING", "IDLE", "RUNNING", "STOPPING"
 
 
-def redact_url(url: str) -> str:
-    """``redis://user:secret@host`` → ``redis://user:***@host`` for display."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
-
-
 def public_env(settings: Settings) -> dict[str, Any]:
     """The worker's configuration as stored in ``env_json`` (no secrets)."""
     return {
-        "REDIS_URL": redact_url(settings.redis_url),
+        "REDIS_URL": redact(settings.redis_url),
         "RESULTS_DIR": os.path.abspath(settings.results_dir),
         "TASK_TOPIC": settings.task_topic,
         "HEARTBEAT_INTERVAL_SEC": settings.heartbeat_interval_s,

@@ -19,7 +19,8 @@ from celery.worker import state as worker_state
 from app import routing
 from app.events import task_event
 from app.lease import lease_ttl_s, refresh_leases
-from app.registry import IDLE, RUNNING, WorkerRegistry, redact_url, set_worker_status
+from app.registry import IDLE, RUNNING, WorkerRegistry, set_worker_status
+from app.retry import redact
 from app.settings import get_settings
 
 log = logging.getLogger("meshq.worker")
@@ -74,7 +75,7 @@ def log_to_file(logger: logging.Logger, format: str, **_: Any) -> None:
     if not settings.redis_url_from_env:
         log.warning("REDIS_URL is not set: using %s", settings.redis_url)
     else:
-        log.info("Redis: %s", redact_url(settings.redis_url))
+        log.info("Redis: %s", redact(settings.redis_url))
 
 
 @signals.worker_ready.connect

@@ -54,6 +54,17 @@ def get_executor(task_type: str) -> Executor:
     return executor
 
 
+def archive_digests(result: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """Relative path → sha256 of the archives the executor hashed while writing them."""
+    digests = {}
+    for key, value in result.items():
+        if key.endswith("_archive") and isinstance(value, str) and result.get(f"{key}_sha256"):
+            path = Path(value)
+            if path.is_absolute() and path.parent == out_dir:
+                digests[path.name] = str(result[f"{key}_sha256"])
+    return digests
+
+
 def split_args(args: tuple[Any, ...]) -> tuple[Any, Any]:
     """``task(spec)`` or, inside a plain Celery chain, ``task(previous_result, spec)``."""
     if len(args) == 1:
@@ -121,14 +132,14 @@ class MeshqTask(Task):
         result = {"task_id": task_id, "taskType": self.task_type,
                   "worker_id": settings.worker_id, **result}
         try:
-            write_task_outputs(out_dir, result)
+            manifest = write_task_outputs(out_dir, result, known_sha256=archive_digests(result, out_dir))
         except OSError as exc:  # disk full, read-only mount...: say where, keep the worker
             raise ExecutorError(f"could not write the results to {out_dir}: {exc}", path=str(out_dir)) from exc
         delivered = result
         for hook in RESULT_HOOKS:
             delivered = hook(task_id, spec, delivered, out_dir)
         if delivered != result:  # a hook added fields (e.g. archive URLs): keep responses.json equal
-            write_task_outputs(out_dir, delivered)
+            write_task_outputs(out_dir, delivered, reuse=manifest)
         return delivered
 
     def lease_for_current(self) -> TaskLease:

@@ -38,3 +38,17 @@ def test_unsafe_names_refused(name: str) -> None:
 @pytest.mark.parametrize("name", ["abc", "final_lora.zip", "3f2a-11ee", "a.b-c_d"])
 def test_safe_names_accepted(name: str) -> None:
     assert check_name(name) == name
+
+
+def test_known_digests_and_reuse_skip_rehashing(tmp_path: Path) -> None:
+    (tmp_path / "final_lora.zip").write_bytes(b"archive bytes")
+    # A digest given by the archiver is trusted (not recomputed): the file is not read again.
+    manifest = write_task_outputs(tmp_path, {"v": 1}, known_sha256={"final_lora.zip": "ab" * 32})
+    entry = next(f for f in manifest["files"] if f["path"] == "final_lora.zip")
+    assert entry == {"path": "final_lora.zip", "bytes": 13, "sha256": "ab" * 32}
+    # Rewriting responses.json reuses every other entry and updates its own.
+    again = write_task_outputs(tmp_path, {"v": 2, "url": "http://x"}, reuse=manifest)
+    body = (tmp_path / "responses.json").read_bytes()
+    assert next(f for f in again["files"] if f["path"] == "final_lora.zip") == entry
+    assert next(f for f in again["files"] if f["path"] == "responses.json")["sha256"] == hashlib.sha256(body).hexdigest()
+    assert json.loads((tmp_path / "manifest.json").read_text()) == again
