@@ -32,11 +32,11 @@ def lora_stage(model_dir: Path, max_steps: int, save_steps: int) -> dict[str, An
 
 
 def test_training_longer_than_visibility_timeout_runs_once(worker_factory, redis_client, tiny_model_dir) -> None:
-    """Visibility timeout 3 s; a training task several times longer; two workers: one run."""
+    """Visibility timeout 2 s; a training task several times longer; two workers: one run."""
     from app.celery import app
     from tasks.submit import submit_task
 
-    env = {"MESHQ_VISIBILITY_TIMEOUT_S": "3"}
+    env = {"MESHQ_VISIBILITY_TIMEOUT_S": "2"}
     worker_factory(worker_id="vt-train-a", env=env)
     worker_factory(worker_id="vt-train-b", env=env)
     stop, events = threading.Event(), []
@@ -44,17 +44,17 @@ def test_training_longer_than_visibility_timeout_runs_once(worker_factory, redis
     time.sleep(0.3)
     try:
         started = time.monotonic()
-        handle = app.AsyncResult(submit_task(lora_stage(tiny_model_dir, max_steps=80, save_steps=1000)).task_id)
+        handle = app.AsyncResult(submit_task(lora_stage(tiny_model_dir, max_steps=250, save_steps=1000)).task_id)
         result = handle.get(timeout=300)
         runtime_s = time.monotonic() - started
     finally:
         stop.set()
         listener.join()
-    assert runtime_s > 3 * 3, f"the task ({runtime_s:.1f}s) must outlast the visibility timeout several times"
+    assert runtime_s > 3 * 2, f"the task ({runtime_s:.1f}s) must outlast the visibility timeout several times"
     starts = [e for e in events if e["type"] == "TASK_STARTED" and e["task_id"] == handle.id]
     assert len(starts) >= 2, "the broker never redelivered the task: the test proves nothing"
     assert redis_client.get(f"meshq:task:{handle.id}:runs") == "1"
-    assert result["steps"] == 80 and result["resumed_from_step"] == 0
+    assert result["steps"] == 250 and result["resumed_from_step"] == 0
     assert handle.state == "SUCCESS"
 
 
