@@ -175,6 +175,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 Command = Callable[[argparse.Namespace], int]
 
 
+def _add_follow_options(p: argparse.ArgumentParser) -> None:
+    """``--wait``, ``--json`` and ``--timeout``, shared by ``submit`` and ``status``."""
+    p.add_argument("--wait", action="store_true", help="show live progress and wait for the end")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after SECONDS")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshq", description="LLM jobs on a Celery worker fleet")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,16 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="submit a pipeline or task file (YAML or JSON)")
     p.add_argument("file", help="pipeline template or task spec, e.g. pipelines/examples/lora_then_infer.yaml")
-    p.add_argument("--wait", action="store_true", help="show live progress and wait for the end")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after SECONDS")
+    _add_follow_options(p)
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("status", help="state of a pipeline (or task) by id; exit 0 only if every stage succeeded")
     p.add_argument("id", help="pipeline id, or the task id of a stage or of a single task")
-    p.add_argument("--wait", action="store_true", help="show live progress and wait for the end")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after SECONDS")
+    _add_follow_options(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("cancel", help="cancel a pipeline (its later stages never start) or a single task")

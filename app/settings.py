@@ -89,7 +89,7 @@ def _positive_float(env: Mapping[str, str], variable: str, default: float) -> fl
     return value
 
 
-def _positive_int(env: Mapping[str, str], variable: str, default: int) -> int:
+def _int_at_least(env: Mapping[str, str], variable: str, default: int, minimum: int) -> int:
     raw = env.get(variable, "").strip()
     if not raw:
         return default
@@ -97,22 +97,18 @@ def _positive_int(env: Mapping[str, str], variable: str, default: int) -> int:
         value = int(raw)
     except ValueError:
         raise ConfigError(variable, f"{raw!r} is not an integer") from None
-    if value <= 0:
-        raise ConfigError(variable, f"{raw!r} must be a positive integer")
+    if value < minimum:
+        raise ConfigError(variable, f"{raw!r} must be a positive integer" if minimum == 1
+                          else f"{raw!r} must be an integer of at least {minimum}")
     return value
+
+
+def _positive_int(env: Mapping[str, str], variable: str, default: int) -> int:
+    return _int_at_least(env, variable, default, 1)
 
 
 def _non_negative_int(env: Mapping[str, str], variable: str, default: int) -> int:
-    raw = env.get(variable, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(variable, f"{raw!r} is not an integer") from None
-    if value < 0:
-        raise ConfigError(variable, f"{raw!r} must be 0 or a positive integer")
-    return value
+    return _int_at_least(env, variable, default, 0)
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:

