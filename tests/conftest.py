@@ -76,6 +76,53 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model", size="test")
 
 
+def terminate_group(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    """SIGTERM a process group started with ``start_new_session``; SIGKILL it if it lingers."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
+class PrivateRedis:
+    """An embedded Redis of one test's own, which the test may kill and restart on the same port."""
+
+    def __init__(self) -> None:
+        from app.embedded_redis import EmbeddedRedis, free_port
+
+        self._factory = EmbeddedRedis
+        self.port = free_port()
+        self.server = EmbeddedRedis(port=self.port).start()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.client = redis.Redis.from_url(self.url, decode_responses=True)
+
+    def restart(self, down_s: float) -> None:
+        """Stop, stay down ``down_s`` seconds, start again empty (it keeps nothing)."""
+        self.server.stop()
+        time.sleep(down_s)
+        self.server = self._factory(port=self.port).start()
+
+    def worker(self, worker_id: str, tmp_path: Path) -> WorkerProcess:
+        env = {**os.environ, "REDIS_URL": self.url, "WORKER_ID": worker_id, "HEARTBEAT_INTERVAL_SEC": "1",
+               "RESULTS_DIR": str(tmp_path / "results"), "MESHQ_LOG_FILE": str(tmp_path / "worker.log")}
+        return WorkerProcess(worker_id, env, ROOT, tmp_path / "stdout.log", [])
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.stop()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    server = PrivateRedis()
+    yield server
+    server.close()
+
+
 class WorkerProcess:
     """A real ``celery -A app worker`` subprocess."""
 

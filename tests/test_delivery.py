@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -14,8 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from app.embedded_redis import EmbeddedRedis, free_port
-from tests.conftest import ROOT, WorkerProcess, wait_for
+from tests.conftest import ROOT, PrivateRedis, wait_for
 
 
 def count_started(client: redis.Redis, stop: threading.Event, seen: list[dict]) -> threading.Thread:
@@ -63,28 +61,21 @@ def test_task_longer_than_visibility_timeout_runs_once(worker_factory, redis_cli
     assert not redis_client.exists(f"meshq:task:{result.id}:lease")
 
 
-def test_redis_restart_mid_task(tmp_path: Path) -> None:
+def test_redis_restart_mid_task(private_redis: PrivateRedis, tmp_path: Path) -> None:
     """Redis killed and restarted on the same port during a task: result stored, beats resume."""
-    port = free_port()
-    server = EmbeddedRedis(port=port).start()
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url, decode_responses=True)
-    env = {**os.environ, "REDIS_URL": url, "WORKER_ID": "survivor", "HEARTBEAT_INTERVAL_SEC": "1",
-           "RESULTS_DIR": str(tmp_path / "results"), "MESHQ_LOG_FILE": str(tmp_path / "worker.log")}
-    worker = WorkerProcess("survivor", env, ROOT, tmp_path / "stdout.log", [])
+    client = private_redis.client
+    worker = private_redis.worker("survivor", tmp_path)
     try:
         worker.wait_ready(client)
         submit = subprocess.run(
             [sys.executable, "-c",
              "import tasks; print(tasks.echo.apply_async(args=[{'taskType': 'echo', 'data': {'v': 'x'},"
              " 'echo': {'sleep_s': 8, 'steps': 8}}]).id)"],
-            env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+            env=worker.env, cwd=ROOT, capture_output=True, text=True, timeout=60)
         task_id = submit.stdout.strip()
         assert task_id, submit.stderr
         wait_for(lambda: client.hget("worker:survivor", "status") == "RUNNING", 30, message="task start")
-        server.stop()
-        time.sleep(1.5)
-        server = EmbeddedRedis(port=port).start()
+        private_redis.restart(down_s=1.5)
         wait_for(lambda: client.exists("worker:survivor:hb"), 30, message="heartbeats to resume")
 
         def stored() -> dict | None:
@@ -99,8 +90,6 @@ def test_redis_restart_mid_task(tmp_path: Path) -> None:
         wait_for(lambda: client.hget("worker:survivor", "status") == "IDLE", 30, message="IDLE after the task")
     finally:
         worker.close()
-        client.close()
-        server.stop()
 
 
 def test_task_that_keeps_killing_its_worker_is_capped(worker_factory, redis_client) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ import pytest
 import requests
 
 from app.embedded_redis import free_port
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT, terminate_group, wait_for
 
 DOCS = ROOT / "docs"
 AUTH = ("meshq", "flower-test")  # Flower's API needs auth (or FLOWER_UNAUTHENTICATED_API)
@@ -45,11 +44,7 @@ def flower(redis_url: str, tmp_path: Path) -> Iterator[str]:
         wait_for(up, 60, message="flower to answer")
         yield base
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        terminate_group(proc)
         log.close()
 
 

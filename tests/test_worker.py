@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -14,8 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from app.embedded_redis import EmbeddedRedis, free_port
-from tests.conftest import ROOT, WorkerProcess, wait_for
+from tests.conftest import ROOT, PrivateRedis, terminate_group, wait_for
 
 REGISTRY_FIELDS = {"worker_id", "status", "started_at", "pid", "env_json", "hardware_json",
                    "tags_json", "queues_json", "last_seen", "current_task", "last_task", "cost_per_hour"}
@@ -168,20 +166,13 @@ def test_tag_routing(worker_factory, redis_client) -> None:
     assert gpu.alive() and both.alive()
 
 
-def test_redis_restart_while_idle(tmp_path: Path) -> None:
+def test_redis_restart_while_idle(private_redis: PrivateRedis, tmp_path: Path) -> None:
     """Redis restarted on the same port: the worker reconnects, heartbeats resume, tasks run."""
-    port = free_port()
-    server = EmbeddedRedis(port=port).start()
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url, decode_responses=True)
-    env = {**os.environ, "REDIS_URL": url, "WORKER_ID": "phoenix", "HEARTBEAT_INTERVAL_SEC": "1",
-           "RESULTS_DIR": str(tmp_path / "results"), "MESHQ_LOG_FILE": str(tmp_path / "worker.log")}
-    worker = WorkerProcess("phoenix", env, ROOT, tmp_path / "stdout.log", [])
+    client = private_redis.client
+    worker = private_redis.worker("phoenix", tmp_path)
     try:
         worker.wait_ready(client)
-        server.stop()
-        time.sleep(2)
-        server = EmbeddedRedis(port=port).start()  # empty: it kept nothing
+        private_redis.restart(down_s=2)
         wait_for(lambda: client.exists("worker:phoenix:hb"), 30, message="heartbeats to resume")
         assert "phoenix" in client.smembers("workers:ids")
         assert client.hget("worker:phoenix", "status") == "IDLE"
@@ -189,14 +180,12 @@ def test_redis_restart_while_idle(tmp_path: Path) -> None:
         probe = subprocess.run(
             [sys.executable, "-c",
              "import tasks; print(tasks.echo.apply_async(args=[{'taskType': 'echo'}]).get(timeout=60)['worker_id'])"],
-            env=env, cwd=ROOT, capture_output=True, text=True, timeout=90)
+            env=worker.env, cwd=ROOT, capture_output=True, text=True, timeout=90)
         assert probe.stdout.strip() == "phoenix", probe.stderr
         assert worker.alive()
         assert "heartbeat resumed" in (tmp_path / "worker.log").read_text()
     finally:
         worker.close()
-        client.close()
-        server.stop()
 
 
 @pytest.mark.parametrize(("variable", "value"), [
@@ -226,9 +215,4 @@ def test_worker_without_redis_url_says_so(tmp_path: Path) -> None:
             return "REDIS_URL is not set: using redis://localhost:6379/0" in log
         wait_for(said_so, 60, message="the REDIS_URL log line")
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        terminate_group(proc, timeout_s=20)
