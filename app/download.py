@@ -41,6 +41,9 @@ class _Partial:
     digest: Any = field(default_factory=hashlib.sha256)
     resumed: bool = False
     server_sha256: str = ""
+    # The first reply's strong ETag (or Last-Modified): sent as If-Range when resuming,
+    # so a file that changed meanwhile comes back whole instead of spliced.
+    validator: str = ""
 
     def restart(self) -> None:
         self.size = 0
@@ -64,6 +67,8 @@ def download_file(url: str, dest: str | os.PathLike[str], *, expected_sha256: st
         request_headers["Accept-Encoding"] = "identity"  # byte offsets must mean file offsets
         if offset:
             request_headers["Range"] = f"bytes={offset}-"
+            if partial.validator:
+                request_headers["If-Range"] = partial.validator
         try:
             reply = requests.get(url, headers=request_headers, stream=True,
                                  timeout=(CONNECT_TIMEOUT_S, timeout_s))
@@ -83,9 +88,12 @@ def download_file(url: str, dest: str | os.PathLike[str], *, expected_sha256: st
                 raise ArtifactError(f"download of {shown} failed: {reason}", url=shown, status=status)
             if status == 206 and offset:
                 partial.resumed = True
-            else:  # the server sent the whole file (no Range support or first attempt)
+            else:  # the server sent the whole file (first attempt, no Range support, or it changed)
                 offset = 0
                 partial.restart()
+                etag = reply.headers.get("ETag", "")
+                partial.validator = etag if etag and not etag.startswith("W/") else \
+                    reply.headers.get("Last-Modified", "")
             total = _expected_total(reply, offset)
             partial.server_sha256 = reply.headers.get(CHECKSUM_HEADER, "") or partial.server_sha256
             with open(part, "ab" if offset else "wb") as fh:

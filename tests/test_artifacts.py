@@ -345,3 +345,56 @@ def test_broken_download_resumes_with_range(tmp_path: Path) -> None:
     assert FlakyHandler.requests_seen[0] is None and FlakyHandler.requests_seen[1].startswith("bytes=")
     assert (tmp_path / "weights.bin").read_bytes() == FlakyHandler.payload
     assert not (tmp_path / "weights.bin.part").exists()
+
+
+class ChangingHandler(http.server.BaseHTTPRequestHandler):
+    """The file changes between the broken first GET and the resume; ``If-Range`` honoured,
+    no checksum header: only If-Range can stop a spliced v1+v2 file."""
+
+    versions = {"v1": b"", "v2": b""}
+    current = "v1"
+    requests_seen: list[tuple[str | None, str | None]] = []
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+        rng, if_range = self.headers.get("Range"), self.headers.get("If-Range")
+        type(self).requests_seen.append((rng, if_range))
+        etag = f'"{self.current}"'
+        data = self.versions[self.current]
+        partial = bool(rng) and (if_range is None or if_range == etag)
+        start = int(rng.split("=")[1].rstrip("-")) if partial and rng else 0
+        self.send_response(206 if partial else 200)
+        if partial:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("ETag", etag)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        if len(type(self).requests_seen) == 1:  # break the first reply half-way, then change the file
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            type(self).current = "v2"
+            self.close_connection = True
+            return
+        self.wfile.write(data[start:])
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_resume_of_a_file_that_changed_downloads_it_whole(tmp_path: Path) -> None:
+    ChangingHandler.versions = {"v1": os.urandom(3 * 1024 * 1024 + 17), "v2": os.urandom(3 * 1024 * 1024 + 17)}
+    ChangingHandler.current, ChangingHandler.requests_seen = "v1", []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ChangingHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/weights.bin"
+        info = download_file(url, tmp_path / "weights.bin", policy=FAST)
+    finally:
+        server.shutdown()
+        server.server_close()
+    first, second = ChangingHandler.requests_seen[:2]
+    assert first == (None, None) and second[0] and second[0].startswith("bytes=") and second[1] == '"v1"'
+
+    assert (tmp_path / "weights.bin").read_bytes() == ChangingHandler.versions["v2"]
+    assert not info.resumed and info.sha256 == hashlib.sha256(ChangingHandler.versions["v2"]).hexdigest()
