@@ -398,3 +398,27 @@ def test_resume_of_a_file_that_changed_downloads_it_whole(tmp_path: Path) -> Non
 
     assert (tmp_path / "weights.bin").read_bytes() == ChangingHandler.versions["v2"]
     assert not info.resumed and info.sha256 == hashlib.sha256(ChangingHandler.versions["v2"]).hexdigest()
+
+
+def test_token_goes_only_to_the_orchestrator(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.artifacts import _token_for
+    from app.retry import redact
+    from app.upload import auth_headers
+
+    monkeypatch.setenv("ORCHESTRATOR_TOKEN", "tok")
+    monkeypatch.delenv("ORCHESTRATOR_BASE_URL", raising=False)
+    reset_settings()
+    try:
+        assert _token_for("http://evil.example/steal") == ""  # no orchestrator configured: nobody
+        monkeypatch.setenv("ORCHESTRATOR_BASE_URL", "http://127.0.0.1:8080")
+        reset_settings()
+        assert _token_for("http://127.0.0.1:8080/api/v1/results/t/files/a.zip") == "tok"
+        assert _token_for("http://127.0.0.1:9999/api/v1/results") == ""
+        assert _token_for("https://127.0.0.1:8080/api/v1/results") == ""
+        assert _token_for("http://evil.example/api/v1/results") == ""
+    finally:
+        reset_settings()
+    # A spec's own Authorization header (a third-party store) is never replaced.
+    assert auth_headers("tok", {"authorization": "Basic abc"}) == {"authorization": "Basic abc"}
+    assert auth_headers("tok") == {"Authorization": "Bearer tok"}
+    assert redact("https://u:p@store.example/a.zip?X-Amz-Signature=secret") == "https://store.example/a.zip?…"

@@ -106,3 +106,20 @@ def test_task_that_keeps_killing_its_worker_is_capped(worker_factory, redis_clie
         result.get(timeout=60)
     assert worker.alive()
     assert echo.apply_async(args=[{"taskType": "echo"}]).get(timeout=60)["worker_id"] == "capper"
+
+
+def test_duplicate_message_of_a_finished_task_is_dropped(worker_factory, redis_client) -> None:
+    """A second message with the id of a task that already succeeded (a chain step sent
+    twice, a late redelivery) does not run the work again and leaves the result alone."""
+    from tasks import echo
+
+    worker = worker_factory(worker_id="dedup")
+    task_id = str(uuid.uuid4())
+    first = echo.apply_async(args=[{"taskType": "echo", "data": {"n": 1}}], task_id=task_id).get(timeout=60)
+    echo.apply_async(args=[{"taskType": "echo", "data": {"n": 2}}], task_id=task_id)
+    follow_up = echo.apply_async(args=[{"taskType": "echo"}]).get(timeout=60)  # FIFO: the duplicate went first
+    assert follow_up["worker_id"] == "dedup"
+    assert redis_client.get(f"meshq:task:{task_id}:runs") == "1"
+    assert echo.AsyncResult(task_id).get(timeout=10) == first
+    assert first["echo"]["data"] == {"n": 1}
+    assert "already ended with SUCCESS; this delivery is dropped" in worker.log_path.with_name("worker.log").read_text()
