@@ -6,11 +6,13 @@ The test process itself is a Celery client: ``REDIS_URL`` is set before
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -74,6 +76,21 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from app.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model", size="test")
+
+
+@contextlib.contextmanager
+def http_server(handler: Any) -> Iterator[str]:
+    """A throw-away threaded HTTP server on loopback for ``handler``; yields its base URL."""
+    import http.server
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def terminate_group(process: subprocess.Popen, timeout_s: float = 15.0) -> None:

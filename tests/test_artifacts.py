@@ -9,7 +9,6 @@ import logging
 import os
 import stat
 import tarfile
-import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from app.retry import RetryPolicy, with_retries
 from app.settings import reset_settings
 from app.upload import post_json, upload_file
 from tasks.spec import CheckpointLoad
+from tests.conftest import http_server
 
 FAST = RetryPolicy(retries=2, backoff_s=0.05)
 
@@ -331,15 +331,8 @@ class FlakyHandler(http.server.BaseHTTPRequestHandler):
 def test_broken_download_resumes_with_range(tmp_path: Path) -> None:
     FlakyHandler.payload = os.urandom(3 * 1024 * 1024 + 17)
     FlakyHandler.requests_seen = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FlakyHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/weights.bin"
-        info = download_file(url, tmp_path / "weights.bin", policy=FAST)
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(FlakyHandler) as base:
+        info = download_file(f"{base}/weights.bin", tmp_path / "weights.bin", policy=FAST)
     assert info.resumed and info.bytes == len(FlakyHandler.payload)
     assert info.sha256 == hashlib.sha256(FlakyHandler.payload).hexdigest()
     assert FlakyHandler.requests_seen[0] is None and FlakyHandler.requests_seen[1].startswith("bytes=")
@@ -384,15 +377,8 @@ class ChangingHandler(http.server.BaseHTTPRequestHandler):
 def test_resume_of_a_file_that_changed_downloads_it_whole(tmp_path: Path) -> None:
     ChangingHandler.versions = {"v1": os.urandom(3 * 1024 * 1024 + 17), "v2": os.urandom(3 * 1024 * 1024 + 17)}
     ChangingHandler.current, ChangingHandler.requests_seen = "v1", []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ChangingHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/weights.bin"
-        info = download_file(url, tmp_path / "weights.bin", policy=FAST)
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(ChangingHandler) as base:
+        info = download_file(f"{base}/weights.bin", tmp_path / "weights.bin", policy=FAST)
     first, second = ChangingHandler.requests_seen[:2]
     assert first == (None, None) and second[0] and second[0].startswith("bytes=") and second[1] == '"v1"'
 

@@ -223,24 +223,19 @@ def test_dataset_file_prompts(executor, tiny_model_dir, base_reference, tmp_path
 def test_dataset_from_url(executor, tiny_model_dir, base_reference, tmp_path) -> None:
     """``data.url``: the file is downloaded into the task directory, then read like a local one."""
     import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import SimpleHTTPRequestHandler
+
+    from tests.conftest import http_server
 
     served = tmp_path / "served"
     served.mkdir()
     (served / "prompts.csv").write_text("prompt\n" + "".join(f'"{p}"\n' for p in PROMPTS[2:5]))
     handler = functools.partial(SimpleHTTPRequestHandler, directory=str(served))
     handler.log_message = lambda *args: None  # type: ignore[attr-defined]
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with http_server(handler) as base:
         spec = make_spec(tiny_model_dir)
-        spec["data"] = {"type": "dataset", "url": f"http://127.0.0.1:{server.server_port}/prompts.csv"}
+        spec["data"] = {"type": "dataset", "url": f"{base}/prompts.csv"}
         result = run(executor, spec, tmp_path / "task")
-    finally:
-        server.shutdown()
-        server.server_close()
     assert [i["prompt"] for i in result["items"]] == PROMPTS[2:5]
     assert [i["output"] for i in result["items"]] == [r["output"] for r in base_reference[2:5]]
     assert (tmp_path / "task" / "inputs" / "prompts.csv").is_file()
