@@ -1,8 +1,8 @@
 """Streaming HTTP transfers for the orchestrator server: multipart uploads and ranged downloads.
 
 Uploads are parsed from the raw request stream, never held whole in memory: the
-multipart parser hands file bytes over in batches to a thread that hashes and
-writes them (both release the GIL) while the event loop receives the next batch.
+multipart parser hands file bytes over in batches to two threads, one hashing and
+one writing them (both release the GIL), while the event loop receives the next batch.
 Downloads read the next 1 MiB chunk in a thread while the current one is sent.
 """
 
@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from app.errors import MeshqError
 from app.result_store import OpenFile, ResultStore, UploadSink, checked
 
-UPLOAD_BATCH_BYTES = 1024 * 1024  # file bytes handed to the writer thread at a time
+UPLOAD_BATCH_BYTES = 4 * 1024 * 1024  # file bytes handed to the hash and write threads at a time
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 MULTIPART_ALLOWANCE_BYTES = 64 * 1024  # boundaries, part headers and small fields on top of the file
 MAX_FIELD_BYTES = 1024  # a non-file form field (``sha256``)
@@ -53,7 +53,7 @@ class MultipartUpload:
 
     Field ``file`` (with a filename) is the artifact; an optional field ``sha256`` is
     the expected checksum. Other fields are ignored (bounded). At most one batch of
-    file bytes is being hashed and written in a thread while the next is parsed.
+    file bytes is being hashed and written (in two threads) while the next is parsed.
     """
 
     def __init__(self, store: ResultStore, task_id: str, boundary: bytes, max_file_bytes: int) -> None:
@@ -72,7 +72,7 @@ class MultipartUpload:
         self._file_done = False
         self._pending: list[memoryview | bytes] = []
         self._pending_bytes = 0
-        self._inflight: concurrent.futures.Future[None] | None = None
+        self._inflight: list[concurrent.futures.Future[None]] = []
         self.parser = MultipartParser(boundary, {
             "on_part_begin": self._on_part_begin,
             "on_header_field": self._on_header_field,
@@ -169,13 +169,14 @@ class MultipartUpload:
         return self._pending_bytes >= UPLOAD_BATCH_BYTES
 
     async def flush(self) -> None:
-        """Wait for the batch in the writer thread, then hand it the pending one."""
-        if self._inflight is not None:
-            await asyncio.wrap_future(self._inflight)
-            self._inflight = None
+        """Wait for the batch in the hash and write threads, then hand them the pending one."""
+        for future in self._inflight:
+            await asyncio.wrap_future(future)
+        self._inflight = []
         if self._pending and self.sink is not None:
             batch, self._pending, self._pending_bytes = self._pending, [], 0
-            self._inflight = io_pool.submit(self.sink.write, batch)  # type: ignore[arg-type]
+            self._inflight = [io_pool.submit(self.sink.hash, batch),  # type: ignore[arg-type]
+                              io_pool.submit(self.sink.write, batch)]  # type: ignore[arg-type]
 
     async def finish(self) -> None:
         self.parser.finalize()
@@ -187,12 +188,13 @@ class MultipartUpload:
         await self.flush()
 
     def abort(self) -> None:
-        """Remove the temporary file, once the writer thread is done with it."""
+        """Remove the temporary file, once the hash and write threads are done with it."""
         sink = self.sink
         if sink is None:
             return
-        if self._inflight is not None and not self._inflight.done():
-            self._inflight.add_done_callback(lambda _f: sink.abort())
+        running = [f for f in self._inflight if not f.done()]
+        if running:
+            io_pool.submit(lambda: (concurrent.futures.wait(running), sink.abort()))
         else:
             sink.abort()
 
