@@ -34,7 +34,11 @@ _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del
 #  -1 another worker holds the lease,  -2 the task was cancelled,
 #  -3 the task already succeeded,      -4 a redelivered copy of a task that failed.
 # A finished task is seen in Celery's own result key, so a duplicate message (a
-# redelivery, or a chain step sent twice) never runs the work again.
+# redelivery, or a chain step sent twice) never runs the work again. When the lease
+# is taken, ARGV[4] (Celery's encoded STARTED meta, if any) is stored and published
+# as Celery's ``task_track_started`` would, with expiry ARGV[5] seconds (0: none):
+# the task start then costs one round trip instead of three, and a copy that only
+# waits never overwrites the running copy's state.
 _HELD, _CANCELLED, _SUCCEEDED, _FAILED = -1, -2, -3, -4
 _ACQUIRE = """
 local meta = redis.call('get', KEYS[4])
@@ -49,6 +53,11 @@ if redis.call('exists', KEYS[3]) == 1 then return -2 end
 local holder = redis.call('get', KEYS[1])
 if holder and holder ~= ARGV[1] then return -1 end
 redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if ARGV[4] ~= '' then
+  if tonumber(ARGV[5]) > 0 then redis.call('setex', KEYS[4], ARGV[5], ARGV[4])
+  else redis.call('set', KEYS[4], ARGV[4]) end
+  redis.call('publish', KEYS[4], ARGV[4])
+end
 if ARGV[3] == '1' then return redis.call('incr', KEYS[2]) end
 return tonumber(redis.call('get', KEYS[2]) or '0')
 """
@@ -85,10 +94,12 @@ def refresh_leases(pipe: Any, task_ids: list[str], owner: str, ttl_s: int) -> No
 
 class TaskLease:
     def __init__(self, client: redis.Redis, task_id: str, owner: str, ttl_s: int,
-                 result_key: str | bytes = b"") -> None:
+                 result_key: str | bytes = b"", started_meta: str = "", result_expires_s: int = 0) -> None:
         self.client = client
         self.task_id = task_id
         self.result_key = result_key  # Celery's result-backend key of the task
+        self.started_meta = started_meta  # stored under result_key when the lease is taken
+        self.result_expires_s = result_expires_s
         self.key = keys.task_lease(task_id)
         self.owner = owner
         self.ttl_s = ttl_s
@@ -96,7 +107,7 @@ class TaskLease:
     def _acquire_args(self, count_run: bool) -> tuple[Any, ...]:
         return (_ACQUIRE, 4, self.key, keys.task_runs(self.task_id), keys.task_cancel(self.task_id),
                 self.result_key or f"celery-task-meta-{self.task_id}", self.owner, self.ttl_s,
-                "1" if count_run else "0")
+                "1" if count_run else "0", self.started_meta, self.result_expires_s)
 
     def acquire_in(self, pipe: Any, count_run: bool) -> None:
         """Add a first acquisition attempt to a pipeline (the task-start round trip);

@@ -88,16 +88,23 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
 
 def write_task_outputs(task_dir: str | os.PathLike[str], result: dict[str, Any], *,
                        known_sha256: dict[str, str] | None = None,
-                       reuse: dict[str, Any] | None = None) -> dict[str, Any]:
+                       reuse: dict[str, Any] | None = None, walk: bool = True) -> dict[str, Any]:
     """Write ``responses.json`` then ``manifest.json`` (which covers it); return the manifest.
 
     ``reuse``: the manifest this directory got moments ago; only ``responses.json``
     changed since, so every other entry is kept instead of hashing the files again.
+    ``walk=False``: the executor wrote no files of its own, so the manifest lists
+    ``responses.json`` alone without reading the directory.
     """
     task_dir = os.fspath(task_dir)
-    os.makedirs(task_dir, exist_ok=True)
     body = json_bytes(result)
-    write_bytes_atomic(os.path.join(task_dir, RESPONSES_NAME), body)
+    try:
+        write_bytes_atomic(os.path.join(task_dir, RESPONSES_NAME), body)
+    except FileNotFoundError:  # the task made no directory yet (checked lazily: one syscall less)
+        os.makedirs(task_dir, exist_ok=True)
+        write_bytes_atomic(os.path.join(task_dir, RESPONSES_NAME), body)
+    if reuse is None and not walk:
+        reuse = {"files": []}
     if reuse is not None:
         files = [f for f in reuse["files"] if f["path"] != RESPONSES_NAME]
         files.append({"path": RESPONSES_NAME, "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()})

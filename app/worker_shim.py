@@ -7,9 +7,12 @@ Pool child: mark the worker RUNNING/IDLE and publish task events around each tas
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import signals
@@ -100,10 +103,51 @@ def _runtime_s(task_id: str) -> float:
     return round(time.monotonic() - started, 3) if started is not None else 0.0
 
 
-# Start and end of a task each cost one Redis round trip: status + both events.
+class StatusWriter:
+    """Task-end status writes, in order, from one background thread of the pool child.
+
+    The end of a task (IDLE, ``TASK_SUCCEEDED``/``FAILED``, lease release) then costs
+    the task no Redis round trip: the child reports its result and takes the next
+    task while the write goes out. The next task's start waits for it first, so a
+    worker's status changes reach Redis in the order they happened.
+    """
+
+    def __init__(self) -> None:
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pid = 0
+        self._last: concurrent.futures.Future[Any] | None = None
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        if self._executor is None or self._pid != os.getpid():  # first use in this process
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="meshq-status")
+            self._pid = os.getpid()
+        self._last = self._executor.submit(fn, *args, **kwargs)
+
+    def wait(self, timeout_s: float = 30.0) -> None:
+        """Block until every submitted write is done (or failed)."""
+        last = self._last
+        if last is None or self._pid != os.getpid():
+            return
+        try:
+            last.result(timeout=timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a lost status write must not fail the next task
+            log.warning("status write failed: %s", exc)
+
+
+_status_writer = StatusWriter()
+
+
+@signals.worker_process_shutdown.connect
+def flush_status_writes(**_: Any) -> None:
+    _status_writer.wait()
+
+
+# Start and end of a task each cost one Redis round trip (status + both events +
+# lease); the end's goes out in the background.
 @signals.task_prerun.connect
 def on_task_start(task_id: str, task: Any, **_: Any) -> None:
     worker_id = get_settings().worker_id
+    _status_writer.wait()  # the previous task's IDLE must not land after this RUNNING
     _started_at[task_id] = time.monotonic()
     # meshq tasks make their first lease attempt in this same round trip.
     lease = task.lease_for_current() if hasattr(task, "lease_for_current") else None
@@ -132,5 +176,5 @@ def on_task_end(task_id: str, task: Any, retval: Any = None, state: str | None =
     # The task's lease is released here, after Celery stored the result, so a
     # redelivered copy waiting for it finds the result.
     lease = getattr(task.request, "meshq_lease", None)
-    set_worker_status(worker_id, IDLE, last_task=task_id, task_event=event,
-                      extra=lease.release_in if lease is not None else None)
+    _status_writer.submit(set_worker_status, worker_id, IDLE, last_task=task_id, task_event=event,
+                          extra=lease.release_in if lease is not None else None)

@@ -4,7 +4,12 @@ Same Redis (embedded unless REDIS_URL is set), same worker settings (prefork,
 concurrency 1, prefetch 1, late acks, JSON, events on). Prints throughput of each,
 the ratio, and p50/p99 submit→start latency. Target: meshq ≥ 0.7× bare Celery.
 
-    python bench/dispatch.py [--tasks 2000]
+Each echo task also creates its directory and two files, so a slow filesystem
+under ``--results-dir`` shows in meshq's number (on the development VM, file
+creation slowed 15× after heavy disk traffic); ``--results-dir /dev/shm`` takes
+the disk out and leaves the dispatch overhead itself.
+
+    python bench/dispatch.py [--tasks 2000] [--rounds 3] [--results-dir DIR]
 """
 
 from __future__ import annotations
@@ -57,6 +62,19 @@ def wait_worker_ready(app, timeout_s: float = 60) -> None:
     raise SystemExit("worker did not answer ping")
 
 
+def filesystem_of(path: Path) -> str:
+    """``type (mount point)`` of the filesystem holding ``path``, from /proc/mounts."""
+    best = ("?", "")
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _dev, mount, fstype, *_ = line.split()
+            if str(path.resolve()).startswith(mount) and len(mount) >= len(best[1]):
+                best = (fstype, mount)
+    except OSError:
+        pass
+    return f"{best[0]} ({best[1] or '?'})"
+
+
 def run_bare(n: int, env: dict[str, str], workdir: Path) -> dict[str, float]:
     worker = start_worker("bench.bare_app", env, workdir / "bare.log")
     try:
@@ -100,8 +118,8 @@ def listen_for_starts(url: str, ready: Any, stop: Any, out: Any) -> None:
     out.put(started)
 
 
-def run_meshq(n: int, env: dict[str, str], workdir: Path) -> dict[str, float]:
-    worker_env = {**env, "WORKER_ID": "bench", "RESULTS_DIR": str(workdir / "results"),
+def run_meshq(n: int, env: dict[str, str], workdir: Path, results_dir: Path) -> dict[str, float]:
+    worker_env = {**env, "WORKER_ID": "bench", "RESULTS_DIR": str(results_dir),
                   "MESHQ_LOG_FILE": str(workdir / "meshq-worker.log"), "LOG_LEVEL": "WARNING"}
     worker = start_worker("app", worker_env, workdir / "meshq.log")
     client = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
@@ -144,27 +162,38 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3,
                         help="alternate bare/meshq this many times; the median round is reported")
+    parser.add_argument("--results-dir", default=None,
+                        help="parent of the echo tasks' RESULTS_DIR (default: the system temp dir)")
     args = parser.parse_args()
     server = None
     if not os.environ.get("REDIS_URL"):
         server = EmbeddedRedis().start()
         os.environ["REDIS_URL"] = server.url
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    rounds = []
+    rounds: list[tuple[float, dict[str, float], dict[str, float]]] = []
+    results_fs = "?"
     try:
         for _ in range(args.rounds):
             # Alternating rounds: a noisy neighbour slows both sides, not one.
-            with tempfile.TemporaryDirectory(prefix="meshq-bench-dispatch-") as tmp:
+            with tempfile.TemporaryDirectory(prefix="meshq-bench-dispatch-") as tmp, \
+                    tempfile.TemporaryDirectory(prefix="meshq-bench-results-", dir=args.results_dir) as results:
                 workdir = Path(tmp)
-                redis.Redis.from_url(os.environ["REDIS_URL"]).flushdb()
-                bare = run_bare(args.tasks, env, workdir)
-                redis.Redis.from_url(os.environ["REDIS_URL"]).flushdb()
-                meshq = run_meshq(args.tasks, env, workdir)
+                results_fs = filesystem_of(Path(results))
+                sides: dict[str, dict[str, float]] = {}
+                # Alternate which side goes first too: a disk or a neighbour that slows
+                # down during the run then costs both sides alike.
+                order = ("bare", "meshq") if len(rounds) % 2 == 0 else ("meshq", "bare")
+                for side in order:
+                    redis.Redis.from_url(os.environ["REDIS_URL"]).flushdb()
+                    sides[side] = (run_bare(args.tasks, env, workdir) if side == "bare"
+                                   else run_meshq(args.tasks, env, workdir, Path(results)))
+                bare, meshq = sides["bare"], sides["meshq"]
             rounds.append((meshq["tasks_per_s"] / bare["tasks_per_s"], bare, meshq))
     finally:
         if server is not None:
             server.stop()
-    print(f"\ndispatch: {args.tasks} tasks, 1 worker (prefork, concurrency 1, prefetch 1, acks_late)")
+    print(f"\ndispatch: {args.tasks} tasks, 1 worker (prefork, concurrency 1, prefetch 1, acks_late); "
+          f"echo outputs on {results_fs}")
     print(f"{'round':<7}{'':<14}{'tasks/s':>10}{'p50 submit→start ms':>22}{'p99 ms':>10}{'elapsed s':>11}")
     for i, (_, bare, meshq) in enumerate(rounds, 1):
         for name, row in (("bare celery", bare), ("meshq echo", meshq)):

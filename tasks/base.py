@@ -8,7 +8,9 @@ kept, so they can keep a model warm between tasks.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,7 +31,11 @@ log = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
-    """Pure work: spec + output directory in, result dict out, progress via callback."""
+    """Pure work: spec + output directory in, result dict out, progress via callback.
+
+    An executor whose class sets ``writes_files = False`` promises to leave nothing
+    in ``out_dir``: its manifest is then made without reading the directory.
+    """
 
     def run(self, spec: TaskSpec, out_dir: Path, progress: Progress) -> dict[str, Any]: ...
 
@@ -65,6 +71,13 @@ def archive_digests(result: dict[str, Any], out_dir: Path) -> dict[str, str]:
     return digests
 
 
+@functools.lru_cache(maxsize=8)
+def results_root(results_dir: str) -> Path:
+    """``RESULTS_DIR`` made absolute once per process, not once per task (a syscall per
+    path component)."""
+    return Path(results_dir).resolve()
+
+
 def split_args(args: tuple[Any, ...]) -> tuple[Any, Any]:
     """``task(spec)`` or, inside a plain Celery chain, ``task(previous_result, spec)``."""
     if len(args) == 1:
@@ -87,6 +100,10 @@ class MeshqTask(Task):
     abstract = True
     task_type = ""
     typing = False  # arguments are checked by the spec, not by Celery's signature check
+    # STARTED is stored by the lease script in the task-start round trip (worker_shim),
+    # and only when this delivery really starts; Celery's own tracking would cost two
+    # more round trips and overwrite a running copy's PROGRESS from a waiting one.
+    track_started = False
 
     def run(self, *args: Any, pipeline: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
         settings = get_settings()
@@ -101,7 +118,7 @@ class MeshqTask(Task):
         spec = parse_task_spec(raw_spec)
         if spec.taskType != self.task_type:
             raise SpecError("spec.taskType", f"{spec.taskType!r} sent to the {self.task_type!r} task")
-        out_dir = Path(settings.results_dir).resolve() / task_id
+        out_dir = results_root(settings.results_dir) / task_id
         out_dir.mkdir(parents=True, exist_ok=True)
         progress = CeleryProgress(self, settings.worker_id, self.task_type)
         # One run at a time: a redelivered copy waits while the first run is alive, then
@@ -132,7 +149,8 @@ class MeshqTask(Task):
         result = {"task_id": task_id, "taskType": self.task_type,
                   "worker_id": settings.worker_id, **result}
         try:
-            manifest = write_task_outputs(out_dir, result, known_sha256=archive_digests(result, out_dir))
+            manifest = write_task_outputs(out_dir, result, known_sha256=archive_digests(result, out_dir),
+                                          walk=getattr(executor, "writes_files", True))
         except OSError as exc:  # disk full, read-only mount...: say where, keep the worker
             raise ExecutorError(f"could not write the results to {out_dir}: {exc}", path=str(out_dir)) from exc
         delivered = result
@@ -149,9 +167,20 @@ class MeshqTask(Task):
             settings = get_settings()
             lease = TaskLease(get_redis(), self.request.id, settings.worker_id,
                               lease_ttl_s(settings.heartbeat_interval_s),
-                              result_key=self.backend.get_key_for_task(self.request.id))
+                              result_key=self.backend.get_key_for_task(self.request.id),
+                              started_meta=self._started_meta(),
+                              result_expires_s=int(getattr(self.backend, "expires", 0) or 0))
             self.request.meshq_lease = lease  # released by the task_postrun handler (worker_shim)
         return lease
+
+    def _started_meta(self) -> str:
+        """Celery's encoded STARTED meta for the current request (what ``task_track_started``
+        stores: pid and hostname, plus the extended fields under ``result_extended``)."""
+        backend = self.backend
+        meta = backend._get_result_meta(result={"pid": os.getpid(), "hostname": self.request.hostname},
+                                        state=states.STARTED, traceback=None, request=self.request)
+        meta["task_id"] = self.request.id
+        return str(backend.encode(meta))
 
     def counts_this_run(self) -> bool:
         """A first delivery counts as a run at once; a redelivered one only after it

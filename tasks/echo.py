@@ -15,6 +15,8 @@ from tasks.spec import EchoOptions, TaskSpec
 class EchoExecutor:
     """Returns the spec's ``data`` and ``echo.message``; optionally sleeps in steps."""
 
+    writes_files = False  # its manifest lists responses.json alone
+
     def run(self, spec: TaskSpec, out_dir: Path, progress: Progress) -> dict[str, Any]:
         options = spec.echo or EchoOptions()
         started = time.monotonic()
