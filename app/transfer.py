@@ -193,10 +193,15 @@ class MultipartUpload:
         if sink is None:
             return
         running = [f for f in self._inflight if not f.done()]
-        if running:
-            io_pool.submit(lambda: (concurrent.futures.wait(running), sink.abort()))
-        else:
+        if not running:
             sink.abort()
+            return
+
+        def abort_when_done() -> None:
+            concurrent.futures.wait(running)
+            sink.abort()
+
+        io_pool.submit(abort_when_done)
 
 
 # -- downloads -------------------------------------------------------------------
