@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 
@@ -104,6 +105,29 @@ def test_registration_heartbeat_events_and_task(worker_factory, redis_client) ->
         wait_for(lambda: "UNREGISTER" in sub.types("workers.events"), 5, message="UNREGISTER")
     finally:
         sub.close()
+
+
+def test_running_task_is_started_in_celery_and_status_ends_idle(worker_factory, redis_client) -> None:
+    """STARTED (stored by the lease script, as task_track_started would) carries the pool
+    child's pid, the node name and the extended fields; the background task-end write
+    still leaves the worker IDLE with the task's lease released."""
+    from app.celery import app
+    from tasks.submit import submit_task
+
+    worker = worker_factory(worker_id="started1")
+    submission = submit_task(echo_spec(sleep_s=3, steps=1))  # no progress update until the end
+    handle = app.AsyncResult(submission.task_id)
+    wait_for(lambda: handle.state == "STARTED", 15, message="state STARTED")
+    info = handle.info
+    child_pids = {c.pid for c in psutil.Process(worker.process.pid).children(recursive=True)}
+    assert info["pid"] in child_pids and info["pid"] != worker.process.pid
+    assert info["hostname"].startswith("meshq-started1@")
+    assert handle.name == "meshq.echo" and handle.worker == info["hostname"]
+    assert redis_client.get(f"meshq:task:{submission.task_id}:lease") == "started1"
+    assert handle.get(timeout=30)["worker_id"] == "started1"
+    wait_for(lambda: redis_client.hget("worker:started1", "status") == "IDLE", 10, message="IDLE")
+    assert redis_client.hget("worker:started1", "last_task") == submission.task_id
+    assert not redis_client.exists(f"meshq:task:{submission.task_id}:lease")
 
 
 def test_failed_task_event_and_worker_goes_on(worker_factory, redis_client) -> None:
