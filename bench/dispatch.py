@@ -123,8 +123,11 @@ def run_meshq(n: int, env: dict[str, str], workdir: Path, results_dir: Path) -> 
                   "MESHQ_LOG_FILE": str(workdir / "meshq-worker.log"), "LOG_LEVEL": "WARNING"}
     worker = start_worker("app", worker_env, workdir / "meshq.log")
     client = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
-    ready, stop_flag, out = multiprocessing.Event(), multiprocessing.Event(), multiprocessing.Queue()
-    listener = multiprocessing.Process(target=listen_for_starts, args=(env["REDIS_URL"], ready, stop_flag, out))
+    # spawn, not fork: this process has threads (Celery's) by the second round, and a
+    # forked child can inherit one of their locks held.
+    context = multiprocessing.get_context("spawn")
+    ready, stop_flag, out = context.Event(), context.Event(), context.Queue()
+    listener = context.Process(target=listen_for_starts, args=(env["REDIS_URL"], ready, stop_flag, out))
     listener.start()
     ready.wait(10)
     try:
@@ -173,22 +176,22 @@ def main() -> int:
     rounds: list[tuple[float, dict[str, float], dict[str, float]]] = []
     results_fs = "?"
     try:
-        for _ in range(args.rounds):
-            # Alternating rounds: a noisy neighbour slows both sides, not one.
-            with tempfile.TemporaryDirectory(prefix="meshq-bench-dispatch-") as tmp, \
-                    tempfile.TemporaryDirectory(prefix="meshq-bench-results-", dir=args.results_dir) as results:
-                workdir = Path(tmp)
-                results_fs = filesystem_of(Path(results))
+        # All rounds' files are removed at the end: deleting thousands of task
+        # directories between rounds would slow the next round's file creation.
+        with tempfile.TemporaryDirectory(prefix="meshq-bench-dispatch-") as tmp, \
+                tempfile.TemporaryDirectory(prefix="meshq-bench-results-", dir=args.results_dir) as results:
+            workdir = Path(tmp)
+            results_fs = filesystem_of(Path(results))
+            for round_no in range(args.rounds):
+                # Alternating rounds, and which side goes first: a noisy neighbour or a
+                # disk that slows down during the run then costs both sides alike.
                 sides: dict[str, dict[str, float]] = {}
-                # Alternate which side goes first too: a disk or a neighbour that slows
-                # down during the run then costs both sides alike.
-                order = ("bare", "meshq") if len(rounds) % 2 == 0 else ("meshq", "bare")
-                for side in order:
+                for side in ("bare", "meshq") if round_no % 2 == 0 else ("meshq", "bare"):
                     redis.Redis.from_url(os.environ["REDIS_URL"]).flushdb()
                     sides[side] = (run_bare(args.tasks, env, workdir) if side == "bare"
-                                   else run_meshq(args.tasks, env, workdir, Path(results)))
+                                   else run_meshq(args.tasks, env, workdir, Path(results) / f"round{round_no}"))
                 bare, meshq = sides["bare"], sides["meshq"]
-            rounds.append((meshq["tasks_per_s"] / bare["tasks_per_s"], bare, meshq))
+                rounds.append((meshq["tasks_per_s"] / bare["tasks_per_s"], bare, meshq))
     finally:
         if server is not None:
             server.stop()
