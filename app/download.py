@@ -1,6 +1,7 @@
 """Streamed downloads with retries, ``Range`` resume and sha256 verification.
 
-The body goes to ``<dest>.part`` in 1 MiB chunks and is hashed as it arrives. A
+The body goes to ``<dest>.part`` in 1 MiB chunks and is hashed as it arrives (in a
+thread, so hashing overlaps the writes). A
 connection that breaks half-way is retried; when the server answers the retry's
 ``Range`` request with 206 the download continues where it stopped, otherwise it
 starts again. Only a complete, verified file is renamed to ``dest``.
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,35 @@ class _Partial:
     def restart(self) -> None:
         self.size = 0
         self.digest = hashlib.sha256()
+
+
+class ChunkHasher:
+    """Feeds chunks to a hash object from a thread, in order.
+
+    hashlib releases the GIL on large buffers, so hashing one chunk overlaps reading
+    and writing the next; at most ``depth`` chunks wait. Leaving the ``with`` block
+    waits until every chunk handed over is in the digest.
+    """
+
+    def __init__(self, digest: Any, depth: int = 8) -> None:
+        self.digest = digest
+        self._chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="meshq-hash", daemon=True)
+
+    def _run(self) -> None:
+        while (chunk := self._chunks.get()) is not None:
+            self.digest.update(chunk)
+
+    def __enter__(self) -> ChunkHasher:
+        self._thread.start()
+        return self
+
+    def update(self, chunk: bytes) -> None:
+        self._chunks.put(chunk)
+
+    def __exit__(self, *exc: object) -> None:
+        self._chunks.put(None)
+        self._thread.join()
 
 
 def download_file(url: str, dest: str | os.PathLike[str], *, expected_sha256: str | None = None,
@@ -96,11 +128,11 @@ def download_file(url: str, dest: str | os.PathLike[str], *, expected_sha256: st
                     reply.headers.get("Last-Modified", "")
             total = _expected_total(reply, offset)
             partial.server_sha256 = reply.headers.get(CHECKSUM_HEADER, "") or partial.server_sha256
-            with open(part, "ab" if offset else "wb") as fh:
+            with open(part, "ab" if offset else "wb") as fh, ChunkHasher(partial.digest) as hasher:
                 try:
                     for chunk in reply.iter_content(CHUNK_BYTES):
                         fh.write(chunk)
-                        partial.digest.update(chunk)
+                        hasher.update(chunk)  # only bytes that reached the file count
                         partial.size += len(chunk)
                 except (requests.ConnectionError, requests.Timeout,
                         requests.exceptions.ChunkedEncodingError) as exc:

@@ -53,6 +53,7 @@ from app.transfer import (
     io_pool,
     parse_range,
     read_body,
+    tune_allocator_for_streaming,
 )
 
 log = logging.getLogger("meshq.server")
@@ -683,6 +684,7 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, results_dir: Path 
 
     settings = load_settings()
     configure_logging(settings.log_level)
+    tune_allocator_for_streaming()
     app = create_app(results_dir, settings)
     store: ResultStore = app.state.store
     store.root.mkdir(parents=True, exist_ok=True)

@@ -2,12 +2,13 @@
 
 Uploads (multipart POST) and downloads (GET) a file of ``--size-mb`` MiB through a
 real server process on loopback with curl (or a small raw-socket client when curl
-is missing), and copies the same file with ``cp``. Each operation runs ``--repeat``
-times after a ``sync``; the best run counts, timed both without and with a
-final ``sync`` (page cache vs on disk). The server's peak RSS is sampled
-every 10 ms during the transfers. Target: ≥ 50% of cp's throughput, RSS < 200 MB.
+is missing), and copies the same file with ``cp``. Each of ``--repeat`` rounds runs
+the three once (after a ``sync``, in an order that rotates), timed both without
+and with a final ``sync`` (page cache vs on disk); each transfer is compared with
+the ``cp`` of its own round and the median ratio counts. The server's peak RSS is
+sampled every 10 ms. Target: ≥ 50% of cp's throughput, RSS < 200 MB.
 
-    python bench/server_transfer.py [--size-mb 1024] [--repeat 3] [--workdir DIR]
+    python bench/server_transfer.py [--size-mb 1024] [--repeat 5] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -122,6 +124,20 @@ def raw_upload(url: str, src: Path) -> dict:
     return dict(json.loads(body))
 
 
+def meshq_upload(url: str, src: Path) -> dict:
+    """The worker's own client (app.upload): what a training task's artifact takes."""
+    from app.upload import upload_file
+
+    return upload_file(url, src)
+
+
+def meshq_download(url: str, dst: Path) -> None:
+    """The worker's own client (app.download): Range resume, sha256 verified on the way."""
+    from app.download import download_file
+
+    download_file(url, dst)
+
+
 def raw_download(url: str, dst: Path) -> None:
     with urllib.request.urlopen(url) as reply, open(dst, "wb") as fh:
         shutil.copyfileobj(reply, fh, 4 * MIB)
@@ -135,30 +151,48 @@ def _split(url: str) -> tuple[str, int, str]:
 
 
 # -- the benchmark -------------------------------------------------------------------
-def best_of(repeat: int, action: Callable[[], object], before: Callable[[], None]) -> tuple[float, float]:
-    """Best wall time of ``action`` alone (page cache) and of ``action`` + ``sync`` (on disk)."""
-    cached, durable = [], []
-    for _ in range(repeat):
-        before()
-        subprocess.run(["sync"], check=False)
-        started = time.perf_counter()
-        action()
-        cached.append(time.perf_counter() - started)
-        subprocess.run(["sync"], check=False)
-        durable.append(time.perf_counter() - started)
-    return min(cached), min(durable)
+def timed(action: Callable[[], object], before: Callable[[], None]) -> tuple[float, float]:
+    """Wall time of ``action`` alone (page cache) and of ``action`` + ``sync`` (on disk)."""
+    before()
+    subprocess.run(["sync"], check=False)
+    started = time.perf_counter()
+    action()
+    cached = time.perf_counter() - started
+    subprocess.run(["sync"], check=False)
+    return cached, time.perf_counter() - started
+
+
+def rounds_of(repeat: int, operations: dict[str, tuple[Callable[[], object], Callable[[], None]]]
+              ) -> dict[str, list[tuple[float, float]]]:
+    """``repeat`` rounds, each running every operation once, the order rotating per round.
+
+    This VM's write speed swings by up to 10× from one second to the next (memory the
+    host hands back lazily), so operations are compared within a round, never one
+    operation's lucky run against another's unlucky one.
+    """
+    names = list(operations)
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    for i in range(repeat):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            action, before = operations[name]
+            times[name].append(timed(action, before))
+    return times
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=1024, help="file size in MiB (default 1024)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each operation; the best counts")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="rounds (each runs cp, upload and download once); medians of the ratios count")
     parser.add_argument("--workdir", default=None, help="directory on the disk to test (default: .bench/ in the repo)")
-    parser.add_argument("--client", choices=["auto", "curl", "python"], default="auto")
+    parser.add_argument("--client", choices=["auto", "curl", "meshq", "python"], default="auto",
+                        help="curl (auto, when installed), meshq's own worker client, or a raw socket client")
     args = parser.parse_args()
 
     use_curl = args.client == "curl" or (args.client == "auto" and shutil.which("curl") is not None)
     upload, download = (curl_upload, curl_download) if use_curl else (raw_upload, raw_download)
+    if args.client == "meshq":
+        upload, download = meshq_upload, meshq_download
     base_dir = Path(args.workdir or ROOT / ".bench")
     base_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="server-transfer-", dir=base_dir))
@@ -168,11 +202,6 @@ def main() -> int:
         src = work / "payload.bin"
         print(f"writing a {args.size_mb} MiB test file in {work} ...", flush=True)
         src_sha = make_file(src, args.size_mb)
-
-        copy_dst = work / "copy.bin"
-        cp_s = best_of(args.repeat, lambda: subprocess.run(["cp", str(src), str(copy_dst)], check=True),
-                       lambda: copy_dst.unlink(missing_ok=True))
-        copy_dst.unlink(missing_ok=True)
 
         port = free_port()
         results = work / "results"
@@ -195,37 +224,45 @@ def main() -> int:
         idle_rss = psutil.Process(server.pid).memory_info().rss
 
         upload_url = f"{base}/api/v1/results/bench/files"
-        replies: list[dict] = []
+        download_url = f"{upload_url}/{src.name}"
         stored = results / "bench" / "artifacts" / src.name
-        with RssSampler(server.pid) as up_rss:
-            up_s = best_of(args.repeat, lambda: replies.append(upload(upload_url, src)),
-                           lambda: stored.unlink(missing_ok=True))
-        if replies[-1]["sha256"] != src_sha or replies[-1]["bytes"] != size:
-            raise SystemExit(f"upload reply does not match the file: {replies[-1]}")
-
-        down_dst = work / "download.bin"
-        with RssSampler(server.pid) as down_rss:
-            down_s = best_of(args.repeat, lambda: download(f"{upload_url}/{src.name}", down_dst),
-                             lambda: down_dst.unlink(missing_ok=True))
+        copy_dst, down_dst = work / "copy.bin", work / "download.bin"
+        replies: list[dict] = [upload(upload_url, src)]  # a first upload, so a round may start with a download
+        operations = {
+            "cp": (lambda: subprocess.run(["cp", str(src), str(copy_dst)], check=True),
+                   lambda: copy_dst.unlink(missing_ok=True)),
+            "upload": (lambda: replies.append(upload(upload_url, src)), lambda: stored.unlink(missing_ok=True)),
+            "download": (lambda: download(download_url, down_dst), lambda: down_dst.unlink(missing_ok=True)),
+        }
+        with RssSampler(server.pid) as rss:
+            times = rounds_of(args.repeat, operations)
+        if any(r["sha256"] != src_sha or r["bytes"] != size for r in replies):
+            raise SystemExit(f"an upload reply does not match the file: {replies}")
         if sha256_file(down_dst) != src_sha:
             raise SystemExit("downloaded bytes differ from the uploaded file")
 
         def mbps(seconds: float) -> float:
             return size / 1e6 / seconds
 
-        client = "curl" if use_curl else "python (sendfile)"
-        print(f"\nserver transfer, {args.size_mb} MiB file, best of {args.repeat}, client {client}, "
-              f"server idle RSS {idle_rss / 1e6:.0f} MB")
+        client = "meshq (app.upload/app.download)" if args.client == "meshq" else \
+            "curl" if use_curl else "python (sendfile)"
+        print(f"\nserver transfer, {args.size_mb} MiB file, {args.repeat} rounds, client {client}, "
+              f"server RSS idle {idle_rss / 1e6:.0f} MB, peak {rss.peak / 1e6:.0f} MB")
         print("'cached': the operation alone (data may still be in the page cache); "
-              "'on disk': until a following sync returns")
-        print(f"{'operation':<16} {'cached MB/s':>11} {'vs cp':>6} {'on disk MB/s':>12} {'vs cp':>6} "
-              f"{'server peak RSS':>16}")
-        print(f"{'cp (same disk)':<16} {mbps(cp_s[0]):>11.0f} {'1.00':>6} {mbps(cp_s[1]):>12.0f} {'1.00':>6} "
-              f"{'-':>16}")
-        for name, (cached, durable), rss in (("upload (POST)", up_s, up_rss.peak),
-                                             ("download (GET)", down_s, down_rss.peak)):
-            print(f"{name:<16} {mbps(cached):>11.0f} {cp_s[0] / cached:>6.2f} {mbps(durable):>12.0f} "
-                  f"{cp_s[1] / durable:>6.2f} {rss / 1e6:>13.0f} MB")
+              "'on disk': until a following sync returns; 'vs cp': against cp in the same round")
+        print(f"{'round':<6} {'operation':<10} {'cached MB/s':>11} {'vs cp':>6} {'on disk MB/s':>12} {'vs cp':>6}")
+        ratios: dict[str, list[tuple[float, float]]] = {"upload": [], "download": []}
+        for i in range(args.repeat):
+            cp_cached, cp_disk = times["cp"][i]
+            for name in ("cp", "upload", "download"):
+                cached, durable = times[name][i]
+                if name != "cp":
+                    ratios[name].append((cp_cached / cached, cp_disk / durable))
+                print(f"{i + 1:<6} {name:<10} {mbps(cached):>11.0f} {cp_cached / cached:>6.2f} "
+                      f"{mbps(durable):>12.0f} {cp_disk / durable:>6.2f}")
+        for name, pairs in ratios.items():
+            print(f"median {name} vs cp: cached {statistics.median(p[0] for p in pairs):.2f}, "
+                  f"on disk {statistics.median(p[1] for p in pairs):.2f}")
         print("target: >= 0.50 of cp, server RSS < 200 MB")
         return 0
     finally:
