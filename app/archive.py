@@ -6,7 +6,9 @@ files (weights) are stored, not deflated: they do not compress and deflating a
 GiB of weights would cost more than sending it.
 
 ``safe_extract`` refuses anything that could write outside the target: absolute
-names, ``..`` components, links that point outside, device files and fifos. It
+names, ``..`` components, links that point outside, device files and fifos, and
+archives that would unpack to more than their budget (a zip bomb filling the
+worker's disk: ``MESHQ_MAX_UNPACK_BYTES``, by default 100× the archive + 64 MiB). It
 extracts into a fresh temporary directory beside the target and renames it into
 place only when every member was checked and written, so a rejected archive
 leaves nothing behind.
@@ -27,7 +29,40 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from app.errors import ArtifactError
+from app.errors import ArtifactError, ConfigError
+
+# Real model archives unpack to about their own size (weights are stored, not
+# deflated); tokenizer and config files compress maybe 10×. 100× is far beyond
+# both and far below what a zip bomb makes.
+MAX_UNPACK_RATIO = 100
+LINK_TARGET_MAX_BYTES = 4096  # PATH_MAX
+UNPACK_ALLOWANCE_BYTES = 64 * 1024 * 1024
+
+
+def unpack_budget(archive: Path) -> int:
+    """Bytes an archive may unpack to: ``MESHQ_MAX_UNPACK_BYTES``, else 100× its size + 64 MiB."""
+    raw = os.environ.get("MESHQ_MAX_UNPACK_BYTES", "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ConfigError("MESHQ_MAX_UNPACK_BYTES", f"{raw!r} must be a positive number of bytes")
+        return int(raw)
+    return MAX_UNPACK_RATIO * archive.stat().st_size + UNPACK_ALLOWANCE_BYTES
+
+
+class _Budget:
+    """Counts the bytes a member adds; refuses the archive once they exceed the budget."""
+
+    def __init__(self, archive: Path) -> None:
+        self.archive = archive
+        self.limit = unpack_budget(archive)
+        self.used = 0
+
+    def take(self, rel: str, size: int) -> None:
+        self.used += size
+        if self.used > self.limit:
+            raise ArtifactError(f"{self.archive}: unpacking {rel!r} would exceed {self.limit} bytes "
+                                "(MESHQ_MAX_UNPACK_BYTES; 100x the archive size by default)",
+                                path=str(self.archive))
 
 ARCHIVE_FORMATS = ("zip", "tar.gz")
 DEFAULT_ARCHIVE_FORMAT = "zip"
@@ -213,6 +248,7 @@ def _destination(root: Path, archive: Path, rel: str) -> Path:
 
 
 def _extract_zip(archive: Path, root: Path) -> None:
+    budget = _Budget(archive)
     with zipfile.ZipFile(archive) as zf:
         for info in zf.infolist():
             rel = _member_path(archive, info.filename)
@@ -220,6 +256,9 @@ def _extract_zip(archive: Path, root: Path) -> None:
                 continue
             mode = info.external_attr >> 16 if info.create_system == 3 else 0  # unix modes only
             if stat.S_ISLNK(mode):
+                if info.file_size > LINK_TARGET_MAX_BYTES:  # read whole: must be small
+                    raise ArtifactError(f"{archive}: link {rel!r} has a {info.file_size}-byte target",
+                                        path=str(archive))
                 target = zf.read(info).decode("utf-8", "replace")
                 _check_link(archive, rel, target, hard=False)
                 dest = _destination(root, archive, rel)
@@ -242,6 +281,9 @@ def _extract_zip(archive: Path, root: Path) -> None:
             if not _inside(root, dest.parent):
                 raise ArtifactError(f"{archive}: member {rel!r} would be written outside the target",
                                     path=str(archive))
+            # zipfile never returns more than the declared size (and checks the CRC),
+            # so the declared size is what this member will cost.
+            budget.take(rel, info.file_size)
             with zf.open(info) as src, open(dest, "wb") as out:
                 shutil.copyfileobj(src, out, COPY_CHUNK_BYTES)
 
@@ -257,6 +299,7 @@ def _check_links_inside(archive: Path, root: Path) -> None:
 
 
 def _extract_tar(archive: Path, root: Path, gzipped: bool) -> None:
+    budget = _Budget(archive)
     with tarfile.open(archive, "r:gz" if gzipped else "r:") as tf:
         for member in tf:
             rel = _member_path(archive, member.name)
@@ -270,6 +313,8 @@ def _extract_tar(archive: Path, root: Path, gzipped: bool) -> None:
                 raise ArtifactError(f"{archive}: member {rel!r} is a device, fifo or other special file",
                                     path=str(archive))
             _destination(root, archive, rel)
+            if member.isfile():
+                budget.take(rel, member.size)  # a tar member's data is stored at its full size
             member.name = rel
             # The data filter re-checks everything above and drops ownership and odd modes.
             try:

@@ -20,7 +20,7 @@ import requests
 from app.archive import make_archive, safe_extract
 from app.artifacts import CheckpointCache, checkpoint_kind, fetch_checkpoint
 from app.download import download_file
-from app.errors import ArtifactError, SpecError
+from app.errors import ArtifactError, ConfigError, SpecError
 from app.manifest import sha256_file
 from app.retry import RetryPolicy, with_retries
 from app.settings import reset_settings
@@ -174,6 +174,40 @@ def test_corrupt_archive_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="bad.zip"):
         safe_extract(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _zeros_zip(path: Path, mib: int) -> Path:
+    """A deflated zip of ``mib`` MiB of zeros: a few hundred KiB on disk (a small zip bomb)."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("m/model.safetensors", "w", force_zip64=True) as out:
+            for _ in range(mib):
+                out.write(bytes(1024 * 1024))
+    return path
+
+
+def test_zip_bomb_is_refused_by_the_default_ratio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MESHQ_MAX_UNPACK_BYTES", raising=False)
+    bomb = _zeros_zip(tmp_path / "bomb.zip", 160)  # ~160 KiB → 160 MiB: over 100x + 64 MiB
+    assert bomb.stat().st_size < 1024 * 1024
+    with pytest.raises(ArtifactError, match="MESHQ_MAX_UNPACK_BYTES"):
+        safe_extract(bomb, tmp_path / "cache" / "out")
+    assert list((tmp_path / "cache").iterdir()) == []  # no target, no half-unpacked temp dir
+
+
+def test_unpack_budget_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = _zeros_zip(tmp_path / "small.zip", 3)
+    monkeypatch.setenv("MESHQ_MAX_UNPACK_BYTES", str(2 * 1024 * 1024))
+    with pytest.raises(ArtifactError, match="m/model.safetensors"):
+        safe_extract(archive, tmp_path / "out")
+    tarball = _tar(tmp_path / "small.tar.gz", [_member("m/w.bin")], {"m/w.bin": bytes(3 * 1024 * 1024)})
+    with pytest.raises(ArtifactError, match="exceed 2097152 bytes"):
+        safe_extract(tarball, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("MESHQ_MAX_UNPACK_BYTES", str(4 * 1024 * 1024))
+    assert (safe_extract(archive, tmp_path / "out") / "m" / "model.safetensors").stat().st_size == 3 * 1024 * 1024
+    monkeypatch.setenv("MESHQ_MAX_UNPACK_BYTES", "lots")
+    with pytest.raises(ConfigError, match="MESHQ_MAX_UNPACK_BYTES"):
+        safe_extract(tarball, tmp_path / "out2")
 
 
 # -- checkpoint fetch (local) ----------------------------------------------------------------
