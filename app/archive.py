@@ -35,6 +35,7 @@ from app.errors import ArtifactError, ConfigError
 # deflated); tokenizer and config files compress maybe 10×. 100× is far beyond
 # both and far below what a zip bomb makes.
 MAX_UNPACK_RATIO = 100
+MEMBER_OVERHEAD_BYTES = 4096  # what any member costs (inode, directory entry): caps their number
 LINK_TARGET_MAX_BYTES = 4096  # PATH_MAX
 UNPACK_ALLOWANCE_BYTES = 64 * 1024 * 1024
 
@@ -58,7 +59,7 @@ class _Budget:
         self.used = 0
 
     def take(self, rel: str, size: int) -> None:
-        self.used += size
+        self.used += size + MEMBER_OVERHEAD_BYTES
         if self.used > self.limit:
             raise ArtifactError(f"{self.archive}: unpacking {rel!r} would exceed {self.limit} bytes "
                                 "(MESHQ_MAX_UNPACK_BYTES; 100x the archive size by default)",
@@ -259,6 +260,7 @@ def _extract_zip(archive: Path, root: Path) -> None:
                 if info.file_size > LINK_TARGET_MAX_BYTES:  # read whole: must be small
                     raise ArtifactError(f"{archive}: link {rel!r} has a {info.file_size}-byte target",
                                         path=str(archive))
+                budget.take(rel, 0)
                 target = zf.read(info).decode("utf-8", "replace")
                 _check_link(archive, rel, target, hard=False)
                 dest = _destination(root, archive, rel)
@@ -275,6 +277,7 @@ def _extract_zip(archive: Path, root: Path) -> None:
                                     path=str(archive))
             dest = _destination(root, archive, rel)
             if info.is_dir():
+                budget.take(rel, 0)
                 dest.mkdir(parents=True, exist_ok=True)
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -300,11 +303,14 @@ def _check_links_inside(archive: Path, root: Path) -> None:
 
 def _extract_tar(archive: Path, root: Path, gzipped: bool) -> None:
     budget = _Budget(archive)
+    sizes: dict[str, int] = {}  # member → data size, for hard links to it
     with tarfile.open(archive, "r:gz" if gzipped else "r:") as tf:
         for member in tf:
             rel = _member_path(archive, member.name)
             if not rel:
                 continue
+            if member.issparse():  # written from a map the budget cannot trust
+                raise ArtifactError(f"{archive}: member {rel!r} is a sparse file", path=str(archive))
             if member.issym() or member.islnk():
                 target = _check_link(archive, rel, member.linkname, hard=member.islnk())
                 if member.islnk():
@@ -313,8 +319,12 @@ def _extract_tar(archive: Path, root: Path, gzipped: bool) -> None:
                 raise ArtifactError(f"{archive}: member {rel!r} is a device, fifo or other special file",
                                     path=str(archive))
             _destination(root, archive, rel)
-            if member.isfile():
-                budget.take(rel, member.size)  # a tar member's data is stored at its full size
+            if member.islnk():
+                # Where a hard link cannot be made, tarfile copies the target's data.
+                budget.take(rel, sizes.get(member.linkname, 0))
+            else:
+                budget.take(rel, member.size if member.isfile() else 0)  # stored at full size
+                sizes[rel] = member.size if member.isfile() else 0
             member.name = rel
             # The data filter re-checks everything above and drops ownership and odd modes.
             try:

@@ -65,10 +65,15 @@ class ChunkHasher:
         self.digest = digest
         self._chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
         self._thread = threading.Thread(target=self._run, name="meshq-hash", daemon=True)
+        self.error: BaseException | None = None
 
     def _run(self) -> None:
         while (chunk := self._chunks.get()) is not None:
-            self.digest.update(chunk)
+            if self.error is None:  # after an error, keep draining so update() never blocks
+                try:
+                    self.digest.update(chunk)
+                except BaseException as exc:  # noqa: BLE001 - re-raised by __exit__
+                    self.error = exc
 
     def __enter__(self) -> ChunkHasher:
         self._thread.start()
@@ -80,6 +85,8 @@ class ChunkHasher:
     def __exit__(self, *exc: object) -> None:
         self._chunks.put(None)
         self._thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def download_file(url: str, dest: str | os.PathLike[str], *, expected_sha256: str | None = None,

@@ -94,7 +94,8 @@ def refresh_leases(pipe: Any, task_ids: list[str], owner: str, ttl_s: int) -> No
 
 class TaskLease:
     def __init__(self, client: redis.Redis, task_id: str, owner: str, ttl_s: int,
-                 result_key: str | bytes = b"", started_meta: str = "", result_expires_s: int = 0) -> None:
+                 result_key: str | bytes = b"", started_meta: str | bytes = "",
+                 result_expires_s: int = 0) -> None:
         self.client = client
         self.task_id = task_id
         self.result_key = result_key  # Celery's result-backend key of the task

@@ -416,7 +416,7 @@ def create_app(results_dir: Path | str | None = None, settings: Settings | None 
                 if want != actual:
                     raise ApiError(422, f"sha256: the upload's checksum is {actual}, expected {want}; "
                                         "nothing was kept", "sha256")
-            size, sha256 = await asyncio.wrap_future(io_pool.submit(sink.commit))
+            size, sha256 = await upload.commit()
         except ClientDisconnect:
             upload.abort()
             log.info("upload %s/%s abandoned by the client after %d bytes", task_id,

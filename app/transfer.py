@@ -16,6 +16,7 @@ import logging
 import os
 import re
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -107,7 +108,7 @@ class MultipartUpload:
         self._file_done = False
         self._pending: list[memoryview | bytes] = []
         self._pending_bytes = 0
-        self._inflight: list[concurrent.futures.Future[None]] = []
+        self._inflight: list[concurrent.futures.Future[Any]] = []
         self.parser = MultipartParser(boundary, {
             "on_part_begin": self._on_part_begin,
             "on_header_field": self._on_header_field,
@@ -221,6 +222,19 @@ class MultipartUpload:
             raise ApiError(400, "file: the multipart form has no 'file' part", "file")
         await self.flush()
         await self.flush()
+
+    async def commit(self) -> tuple[int, str]:
+        """Rename the finished upload into place (in a thread); returns (bytes, sha256).
+
+        Tracked like a batch, so an ``abort`` while it runs (the request cancelled at
+        shutdown) waits for it instead of closing the file under it.
+        """
+        assert self.sink is not None
+        future = io_pool.submit(self.sink.commit)
+        self._inflight = [future]
+        result = await asyncio.wrap_future(future)
+        self._inflight = []
+        return result
 
     def abort(self) -> None:
         """Remove the temporary file, once the hash and write threads are done with it."""

@@ -103,6 +103,9 @@ def _runtime_s(task_id: str) -> float:
     return round(time.monotonic() - started, 3) if started is not None else 0.0
 
 
+STATUS_WRITE_WARN_S = 30.0
+
+
 class StatusWriter:
     """Task-end status writes, in order, from one background thread of the pool child.
 
@@ -123,15 +126,21 @@ class StatusWriter:
             self._pid = os.getpid()
         self._last = self._executor.submit(fn, *args, **kwargs)
 
-    def wait(self, timeout_s: float = 30.0) -> None:
-        """Block until every submitted write is done (or failed)."""
+    def wait(self) -> None:
+        """Block until every submitted write is done (or failed) — however long Redis's
+        retries take, so a late IDLE can never overwrite the next task's RUNNING."""
         last = self._last
         if last is None or self._pid != os.getpid():
             return
-        try:
-            last.result(timeout=timeout_s)
-        except Exception as exc:  # noqa: BLE001 - a lost status write must not fail the next task
-            log.warning("status write failed: %s", exc)
+        while True:
+            try:
+                last.result(timeout=STATUS_WRITE_WARN_S)
+                return
+            except concurrent.futures.TimeoutError:
+                log.warning("the previous task's status write is still retrying; the next task waits")
+            except Exception as exc:  # noqa: BLE001 - a lost status write must not fail the next task
+                log.warning("status write failed: %s", exc)
+                return
 
 
 _status_writer = StatusWriter()

@@ -173,14 +173,15 @@ class MeshqTask(Task):
             self.request.meshq_lease = lease  # released by the task_postrun handler (worker_shim)
         return lease
 
-    def _started_meta(self) -> str:
+    def _started_meta(self) -> str | bytes:
         """Celery's encoded STARTED meta for the current request (what ``task_track_started``
         stores: pid and hostname, plus the extended fields under ``result_extended``)."""
         backend = self.backend
         meta = backend._get_result_meta(result={"pid": os.getpid(), "hostname": self.request.hostname},
                                         state=states.STARTED, traceback=None, request=self.request)
         meta["task_id"] = self.request.id
-        return str(backend.encode(meta))
+        encoded: str | bytes = backend.encode(meta)  # stored as Celery itself would store it
+        return encoded
 
     def counts_this_run(self) -> bool:
         """A first delivery counts as a run at once; a redelivered one only after it

@@ -9,6 +9,7 @@ import logging
 import os
 import stat
 import tarfile
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import requests
 
 from app.archive import make_archive, safe_extract
 from app.artifacts import CheckpointCache, checkpoint_kind, fetch_checkpoint
-from app.download import download_file
+from app.download import ChunkHasher, download_file
 from app.errors import ArtifactError, ConfigError, SpecError
 from app.manifest import sha256_file
 from app.retry import RetryPolicy, with_retries
@@ -208,6 +209,49 @@ def test_unpack_budget_from_the_environment(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("MESHQ_MAX_UNPACK_BYTES", "lots")
     with pytest.raises(ConfigError, match="MESHQ_MAX_UNPACK_BYTES"):
         safe_extract(tarball, tmp_path / "out2")
+
+
+def test_unpack_budget_counts_members_links_and_refuses_sparse(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHQ_MAX_UNPACK_BYTES", str(3 * 1024 * 1024))
+    weights = {"m/w.bin": bytes(2 * 1024 * 1024)}
+    assert safe_extract(_tar(tmp_path / "one.tar.gz", [_member("m/w.bin")], weights), tmp_path / "ok").is_dir()
+    # A hard link costs its target's size: tarfile copies the data where it cannot link.
+    linked = _tar(tmp_path / "linked.tar.gz",
+                  [_member("m/w.bin"), _member("m/again.bin", tarfile.LNKTYPE, "m/w.bin")], weights)
+    with pytest.raises(ArtifactError, match="m/again.bin"):
+        safe_extract(linked, tmp_path / "out")
+    # Every member costs something, empty or not: thousands of empty files are refused.
+    empties = _tar(tmp_path / "empties.tar.gz", [_member(f"m/e{i}") for i in range(1000)],
+                   {f"m/e{i}": b"" for i in range(1000)})
+    with pytest.raises(ArtifactError, match="exceed"):
+        safe_extract(empties, tmp_path / "out")
+    sparse = _member("m/s.bin", tarfile.GNUTYPE_SPARSE)
+    with pytest.raises(ArtifactError, match="is a sparse file"):
+        safe_extract(_tar(tmp_path / "sparse.tar.gz", [sparse], {"m/s.bin": b"x"}), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_chunk_hasher_reports_a_failing_digest_instead_of_hanging() -> None:
+    class Broken:
+        def update(self, data: bytes) -> None:
+            raise ValueError("digest broke")
+
+    outcome: list[BaseException] = []
+
+    def feed() -> None:
+        try:
+            with ChunkHasher(Broken(), depth=1) as hasher:
+                for _ in range(20):
+                    hasher.update(b"chunk")
+        except ValueError as exc:
+            outcome.append(exc)
+
+    runner = threading.Thread(target=feed, daemon=True)
+    runner.start()
+    runner.join(10)
+    assert not runner.is_alive(), "the download loop blocked on a dead hashing thread"
+    assert [str(e) for e in outcome] == ["digest broke"]
 
 
 # -- checkpoint fetch (local) ----------------------------------------------------------------
