@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -35,36 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.embedded_redis import free_port  # noqa: E402
+from app.manifest import sha256_file  # noqa: E402
+from bench.rss import TreeRss  # noqa: E402
 
 MIB = 1024 * 1024
-
-
-class RssSampler:
-    """Peak RSS of one process, sampled in a thread."""
-
-    def __init__(self, pid: int, interval_s: float = 0.01) -> None:
-        self.process = psutil.Process(pid)
-        self.interval_s = interval_s
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.peak = max(self.peak, self.process.memory_info().rss)
-            except psutil.Error:
-                return
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> RssSampler:
-        self.peak = self.process.memory_info().rss
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def make_file(path: Path, size_mb: int) -> str:
@@ -77,14 +50,6 @@ def make_file(path: Path, size_mb: int) -> str:
             piece = i.to_bytes(8, "little") + block[8:n]
             fh.write(piece)
             digest.update(piece)
-    return digest.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(4 * MIB):
-            digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -234,7 +199,7 @@ def main() -> int:
             "upload": (lambda: replies.append(upload(upload_url, src)), lambda: stored.unlink(missing_ok=True)),
             "download": (lambda: download(download_url, down_dst), lambda: down_dst.unlink(missing_ok=True)),
         }
-        with RssSampler(server.pid) as rss:
+        with TreeRss(server.pid) as rss:
             times = rounds_of(args.repeat, operations)
         if any(r["sha256"] != src_sha or r["bytes"] != size for r in replies):
             raise SystemExit(f"an upload reply does not match the file: {replies}")
@@ -247,7 +212,7 @@ def main() -> int:
         client = "meshq (app.upload/app.download)" if args.client == "meshq" else \
             "curl" if use_curl else "python (sendfile)"
         print(f"\nserver transfer, {args.size_mb} MiB file, {args.repeat} rounds, client {client}, "
-              f"server RSS idle {idle_rss / 1e6:.0f} MB, peak {rss.peak / 1e6:.0f} MB")
+              f"server RSS idle {idle_rss / 1e6:.0f} MB, peak {rss.peak_root / 1e6:.0f} MB")
         print("'cached': the operation alone (data may still be in the page cache); "
               "'on disk': until a following sync returns; 'vs cp': against cp in the same round")
         print(f"{'round':<6} {'operation':<10} {'cached MB/s':>11} {'vs cp':>6} {'on disk MB/s':>12} {'vs cp':>6}")
