@@ -323,8 +323,8 @@ def _extract_tar(archive: Path, root: Path, gzipped: bool) -> None:
                 # Where a hard link cannot be made, tarfile copies the target's data.
                 budget.take(rel, sizes.get(member.linkname, 0))
             else:
-                budget.take(rel, member.size if member.isfile() else 0)  # stored at full size
-                sizes[rel] = member.size if member.isfile() else 0
+                sizes[rel] = member.size if member.isfile() else 0  # stored at full size
+                budget.take(rel, sizes[rel])
             member.name = rel
             # The data filter re-checks everything above and drops ownership and odd modes.
             try:
