@@ -25,6 +25,8 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check app tasks pipelines tests bench celeryconfig.py
 	$(BIN)/mypy app tasks pipelines celeryconfig.py
+	# The direction of imports between layers (contracts in setup.cfg, [importlinter]).
+	$(BIN)/lint-imports
 
 demo: install
 	$(BIN)/meshq demo

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from celery import Celery
 
 from app.errors import ConfigError
@@ -10,9 +12,10 @@ from app.settings import get_settings
 try:
     get_settings()
 except ConfigError as exc:  # bad environment: stop with a message naming the variable
-    raise SystemExit(f"meshq: configuration error: {exc}") from None
+    print(f"meshq: configuration error: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None  # the exit status of every meshq usage/configuration error
 
 app = Celery("meshq")
 app.config_from_object("celeryconfig")
 
-from app import worker_shim  # noqa: E402,F401  (connects the worker signals)
+from app.worker import signals  # noqa: E402,F401  (connects the worker signals)

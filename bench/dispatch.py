@@ -31,7 +31,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.embedded_redis import EmbeddedRedis  # noqa: E402
+from app.cli.embedded_redis import EmbeddedRedis  # noqa: E402
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from app.tiny_model import CORPUS, build_tiny_model  # noqa: E402
+from app.cli.tiny_model import CORPUS, build_tiny_model  # noqa: E402
 
 MODELS_DIR = ROOT / ".bench" / "models"
 WORDS = CORPUS.split()
@@ -109,10 +109,10 @@ def naive_generate(model_path: Path, prompts: list[str], max_new_tokens: int, *,
 def run_executor(model_path: Path, prompts: list[str], max_new_tokens: int, **spec_options: Any
                  ) -> dict[str, Any]:
     """The meshq executor on ``prompts`` after a small warm-up task (model load)."""
-    from tasks.inference import InferenceExecutor
-    from tasks.models import ModelCache
-    from tasks.progress import Progress
-    from tasks.spec import parse_task_spec
+    from app.spec import parse_task_spec
+    from tasks.executors.inference import InferenceExecutor
+    from tasks.executors.models import ModelCache
+    from tasks.executors.progress import Progress
 
     executor = InferenceExecutor(ModelCache())
     with tempfile.TemporaryDirectory() as out:
@@ -167,10 +167,10 @@ def memory_child(model_path: Path, n: int, max_new_tokens: int) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
-    from tasks.inference import InferenceExecutor
-    from tasks.models import ModelCache
-    from tasks.progress import Progress
-    from tasks.spec import parse_task_spec
+    from app.spec import parse_task_spec
+    from tasks.executors.inference import InferenceExecutor
+    from tasks.executors.models import ModelCache
+    from tasks.executors.progress import Progress
 
     prompts = make_prompts(n, SHORT_WORD_COUNTS, seed=1)
     executor = InferenceExecutor(ModelCache())
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     memory_sizes = (200, 2000) if args.quick else (1000, 10_000)
     rows: list[tuple[str, str, str, str]] = [("metric", "value", "target", "")]
 
-    from app.local_cluster import LocalCluster
+    from app.cli.local_cluster import LocalCluster
 
     with LocalCluster(Path(tempfile.mkdtemp(prefix="meshq-bench-inference-"))) as cluster:
         # Redis first: the Celery client in this process reads REDIS_URL when first imported.

@@ -33,8 +33,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.embedded_redis import free_port  # noqa: E402
-from app.manifest import sha256_file  # noqa: E402
+from app.artifacts.manifest import sha256_file  # noqa: E402
+from app.cli.embedded_redis import free_port  # noqa: E402
 from bench.rss import TreeRss  # noqa: E402
 
 MIB = 1024 * 1024
@@ -90,15 +90,15 @@ def raw_upload(url: str, src: Path) -> dict:
 
 
 def meshq_upload(url: str, src: Path) -> dict:
-    """The worker's own client (app.upload): what a training task's artifact takes."""
-    from app.upload import upload_file
+    """The worker's own client (app.artifacts.upload): what a training task's artifact takes."""
+    from app.artifacts.upload import upload_file
 
     return upload_file(url, src)
 
 
 def meshq_download(url: str, dst: Path) -> None:
-    """The worker's own client (app.download): Range resume, sha256 verified on the way."""
-    from app.download import download_file
+    """The worker's own client (app.artifacts.download): Range resume, sha256 verified on the way."""
+    from app.artifacts.download import download_file
 
     download_file(url, dst)
 
@@ -173,7 +173,7 @@ def main() -> int:
         env = {**os.environ, "MESHQ_MAX_UPLOAD_BYTES": str(size * 2), "LOG_LEVEL": "WARNING"}
         env.pop("ORCHESTRATOR_TOKEN", None)
         server_log = open(work / "server.log", "wb")
-        server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port),
+        server = subprocess.Popen([sys.executable, "-m", "app.cli.main", "serve", "--port", str(port),
                                    "--results-dir", str(results)], cwd=ROOT, env=env,
                                   stdout=server_log, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
@@ -209,7 +209,7 @@ def main() -> int:
         def mbps(seconds: float) -> float:
             return size / 1e6 / seconds
 
-        client = "meshq (app.upload/app.download)" if args.client == "meshq" else \
+        client = "meshq (app.upload/app.artifacts.download)" if args.client == "meshq" else \
             "curl" if use_curl else "python (sendfile)"
         print(f"\nserver transfer, {args.size_mb} MiB file, {args.repeat} rounds, client {client}, "
               f"server RSS idle {idle_rss / 1e6:.0f} MB, peak {rss.peak_root / 1e6:.0f} MB")

@@ -5,7 +5,7 @@ size) and a set of prompt/response pairs, then trains the same LoRA adapter twic
 on this machine's CPU (or ``--device cuda``):
 
 * plain: a separate Python process with transformers' ``Trainer`` + peft, the
-  same ``TrainingArguments`` (``tasks.training.training_arguments``), data and
+  same ``TrainingArguments`` (``tasks.executors.training.training_arguments``), data and
   collator, no Celery, no progress reporting;
 * meshq: a ``lora_sft`` task through a real worker (``LocalCluster``: embedded
   Redis + ``celery worker``): progress every step, cancel checks, archive.
@@ -62,9 +62,9 @@ def plain(spec_json: str, out_json: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
     from transformers.trainer_callback import PrinterCallback
 
-    from tasks.spec import parse_task_spec
-    from tasks.training import training_arguments
-    from tasks.training_data import PaddingCollator, load_examples, tokenize_examples
+    from app.spec import parse_task_spec
+    from tasks.executors.training import training_arguments
+    from tasks.executors.training_data import PaddingCollator, load_examples, tokenize_examples
 
     spec = parse_task_spec(json.loads(Path(spec_json).read_text()))
     assert spec.model is not None and spec.training is not None and spec.lora is not None
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.steps = args.steps or (20 if args.quick else 60)
 
-    from app.local_cluster import LocalCluster
-    from app.tiny_model import build_tiny_model, parameter_count
+    from app.cli.local_cluster import LocalCluster
+    from app.cli.tiny_model import build_tiny_model, parameter_count
 
     workdir = Path(tempfile.mkdtemp(prefix="meshq-bench-training-"))
     size = "test" if args.quick else "bench"

@@ -1,4 +1,4 @@
-"""Live progress of a pipeline: one line per stage, redrawn on a terminal, plain lines otherwise."""
+"""Live progress of a pipeline: a rich progress bar per stage on a terminal, plain lines otherwise."""
 
 from __future__ import annotations
 
@@ -6,27 +6,49 @@ import sys
 import time
 from typing import IO, Any
 
-# Progress fields executors report, in the order they are shown.
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+# Progress fields executors report, in the order they are shown: counter, then its totals.
 _COUNTERS = (("step", ("total_steps", "max_steps", "total")), ("done", ("total",)),
              ("batch", ("batches",)), ("epoch", ("num_train_epochs", "epochs")))
-_RATES = (("loss", "loss {:.4g}"), ("tokens_per_s", "{:.1f} tok/s"), ("tokens_per_sec", "{:.1f} tok/s"),
-          ("samples_per_s", "{:.2f} samples/s"), ("learning_rate", "lr {:.2g}"), ("eta_s", "eta {:.0f}s"),
-          ("phase", "{}"), ("message", "{}"))
+_RATES = (("loss", "loss {:.4g}"), ("reward", "reward {:.4g}"), ("tokens_per_s", "{:.1f} tok/s"),
+          ("tokens_per_sec", "{:.1f} tok/s"), ("samples_per_s", "{:.2f} samples/s"),
+          ("learning_rate", "lr {:.2g}"), ("eta_s", "eta {:.0f}s"), ("phase", "{}"), ("message", "{}"))
 PLAIN_PROGRESS_INTERVAL_S = 5.0  # without a terminal, a stage's progress line at most this often
+LIVE_REFRESH_PER_S = 4
+STATE_STYLES = {"SUCCESS": "green", "FAILURE": "bold red", "REVOKED": "yellow", "CANCELLED": "yellow",
+                "CANCELLING": "yellow", "SKIPPED": "dim", "PENDING": "dim", "PROGRESS": "cyan",
+                "STARTED": "cyan", "RUNNING": "cyan"}
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else f"{value:.2f}"
+    return str(value)
+
+
+def fraction_done(progress: dict[str, Any]) -> tuple[float, float] | None:
+    """``(completed, total)`` of the first counter that has a total (for a progress bar)."""
+    for key, totals in _COUNTERS:
+        value = progress.get(key)
+        total = next((progress[t] for t in totals if progress.get(t) is not None), None)
+        if isinstance(value, int | float) and isinstance(total, int | float) and total > 0:
+            return float(value), float(total)
+    return None
 
 
 def describe_progress(progress: dict[str, Any]) -> str:
+    """``step 30/150  loss 1.234  eta 12s`` — the counters with their totals, then rates."""
     parts = []
     shown: set[str] = set()
     for key, totals in _COUNTERS:
         if key in progress and progress[key] is not None:
             total = next((progress[t] for t in totals if progress.get(t) is not None), None)
-            value = progress[key]
-            if isinstance(value, float):
-                value_text = str(int(value)) if value.is_integer() else f"{value:.2f}"
-            else:
-                value_text = str(value)
-            parts.append(f"{key} {value_text}" + (f"/{total}" if total is not None else ""))
+            parts.append(f"{key} {_number(progress[key])}" + (f"/{total}" if total is not None else ""))
             shown.update((key, *totals))
     for key, fmt in _RATES:
         value = progress.get(key)
@@ -51,15 +73,44 @@ def stage_line(name: str, stage: dict[str, Any], width: int = 12) -> str:
     return text.rstrip()
 
 
+def header_line(report: dict[str, Any]) -> str:
+    return f"{report.get('kind', 'pipeline')} {report['id']} ({report.get('name') or '-'}): {report['state']}"
+
+
 def status_lines(report: dict[str, Any]) -> list[str]:
     width = max([len(n) for n in report["stages"]] + [5])
-    lines = [f"{report.get('kind', 'pipeline')} {report['id']} ({report.get('name') or '-'}): {report['state']}"]
-    lines += ["  " + stage_line(name, stage, width) for name, stage in report["stages"].items()]
-    return lines
+    return [header_line(report)] + ["  " + stage_line(name, stage, width) for name, stage in report["stages"].items()]
+
+
+def status_renderable(report: dict[str, Any]) -> Group:
+    """The report as rich renderables: a header, then a row per stage with its progress bar."""
+    table = Table.grid(padding=(0, 1))
+    for _ in range(5):
+        table.add_column()
+    for name, stage in report["stages"].items():
+        state = stage["state"]
+        progress = stage.get("progress") or {}
+        done = fraction_done(progress)
+        if state == "SUCCESS":
+            bar = ProgressBar(total=1, completed=1, width=24)
+        elif done is not None:
+            bar = ProgressBar(total=done[1], completed=min(done[0], done[1]), width=24)
+        elif state in ("STARTED", "PROGRESS"):
+            bar = ProgressBar(total=None, width=24)  # running, no counter yet: a pulsing bar
+        else:
+            bar = ProgressBar(total=1, completed=0, width=24)
+        detail = describe_progress(progress) if progress else ""
+        if stage.get("error"):
+            detail = (detail + "  " if detail else "") + str(stage["error"])
+        worker = f"[worker {stage['worker_id']}]" if stage.get("worker_id") else ""
+        table.add_row(Text(name, style="bold"), Text(state, style=STATE_STYLES.get(state, "")), bar,
+                      Text(detail), Text(worker, style="dim"))
+    title = Text(header_line(report), style=STATE_STYLES.get(report["state"], ""))
+    return Group(title, table)
 
 
 class ProgressDisplay:
-    """Shows successive status reports: redrawn in place on a TTY, plain lines otherwise.
+    """Shows successive status reports: live progress bars on a terminal, plain lines otherwise.
 
     Without a terminal (logs, CI) a line is written when a stage changes state, and
     for progress within a state at most every ``plain_interval_s``.
@@ -70,9 +121,9 @@ class ProgressDisplay:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
         self.plain_interval_s = plain_interval_s
-        self._drawn = 0
         self._last: list[str] = []
         self._plain: dict[str, tuple[str, str, float]] = {}  # key → (state, line, written at)
+        self._live: Live | None = None
 
     def update(self, report: dict[str, Any]) -> None:
         lines = status_lines(report)
@@ -80,14 +131,17 @@ class ProgressDisplay:
             return
         self._last = lines
         if self.tty:
-            if self._drawn:
-                self.stream.write(f"\x1b[{self._drawn}F\x1b[J")
-            self.stream.write("\n".join(lines) + "\n")
-            self._drawn = len(lines)
-        else:
-            states = [report["state"], *(s["state"] for s in report["stages"].values())]
-            for key, state, line in zip(["", *report["stages"]], states, lines, strict=True):
-                self._plain_line(key, state, line.strip())
+            if self._live is None:
+                console = Console(file=self.stream, force_terminal=True)
+                self._live = Live(status_renderable(report), console=console,
+                                  refresh_per_second=LIVE_REFRESH_PER_S, transient=False)
+                self._live.start()
+            else:
+                self._live.update(status_renderable(report), refresh=True)
+            return
+        states = [report["state"], *(s["state"] for s in report["stages"].values())]
+        for key, state, line in zip(["", *report["stages"]], states, lines, strict=True):
+            self._plain_line(key, state, line.strip())
         self.stream.flush()
 
     def _plain_line(self, key: str, state: str, line: str) -> None:
@@ -101,6 +155,8 @@ class ProgressDisplay:
         self._plain[key] = (state, line, now)
 
     def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()  # leaves the last frame on the terminal
         self.stream.flush()
 
 

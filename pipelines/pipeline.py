@@ -23,12 +23,14 @@ from typing import Any
 from celery import chain
 
 from app import routing
+from app.celery import app
 from app.errors import SpecError
 from app.events import utc_now_iso
 from app.redis_client import get_redis
 from app.settings import get_settings
 from pipelines.run import PipelineRun
 from pipelines.template import PipelineTemplate, StageTemplate, load_document, load_file, parse_pipeline
+from tasks.submit import queue_warning, task_for_type
 
 
 def stage_queue(stage: StageTemplate, topic: str | None = None) -> str:
@@ -37,8 +39,6 @@ def stage_queue(stage: StageTemplate, topic: str | None = None) -> str:
 
 
 def stage_task(stage: StageTemplate) -> Any:
-    from tasks.submit import task_for_type
-
     try:
         return task_for_type(stage.task_type)
     except KeyError:
@@ -107,9 +107,6 @@ class Pipeline:
     # -- submitting -----------------------------------------------------------
     def submit(self) -> PipelineRun:
         """Record the pipeline in Redis and send its chain; returns a ``PipelineRun``."""
-        from app.celery import app
-        from tasks.submit import queue_warning
-
         task_ids = [str(uuid.uuid4()) for _ in self.stages]
         # A one-stage pipeline (a plain task) has its task's id, so either view finds it.
         pipeline_id = task_ids[0] if len(task_ids) == 1 else str(uuid.uuid4())

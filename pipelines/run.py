@@ -18,24 +18,16 @@ import redis
 from celery import states
 
 from app import keys
+from app.celery import app as celery_app
 from app.errors import PipelineError
 from app.events import utc_now_iso
 from app.redis_client import get_redis
-from pipelines.status import (
-    FINAL_PIPELINE_STATES,
-    mark_skipped,
-    pipeline_state,
-    task_status,
-)
-from tasks.progress import request_cancel
+from pipelines.display import ProgressDisplay
+from pipelines.status import FINAL_PIPELINE_STATES, mark_skipped, pipeline_state
+from tasks.control import cancel_task, request_cancel
+from tasks.status import task_status
 
 DEFAULT_POLL_INTERVAL_S = 0.5
-
-
-def _celery_app() -> Any:
-    from app.celery import app
-
-    return app
 
 
 @dataclass
@@ -87,7 +79,7 @@ class PipelineRun:
         owner = client.get(keys.task_pipeline(some_id))
         if owner:
             return cls.get(str(owner), client)
-        meta = _celery_app().backend.get_task_meta(some_id)
+        meta = celery_app.backend.get_task_meta(some_id)
         if meta.get("status", states.PENDING) == states.PENDING and not meta.get("result"):
             raise PipelineError(some_id, "no pipeline or task with this id (unknown, not started yet, "
                                          "or its records expired)")
@@ -104,11 +96,10 @@ class PipelineRun:
     # -- status ---------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """``{id, name, state, stages: {name: {state, task_id, worker_id, progress|result|error}}}``."""
-        app = _celery_app()
         cancelled = self.cancelled()
         stages = []
         for stage in self.stages:
-            info = task_status(app, stage["task_id"])
+            info = task_status(celery_app, stage["task_id"])
             info["taskType"] = stage.get("taskType")
             stages.append({"name": stage["name"], **info})
         mark_skipped(stages, cancelled)
@@ -141,8 +132,6 @@ class PipelineRun:
     def follow(self, timeout: float | None = None, progress: bool = False,
                interval_s: float = DEFAULT_POLL_INTERVAL_S, stream: IO[str] | None = None) -> dict[str, Any]:
         """Like ``wait`` but returns the final status report instead of raising on failure."""
-        from pipelines.display import ProgressDisplay
-
         display = ProgressDisplay(stream) if progress else None
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -192,7 +181,7 @@ class PipelineRun:
         pending = [s["task_id"] for s in report["stages"].values()
                    if s["state"] in (states.PENDING, "SKIPPED")]
         if pending:
-            _celery_app().control.revoke(pending)
+            celery_app.control.revoke(pending)
         return self.status()
 
 
@@ -207,8 +196,6 @@ def cancel_any(some_id: str, client: redis.Redis | None = None) -> dict[str, Any
     try:
         run = PipelineRun.find(some_id, client)
     except PipelineError:
-        from tasks.control import cancel_task
-
         cancel_task(some_id)
         return {"id": some_id, "kind": "task", "state": states.PENDING, "stages": {},
                 "note": "no record of this id yet: if it is a queued task it will end REVOKED without running"}

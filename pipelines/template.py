@@ -9,7 +9,7 @@ one-stage pipeline whose stage is named after its ``taskType``.
 
 Validation happens here, before anything is sent: stage names, ``runOn``,
 ``${...}`` references (unknown or later stages) and every merged stage spec
-(``tasks.spec``). A field whose value holds a stage reference cannot be
+(``app.spec``). A field whose value holds a stage reference cannot be
 type-checked until the worker resolves it, so errors at such fields are left to
 the worker's own check; every other field is checked now.
 """
@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from app.errors import SpecError
 from app.settings import NAME_RE
+from app.spec import DATA_MODELS, TASK_TYPES, TaskSpec, error_messages, spec_error_from_messages
 from pipelines.references import (
     PREVIOUS_STAGE,
     FieldPath,
@@ -37,7 +38,6 @@ from pipelines.references import (
     find_references,
     format_location,
 )
-from tasks.spec import DATA_MODELS, TASK_TYPES, TaskSpec, error_messages, spec_error_from_messages
 
 DOCUMENT_FIELDS = ("apiVersion", "kind", "metadata", "spec")
 STAGE_FIELDS = ("name", "spec", "tags", "runOn")

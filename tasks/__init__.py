@@ -1,11 +1,8 @@
-"""Celery tasks (thin wrappers) and their executors (plain classes).
+"""Celery tasks (thin wrappers, ``tasks.base``) around executors (plain classes, ``tasks.executors``).
 
 Importing this package registers every meshq task with the Celery app.
 """
 
-from tasks import delivery  # noqa: F401  (installs the http-destination result hook)
-from tasks.echo import echo
-from tasks.inference import inference
-from tasks.training import lora_sft, sft
+from tasks.definitions import echo, inference, lora_sft, sft
 
 __all__ = ["echo", "inference", "lora_sft", "sft"]

@@ -1,9 +1,10 @@
 """The thin Celery layer around executors.
 
 ``MeshqTask.run`` validates the spec, prepares ``RESULTS_DIR/<task_id>/``, runs the
-executor with a ``CeleryProgress``, writes ``responses.json`` + ``manifest.json``
-and returns the same dict. Executors are created once per worker process and
-kept, so they can keep a model warm between tasks.
+executor (``tasks.executors``) with a ``CeleryProgress``, writes ``responses.json`` +
+``manifest.json``, delivers the outputs to an ``http`` destination and returns the
+same dict. Executors are created once per worker process and kept, so they can
+keep a model warm between tasks.
 """
 
 from __future__ import annotations
@@ -13,50 +14,38 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from celery import Task, states
 from celery.exceptions import Ignore
 
+from app.artifacts.delivery import deliver_result
+from app.artifacts.manifest import write_task_outputs
 from app.errors import ExecutorError, SpecError, TaskCancelled
-from app.lease import AlreadyFinished, TaskLease, lease_ttl_s, max_task_runs
-from app.manifest import write_task_outputs
 from app.names import check_name
 from app.redis_client import get_redis
 from app.settings import get_settings
-from tasks.progress import CeleryProgress, Progress
-from tasks.spec import TaskSpec, parse_task_spec
+from app.spec import parse_task_spec
+from app.worker.lease import AlreadyFinished, TaskLease, lease_ttl_s, max_task_runs
+from tasks.executors import EXECUTORS, Executor
+from tasks.progress import CeleryProgress
 
 log = logging.getLogger(__name__)
 
 
-class Executor(Protocol):
-    """Pure work: spec + output directory in, result dict out, progress via callback.
-
-    An executor whose class sets ``writes_files = False`` promises to leave nothing
-    in ``out_dir``: its manifest is then made without reading the directory.
-    """
-
-    def run(self, spec: TaskSpec, out_dir: Path, progress: Progress) -> dict[str, Any]: ...
-
-
-# taskType → factory; filled by the modules that define executors.
-EXECUTOR_FACTORIES: dict[str, Callable[[], Executor]] = {}
+# One executor per task type per worker process, created on first use and kept, so
+# an executor can keep its model warm between tasks.
 _executors: dict[str, Executor] = {}
-
-
-def register_executor(task_type: str, factory: Callable[[], Executor]) -> None:
-    EXECUTOR_FACTORIES[task_type] = factory
 
 
 def get_executor(task_type: str) -> Executor:
     """The process's executor for ``task_type`` (created once, then reused: warm caches)."""
     executor = _executors.get(task_type)
     if executor is None:
-        factory = EXECUTOR_FACTORIES.get(task_type)
-        if factory is None:
+        cls = EXECUTORS.get(task_type)
+        if cls is None:
             raise SpecError("spec.taskType", f"no executor for task type {task_type!r}")
-        executor = _executors[task_type] = factory()
+        executor = _executors[task_type] = cls()
     return executor
 
 
@@ -87,11 +76,9 @@ def split_args(args: tuple[Any, ...]) -> tuple[Any, Any]:
     raise SpecError("spec", f"expected (spec) or (previous_result, spec) arguments, got {len(args)}")
 
 
-# Hooks other layers install without this module importing them:
-#  resolve_spec(spec_dict, previous_result, pipeline_info) -> spec_dict  (pipelines)
-#  after_outputs(task_id, spec, result, out_dir) -> result              (artifact delivery)
+# Installed by ``pipelines.resolver`` (a higher layer, imported by the worker through
+# ``celeryconfig.include``): resolve_spec(spec_dict, previous_result, pipeline_info) -> spec_dict.
 SPEC_RESOLVERS: list[Callable[[Any, Any, dict[str, Any] | None], Any]] = []
-RESULT_HOOKS: list[Callable[[str, TaskSpec, dict[str, Any], Path], dict[str, Any]]] = []
 
 
 class MeshqTask(Task):
@@ -100,7 +87,7 @@ class MeshqTask(Task):
     abstract = True
     task_type = ""
     typing = False  # arguments are checked by the spec, not by Celery's signature check
-    # STARTED is stored by the lease script in the task-start round trip (worker_shim),
+    # STARTED is stored by the lease script in the task-start round trip (app.worker.signals),
     # and only when this delivery really starts; Celery's own tracking would cost two
     # more round trips and overwrite a running copy's PROGRESS from a waiting one.
     track_started = False
@@ -123,7 +110,7 @@ class MeshqTask(Task):
         progress = CeleryProgress(self, settings.worker_id, self.task_type)
         # One run at a time: a redelivered copy waits while the first run is alive, then
         # returns the first run's stored result, or takes over if that run died. The
-        # first attempt was made in the task-start round trip (worker_shim).
+        # first attempt was made in the task-start round trip (app.worker.signals).
         lease = self.lease_for_current()
         try:
             runs = lease.wait_for_turn(poll_s=min(2.0, settings.heartbeat_interval_s),
@@ -153,10 +140,9 @@ class MeshqTask(Task):
                                           walk=getattr(executor, "writes_files", True))
         except OSError as exc:  # disk full, read-only mount...: say where, keep the worker
             raise ExecutorError(f"could not write the results to {out_dir}: {exc}", path=str(out_dir)) from exc
-        delivered = result
-        for hook in RESULT_HOOKS:
-            delivered = hook(task_id, spec, delivered, out_dir)
-        if delivered != result:  # a hook added fields (e.g. archive URLs): keep responses.json equal
+        # An http destination: upload the archives, POST the envelope, add the archive URLs.
+        delivered = deliver_result(task_id, spec.output.destination, result)
+        if delivered != result:  # URLs were added: keep responses.json equal to the result
             write_task_outputs(out_dir, delivered, reuse=manifest)
         return delivered
 
@@ -170,7 +156,7 @@ class MeshqTask(Task):
                               result_key=self.backend.get_key_for_task(self.request.id),
                               started_meta=self._started_meta(),
                               result_expires_s=int(getattr(self.backend, "expires", 0) or 0))
-            self.request.meshq_lease = lease  # released by the task_postrun handler (worker_shim)
+            self.request.meshq_lease = lease  # released by the task_postrun handler (app.worker.signals)
         return lease
 
     def _started_meta(self) -> str | bytes:

@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import logging
 
-from tasks.progress import request_cancel
+import redis
+
+from app import keys
+from app.celery import app
+from app.redis_client import get_redis
 
 log = logging.getLogger(__name__)
 
 
+def request_cancel(task_id: str, client: redis.Redis | None = None, ttl_s: int = 7 * 24 * 3600) -> None:
+    """Ask a running (or queued) task to stop at its next step."""
+    (client or get_redis()).set(keys.task_cancel(task_id), "1", ex=ttl_s)
+
+
 def cancel_task(task_id: str) -> None:
     """Ask ``task_id`` to stop: set its cancel flag and revoke it if still queued."""
-    from app.celery import app
-
     request_cancel(task_id)
     try:
         app.control.revoke(task_id, terminate=False)

@@ -1,9 +1,10 @@
-"""Progress reporting and cooperative cancellation, as seen by an executor.
+"""Progress of a running Celery task, and its cancel flag.
 
-Executors receive a ``Progress`` and call ``progress(done=..., total=...)`` as often
-as they like; the Celery implementation forwards at most about once a second as
-Celery state ``PROGRESS``, a ``task-progress`` event (Flower shows it as the task's
-state) and ``TASK_PROGRESS`` on ``tasks.events``.
+``CeleryProgress`` is the ``Progress`` (``tasks.executors.progress``) a task hands
+its executor: reports go out at most about once a second as Celery state
+``PROGRESS``, a ``task-progress`` event (Flower shows it as the task's state) and
+``TASK_PROGRESS`` on ``tasks.events``; ``cancelled()`` reads the task's Redis
+cancel flag, which ``tasks.control.request_cancel`` sets.
 """
 
 from __future__ import annotations
@@ -15,45 +16,14 @@ from typing import Any
 import redis
 
 from app import keys
-from app.errors import TaskCancelled
 from app.events import publish_task_event
 from app.redis_client import get_redis
+from tasks.executors.progress import Progress
 
 log = logging.getLogger(__name__)
 
 PROGRESS_STATE = "PROGRESS"
 MIN_PROGRESS_INTERVAL_S = 1.0
-
-
-class Progress:
-    """What executors talk to. This base records nothing and is never cancelled."""
-
-    task_id = "local"
-
-    def __call__(self, force: bool = False, **fields: Any) -> None:
-        """Report progress; ``force`` bypasses rate limiting (first/last report)."""
-
-    def cancelled(self) -> bool:
-        return False
-
-    def check_cancelled(self, where: str = "") -> None:
-        """Raise ``TaskCancelled`` if the user asked to stop."""
-        if self.cancelled():
-            raise TaskCancelled(self.task_id, where)
-
-
-class RecordingProgress(Progress):
-    """Keeps every report; for running executors without Celery (tests, scripts)."""
-
-    def __init__(self, cancel_after: int | None = None) -> None:
-        self.reports: list[dict[str, Any]] = []
-        self.cancel_after = cancel_after
-
-    def __call__(self, force: bool = False, **fields: Any) -> None:
-        self.reports.append(fields)
-
-    def cancelled(self) -> bool:
-        return self.cancel_after is not None and len(self.reports) >= self.cancel_after
 
 
 class CeleryProgress(Progress):
@@ -92,8 +62,3 @@ class CeleryProgress(Progress):
             return bool(get_redis().exists(keys.task_cancel(self.task_id)))
         except redis.RedisError:
             return False  # cannot tell: keep working rather than stop on a network blip
-
-
-def request_cancel(task_id: str, client: redis.Redis | None = None, ttl_s: int = 7 * 24 * 3600) -> None:
-    """Ask a running (or queued) task to stop at its next step."""
-    (client or get_redis()).set(keys.task_cancel(task_id), "1", ex=ttl_s)

@@ -9,9 +9,11 @@ from typing import Any
 import redis
 
 from app import keys, routing
+from app.celery import app
 from app.redis_client import get_redis
 from app.settings import get_settings
-from tasks.spec import TaskSpec, parse_task_spec
+from app.spec import TaskSpec, parse_task_spec
+from tasks import definitions  # noqa: F401  (registers every meshq task)
 
 
 @dataclass
@@ -24,9 +26,6 @@ class Submission:
 
 def task_for_type(task_type: str) -> Any:
     """The registered Celery task that runs ``task_type``."""
-    import tasks  # noqa: F401  (registers every meshq task)
-    from app.celery import app
-
     return app.tasks[f"meshq.{task_type}"]
 
 

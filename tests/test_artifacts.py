@@ -18,15 +18,15 @@ from pathlib import Path
 import pytest
 import requests
 
-from app.archive import make_archive, safe_extract
-from app.artifacts import CheckpointCache, checkpoint_kind, fetch_checkpoint
-from app.download import ChunkHasher, download_file
+from app.artifacts.archive import make_archive, safe_extract
+from app.artifacts.checkpoints import CheckpointCache, checkpoint_kind, fetch_checkpoint
+from app.artifacts.download import ChunkHasher, download_file
+from app.artifacts.manifest import sha256_file
+from app.artifacts.retry import RetryPolicy, with_retries
+from app.artifacts.upload import post_json, upload_file
 from app.errors import ArtifactError, ConfigError, SpecError
-from app.manifest import sha256_file
-from app.retry import RetryPolicy, with_retries
 from app.settings import reset_settings
-from app.upload import post_json, upload_file
-from tasks.spec import CheckpointLoad
+from app.spec import CheckpointLoad
 from tests.conftest import http_server
 
 FAST = RetryPolicy(retries=2, backoff_s=0.05)
@@ -288,14 +288,14 @@ def test_backoff_doubles_and_is_capped() -> None:
 
 
 def test_retries_log_info_and_final_failure_names_url(caplog: pytest.LogCaptureFixture) -> None:
-    from app.retry import Retryable
+    from app.artifacts.retry import Retryable
 
     slept: list[float] = []
 
     def attempt(n: int) -> None:
         raise Retryable("HTTP 503", 503)
 
-    with caplog.at_level(logging.INFO, logger="app.retry"):
+    with caplog.at_level(logging.INFO, logger="app.artifacts.retry"):
         with pytest.raises(ArtifactError, match=r"upload to http://h/x failed after 3 attempt\(s\) "
                                                 r"\(last status 503\): HTTP 503") as err:
             with_retries("upload to", "http://user:secret@h/x", attempt, RetryPolicy(2, 1.0), sleep=slept.append)
@@ -351,7 +351,7 @@ def test_wrong_token_fails_at_once_without_retries(orchestrator, tmp_path: Path,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     info = make_archive(make_model_dir(tmp_path))
     url = f"{orchestrator.base_url}/api/v1/results/t-tok/files"
-    with caplog.at_level(logging.INFO, logger="app.retry"):
+    with caplog.at_level(logging.INFO, logger="app.artifacts.retry"):
         with pytest.raises(ArtifactError, match=r"failed: HTTP 403") as err:
             upload_file(url, info.path, token="wrong", policy=RetryPolicy(retries=3, backoff_s=5))
     assert err.value.status == 403 and "retry" not in caplog.text
@@ -359,7 +359,7 @@ def test_wrong_token_fails_at_once_without_retries(orchestrator, tmp_path: Path,
 
 
 def test_envelope_post_and_upload_to_a_dead_server_fail_clearly(tmp_path: Path) -> None:
-    from app.embedded_redis import free_port
+    from app.cli.embedded_redis import free_port
 
     url = f"http://127.0.0.1:{free_port()}/api/v1/results"
     started = time.monotonic()
@@ -465,21 +465,20 @@ def test_resume_of_a_file_that_changed_downloads_it_whole(tmp_path: Path) -> Non
 
 
 def test_token_goes_only_to_the_orchestrator(monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.artifacts import _token_for
-    from app.retry import redact
-    from app.upload import auth_headers
+    from app.artifacts.auth import auth_headers, token_for
+    from app.redaction import redact
 
     monkeypatch.setenv("ORCHESTRATOR_TOKEN", "tok")
     monkeypatch.delenv("ORCHESTRATOR_BASE_URL", raising=False)
     reset_settings()
     try:
-        assert _token_for("http://evil.example/steal") == ""  # no orchestrator configured: nobody
+        assert token_for("http://evil.example/steal") == ""  # no orchestrator configured: nobody
         monkeypatch.setenv("ORCHESTRATOR_BASE_URL", "http://127.0.0.1:8080")
         reset_settings()
-        assert _token_for("http://127.0.0.1:8080/api/v1/results/t/files/a.zip") == "tok"
-        assert _token_for("http://127.0.0.1:9999/api/v1/results") == ""
-        assert _token_for("https://127.0.0.1:8080/api/v1/results") == ""
-        assert _token_for("http://evil.example/api/v1/results") == ""
+        assert token_for("http://127.0.0.1:8080/api/v1/results/t/files/a.zip") == "tok"
+        assert token_for("http://127.0.0.1:9999/api/v1/results") == ""
+        assert token_for("https://127.0.0.1:8080/api/v1/results") == ""
+        assert token_for("http://evil.example/api/v1/results") == ""
     finally:
         reset_settings()
     # A spec's own Authorization header (a third-party store) is never replaced.

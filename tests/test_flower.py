@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from app.embedded_redis import free_port
+from app.cli.embedded_redis import free_port
 from tests.conftest import ROOT, terminate_group, wait_for
 
 DOCS = ROOT / "docs"

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
+from app.cli.tiny_model import build_tiny_model
 from app.errors import SpecError, TaskCancelled
-from app.tiny_model import build_tiny_model
-from tasks.inference import InferenceExecutor, cut_at_stop, plan_batches
-from tasks.models import ModelCache
-from tasks.progress import RecordingProgress
-from tasks.spec import parse_task_spec
+from app.spec import parse_task_spec
+from tasks.executors.inference import InferenceExecutor, cut_at_stop, plan_batches
+from tasks.executors.models import ModelCache
+from tasks.executors.progress import RecordingProgress
 
 MAX_NEW = 10
 PROMPTS = [
@@ -328,7 +328,7 @@ def test_lora_adapter_applied(executor, tiny_model_dir, adapter_dir, base_refere
 
 def test_lora_adapter_from_archive(executor, tiny_model_dir, adapter_dir, tmp_path) -> None:
     """A zipped adapter (as training uploads it) is unpacked into the worker's cache and applied."""
-    from app.archive import make_archive
+    from app.artifacts.archive import make_archive
 
     archive = make_archive(adapter_dir, "zip", dest=tmp_path / "lora.zip")
     task_dir = tmp_path / "results" / "task-1"
@@ -342,8 +342,8 @@ def test_lora_adapter_from_archive(executor, tiny_model_dir, adapter_dir, tmp_pa
 
 def test_load_model_and_tokenizer_for_other_executors(tiny_model_dir, adapter_dir) -> None:
     """The loader training uses: spec options, optional adapter, trainable or frozen."""
-    from tasks.models import load_model_and_tokenizer
-    from tasks.spec import ModelSpec
+    from app.spec import ModelSpec
+    from tasks.executors.models import load_model_and_tokenizer
 
     model_spec = ModelSpec.model_validate({"source": {"identifier": str(tiny_model_dir)},
                                            "transformers": {"device_map": "cpu", "dtype": "float32"}})

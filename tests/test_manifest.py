@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from app.manifest import build_manifest, write_task_outputs
+from app.artifacts.manifest import build_manifest, write_task_outputs
 from app.names import check_name
 
 

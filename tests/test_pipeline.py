@@ -52,7 +52,7 @@ def echo_stages(*stages: dict[str, Any], name: str = "echoes") -> dict[str, Any]
 
 
 def cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env={**os.environ},
+    return subprocess.run([sys.executable, "-m", "app.cli.main", *args], cwd=ROOT, env={**os.environ},
                           capture_output=True, text=True, timeout=timeout_s)
 
 

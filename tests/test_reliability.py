@@ -44,7 +44,7 @@ def test_training_longer_than_visibility_timeout_runs_once(worker_factory, redis
     time.sleep(0.3)
     try:
         started = time.monotonic()
-        handle = app.AsyncResult(submit_task(lora_stage(tiny_model_dir, max_steps=250, save_steps=1000)).task_id)
+        handle = app.AsyncResult(submit_task(lora_stage(tiny_model_dir, max_steps=600, save_steps=1000)).task_id)
         result = handle.get(timeout=300)
         runtime_s = time.monotonic() - started
     finally:
@@ -54,7 +54,7 @@ def test_training_longer_than_visibility_timeout_runs_once(worker_factory, redis
     starts = [e for e in events if e["type"] == "TASK_STARTED" and e["task_id"] == handle.id]
     assert len(starts) >= 2, "the broker never redelivered the task: the test proves nothing"
     assert redis_client.get(f"meshq:task:{handle.id}:runs") == "1"
-    assert result["steps"] == 250 and result["resumed_from_step"] == 0
+    assert result["steps"] == 600 and result["resumed_from_step"] == 0
     assert handle.state == "SUCCESS"
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from app.transfer import RangeNotSatisfiable, parse_range
+from app.server.transfer import RangeNotSatisfiable, parse_range
 from tests.conftest import ServerProcess, wait_for
 
 TOKEN = "s3cret-token-value"
@@ -403,7 +403,7 @@ def test_submit_echo_runs_on_a_real_worker_then_state_result_cancel(server_facto
     assert cancel.status_code == 200 and cancel.json()["cancel_requested"] is True
     ended = wait_for(lambda: (s := requests.get(long_url, timeout=10).json())["state"] == "REVOKED" and s, 30,
                      message="the long task to stop")
-    assert ended["error"]["type"] == "TaskCancelled"
+    assert ended["error_type"] == "TaskCancelled" and ended["error"].startswith("TaskCancelled: ")
 
     # Tagged task nobody consumes: accepted, with a warning.
     reply = requests.post(f"{base}/api/v1/tasks", json={"spec": {"taskType": "echo", "tags": ["tpu"]}}, timeout=30)
@@ -419,7 +419,7 @@ def test_serve_refuses_bad_configuration(tmp_path: Path) -> None:
     from tests.conftest import ROOT
 
     env = {**os.environ, "MESHQ_MAX_UPLOAD_BYTES": "lots"}
-    done = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--port", "1", "--results-dir",
+    done = subprocess.run([sys.executable, "-m", "app.cli.main", "serve", "--port", "1", "--results-dir",
                            str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "MESHQ_MAX_UPLOAD_BYTES" in done.stderr
 

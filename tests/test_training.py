@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
+from app.artifacts.manifest import sha256_file
 from app.errors import ExecutorError, SpecError, TaskCancelled
-from app.manifest import sha256_file
-from tasks.progress import RecordingProgress
-from tasks.spec import parse_task_spec
-from tasks.training import LoRASFTExecutor, SFTExecutor, last_checkpoint, sample_history
-from tasks.training_data import IGNORE_INDEX, load_examples, tokenize_examples
+from app.spec import parse_task_spec
+from tasks.executors.progress import RecordingProgress
+from tasks.executors.training import LoRASFTExecutor, SFTExecutor, last_checkpoint, sample_history
+from tasks.executors.training_data import IGNORE_INDEX, load_examples, tokenize_examples
 
-# Short answers the tiny model learns by heart (see the tasks.training docstring).
+# Short answers the tiny model learns by heart (see the tasks.executors.training docstring).
 PAIRS = [{"prompt": "Q: What is the capital of France?\nA:", "response": " Paris"},
          {"prompt": "Q: What colour is the sky?\nA:", "response": " Blue"},
          {"prompt": "Q: How many legs does a spider have?\nA:", "response": " Eight"}]
@@ -215,8 +215,8 @@ def test_modules_to_save_trains_and_saves_whole_modules(tiny_model_dir: Path, tm
 
 def test_training_data_from_a_url(server_factory, tiny_model_dir: Path, tmp_path: Path,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.artifacts.upload import upload_file
     from app.settings import reset_settings
-    from app.upload import upload_file
 
     server = server_factory()
     data = tmp_path / "train.jsonl"

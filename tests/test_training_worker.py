@@ -124,7 +124,7 @@ def test_training_resumes_on_another_worker_after_sigkill(worker_factory, redis_
 
 
 def test_cancel_stops_training_and_the_worker_goes_on(worker_factory, redis_client, tiny_model_dir) -> None:
-    from app.cli import main
+    from app.cli.main import main
     from app.errors import TaskCancelled
 
     worker = worker_factory()

@@ -153,11 +153,11 @@ def test_sigkill_leaves_hash_and_heartbeat_expires(worker_factory, redis_client)
     time.sleep(3.5)  # three missed beats
     # Nobody refreshes the key any more: it counts down and will expire.
     assert redis_client.ttl("worker:killed1:hb") <= ttl_after_kill - 3
-    status = subprocess.run([sys.executable, "-m", "app.cli", "health", "--worker", "killed1"],
+    status = subprocess.run([sys.executable, "-m", "app.cli.main", "health", "--worker", "killed1"],
                             env={**os.environ}, cwd=ROOT, capture_output=True, text=True)
     assert status.returncode == 0  # still within its TTL...
     redis_client.delete("worker:killed1:hb")  # ...and once it has expired:
-    status = subprocess.run([sys.executable, "-m", "app.cli", "health", "--worker", "killed1"],
+    status = subprocess.run([sys.executable, "-m", "app.cli.main", "health", "--worker", "killed1"],
                             env={**os.environ}, cwd=ROOT, capture_output=True, text=True)
     assert status.returncode == 1 and "not alive" in status.stdout
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import ExecutorError, SpecError
-from tasks.spec import ModelSpec
+from app.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json",
                    "pytorch_model.bin.index.json")
 ADAPTER_WEIGHT_PATTERNS = ("adapter_model.safetensors", "adapter_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
@@ -132,7 +133,8 @@ def torch_dtype(name: str) -> Any:
 
 
 def resolve_device(device_map: str) -> str:
-    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without a GPU is refused."""
+    """``auto`` stays ``auto`` when a GPU is visible (accelerate places the weights), else ``cpu``;
+    ``cuda`` without a GPU is refused."""
     import torch
 
     if device_map == "cuda" and not torch.cuda.is_available():
@@ -140,6 +142,11 @@ def resolve_device(device_map: str) -> str:
     if device_map == "auto":
         return "auto" if torch.cuda.is_available() else "cpu"
     return device_map
+
+
+def training_device(device_map: str) -> str:
+    """The one device a training run uses: ``cuda`` when asked or available (``auto``), else ``cpu``."""
+    return "cpu" if resolve_device(device_map) == "cpu" else "cuda"
 
 
 def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False,
@@ -179,18 +186,10 @@ def load_model_and_tokenizer(model_spec: ModelSpec, *, adapter_dir: str | Path |
 
 def _load(weights_dir: Path, base_dir: Path, dtype: str, device: str, trust_remote_code: bool,
           adapter_dir: Path | None, is_trainable: bool = False) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM
-
-    tokenizer_dir = weights_dir if _has_tokenizer(weights_dir) else base_dir
+    tokenizer_dir = weights_dir if has_tokenizer(weights_dir) else base_dir
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
-    try:
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            str(weights_dir), dtype=torch_dtype(dtype), device_map=device,
-            trust_remote_code=trust_remote_code, local_files_only=True)
-    except Exception as exc:
-        field = CHECKPOINT_FIELD if weights_dir != base_dir else IDENTIFIER_FIELD
-        raise ExecutorError(f"{field}: cannot load a causal LM from {str(weights_dir)!r}: "
-                            f"{type(exc).__name__}: {exc}", path=str(weights_dir)) from None
+    field = CHECKPOINT_FIELD if weights_dir != base_dir else IDENTIFIER_FIELD
+    model = load_causal_lm(weights_dir, dtype, trust_remote_code, field, device_map=device)
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -205,9 +204,23 @@ def _load(weights_dir: Path, base_dir: Path, dtype: str, device: str, trust_remo
     return model, tokenizer
 
 
-def _has_tokenizer(directory: Path) -> bool:
-    return any((directory / name).is_file() for name in
-               ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
+def has_tokenizer(directory: Path) -> bool:
+    """Whether ``directory`` carries its own tokenizer (a fine-tuned model saved with one)."""
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_causal_lm(directory: Path, dtype: str, trust_remote_code: bool, field: str,
+                   device_map: str | None = None) -> Any:
+    """``AutoModelForCausalLM`` from a local directory; a failure names ``field`` and the path."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(directory), dtype=torch_dtype(dtype), device_map=device_map,
+            trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as exc:
+        raise ExecutorError(f"{field}: cannot load a causal LM from {str(directory)!r}: "
+                            f"{type(exc).__name__}: {exc}", path=str(directory)) from None
 
 
 # -- the warm cache -------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The inference task: batched Hugging Face generation with a warm model cache.
+"""The inference executor: batched Hugging Face generation with a warm model cache.
 
 ``InferenceExecutor.run`` reads the prompts (``data: {type: list, items}`` or a
 dataset), renders them (``system_prompt``, chat template), tokenizes them once,
@@ -9,7 +9,7 @@ position ids ignore its padding, and the transformers Llama-style models give th
 same tokens batched or not (the tests check it on prompts of very different
 lengths). Usage counts real tokens only, never padding.
 
-The model comes from the worker's ``ModelCache`` (``tasks/models.py``): the second
+The model comes from the worker's ``ModelCache`` (``tasks/executors/models.py``): the second
 task on the same model skips loading; ``model_cache`` in the result says whether
 it was a hit, how long loading took and how many loads the process has done.
 
@@ -27,11 +27,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from app.celery import app
+from app.artifacts.checkpoints import download_file, fetch_checkpoint
 from app.errors import SpecError
-from tasks.base import MeshqTask, register_executor
-from tasks.data import column, read_records
-from tasks.models import (
+from app.spec import CheckpointLoad, InferenceOptions, TaskSpec
+from tasks.executors.data import column, read_records
+from tasks.executors.models import (
     CHECKPOINT_FIELD,
     MODEL_CACHE,
     LoadedModel,
@@ -39,8 +39,7 @@ from tasks.models import (
     check_model_dir,
     is_adapter_dir,
 )
-from tasks.progress import Progress
-from tasks.spec import CheckpointLoad, InferenceOptions, TaskSpec
+from tasks.executors.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +135,6 @@ def load_prompts(spec: TaskSpec, out_dir: Path) -> list[str]:
 
 
 def _download_data(url: str, out_dir: Path) -> Path:
-    from app.artifacts import download_file
-
     if not url.startswith(("http://", "https://")):
         raise SpecError("spec.data.url", f"{url!r} is not an http(s) URL")
     return download_file(url, out_dir / "inputs")
@@ -154,14 +151,12 @@ def resolve_checkpoint(load: CheckpointLoad | None, out_dir: Path) -> Checkpoint
     """Local directory of ``spec.checkpoint.load`` and whether it is an adapter or a model.
 
     A local directory is used in place; an archive (local or http) is fetched,
-    verified and unpacked by ``app.artifacts`` into the worker's checkpoint cache.
+    verified and unpacked by ``app.artifacts.checkpoints`` into the worker's checkpoint cache.
     """
     if load is None:
         return CheckpointDirs()
     if load.type == "local" and not Path(str(load.path)).expanduser().exists():
         raise SpecError(CHECKPOINT_FIELD, f"{str(load.path)!r} does not exist")
-    from app.artifacts import fetch_checkpoint
-
     directory = Path(fetch_checkpoint(load, out_dir)).resolve()
     if is_adapter_dir(directory):
         return CheckpointDirs(adapter_dir=directory)
@@ -367,13 +362,3 @@ class InferenceExecutor:
             results.append((text, reason, end))
         return results
 
-
-register_executor("inference", InferenceExecutor)
-
-
-class InferenceTask(MeshqTask):
-    name = "meshq.inference"
-    task_type = "inference"
-
-
-inference = app.register_task(InferenceTask())

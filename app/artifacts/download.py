@@ -20,9 +20,11 @@ from typing import Any
 
 import requests
 
+from app.artifacts.auth import auth_headers
+from app.artifacts.retry import Retryable, RetryPolicy, is_retryable_status, with_retries
+from app.artifacts.upload import BODY_EXCERPT_CHARS, CHECKSUM_HEADER, CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S
 from app.errors import ArtifactError
-from app.retry import Retryable, RetryPolicy, is_retryable_status, redact, with_retries
-from app.upload import BODY_EXCERPT_CHARS, CHECKSUM_HEADER, CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, auth_headers
+from app.redaction import redact
 
 CHUNK_BYTES = 1024 * 1024
 CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")

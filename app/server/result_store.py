@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.manifest import CHUNK_BYTES, RESPONSES_NAME
+from app.artifacts.manifest import CHUNK_BYTES, RESPONSES_NAME
 from app.names import check_name
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.errors import ExecutorError, SpecError
-from tasks.data import column, read_records
-from tasks.spec import PromptPair, TrainingData
+from app.spec import PromptPair, TrainingData
+from tasks.executors.data import column, read_records
 
 IGNORE_INDEX = -100  # label value the loss skips
 

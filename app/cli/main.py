@@ -33,7 +33,7 @@ def _age_s(iso: str | None) -> float | None:
 
 # -- workers / health / redis ---------------------------------------------------
 def cmd_workers(args: argparse.Namespace) -> int:
-    from app.registry import list_workers
+    from app.worker.registry import list_workers
 
     workers = list_workers(_redis())
     for worker in workers:
@@ -67,7 +67,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 def cmd_redis(args: argparse.Namespace) -> int:
     import time
 
-    from app.embedded_redis import EmbeddedRedis
+    from app.cli.embedded_redis import EmbeddedRedis
 
     with EmbeddedRedis(port=args.port) as server:
         print(f"embedded Redis running: export REDIS_URL={server.url}   (Ctrl-C to stop)", flush=True)
@@ -80,7 +80,7 @@ def cmd_redis(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from app.tiny_model import build_tiny_model
+    from app.cli.tiny_model import build_tiny_model
 
     out = build_tiny_model(args.dir, size=args.size, seed=args.seed)
     print(f"tiny {args.size} model written to {out}")
@@ -88,13 +88,13 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from app.demo import run_demo
+    from app.cli.demo import run_demo
 
     return run_demo(args.workdir)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from app.server import serve
+    from app.server.app import serve
 
     serve(args.host, args.port, args.results_dir)
     return 0

@@ -19,10 +19,11 @@ from typing import Any
 
 import redis
 
-from app import events, hardware, keys
+from app import events, keys
+from app.redaction import redact
 from app.redis_client import get_redis
-from app.retry import redact
 from app.settings import Settings
+from app.worker import hardware
 
 log = logging.getLogger(__name__)
 

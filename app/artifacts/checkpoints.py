@@ -1,17 +1,10 @@
-"""The artifact workflow of a task (DESIGN §7): deliver results over HTTP, fetch checkpoints.
+"""Checkpoints a task starts from (``checkpoint.load``), fetched once per worker (DESIGN §7).
 
-* ``deliver_result`` — for ``output.destination.type: http``: upload every
-  ``final_*_archive`` of the result to ``{results_url}/{task_id}/files`` (streamed,
-  retried) and record ``final_*_archive_url``; then POST the envelope
-  ``{task_id, result, worker_id}`` to ``{results_url}``. ``results_url`` is
-  ``destination.url`` or ``ORCHESTRATOR_BASE_URL/api/v1/results``.
-* ``fetch_checkpoint`` — for ``checkpoint.load``: a local directory is used in
-  place; a local or downloaded archive is verified, unpacked safely into the
-  worker's cache (``RESULTS_DIR/.cache/checkpoints/<sha256>/``) and reused from
-  there, so one worker never downloads or unpacks the same archive twice.
-
-The lower layers are ``app.archive`` (zip/tar.gz, safe unpack), ``app.upload``,
-``app.download`` and ``app.retry``.
+``fetch_checkpoint``: a local directory is used in place; a local or downloaded
+archive is verified, unpacked safely into the worker's cache
+(``RESULTS_DIR/.cache/checkpoints/<sha256>/``) and reused from there, so one worker
+never downloads or unpacks the same archive twice. ``download_file`` fetches a data
+file the same way (streamed, retried, checksummed).
 """
 
 from __future__ import annotations
@@ -22,72 +15,23 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
-from app.archive import content_root, detect_format, safe_extract
+from app.artifacts import download
+from app.artifacts.archive import content_root, detect_format, safe_extract
+from app.artifacts.auth import token_for
+from app.artifacts.delivery import RESULTS_PATH
+from app.artifacts.manifest import sha256_file, write_json_atomic
+from app.artifacts.retry import RetryPolicy
 from app.errors import ArtifactError, SpecError
-from app.manifest import sha256_file, write_json_atomic
-from app.retry import RetryPolicy, redact
+from app.redaction import redact
 from app.settings import get_settings
-from app.upload import post_json, upload_file
-
-if TYPE_CHECKING:
-    from tasks.spec import CheckpointLoad, Destination
+from app.spec import CheckpointLoad
 
 log = logging.getLogger(__name__)
 
-RESULTS_PATH = "/api/v1/results"
-ARCHIVE_KINDS = ("model", "lora")  # final_model_* and final_lora_* result fields
 CACHE_DIRNAME = ".cache"
 MODEL_MARKERS = ("config.json", "adapter_config.json")
-
-
-# -- delivery -------------------------------------------------------------------
-def results_url(destination: Destination) -> str:
-    """Where results go: ``destination.url`` or ``ORCHESTRATOR_BASE_URL/api/v1/results``."""
-    if destination.url:
-        url = destination.url.rstrip("/")
-        if not url.startswith(("http://", "https://")):
-            raise SpecError("spec.output.destination.url", f"{redact(url)!r} is not an http(s) URL")
-        return url
-    base = get_settings().orchestrator_base_url
-    if not base:
-        raise SpecError("spec.output.destination.url",
-                        "required for an http destination when ORCHESTRATOR_BASE_URL is not set")
-    return base + RESULTS_PATH
-
-
-def deliver_result(task_id: str, destination: Destination, result: dict[str, Any],
-                   policy: RetryPolicy | None = None) -> dict[str, Any]:
-    """Upload the result's archives and POST its envelope; return the result with the URLs.
-
-    A failure after the last retry raises ``ArtifactError`` naming the URL; the
-    local archives stay where they are.
-    """
-    if destination.type != "http":
-        return result
-    base = results_url(destination)
-    token = _token_for(base)  # never hand the orchestrator's token to another host
-    result = dict(result)
-    for kind in ARCHIVE_KINDS:
-        archive = result.get(f"final_{kind}_archive")
-        if not archive:
-            continue
-        reply = upload_file(f"{base}/{task_id}/files", archive, sha256=result.get(f"final_{kind}_archive_sha256"),
-                            token=token, headers=destination.headers, timeout_s=destination.timeoutSec,
-                            policy=policy)
-        expected = result.get(f"final_{kind}_archive_sha256")
-        if expected and reply.get("sha256") and reply["sha256"] != expected:
-            raise ArtifactError(f"upload of {archive} to {redact(base)}: the server stored sha256 "
-                                f"{reply['sha256']}, expected {expected}", url=redact(base))
-        url = reply.get("url") or f"{base}/{task_id}/files/{Path(archive).name}"
-        result[f"final_{kind}_archive_url"] = url
-        log.info("uploaded %s (%s bytes) to %s", Path(archive).name, result.get(f"final_{kind}_archive_bytes"),
-                 redact(url))
-    post_json(base, {"task_id": task_id, "result": result, "worker_id": result.get("worker_id")},
-              token=token, headers=destination.headers, timeout_s=destination.timeoutSec, policy=policy)
-    return result
 
 
 # -- checkpoint load ----------------------------------------------------------------
@@ -102,20 +46,6 @@ def checkpoint_url(load: CheckpointLoad) -> str:
         raise SpecError("spec.checkpoint.load.url",
                         "required when ORCHESTRATOR_BASE_URL is not set (task_id + filename need it)")
     return f"{base}{RESULTS_PATH}/{quote(str(load.task_id), safe='')}/files/{quote(str(load.filename), safe='')}"
-
-
-def _token_for(url: str) -> str:
-    """The orchestrator token, sent only to ``ORCHESTRATOR_BASE_URL``'s origin.
-
-    A URL in a spec is chosen by whoever submits the task; it must never receive
-    the token. Without ``ORCHESTRATOR_BASE_URL`` the token goes nowhere.
-    """
-    settings = get_settings()
-    if not settings.orchestrator_token or not settings.orchestrator_base_url:
-        return ""
-    mine, theirs = urlsplit(settings.orchestrator_base_url), urlsplit(url)
-    same = (mine.scheme, mine.hostname, mine.port) == (theirs.scheme, theirs.hostname, theirs.port)
-    return settings.orchestrator_token if same else ""
 
 
 def _model_dir(directory: Path) -> Path:
@@ -202,8 +132,6 @@ def _fetch_local(load: CheckpointLoad, cache: CheckpointCache) -> Path:
 
 
 def _fetch_http(load: CheckpointLoad, cache: CheckpointCache, policy: RetryPolicy | None) -> Path:
-    from app import download
-
     url = checkpoint_url(load)
     known_sha = (load.sha256 or "").lower() or cache.sha_for_url(url)
     if known_sha:
@@ -216,7 +144,7 @@ def _fetch_http(load: CheckpointLoad, cache: CheckpointCache, policy: RetryPolic
     name = Path(urlsplit(url).path).name or "checkpoint"
     scratch = Path(tempfile.mkdtemp(prefix="dl-", dir=downloads))
     try:
-        info = download.download_file(url, scratch / name, expected_sha256=load.sha256 or None, token=_token_for(url),
+        info = download.download_file(url, scratch / name, expected_sha256=load.sha256 or None, token=token_for(url),
                              policy=policy)
         log.info("checkpoint %s: downloaded %d bytes (sha256 %s)", redact(url), info.bytes, info.sha256[:12])
         fmt = load.archive_format or detect_format(info.path)
@@ -234,13 +162,11 @@ def download_file(url: str, dest_dir: str | Path, *, expected_sha256: str | None
     Streamed, retried, checked against ``expected_sha256`` or the server's checksum
     header; the orchestrator token is sent only to the orchestrator.
     """
-    from app import download
-
     if not url.startswith(("http://", "https://")):
         raise ArtifactError(f"{redact(url)!r} is not an http(s) URL", url=redact(url))
     name = Path(urlsplit(url).path).name or "download"
     info = download.download_file(url, Path(dest_dir) / name, expected_sha256=expected_sha256,
-                                  token=_token_for(url), policy=policy)
+                                  token=token_for(url), policy=policy)
     return info.path
 
 
@@ -253,6 +179,3 @@ def checkpoint_kind(directory: Path) -> str:
     raise ArtifactError(f"{directory}: neither a model (config.json) nor a LoRA adapter "
                         "(adapter_config.json)", path=str(directory))
 
-
-__all__ = ["deliver_result", "fetch_checkpoint", "download_file", "checkpoint_kind", "results_url",
-           "CheckpointCache", "default_cache_dir"]

@@ -25,7 +25,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import Receive, Scope, Send
 
 from app.errors import MeshqError
-from app.result_store import OpenFile, ResultStore, UploadSink, checked
+from app.server.result_store import OpenFile, ResultStore, UploadSink, checked
 
 UPLOAD_BATCH_BYTES = 4 * 1024 * 1024  # file bytes handed to the hash and write threads at a time
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024

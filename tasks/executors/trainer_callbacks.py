@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from tasks.progress import Progress
+from tasks.executors.progress import Progress
 
 log = logging.getLogger(__name__)
 LOG_EVERY_S = 10.0  # a worker-log line about training at most this often

@@ -16,7 +16,7 @@ from pathlib import Path
 import redis
 
 from app import keys
-from app.embedded_redis import EmbeddedRedis
+from app.cli.embedded_redis import EmbeddedRedis
 from app.errors import MeshqError
 
 READY_TIMEOUT_S = 120.0
@@ -74,12 +74,12 @@ class LocalCluster:
         import urllib.error
         import urllib.request
 
-        from app.embedded_redis import free_port
+        from app.cli.embedded_redis import free_port
 
         port = port or free_port()
         results = Path(results_dir or self.workdir / "results-server")
         env = self.env(MESHQ_LOG_FILE=str(self.workdir / "server.log"), **(extra_env or {}))
-        process = self.spawn("server-stdout", [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1",
+        process = self.spawn("server-stdout", [sys.executable, "-m", "app.cli.main", "serve", "--host", "127.0.0.1",
                                                "--port", str(port), "--results-dir", str(results)], env)
         base_url = f"http://127.0.0.1:{port}"
         token = env.get("ORCHESTRATOR_TOKEN", "")

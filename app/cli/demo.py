@@ -27,7 +27,7 @@ def say(message: str) -> None:
 
 
 def tiny_model(workdir: Path) -> Path:
-    from app.tiny_model import build_tiny_model
+    from app.cli.tiny_model import build_tiny_model
 
     model_dir = workdir / "tiny-model"
     if (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file():
@@ -56,7 +56,7 @@ def run_demo(workdir: str | None = None) -> int:
     started = time.monotonic()
     base = Path(workdir or DEFAULT_WORKDIR).resolve()
     base.mkdir(parents=True, exist_ok=True)
-    from app.local_cluster import LocalCluster
+    from app.cli.local_cluster import LocalCluster
 
     model_dir = tiny_model(base)
     os.environ["MESHQ_MODEL"] = str(model_dir)

@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from app.errors import ArtifactError
+from app.redaction import redact
 from app.settings import DEFAULT_UPLOAD_BACKOFF_S, DEFAULT_UPLOAD_RETRIES, get_settings
 
 log = logging.getLogger(__name__)
@@ -61,18 +61,6 @@ class RetryPolicy:
 
 def is_retryable_status(status: int) -> bool:
     return status >= 500 or status in RETRYABLE_STATUSES
-
-
-def redact(url: str) -> str:
-    """Drop credentials from a URL before it goes into a message or a log line:
-    user:password, and the query string (presigned URLs carry tokens there)."""
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        parts = parts._replace(netloc=host + (f":{parts.port}" if parts.port else ""))
-    if parts.query:
-        parts = parts._replace(query="…")
-    return urlunsplit(parts)
 
 
 def with_retries(what: str, url: str, attempt: Callable[[int], T], policy: RetryPolicy | None = None,

@@ -17,21 +17,15 @@ from urllib.parse import urljoin
 
 import requests
 
+from app.artifacts.auth import auth_headers
+from app.artifacts.retry import Retryable, RetryPolicy, is_retryable_status, with_retries
 from app.errors import ArtifactError
-from app.retry import Retryable, RetryPolicy, is_retryable_status, redact, with_retries
+from app.redaction import redact
 
 CONNECT_TIMEOUT_S = 10.0
 DEFAULT_TIMEOUT_S = 300.0
 CHECKSUM_HEADER = "X-Checksum-Sha256"
 BODY_EXCERPT_CHARS = 300
-
-
-def auth_headers(token: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """``extra`` plus the bearer token, unless the spec set its own ``Authorization``."""
-    headers = dict(extra or {})
-    if token and not any(name.lower() == "authorization" for name in headers):
-        headers["Authorization"] = f"Bearer {token}"
-    return headers
 
 
 def _check_reply(reply: requests.Response, what: str, url: str) -> None:

@@ -1,4 +1,4 @@
-"""The echo task: the smallest real job (tests, benchmarks, smoke checks)."""
+"""The echo executor: the smallest real job (tests, benchmarks, smoke checks)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.celery import app
-from tasks.base import MeshqTask, register_executor
-from tasks.progress import Progress
-from tasks.spec import EchoOptions, TaskSpec
+from app.spec import EchoOptions, TaskSpec
+from tasks.executors.progress import Progress
 
 
 class EchoExecutor:
@@ -29,13 +27,3 @@ class EchoExecutor:
         return {"echo": {"message": options.message, "data": spec.data},
                 "runtime_sec": round(time.monotonic() - started, 6)}
 
-
-register_executor("echo", EchoExecutor)
-
-
-class EchoTask(MeshqTask):
-    name = "meshq.echo"
-    task_type = "echo"
-
-
-echo = app.register_task(EchoTask())

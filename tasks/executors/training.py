@@ -1,9 +1,9 @@
-"""Training executors (full SFT and LoRA) on transformers' ``Trainer``, and their Celery tasks.
+"""Training executors (full SFT and LoRA) on transformers' ``Trainer``.
 
 ``SFTExecutor`` fine-tunes every weight and writes ``final_model/``;
 ``LoRASFTExecutor`` trains a peft LoRA adapter and writes ``final_lora/``. Both:
 
-* read examples from ``spec.data`` (see ``tasks.training_data``: loss on the
+* read examples from ``spec.data`` (see ``tasks.executors.training_data``: loss on the
   response only, eos appended so generation stops after the answer);
 * start from ``spec.model.source``, or from ``spec.checkpoint.load`` — a full model
   directory (trained from), or a LoRA adapter (LoRA: trained further; SFT: merged
@@ -15,7 +15,7 @@
   (``TaskCancelled`` → the task ends REVOKED, "cancelled at step N");
 * save ``final_*/`` with the tokenizer, archive it (``output.archive_format``) with
   its sha256, and return the DESIGN §6 fields plus metrics. Uploading the archive
-  for an ``http`` destination is the result hook's job (``tasks.delivery``).
+  for an ``http`` destination is the Celery task's job (``tasks.base``).
 
 Settings that make the ~1M-parameter test model memorise short answers exactly
 (greedy generation of the prompt then gives ``separator + answer``), in ~100-150
@@ -43,20 +43,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.archive import make_archive
-from app.celery import app
+from app.artifacts.archive import make_archive
+from app.artifacts.checkpoints import checkpoint_kind, download_file, fetch_checkpoint
 from app.errors import ExecutorError, SpecError, TaskCancelled
-from tasks.base import MeshqTask, register_executor
-from tasks.progress import Progress
-from tasks.spec import LoraOptions, TaskSpec, TrainingOptions
-from tasks.training_data import PaddingCollator, load_examples, tokenize_examples
+from app.spec import LoraOptions, TaskSpec, TrainingOptions
+from tasks.executors import models
+from tasks.executors.progress import Progress
+from tasks.executors.training_data import PaddingCollator, load_examples, tokenize_examples
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 LOSS_HISTORY_POINTS = 50  # loss_history in the result is sampled down to about this many points
 TRAINING_LOG = "logs/training_log.jsonl"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def last_checkpoint(checkpoints_dir: Path) -> tuple[Path, int] | None:
@@ -117,10 +116,6 @@ def training_arguments(options: TrainingOptions, checkpoints_dir: Path, device: 
     )
 
 
-def _has_tokenizer(directory: Path) -> bool:
-    return any((directory / name).is_file() for name in TOKENIZER_FILES)
-
-
 class TrainingExecutor:
     """Shared training flow; subclasses decide how the model is built and what is saved."""
 
@@ -132,8 +127,8 @@ class TrainingExecutor:
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
         from transformers.utils import logging as hf_logging
 
-        from tasks import models
-        from tasks.trainer_callbacks import MeshqProgressCallback
+        # Lazy: it imports transformers, which the worker's parent process must never load.
+        from tasks.executors.trainer_callbacks import MeshqProgressCallback
 
         hf_logging.disable_progress_bar()
         # The pool child lives on: a model kept warm by an earlier inference task must
@@ -149,14 +144,12 @@ class TrainingExecutor:
         data = spec.training_data()
         data_file = None
         if data.url and not data.prompts:
-            from app.artifacts import download_file
-
             data_file = str(download_file(data.url, out_dir / "inputs"))
         examples = load_examples(data, data_file)
 
         base_dir = models.resolve_model_dir(spec.model.source.identifier, spec.model.source.revision)
         init_dir, init_kind = self._initial_checkpoint(spec, out_dir)
-        tokenizer_dir = init_dir if init_dir is not None and _has_tokenizer(init_dir) else base_dir
+        tokenizer_dir = init_dir if init_dir is not None and models.has_tokenizer(init_dir) else base_dir
         tokenizer = models.load_tokenizer(tokenizer_dir, trust_remote_code=spec.model.transformers.trust_remote_code)
         if tokenizer.pad_token_id is None:
             raise ExecutorError(f"{tokenizer_dir}: the tokenizer has neither a pad nor an eos token",
@@ -238,14 +231,8 @@ class TrainingExecutor:
     # -- pieces subclasses share or override ---------------------------------------------
     @staticmethod
     def _device(spec: TaskSpec, options: TrainingOptions) -> str:
-        import torch
-
         assert spec.model is not None
-        requested = spec.model.transformers.device_map
-        has_cuda = torch.cuda.is_available()
-        if requested == "cuda" and not has_cuda:
-            raise SpecError("spec.model.transformers.device_map", "'cuda' requested but this worker has no CUDA device")
-        device = "cuda" if requested in ("cuda", "auto") and has_cuda else "cpu"
+        device = models.training_device(spec.model.transformers.device_map)
         if options.fp16 and device != "cuda":
             raise SpecError("spec.training.fp16", "fp16 mixed precision needs a CUDA device; use bf16 on CPU")
         if options.bf16 and options.fp16:
@@ -257,27 +244,16 @@ class TrainingExecutor:
         load = spec.checkpoint.load if spec.checkpoint else None
         if load is None:
             return None, None
-        from app.artifacts import checkpoint_kind, fetch_checkpoint
-
         directory = fetch_checkpoint(load, out_dir)
         return directory, checkpoint_kind(directory)
 
     @staticmethod
     def load_causal_lm(directory: Path, spec: TaskSpec, field: str) -> Any:
-        from transformers import AutoModelForCausalLM
-
-        from tasks import models
-
         assert spec.model is not None
-        dtype_name = spec.model.transformers.dtype
-        dtype = "float32" if dtype_name == "auto" else dtype_name  # master weights in fp32 unless asked
-        try:
-            return AutoModelForCausalLM.from_pretrained(
-                str(directory), dtype=models.torch_dtype(dtype), local_files_only=True,
-                trust_remote_code=spec.model.transformers.trust_remote_code)
-        except Exception as exc:
-            raise ExecutorError(f"{field}: cannot load a causal LM from {str(directory)!r}: "
-                                f"{type(exc).__name__}: {exc}", path=str(directory)) from None
+        dtype = spec.model.transformers.dtype
+        # Master weights in float32 unless a dtype is asked for; the device is the Trainer's choice.
+        return models.load_causal_lm(directory, "float32" if dtype == "auto" else dtype,
+                                     spec.model.transformers.trust_remote_code, field)
 
     def build_model(self, spec: TaskSpec, base_dir: Path, init_dir: Path | None, init_kind: str | None,
                     options: TrainingOptions) -> Any:
@@ -349,20 +325,3 @@ def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
         for entry in history:
             fh.write(json.dumps(entry, sort_keys=True) + "\n")
 
-
-register_executor("sft", SFTExecutor)
-register_executor("lora_sft", LoRASFTExecutor)
-
-
-class SFTTask(MeshqTask):
-    name = "meshq.sft"
-    task_type = "sft"
-
-
-class LoRASFTTask(MeshqTask):
-    name = "meshq.lora_sft"
-    task_type = "lora_sft"
-
-
-sft = app.register_task(SFTTask())
-lora_sft = app.register_task(LoRASFTTask())

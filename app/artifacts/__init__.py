@@ -1,0 +1,8 @@
+"""The artifact pipeline: archives, safe unpacking, uploads, downloads, manifests.
+
+``archive`` (zip/tar.gz with sha256 while writing, safe unpack within a budget),
+``manifest`` (every output file with size and sha256), ``upload``/``download``
+(streamed HTTP with retries, ``retry``), ``auth`` (the token goes only to the
+orchestrator), ``delivery`` (a task's outputs to an ``http`` destination) and
+``checkpoints`` (``checkpoint.load``, cached by sha256).
+"""

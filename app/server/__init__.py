@@ -1,0 +1,7 @@
+"""The orchestrator HTTP server (``meshq serve``): artifacts, results, task submission, workers.
+
+``app`` (the FastAPI application and its routes, ``create_app``/``serve``),
+``gatekeeper`` (token, path checks, access log), ``documents`` (posted task and
+pipeline documents), ``openapi`` (the schema), ``result_store`` (files on disk,
+checksums) and ``transfer`` (streamed uploads and downloads).
+"""

@@ -1,0 +1,102 @@
+"""Task and pipeline documents posted to ``POST /api/v1/tasks``: parsed, checked, submitted."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import yaml
+
+from app.errors import PipelineError, SpecError
+from app.server.transfer import ApiError
+from pipelines import Pipeline, PipelineRun
+
+MAX_DOCUMENT_NODES = 1_000_000  # YAML aliases must not expand a small body into a huge spec
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml", "text/plain")
+
+
+def _count_nodes(document: Any, budget: int) -> None:
+    """Refuse documents whose YAML aliases expand beyond ``budget`` nodes."""
+    stack, seen = [document], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > budget:
+            raise ApiError(413, f"body: the document expands to more than {budget} values", "body")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def parse_document(body: bytes, content_type: str | None) -> Any:
+    """A task/pipeline document from JSON or YAML (YAML also reads JSON)."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media and media != "application/json" and media not in YAML_TYPES and not media.endswith("+json"):
+        raise ApiError(415, f"Content-Type: {media!r} is not JSON or YAML", "Content-Type")
+    try:
+        text = body.decode("utf-8")
+        if media == "application/json" or media.endswith("+json"):
+            document = json.loads(text)
+        else:
+            documents = list(yaml.safe_load_all(text))
+            if len(documents) != 1:
+                raise ApiError(400, f"body: expected one YAML document, got {len(documents)}", "body")
+            document = documents[0]
+    except ApiError:
+        raise
+    except (UnicodeDecodeError, ValueError, yaml.YAMLError, RecursionError) as exc:
+        raise ApiError(400, f"body: not valid {'JSON' if 'json' in media else 'YAML/JSON'}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", "body") from None
+    _count_nodes(document, MAX_DOCUMENT_NODES)
+    return document
+
+
+TASK_DOCUMENT_KEYS = ("apiVersion", "kind", "metadata", "spec")
+
+
+def task_spec_of(document: Any) -> Any:
+    """The spec of a task document ``{apiVersion?, kind?, metadata?, spec}`` or a bare spec."""
+    if not isinstance(document, dict):
+        raise SpecError("body", f"must be a mapping (a task document or a spec), got {type(document).__name__}")
+    if "spec" not in document:
+        if "taskType" in document:
+            return document
+        raise SpecError("spec", "required: a task document {apiVersion, kind, metadata, spec} "
+                                "or a bare spec with taskType")
+    unknown = sorted(str(k) for k in document if k not in TASK_DOCUMENT_KEYS)
+    if unknown:
+        raise SpecError(unknown[0], "unknown field")
+    for key in ("apiVersion", "kind"):
+        if key in document and not isinstance(document[key], str):
+            raise SpecError(key, "must be a string")
+    if "metadata" in document and not isinstance(document["metadata"], dict | None):
+        raise SpecError("metadata", "must be a mapping")
+    return document["spec"]
+
+
+def submit_document(document: Any) -> dict[str, Any]:
+    """Validate and submit one document (a task or a pipeline); the HTTP API's only way in.
+
+    Returns ``{"id", "kind", "task_ids", "stages", "queue", "warnings"}`` (``queue`` is
+    the first stage's); raises ``SpecError`` naming the field. A task document is a
+    one-stage pipeline whose id is its task id. ``${env:...}`` references are refused:
+    the server does not hand its environment to whoever posts a document.
+    """
+    task_spec_of(document)  # the envelope: a mapping, known keys, a spec
+    run = Pipeline.from_dict(document, expand_environment=False).submit()
+    return {"id": run.id, "kind": "pipeline" if len(run.stages) > 1 else "task",
+            "task_ids": [stage["task_id"] for stage in run.stages],
+            "stages": {stage["name"]: {"task_id": stage["task_id"], "queue": stage["queue"]}
+                       for stage in run.stages},
+            "queue": run.stages[0]["queue"], "warnings": run.warnings}
+
+
+def pipeline_run(some_id: str, client: Any) -> Any:
+    """The ``PipelineRun`` of a pipeline of two or more stages, else None (a task keeps its task view)."""
+    try:
+        run = PipelineRun.get(some_id, client)
+    except PipelineError:
+        return None
+    return run if len(run.stages) > 1 else None

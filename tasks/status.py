@@ -1,0 +1,82 @@
+"""What one task is doing, read from the result backend: the one JSON shape of a task's status.
+
+``{task_id, state, worker_id, task_name?, queue?, worker?, retries?, date_done?}`` plus,
+by state, ``result`` (SUCCESS), ``progress`` (PROGRESS: the executor's fields) or
+``error`` (``"ExcType: message"``, with ``error_type`` and, for a bad spec,
+``error_field``). ``meshq status``, ``PipelineRun.status()`` (each stage) and
+``GET /api/v1/tasks/{id}`` all show this shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import states
+
+from app.errors import SpecError
+
+PROGRESS = "PROGRESS"
+STOPPED_STATES = frozenset({states.FAILURE, states.REVOKED})
+_META_ONLY = ("worker_id", "taskType")  # fields CeleryProgress adds to every progress report
+# Celery's result_extended fields, under the names they have here (the stage name is "name").
+_EXTENDED = {"name": "task_name", "queue": "queue", "worker": "worker", "retries": "retries"}
+
+
+def worker_from_hostname(hostname: Any) -> str | None:
+    """``meshq-<WORKER_ID>@host`` (the node name the worker shim sets) → ``WORKER_ID``."""
+    if not isinstance(hostname, str) or not hostname:
+        return None
+    node = hostname.split("@", 1)[0]
+    return node[len("meshq-"):] if node.startswith("meshq-") else node
+
+
+def stored_exception(app: Any, result: Any) -> BaseException | None:
+    """The exception a failed or revoked task stored (rebuilt from its meta when needed)."""
+    if isinstance(result, BaseException):
+        return result
+    if isinstance(result, dict) and "exc_type" in result:
+        try:
+            exc = app.backend.exception_to_python(result)
+        except Exception:
+            return None
+        return exc if isinstance(exc, BaseException) else None
+    return None
+
+
+def _error_fields(app: Any, result: Any) -> dict[str, Any]:
+    exc = stored_exception(app, result)
+    if exc is None:
+        if isinstance(result, dict) and "exc_type" in result:
+            return {"error": f"{result['exc_type']}: {result.get('exc_message')}",
+                    "error_type": str(result["exc_type"])}
+        return {"error": str(result), "error_type": None}
+    fields: dict[str, Any] = {"error": f"{type(exc).__name__}: {exc}", "error_type": type(exc).__name__}
+    if isinstance(exc, SpecError):
+        fields["error_field"] = exc.field
+    return fields
+
+
+def task_status(app: Any, task_id: str) -> dict[str, Any]:
+    """The status of ``task_id`` in the shape described above (one backend read)."""
+    meta = app.backend.get_task_meta(task_id)
+    state = str(meta.get("status") or states.PENDING)
+    result = meta.get("result")
+    info: dict[str, Any] = {"task_id": task_id, "state": state, "worker_id": None}
+    for key, shown_as in _EXTENDED.items():
+        if meta.get(key) is not None:
+            info[shown_as] = meta[key]
+    worker_id = None
+    if state == states.SUCCESS:
+        info["result"] = result
+        worker_id = result.get("worker_id") if isinstance(result, dict) else None
+    elif state in STOPPED_STATES:
+        info.update(_error_fields(app, result))
+    elif state == PROGRESS and isinstance(result, dict):
+        info["progress"] = {k: v for k, v in result.items() if k not in _META_ONLY}
+        worker_id = result.get("worker_id")
+    elif state == states.STARTED and isinstance(result, dict):
+        worker_id = worker_from_hostname(result.get("hostname"))
+    info["worker_id"] = worker_id or worker_from_hostname(meta.get("worker"))
+    if meta.get("date_done"):
+        info["date_done"] = str(meta["date_done"])
+    return info
