@@ -8,7 +8,8 @@ Two kinds of reference may appear in any string of a spec:
   ``${train.result}`` is the whole result. Resolved on the worker, just before
   the stage runs.
 * ``${env:NAME}`` / ``${env:NAME:-default}`` — an environment variable of the
-  process that loads the document (``meshq submit``, ``Pipeline.from_yaml``).
+  process that loads the document (``meshq submit``, ``Pipeline.from_yaml``);
+  ``${NAME}`` (no dot inside), the original templates' spelling, is the same.
 
 A string that is exactly one reference becomes the referenced value (any JSON
 type); a reference inside a longer string is formatted into it (strings as they
@@ -33,8 +34,11 @@ PREVIOUS_STAGE = "stage"
 ENV_PREFIX = "env:"
 _TOKEN_RE = re.compile(r"\$(\$?)\{([^{}]*)\}")
 _STAGE_REF_RE = re.compile(r"^([A-Za-z0-9_-]+)\.result((?:\.[^.\[\]]+|\[-?\d+\])*)$")
-_ENV_REF_RE = re.compile(r"^env:([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?$", re.DOTALL)
-_SYNTAX_HINT = "expected ${<stage>.result.<path>}, ${stage.result.<path>} or ${env:NAME} (write $${ for a literal ${)"
+_ENV_REF_RE = re.compile(r"^env:([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?\Z", re.DOTALL)
+# The original templates' spelling of an environment placeholder: ${NAME} (no dot inside).
+_BARE_ENV_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?\Z", re.DOTALL)
+_SYNTAX_HINT = ("expected ${<stage>.result.<path>}, ${stage.result.<path>}, ${env:NAME} or ${NAME} "
+                "(write $${ for a literal ${)")
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ class Reference:
 def parse_reference(text: str, location: str) -> Reference:
     """Parse the whole token ``${...}`` (``text`` includes ``${`` and ``}``)."""
     inner = text[2:-1].strip()
-    env = _ENV_REF_RE.match(inner)
+    env = _ENV_REF_RE.match(inner) or _BARE_ENV_RE.match(inner)
     if env:
         return Reference(text, env=env.group(1), default=env.group(2))
     match = _STAGE_REF_RE.match(inner)

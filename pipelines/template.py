@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from app.errors import SpecError
 from app.settings import NAME_RE
 from app.spec import DATA_MODELS, TASK_TYPES, TaskSpec, error_messages, spec_error_from_messages
+from app.spec.schema import REFUSED_TASK_TYPES
 from pipelines.references import (
     PREVIOUS_STAGE,
     FieldPath,
@@ -165,6 +166,7 @@ def parse_pipeline(raw: Any, env: Mapping[str, str] | None = None,
 
 def _parse_pipeline(raw: Any, env: Mapping[str, str] | None, expand_environment: bool) -> PipelineTemplate:
     document = normalise_document(raw)
+    _refuse_unsupported_task_types(document["spec"])  # before a placeholder of theirs could trip
     document = expand_env(document, (os.environ if env is None else env) if expand_environment else None, "")
     spec = document["spec"]
     shared = {key: value for key, value in spec.items() if key != "stages"}
@@ -202,6 +204,19 @@ def _parse_pipeline(raw: Any, env: Mapping[str, str] | None, expand_environment:
         stages.append(stage)
     metadata = document.get("metadata") or {}
     return PipelineTemplate(str(metadata.get("name") or names[0]), document, tuple(stages))
+
+
+def _refuse_unsupported_task_types(spec: Mapping[str, Any]) -> None:
+    """``agent`` and ``rag`` (original task types needing outside services) are refused with
+    their reason, ahead of anything else in the document (an unset ``${QDRANT_API_KEY}``, say)."""
+    places: list[tuple[str, Any]] = [("spec", spec)]
+    stages = spec.get("stages")
+    if isinstance(stages, list):
+        places += [(f"spec.stages[{i}].spec", s.get("spec")) for i, s in enumerate(stages) if isinstance(s, Mapping)]
+    for where, stage_spec in places:
+        task_type = stage_spec.get("taskType") if isinstance(stage_spec, Mapping) else None
+        if isinstance(task_type, str) and task_type in REFUSED_TASK_TYPES:
+            raise SpecError(f"{where}.taskType", f"{task_type!r} {REFUSED_TASK_TYPES[task_type]}")
 
 
 def _stage_names(stages_raw: list[Any]) -> list[str]:

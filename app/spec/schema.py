@@ -1,58 +1,209 @@
-"""The task spec (DESIGN §5) as strict pydantic models.
+"""The task spec (DESIGN §5) as strict pydantic models, in meshq's and the original spelling.
 
 Unknown fields are errors (never silently dropped); ``app.spec.validation`` turns
 pydantic's errors into a ``SpecError`` naming the dotted path of the field.
+
+Templates of the original system (``apiVersion: mloc/v1``, ``../shared/SEED-SPEC.md``)
+are part of the schema: where two names mean one thing the original name is an
+alias (``max_tokens`` = ``max_new_tokens``, ``steps`` = ``max_steps``,
+``per_device_train_batch_size`` = ``batch_size``, ``save_freq`` = ``save_steps``,
+``taskId`` = ``task_id``, ``config_name`` = ``name``); giving both spellings with
+different values is an error. ``model.config`` (the older training spelling of
+dtype/device map) is folded into ``model.transformers``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.names import check_name
 from app.settings import TAG_RE
+from app.spec.sizes import parse_cpu, parse_size
 
-TASK_TYPES = ("inference", "sft", "lora_sft", "echo")
-TRAINING_TYPES = ("sft", "lora_sft")
+TASK_TYPES = ("inference", "sft", "lora_sft", "dpo", "ppo", "echo")
+TRAINING_TYPES = ("sft", "lora_sft", "dpo", "ppo")
+LORA_TYPES = ("lora_sft", "dpo", "ppo")  # task types that may train a LoRA adapter (a ``lora`` block)
+# Task types of the original system that need services meshq workers do not have.
+REFUSED_TASK_TYPES = {
+    "agent": "needs outside services (web search, tools) that meshq workers do not provide",
+    "rag": "needs outside services (a vector database, web search) that meshq workers do not provide",
+}
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+def one_spelling(data: Any, *names: str) -> Any:
+    """Refuse two spellings of one field with different values (``max_tokens`` and
+    ``max_new_tokens``); keep one of them when they agree."""
+    if not isinstance(data, dict):
+        return data
+    given = [name for name in names if name in data]
+    if len(given) > 1:
+        values = {repr(data[name]) for name in given}
+        if len(values) > 1:
+            raise ValueError(f"{given[0]}: also given as {given[1]!r} with another value; "
+                             f"{' and '.join(given)} mean the same, give one")
+        data = {k: v for k, v in data.items() if k not in given[1:]}
+    return data
+
+
+# -- model ------------------------------------------------------------------------------------
 class ModelSource(Strict):
+    type: Literal["huggingface", "local"] | None = None  # informational: a hub id or a local path
     identifier: str = Field(min_length=1)
     revision: str | None = None
+    trust_remote_code: bool | None = None  # the same as model.transformers.trust_remote_code
 
 
 class TransformersOptions(Strict):
     device_map: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     trust_remote_code: bool = False
+    low_cpu_mem_usage: bool | None = None
+
+
+class ModelConfig(Strict):
+    """The older training-template spelling: ``fp16: true`` is ``dtype: float16``,
+    ``device_map_auto: true`` is ``device_map: auto``."""
+
+    fp16: bool | None = None
+    device_map_auto: bool | None = None
+
+
+class VllmOptions(Strict):
+    """Serve the model with vLLM where the worker has it (issue: the vLLM engine)."""
+
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    max_model_len: int | None = Field(default=None, ge=1)
+    trust_remote_code: bool = False
+
+
+class AdapterSpec(Strict):
+    """A LoRA adapter applied at inference: a local path, an archive URL, or an
+    archive the orchestrator holds for ``taskId`` (``filename``, default ``final_lora.zip``)."""
+
+    type: Literal["lora"] = "lora"
+    path: str | None = None
+    url: str | None = None
+    task_id: str | None = Field(default=None, validation_alias=AliasChoices("task_id", "taskId"))
+    filename: str | None = None
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")  # Rust regex: $ is the very end
+    apply: Literal["merge", "attach"] = "merge"
+    name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spellings(cls, data: Any) -> Any:
+        return one_spelling(data, "task_id", "taskId")
+
+    @model_validator(mode="after")
+    def _where(self) -> AdapterSpec:
+        given = [name for name in ("path", "url", "task_id") if getattr(self, name)]
+        if len(given) != 1:
+            raise ValueError("path: give exactly one of path, url or taskId")
+        _check_names(self, ("task_id", "filename"))
+        return self
 
 
 class ModelSpec(Strict):
     source: ModelSource
     transformers: TransformersOptions = Field(default_factory=TransformersOptions)
+    config: ModelConfig | None = None
+    vllm: VllmOptions | None = None
+    adapters: list[AdapterSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _fold_spellings(self) -> ModelSpec:
+        """``model.config`` and ``source.trust_remote_code`` into ``model.transformers``."""
+        given = self.transformers.model_fields_set
+        if self.config is not None:
+            if self.config.fp16:
+                if "dtype" in given and self.transformers.dtype != "float16":
+                    raise ValueError(f"config: fp16 true, but transformers.dtype is "
+                                     f"{self.transformers.dtype!r}; give one")
+                self.transformers.dtype = "float16"
+            if self.config.device_map_auto:
+                if "device_map" in given and self.transformers.device_map != "auto":
+                    raise ValueError(f"config: device_map_auto true, but transformers.device_map is "
+                                     f"{self.transformers.device_map!r}; give one")
+                self.transformers.device_map = "auto"
+        if self.source.trust_remote_code is not None:
+            if "trust_remote_code" in given and self.transformers.trust_remote_code != self.source.trust_remote_code:
+                raise ValueError("source: trust_remote_code differs from transformers.trust_remote_code; give one")
+            self.transformers.trust_remote_code = self.source.trust_remote_code
+        return self
+
+
+class RewardModelSpec(Strict):
+    """The reward model of a ``ppo`` task: a sequence classifier (``sentiment``: the
+    positive class's score)."""
+
+    identifier: str = Field(min_length=1)
+    type: Literal["sentiment", "sequence_classification"] = "sequence_classification"
+    revision: str | None = None
+    positive_label: str | int | None = None
+
+
+# -- data -------------------------------------------------------------------------------------
+class GraphTemplateColumn(Strict):
+    label: str
+    node: str
+    path: str | None = None
+    expr: str | None = None
+
+
+class GraphTemplateOptions(Strict):
+    intro: str | None = None
+    closing: str | None = None
+
+
+class GraphTemplate(Strict):
+    """Prompts built from earlier graph nodes' results (``two_column_briefing``, or an
+    inline ``text`` with ``{label}`` placeholders)."""
+
+    name: str | None = None
+    text: str | None = None
+    columns: list[GraphTemplateColumn] = Field(default_factory=list)
+    options: GraphTemplateOptions = Field(default_factory=GraphTemplateOptions)
 
 
 class InferenceData(Strict):
-    type: Literal["list", "dataset"] = "list"
+    type: Literal["list", "dataset", "graph_template"] = "list"
     items: list[str] | None = None
     path: str | None = None
-    url: str | None = None
-    name: str | None = None  # HF dataset config name
+    url: str | None = None  # a hub id from the local cache, an http(s) URL, or a local path
+    name: str | None = Field(default=None, validation_alias=AliasChoices("name", "config_name"))
     column: str = "prompt"
-    split: str = "train"
+    split: str = "train"  # with slicing: train[:200], validation[:150], train[:2%]
+    shuffle: bool = False
+    seed: int | None = None
+    trust_remote_code: bool = False
+    metadata_columns: dict[str, str] | list[str] | None = None  # {column: alias} carried into each item
+    max_samples: int | None = Field(default=None, ge=1)
+    template: GraphTemplate | None = None
+    notes: Any = None  # informational
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spellings(cls, data: Any) -> Any:
+        return one_spelling(data, "name", "config_name")
 
     @model_validator(mode="after")
     def _source(self) -> InferenceData:
         if self.type == "list":
             if not self.items:
                 raise ValueError("items: a list of at least one prompt is required for type 'list'")
-        elif not (self.path or self.url):
-            raise ValueError("path: a dataset path, url or cached dataset name is required for type 'dataset'")
+        elif self.type == "dataset":
+            if not (self.path or self.url):
+                raise ValueError("url: a dataset (hub id in the local cache, http(s) URL or path) "
+                                 "is required for type 'dataset'")
+        elif self.template is None:
+            raise ValueError("template: required for type 'graph_template'")
         return self
 
 
@@ -61,25 +212,72 @@ class PromptPair(Strict):
     response: str = ""
 
 
-class TrainingData(Strict):
-    prompts: list[str | PromptPair] | None = None
+class PreferencePair(Strict):
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+class JsonlSource(Strict):
+    """A JSONL file (often an earlier stage's ``jsonl_export``) with named fields."""
+
     path: str | None = None
     url: str | None = None
-    name: str | None = None  # HF dataset config name
-    split: str = "train"
-    prompt_column: str = "prompt"
-    response_column: str | None = "response"
+    prompt_field: str | None = None
+    response_field: str | None = None
+    query_field: str | None = None
+    chosen_field: str | None = None
+    rejected_field: str | None = None
     text_field: str | None = None
-    separator: str = "\n"
-    max_samples: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
-    def _source(self) -> TrainingData:
-        if not self.prompts and not (self.path or self.url):
-            raise ValueError("prompts: give a non-empty prompts list or a dataset path")
+    def _where(self) -> JsonlSource:
+        if bool(self.path) == bool(self.url):
+            raise ValueError("path: give exactly one of path or url")
         return self
 
 
+class TrainingData(Strict):
+    type: Literal["list", "dataset", "jsonl"] | None = None  # informational: the source decides
+    prompts: list[str | PromptPair] | None = None
+    preferences: list[PreferencePair] | None = None
+    jsonl: JsonlSource | None = None
+    path: str | None = None
+    url: str | None = None
+    dataset_name: str | None = None  # a hub dataset in the local cache, or a local path
+    name: str | None = Field(default=None, validation_alias=AliasChoices("name", "config_name"))
+    split: str = "train"
+    prompt_column: str = "prompt"
+    response_column: str | None = "response"
+    query_column: str | None = None
+    chosen_column: str | None = None
+    rejected_column: str | None = None
+    text_field: str | None = None
+    separator: str = "\n"
+    max_samples: int | None = Field(default=None, ge=1)
+    shuffle: bool = False
+    seed: int | None = None
+    trust_remote_code: bool = False
+    notes: Any = None  # informational
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spellings(cls, data: Any) -> Any:
+        return one_spelling(data, "name", "config_name")
+
+    @model_validator(mode="after")
+    def _source(self) -> TrainingData:
+        sources = [name for name in ("prompts", "preferences", "jsonl", "path", "url", "dataset_name")
+                   if getattr(self, name)]
+        if not sources:
+            raise ValueError("prompts: give prompts, preferences, a jsonl file, a dataset path, url "
+                             "or dataset_name")
+        if len(sources) > 1:
+            raise ValueError(f"{sources[1]}: give one data source, not {' and '.join(sources)}")
+        return self
+
+
+# -- per-task options -------------------------------------------------------------------------
 class EchoOptions(Strict):
     """The echo task: the smallest real job; optional sleep in steps with progress."""
 
@@ -89,7 +287,8 @@ class EchoOptions(Strict):
 
 
 class InferenceOptions(Strict):
-    max_new_tokens: int = Field(default=64, ge=1, le=32768)
+    max_new_tokens: int = Field(default=64, ge=1, le=32768,
+                                validation_alias=AliasChoices("max_new_tokens", "max_tokens"))
     temperature: float = Field(default=1.0, gt=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
@@ -100,16 +299,41 @@ class InferenceOptions(Strict):
     batch_size: int | None = Field(default=None, ge=1, le=4096)
     chat_template: bool | str | None = None
     seed: int | None = None
+    backend: Literal["auto", "vllm", "transformers"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spellings(cls, data: Any) -> Any:
+        return one_spelling(data, "max_new_tokens", "max_tokens")
+
+
+class GenerationOptions(Strict):
+    """Generation settings of a ``ppo`` task's rollouts."""
+
+    max_new_tokens: int = Field(default=32, ge=1, le=32768,
+                                validation_alias=AliasChoices("max_new_tokens", "max_tokens"))
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    do_sample: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spellings(cls, data: Any) -> Any:
+        return one_spelling(data, "max_new_tokens", "max_tokens")
 
 
 class TrainingOptions(Strict):
     num_train_epochs: float = Field(default=1.0, gt=0)
-    max_steps: int | None = Field(default=None, ge=1)
-    batch_size: int = Field(default=4, ge=1)
+    max_steps: int | None = Field(default=None, ge=1, validation_alias=AliasChoices("max_steps", "steps"))
+    batch_size: int = Field(default=4, ge=1,
+                            validation_alias=AliasChoices("batch_size", "per_device_train_batch_size"))
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     learning_rate: float = Field(default=2e-4, gt=0)
     max_seq_length: int = Field(default=512, ge=8)
-    save_steps: int = Field(default=50, ge=1)
+    save_steps: int = Field(default=50, ge=1, validation_alias=AliasChoices("save_steps", "save_freq"))
+    save_strategy: Literal["steps", "epoch", "no"] = "steps"
+    save_model: bool = True  # false: no final model is kept (metrics only)
     save_total_limit: int | None = Field(default=2, ge=1)
     logging_steps: int = Field(default=1, ge=1)
     warmup_steps: int = Field(default=0, ge=0)
@@ -118,6 +342,36 @@ class TrainingOptions(Strict):
     seed: int = 42
     bf16: bool = False
     fp16: bool = False
+    gradient_checkpointing: bool = False
+    packing: bool = False
+    # Multi-GPU data parallel on a worker with several GPUs (accepted; see the result's notes).
+    allow_multi_gpu: bool = False
+    visible_devices: list[int] | str | None = None
+    auto_deepspeed_stage: int | None = Field(default=None, ge=0, le=3)
+    deepspeed: dict[str, Any] | None = None
+    # dpo
+    beta: float | None = Field(default=None, gt=0)
+    # ppo
+    mini_batch_size: int | None = Field(default=None, ge=1)
+    ppo_epochs: int | None = Field(default=None, ge=1)
+    target_kl: float | None = Field(default=None, gt=0)
+    early_stopping: bool | None = None
+    optimize_cuda_cache: bool | None = None
+    # experiment trackers of the original system: informational (meshq reports to none)
+    log_with: str | None = None
+    tracker_project_name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spellings(cls, data: Any) -> Any:
+        for names in (("max_steps", "steps"), ("batch_size", "per_device_train_batch_size"),
+                      ("save_steps", "save_freq")):
+            data = one_spelling(data, *names)
+        return data
+
+
+DPO_TRAINING_FIELDS = ("beta",)
+PPO_TRAINING_FIELDS = ("mini_batch_size", "ppo_epochs", "target_kl", "early_stopping", "optimize_cuda_cache")
 
 
 class LoraOptions(Strict):
@@ -128,30 +382,81 @@ class LoraOptions(Strict):
     target_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None  # e.g. ["norm"]: also train (and save) these whole modules
     task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
+    use_rslora: bool = False
+
+
+class JsonlExportField(Strict):
+    """One field of an exported row: the generation, a metadata column, the prompt, or a constant."""
+
+    from_: Literal["output", "metadata", "prompt"] | None = Field(default=None, alias="from")
+    key: str | None = None
+    value: Any = None
+
+    @model_validator(mode="after")
+    def _what(self) -> JsonlExportField:
+        if self.from_ is None and self.value is None:
+            raise ValueError("from: give from (output, metadata or prompt) or a constant value")
+        if self.from_ == "metadata" and not self.key:
+            raise ValueError("key: required with from: metadata (the metadata column's name)")
+        return self
+
+
+class JsonlExport(Strict):
+    path: str = "export.jsonl"
+    fields: dict[str, JsonlExportField] = Field(min_length=1)
+    required_fields: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _required(self) -> JsonlExport:
+        unknown = [name for name in self.required_fields if name not in self.fields]
+        if unknown:
+            raise ValueError(f"required_fields: {unknown[0]!r} is not one of the fields")
+        if not self.path.startswith("${"):  # a reference is checked once resolved
+            parts = self.path.split("/")
+            try:
+                for part in parts:
+                    check_name(part, "path")
+            except ValueError:
+                raise ValueError(f"path: {self.path!r} must be a relative path in the task directory "
+                                 "(components of [A-Za-z0-9._-], no '..')") from None
+        return self
+
+
+class PostprocessSpec(Strict):
+    jsonl_export: JsonlExport | None = None
+
+
+def _check_names(model: BaseModel, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(model, name)
+        if value is not None and not value.startswith("${"):  # a reference is checked once resolved
+            try:
+                check_name(value, name)
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
 
 
 class CheckpointLoad(Strict):
     type: Literal["http", "local"]
     url: str | None = None
     path: str | None = None
-    task_id: str | None = None
+    task_id: str | None = Field(default=None, validation_alias=AliasChoices("task_id", "taskId"))
     filename: str | None = None
-    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")  # Rust regex: $ is the very end
     archive_format: Literal["zip", "tar.gz"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spellings(cls, data: Any) -> Any:
+        return one_spelling(data, "task_id", "taskId")
 
     @model_validator(mode="after")
     def _where(self) -> CheckpointLoad:
         if self.type == "local" and not self.path:
             raise ValueError("path: required when type is 'local'")
-        if self.type == "http" and not self.url and not (self.task_id and self.filename):
-            raise ValueError("url: required when type is 'http' (or task_id and filename)")
-        for name in ("task_id", "filename"):
-            value = getattr(self, name)
-            if value is not None and not value.startswith("${"):  # a reference is checked once resolved
-                try:
-                    check_name(value, name)
-                except ValueError as exc:
-                    raise ValueError(str(exc)) from None
+        if self.type == "http" and not self.url and not self.task_id:
+            raise ValueError("url: required when type is 'http' (or taskId, with an optional filename)")
+        _check_names(self, ("task_id", "filename"))
         return self
 
 
@@ -161,8 +466,9 @@ class CheckpointSpec(Strict):
 
 class Destination(Strict):
     type: Literal["local", "http"] = "local"
-    path: str | None = None
+    path: str | None = None  # informational: results stay in RESULTS_DIR/<task_id>/
     url: str | None = None
+    method: Literal["POST", "PUT"] = "POST"
     headers: dict[str, str] = Field(default_factory=dict)
     timeoutSec: float = Field(default=300.0, gt=0)
 
@@ -173,12 +479,78 @@ class OutputSpec(Strict):
     artifacts: list[str] = Field(default_factory=list)
 
 
+# -- placement --------------------------------------------------------------------------------
+class GpuRequirement(Strict):
+    count: int = Field(default=1, ge=0, le=64)
+    type: str | None = None  # "any" or a product name such as nvidia-a100-80gb
+    memory: str | int | None = None  # per GPU: 46Gi
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: str | int | None) -> str | int | None:
+        if value is not None:
+            parse_size(value)
+        return value
+
+    @property
+    def memory_bytes(self) -> int | None:
+        return parse_size(self.memory) if self.memory is not None else None
+
+
+class HardwareRequirement(Strict):
+    cpu: str | float | None = None  # cores: 16, "16", "500m"
+    memory: str | int | None = None  # RAM: 64Gi
+    gpu: GpuRequirement | None = None
+
+    @field_validator("cpu")
+    @classmethod
+    def _cpu(cls, value: str | float | None) -> str | float | None:
+        if value is not None:
+            parse_cpu(value)
+        return value
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: str | int | None) -> str | int | None:
+        if value is not None:
+            parse_size(value)
+        return value
+
+    @property
+    def cpu_cores(self) -> float | None:
+        return parse_cpu(self.cpu) if self.cpu is not None else None
+
+    @property
+    def memory_bytes(self) -> int | None:
+        return parse_size(self.memory) if self.memory is not None else None
+
+
+class ResourcesSpec(Strict):
+    replicas: int = Field(default=1, ge=1, le=1024)  # how many workers may share the task
+    hardware: HardwareRequirement | None = None
+
+
+class ParallelSpec(Strict):
+    """Data-parallel sharding of an inference task's prompts across workers."""
+
+    enabled: bool = False
+    max_shards: int = Field(default=2, ge=1, le=1024)
+
+
+# -- the task ---------------------------------------------------------------------------------
 class TaskSpec(Strict):
     taskType: str
     tags: list[str] = Field(default_factory=list)
+    resources: ResourcesSpec | None = None
+    enforce_cpu: bool = False
+    sloSeconds: float | None = Field(default=None, gt=0)
+    parallel: ParallelSpec | None = None
     model: ModelSpec | None = None
+    reward_model: RewardModelSpec | None = None
     data: dict[str, Any] | None = None
     inference: InferenceOptions | None = None
+    generation: GenerationOptions | None = None
+    postprocess: PostprocessSpec | None = None
     training: TrainingOptions | None = None
     lora: LoraOptions | None = None
     checkpoint: CheckpointSpec | None = None
@@ -188,6 +560,8 @@ class TaskSpec(Strict):
     @field_validator("taskType")
     @classmethod
     def _known_type(cls, value: str) -> str:
+        if value in REFUSED_TASK_TYPES:
+            raise ValueError(f"{value!r} {REFUSED_TASK_TYPES[value]}")
         if value not in TASK_TYPES:
             raise ValueError(f"unknown task type {value!r}; expected one of {', '.join(TASK_TYPES)}")
         return value
@@ -202,17 +576,40 @@ class TaskSpec(Strict):
 
     @model_validator(mode="after")
     def _sections(self) -> TaskSpec:
-        if self.taskType in ("inference", *TRAINING_TYPES):
+        kind = self.taskType
+        if kind in ("inference", *TRAINING_TYPES):
             if self.model is None:
-                raise ValueError(f"model: required for taskType {self.taskType!r}")
+                raise ValueError(f"model: required for taskType {kind!r}")
             if self.data is None:
-                raise ValueError(f"data: required for taskType {self.taskType!r}")
-        if self.taskType == "inference" and (self.training is not None or self.lora is not None):
+                raise ValueError(f"data: required for taskType {kind!r}")
+        if kind == "inference" and (self.training is not None or self.lora is not None):
             raise ValueError("training: not allowed for taskType 'inference'")
-        if self.taskType != "lora_sft" and self.lora is not None:
-            raise ValueError(f"lora: only allowed for taskType 'lora_sft', not {self.taskType!r}")
-        if self.taskType != "echo" and self.echo is not None:
-            raise ValueError(f"echo: only allowed for taskType 'echo', not {self.taskType!r}")
+        if kind not in LORA_TYPES and self.lora is not None:
+            raise ValueError(f"lora: only allowed for taskType {', '.join(LORA_TYPES)}, not {kind!r}")
+        if kind != "echo" and self.echo is not None:
+            raise ValueError(f"echo: only allowed for taskType 'echo', not {kind!r}")
+        if kind != "inference":
+            for name in ("inference", "postprocess", "parallel"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: only allowed for taskType 'inference', not {kind!r}")
+        if kind != "ppo":
+            for name in ("reward_model", "generation"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: only allowed for taskType 'ppo', not {kind!r}")
+        elif self.reward_model is None:
+            raise ValueError("reward_model: required for taskType 'ppo'")
+        if self.training is not None:
+            given = self.training.model_fields_set
+            if kind != "dpo" and "beta" in given:
+                raise ValueError(f"training: beta is a dpo setting, not for taskType {kind!r}")
+            ppo_only = [name for name in PPO_TRAINING_FIELDS if name in given]
+            if kind != "ppo" and ppo_only:
+                raise ValueError(f"training: {ppo_only[0]} is a ppo setting, not for taskType {kind!r}")
+        if self.model is not None and self.model.adapters and kind != "inference":
+            raise ValueError(f"model: adapters are applied at inference; for taskType {kind!r} "
+                             "use checkpoint.load")
+        if self.model is not None and self.model.adapters and self.checkpoint and self.checkpoint.load:
+            raise ValueError("model: adapters and checkpoint.load both name weights to start from; give one")
         return self
 
     # Typed views of ``data`` for each task type (validated in ``parse_task_spec``).
@@ -222,9 +619,19 @@ class TaskSpec(Strict):
     def training_data(self) -> TrainingData:
         return TrainingData.model_validate(self.data or {})
 
+    @property
+    def shards(self) -> int:
+        """How many workers may share this task: ``parallel.max_shards`` when enabled,
+        else ``resources.replicas`` (1: none)."""
+        if self.parallel is not None and self.parallel.enabled:
+            return self.parallel.max_shards
+        return self.resources.replicas if self.resources is not None else 1
+
 
 DATA_MODELS: dict[str, type[Strict]] = {
     "inference": InferenceData,
     "sft": TrainingData,
     "lora_sft": TrainingData,
+    "dpo": TrainingData,
+    "ppo": TrainingData,
 }
