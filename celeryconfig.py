@@ -9,13 +9,16 @@ Pool choice — prefork with concurrency 1 and children that live forever:
   * the parent stays free for the heartbeat thread, which keeps beating while a
     long task holds the child busy (a solo/threads pool would share the GIL and the
     process with the task, and a crash in native code would take the heartbeat down).
+
+Only settings are exported: every other name here starts with ``_`` (Celery and
+``celery inspect conf`` skip those), and there is no ``from __future__`` import, whose
+``annotations`` would otherwise show up as a setting. Extra settings of your own go in
+a module named by ``MESHQ_CELERY_CONFIG`` (applied after these, see ``app/celery.py``).
 """
 
-from __future__ import annotations
+from app.settings import get_settings as _get_settings
 
-from app.settings import get_settings
-
-_settings = get_settings()
+_settings = _get_settings()
 
 broker_url = _settings.redis_url
 result_backend = _settings.redis_url
@@ -53,9 +56,12 @@ task_track_started = True
 result_extended = True
 result_expires = 7 * 24 * 3600
 
-# Routing: the default queue is TASK_TOPIC; tag queues are created on demand.
+# Routing: the default queue is TASK_TOPIC; tag and capability queues are created on
+# demand. The router sends a meshq task given no queue where its spec's tags and
+# resources say (docs/ROUTING.md), whatever sent it (celery call, apply_async, a canvas).
 task_default_queue = _settings.task_topic
 task_create_missing_queues = True
+task_routes = ("tasks.router.route_task",)
 
 # pipelines.resolver resolves ${...} references on the worker just before a stage runs.
 include = ["tasks", "pipelines.resolver"]

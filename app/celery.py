@@ -1,21 +1,82 @@
-"""The Celery application (``celery -A app worker`` finds ``app.celery.app``)."""
+"""The Celery application (``celery -A app worker`` finds ``app.celery.app``).
+
+Configured from ``celeryconfig`` (meshq's settings), then from the module named by
+``MESHQ_CELERY_CONFIG``, if any: the documented way to add Celery settings of your
+own (``beat_schedule``, ``task_annotations``, ``task_routes``, ``broker_pool_limit``...)
+without wrapping the app. Its public lowercase names must be Celery settings (a
+misspelt one is an error, not ignored); imports and underscore names are skipped.
+Its ``task_routes`` are consulted before meshq's router, its ``include``/``imports``
+add to meshq's, and the serialisers stay JSON (meshq never accepts pickle).
+"""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import sys
+from typing import Any
 
 from celery import Celery
+from celery.app.defaults import DEFAULTS
 
 from app.errors import ConfigError
 from app.settings import get_settings
 
+USER_CONFIG_VARIABLE = "MESHQ_CELERY_CONFIG"
+JSON_ONLY = ("task_serializer", "result_serializer", "event_serializer", "accept_content",
+             "result_accept_content")
+ADDED_TO_MESHQS = ("include", "imports")
+
+
+def user_settings(module_name: str, base: Any) -> dict[str, Any]:
+    """The settings of module ``module_name`` merged with meshq's ``base`` configuration;
+    ``ConfigError`` naming ``MESHQ_CELERY_CONFIG`` for anything meshq cannot apply."""
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ConfigError(USER_CONFIG_VARIABLE, f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") \
+            from None
+    found: dict[str, Any] = {}
+    for name, value in vars(module).items():
+        if name.startswith("_") or inspect.ismodule(value) or inspect.isclass(value) \
+                or inspect.isfunction(value) or type(value).__name__ == "_Feature":
+            continue  # imports (a function, class, module or __future__ feature) are not settings
+        if name not in DEFAULTS:
+            raise ConfigError(USER_CONFIG_VARIABLE, f"{module_name}.{name} is not a Celery setting "
+                                                    "(lowercase names, as in Celery's documentation)")
+        found[name] = value
+    for name in JSON_ONLY:
+        if name in found:
+            value = found[name]
+            values = [value] if isinstance(value, str) else list(value or [])
+            if values != ["json"]:
+                raise ConfigError(USER_CONFIG_VARIABLE, f"{module_name}.{name} = {value!r}: meshq accepts "
+                                                        "JSON only (never pickle)")
+    for name in ADDED_TO_MESHQS:
+        if name in found:
+            found[name] = [*base.get(name, ()), *[v for v in found[name] if v not in base.get(name, ())]]
+    if "task_routes" in found:
+        routes = found["task_routes"]
+        routes = list(routes) if isinstance(routes, list | tuple) else [routes]
+        found["task_routes"] = (*routes, *base["task_routes"])
+    return found
+
+
 try:
-    get_settings()
+    _settings = get_settings()
 except ConfigError as exc:  # bad environment: stop with a message naming the variable
     print(f"meshq: configuration error: {exc}", file=sys.stderr)
     raise SystemExit(2) from None  # the exit status of every meshq usage/configuration error
 
 app = Celery("meshq")
 app.config_from_object("celeryconfig")
+if _settings.celery_config_module:
+    try:
+        import celeryconfig
+
+        app.conf.update(user_settings(_settings.celery_config_module, vars(celeryconfig)))
+    except ConfigError as exc:
+        print(f"meshq: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 from app.worker import signals  # noqa: E402,F401  (connects the worker signals)

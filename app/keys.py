@@ -43,3 +43,8 @@ def pipeline(pipeline_id: str) -> str:
 def task_pipeline(task_id: str) -> str:
     """Maps a stage task id back to its pipeline id."""
     return f"meshq:task:{task_id}:pipeline"
+
+
+# Capability queues in use (docs/ROUTING.md): a hash of queue name → requirement JSON,
+# written by submitters, read by workers to choose the queues they consume.
+CAPABILITY_QUEUES = "meshq:capability-queues"

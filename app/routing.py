@@ -1,12 +1,22 @@
-"""Tag routing (DESIGN §4): pure functions from tags to queue names."""
+"""Queue names (DESIGN §4, docs/ROUTING.md): pure functions from tags and requirements.
+
+* Tags only: ``TASK_TOPIC.<sorted tags joined by +>``; a worker consumes one queue per
+  non-empty subset of its tags.
+* Anything more (``resources.hardware``, features): one *capability queue* named from
+  the whole requirement, ``TASK_TOPIC.need.<part>.<part>...`` (``tasks.need.cpu=1.mem=1Gi``);
+  workers consume the capability queues in use that they can serve (``app.capabilities``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from itertools import combinations
 
+from app.capabilities import Requirement
 from app.errors import SpecError
 from app.settings import TAG_RE
+
+CAPABILITY_QUEUE_MARK = "need"
 
 
 def queue_for_tags(topic: str, required: Iterable[str]) -> str:
@@ -21,6 +31,18 @@ def queue_for_tags(topic: str, required: Iterable[str]) -> str:
         if not TAG_RE.match(tag):
             raise SpecError("spec.tags", f"tag {tag!r} is not 1-32 characters of [A-Za-z0-9_-]")
     return f"{topic}.{'+'.join(tags)}" if tags else topic
+
+
+def queue_for_requirement(topic: str, need: Requirement) -> str:
+    """The one queue a task with requirement ``need`` is sent to: its tag queue when it
+    needs tags only, else the capability queue named from every part of ``need``."""
+    if not need.needs_capabilities:
+        return queue_for_tags(topic, need.tags)
+    return ".".join([topic, CAPABILITY_QUEUE_MARK, *need.name_parts()])
+
+
+def is_capability_queue(topic: str, queue: str) -> bool:
+    return queue.startswith(f"{topic}.{CAPABILITY_QUEUE_MARK}.")
 
 
 def queue_for_worker(topic: str, worker_id: str) -> str:

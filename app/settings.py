@@ -7,11 +7,13 @@ instead of misbehaving later.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from app.errors import ConfigError
 
@@ -28,6 +30,8 @@ DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024**3
 DEFAULT_UPLOAD_RETRIES = 5
 DEFAULT_UPLOAD_BACKOFF_S = 1.0
 MAX_WORKER_TAGS = 6  # 2**6 - 1 = 63 tag-subset queues per worker
+# Capability queues (docs/ROUTING.md) a worker consumes at most: with 6 tags, 65 + 64 queues.
+MAX_CAPABILITY_QUEUES = 64
 
 TAG_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -52,6 +56,10 @@ class Settings:
     cost_per_hour: float
     upload_retries: int = DEFAULT_UPLOAD_RETRIES
     upload_backoff_s: float = DEFAULT_UPLOAD_BACKOFF_S
+    # Test-only: replaces parts of the hardware probe (a "80 GB A100" on a CPU machine).
+    fake_hardware: dict[str, Any] | None = None
+    # A module of extra Celery settings applied after celeryconfig (MESHQ_CELERY_CONFIG).
+    celery_config_module: str = ""
 
     @property
     def heartbeat_ttl_s(self) -> int:
@@ -111,6 +119,38 @@ def _non_negative_int(env: Mapping[str, str], variable: str, default: int) -> in
     return _int_at_least(env, variable, default, 0)
 
 
+FAKE_HARDWARE_KEYS = ("cpu_count", "memory_total_bytes", "gpus")
+MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+
+
+def parse_fake_hardware(raw: str, variable: str = "MESHQ_FAKE_HARDWARE") -> dict[str, Any] | None:
+    """``{"cpu_count": 16, "memory_total_bytes": N, "gpus": [{"name": ..., "memory_total_bytes": N}]}``
+    (any subset of the keys) replacing those parts of the probe; for tests only."""
+    if not raw.strip():
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(variable, f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(variable, "must be a JSON object")
+    for key, value in data.items():
+        if key not in FAKE_HARDWARE_KEYS:
+            raise ConfigError(variable, f"unknown key {key!r} (expected {', '.join(FAKE_HARDWARE_KEYS)})")
+        if key != "gpus" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(variable, f"{key}: {value!r} must be a positive integer")
+    gpus = data.get("gpus", [])
+    if not isinstance(gpus, list):
+        raise ConfigError(variable, "gpus: must be a list")
+    for index, gpu in enumerate(gpus):
+        if (not isinstance(gpu, dict) or set(gpu) != {"name", "memory_total_bytes"}
+                or not isinstance(gpu["name"], str) or not gpu["name"].strip()
+                or not isinstance(gpu["memory_total_bytes"], int) or gpu["memory_total_bytes"] < 1):
+            raise ConfigError(variable, f"gpus[{index}]: must be {{\"name\": <product name>, "
+                                        "\"memory_total_bytes\": <positive integer>}")
+    return data
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every meshq variable; raises ``ConfigError``."""
     env = os.environ if env is None else env
@@ -140,6 +180,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     except ValueError:
         raise ConfigError("WORKER_COST_PER_HOUR", f"{cost_raw!r} is not a number") from None
 
+    celery_config = env.get("MESHQ_CELERY_CONFIG", "").strip()
+    if celery_config and not MODULE_RE.match(celery_config):
+        raise ConfigError("MESHQ_CELERY_CONFIG", f"{celery_config!r} is not a Python module name "
+                                                 "(like mysite.celery_settings)")
+
     return Settings(
         redis_url=redis_url or DEFAULT_REDIS_URL,
         redis_url_from_env=bool(redis_url),
@@ -157,6 +202,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         cost_per_hour=cost,
         upload_retries=_non_negative_int(env, "MESHQ_UPLOAD_RETRIES", DEFAULT_UPLOAD_RETRIES),
         upload_backoff_s=_positive_float(env, "MESHQ_UPLOAD_BACKOFF_S", DEFAULT_UPLOAD_BACKOFF_S),
+        fake_hardware=parse_fake_hardware(env.get("MESHQ_FAKE_HARDWARE", "")),
+        celery_config_module=celery_config,
     )
 
 

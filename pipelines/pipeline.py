@@ -22,20 +22,20 @@ from typing import Any
 
 from celery import chain
 
-from app import routing
 from app.celery import app
 from app.errors import SpecError
 from app.events import utc_now_iso
 from app.redis_client import get_redis
-from app.settings import get_settings
 from pipelines.run import PipelineRun
 from pipelines.template import PipelineTemplate, StageTemplate, load_document, load_file, parse_pipeline
-from tasks.submit import queue_warning, task_for_type
+from tasks.placement import queue_for_spec, queue_warning, record_queue
+from tasks.submit import task_for_type
 
 
-def stage_queue(stage: StageTemplate, topic: str | None = None) -> str:
-    """The queue a stage is first sent to (a ``runOn`` stage is re-pointed at run time)."""
-    return routing.queue_for_tags(topic or get_settings().task_topic, stage.tags)
+def stage_queue(stage: StageTemplate) -> str:
+    """The queue a stage is first sent to (a ``runOn`` stage is re-pointed at run time):
+    its tags', or the capability queue of its ``resources`` (``tasks.placement``)."""
+    return queue_for_spec(stage.spec)
 
 
 def stage_task(stage: StageTemplate) -> Any:
@@ -113,8 +113,9 @@ class Pipeline:
         canvas = self.chain(pipeline_id, task_ids)
         warnings = []
         for stage in self.stages:
+            record_queue(stage_queue(stage), stage.spec)
             if stage.run_on is None:
-                warning = queue_warning(stage_queue(stage))
+                warning = queue_warning(stage_queue(stage), stage.spec)
                 if warning:
                     warnings.append(f"stage {stage.name!r}: {warning}")
         run = PipelineRun(

@@ -44,7 +44,7 @@ DOCUMENT_FIELDS = ("apiVersion", "kind", "metadata", "spec")
 STAGE_FIELDS = ("name", "spec", "tags", "runOn")
 RUN_ON_FIELDS = ("stage",)
 # Routing is decided at submission, so these fields cannot wait for a stage result.
-NO_REFERENCE_FIELDS = ("taskType", "tags")
+NO_REFERENCE_FIELDS = ("taskType", "tags", "resources")
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,15 @@
-"""Submitting one task: validate, route by tags (or pin to a worker), warn if nobody listens."""
+"""Submitting one task: validate, route (``tasks.placement``: tags, capabilities, or a pinned
+worker), warn if no live worker will take it."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
-
-from app import keys, routing
 from app.celery import app
-from app.redis_client import get_redis
-from app.settings import get_settings
-from app.spec import TaskSpec, parse_task_spec
+from app.spec import parse_task_spec
 from tasks import definitions  # noqa: F401  (registers every meshq task)
+from tasks.placement import queue_for_spec, queue_warning, record_queue
 
 
 @dataclass
@@ -29,39 +25,13 @@ def task_for_type(task_type: str) -> Any:
     return app.tasks[f"meshq.{task_type}"]
 
 
-def target_queue(spec: TaskSpec, worker_id: str | None = None) -> str:
-    topic = get_settings().task_topic
-    if worker_id:
-        return routing.queue_for_worker(topic, worker_id)
-    return routing.queue_for_tags(topic, spec.tags)
-
-
-def live_queues(client: redis.Redis | None = None) -> set[str]:
-    """Every queue consumed by a worker whose heartbeat key is alive."""
-    client = client or get_redis()
-    queues: set[str] = set()
-    for worker_id in map(str, client.smembers(keys.WORKERS_SET)):
-        if client.exists(keys.worker_heartbeat(worker_id)):
-            raw = client.hget(keys.worker_hash(worker_id), "queues_json")
-            queues.update(json.loads(raw) if raw else [])
-    return queues
-
-
-def queue_warning(queue: str) -> str | None:
-    try:
-        if queue in live_queues():
-            return None
-    except redis.RedisError as exc:
-        return f"could not check live workers: {exc}"
-    return f"no live worker consumes queue {queue!r}; the task waits until one starts"
-
-
 def submit_task(raw_spec: Any, *, worker_id: str | None = None, task_id: str | None = None,
                 **options: Any) -> Submission:
     """Validate ``raw_spec`` and enqueue it; raises ``SpecError`` for a bad spec."""
     spec = parse_task_spec(raw_spec)
-    queue = target_queue(spec, worker_id)
+    queue = queue_for_spec(spec, worker_id)
     task = task_for_type(spec.taskType)
+    record_queue(queue, spec)
     result = task.apply_async(args=[raw_spec], queue=queue, task_id=task_id, **options)
-    warning = queue_warning(queue)
+    warning = queue_warning(queue, spec)
     return Submission(result.id, task.name, queue, [warning] if warning else [])

@@ -485,6 +485,13 @@ class GpuRequirement(Strict):
     type: str | None = None  # "any" or a product name such as nvidia-a100-80gb
     memory: str | int | None = None  # per GPU: 46Gi
 
+    @field_validator("type")
+    @classmethod
+    def _type(cls, value: str | None) -> str | None:
+        if value is not None and not any(ch.isalnum() for ch in value):
+            raise ValueError(f"{value!r} is not a GPU product name such as nvidia-a100-80gb, or any")
+        return value
+
     @field_validator("memory")
     @classmethod
     def _memory(cls, value: str | int | None) -> str | int | None:

@@ -63,3 +63,17 @@ def format_size(size_bytes: int) -> str:
     if size_bytes >= 1024**3:
         return f"{size_bytes / 1024**3:.1f}Gi"
     return f"{size_bytes}B"
+
+
+def format_size_exact(size_bytes: int, *, approx: bool = False) -> str:
+    """``17179869184`` → ``16Gi``; a size no binary unit divides stays in bytes, so two
+    different sizes never print alike (queue names). ``approx``: one decimal instead
+    (``23.4Gi``, for messages)."""
+    for unit, factor in (("Ti", 1024**4), ("Gi", 1024**3), ("Mi", 1024**2), ("Ki", 1024)):
+        if size_bytes >= factor and size_bytes % factor == 0:
+            return f"{size_bytes // factor}{unit}"
+    if approx:
+        for unit, factor in (("Ti", 1024**4), ("Gi", 1024**3), ("Mi", 1024**2), ("Ki", 1024)):
+            if size_bytes >= factor:
+                return f"{size_bytes / factor:.1f}{unit}"
+    return str(size_bytes)

@@ -2,6 +2,10 @@
 
 GPU data comes from NVML, which never initialises CUDA, so the worker's parent
 process can read it without touching the devices the pool child uses.
+
+``MESHQ_FAKE_HARDWARE`` (tests only) replaces parts of the probe, so a test can start
+a worker that says it has an 80 GB A100 on a machine without a GPU; the probe then
+carries ``"fake": true`` and the worker logs a warning.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ def _gpu_handles() -> list[Any]:
     return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
 
 
-def probe() -> dict[str, Any]:
-    """Static description of the machine, stored in ``hardware_json``."""
+def probe(fake: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Static description of the machine, stored in ``hardware_json``; ``fake``
+    (``MESHQ_FAKE_HARDWARE``, tests only) replaces the parts it names."""
     info: dict[str, Any] = {
         "hostname": platform.node(),
         "platform": platform.platform(),
@@ -57,7 +62,18 @@ def probe() -> dict[str, Any]:
             "name": name.decode() if isinstance(name, bytes) else name,
             "memory_total_bytes": int(mem.total),
         })
+    if fake:
+        info.update({k: v for k, v in fake.items() if k != "gpus"})
+        if "gpus" in fake:
+            info["gpus"] = [{"index": i, **gpu} for i, gpu in enumerate(fake["gpus"])]
+        info["fake"] = True
     return info
+
+
+def features() -> list[str]:
+    """Capabilities of this worker that are not hardware (installed engines, say), matched
+    against a task's required features like its hardware (docs/ROUTING.md). None yet."""
+    return []
 
 
 def metrics() -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 import redis
 
 from app import events, keys
+from app.capabilities import Capabilities
 from app.redaction import redact
 from app.redis_client import get_redis
 from app.settings import Settings
@@ -83,6 +84,7 @@ class WorkerRegistry:
     def __init__(self, settings: Settings, queues: Iterable[str], *,
                  active_task_ids: Callable[[], list[str]] = list,
                  on_beat: Callable[[Any, list[str]], None] | None = None,
+                 on_capability_queues: Callable[[int], None] | None = None,
                  client: redis.Redis | None = None) -> None:
         self.settings = settings
         self.worker_id = settings.worker_id
@@ -92,8 +94,12 @@ class WorkerRegistry:
         self.active_task_ids = active_task_ids
         # Extra commands added to every beat's pipeline (e.g. task lease refresh).
         self.on_beat = on_beat
+        # Called with the number of recorded capability queues after every beat.
+        self.on_capability_queues = on_capability_queues
         self.started_at = events.utc_now_iso()
-        self.hardware = hardware.probe()
+        self.hardware = hardware.probe(settings.fake_hardware)
+        self.capabilities = Capabilities.from_hardware(self.hardware, settings.worker_tags, hardware.features())
+        self.node = ""  # the Celery node name, once the worker has one
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._redis_was_down = False
@@ -108,8 +114,18 @@ class WorkerRegistry:
             "hardware_json": json.dumps(self.hardware),
             "tags_json": json.dumps(list(self.settings.worker_tags)),
             "queues_json": json.dumps(self.queues),
+            "capabilities_json": json.dumps(self.capabilities.to_dict()),
+            "node": self.node,
             "cost_per_hour": str(self.settings.cost_per_hour),
         }
+
+    def add_queues(self, queues: Iterable[str]) -> None:
+        """Record queues the worker started consuming (its hash says so at once)."""
+        self.queues.extend(q for q in queues if q not in self.queues)
+        try:
+            self.client.hset(keys.worker_hash(self.worker_id), "queues_json", json.dumps(self.queues))
+        except redis.RedisError as exc:  # the next heartbeat writes it again
+            log.warning("could not record the queues of worker %s: %s", self.worker_id, exc)
 
     def register(self) -> None:
         """Write every field with status ``STARTING`` and publish ``REGISTER``."""
@@ -147,9 +163,13 @@ class WorkerRegistry:
             "HEARTBEAT", self.worker_id, status=RUNNING if running else IDLE,
             tags=list(self.settings.worker_tags), metrics=hardware.metrics(),
             payload={"current_tasks": running}))
+        pipe.hlen(keys.CAPABILITY_QUEUES)
+        recorded_at = len(pipe) - 1
         if self.on_beat is not None:
             self.on_beat(pipe, running)
-        pipe.execute()
+        replies = pipe.execute()
+        if self.on_capability_queues is not None:
+            self.on_capability_queues(int(replies[recorded_at]))
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_interval_s):
@@ -203,7 +223,7 @@ def list_workers(client: redis.Redis) -> list[dict[str, Any]]:
         if not fields:
             continue
         worker: dict[str, Any] = {k: v for k, v in fields.items() if not k.endswith("_json")}
-        for name in ("env", "hardware", "tags", "queues"):
+        for name in ("env", "hardware", "tags", "queues", "capabilities"):
             raw = fields.get(f"{name}_json")
             worker[name] = json.loads(raw) if raw else None
         worker["worker_id"] = worker_id

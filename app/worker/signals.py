@@ -15,18 +15,23 @@ from typing import Any
 from celery import signals
 from celery.app import trace
 from celery.worker import state as worker_state
+from celery.worker.control import control_command, ok
 
 from app import routing
 from app.events import task_event
 from app.redaction import redact
-from app.settings import get_settings
+from app.settings import MAX_CAPABILITY_QUEUES, get_settings
+from app.worker.capability_queues import CapabilityQueues
 from app.worker.lease import lease_ttl_s, refresh_leases
 from app.worker.registry import IDLE, RUNNING, WorkerRegistry, set_worker_status
 from app.worker.status_writer import StatusWriter
 
 log = logging.getLogger("meshq.worker")
 
+SYNC_QUEUES_COMMAND = "meshq_sync_queues"  # control command: re-read the capability queues in use
+
 _registry: WorkerRegistry | None = None
+_capability_queues: CapabilityQueues | None = None
 _started_at: dict[str, float] = {}
 _beat_hooks: list[Any] = []
 
@@ -48,7 +53,7 @@ def active_task_ids() -> list[str]:
 
 @signals.celeryd_init.connect
 def configure_worker(sender: str, instance: Any, conf: Any, options: dict, **_: Any) -> None:
-    global _registry
+    global _registry, _capability_queues
     settings = get_settings()
     # The Celery node name carries the worker id unless the user chose one with -n.
     if instance.hostname.startswith("celery@"):
@@ -60,11 +65,49 @@ def configure_worker(sender: str, instance: Any, conf: Any, options: dict, **_: 
         instance.app.amqp.queues.select_add(queue)
     ttl_s = lease_ttl_s(settings.heartbeat_interval_s)
     add_beat_hook(lambda pipe, running: refresh_leases(pipe, running, settings.worker_id, ttl_s))
-    _registry = WorkerRegistry(settings, queues, active_task_ids=active_task_ids, on_beat=_on_beat)
+    node, app = instance.hostname, instance.app
+
+    def resync_if_stale(recorded: int) -> None:
+        # A capability queue was recorded that this worker has not looked at (a broadcast
+        # missed while it started, say): have its own consumer re-read the record.
+        if _capability_queues is not None and _capability_queues.stale(recorded):
+            try:
+                app.control.broadcast(SYNC_QUEUES_COMMAND, destination=[node], reply=False)
+            except Exception as exc:  # the broker is away: the next beat asks again
+                log.warning("could not ask for a capability queue sync: %s", exc)
+
+    _registry = WorkerRegistry(settings, queues, active_task_ids=active_task_ids, on_beat=_on_beat,
+                               on_capability_queues=resync_if_stale)
+    _registry.node = node
+    if settings.fake_hardware:
+        log.warning("MESHQ_FAKE_HARDWARE is set: this worker reports hardware it may not have "
+                    "(for tests only): %s", settings.fake_hardware)
+    _capability_queues = CapabilityQueues(_registry.capabilities, settings.task_topic, MAX_CAPABILITY_QUEUES)
     try:
         _registry.register()
-    except Exception as exc:  # Redis not up yet: the first heartbeat registers us
+        # Registered first, then read: a submitter recording a new queue either sees this
+        # worker (and broadcasts to it) or is seen by this read.
+        capability_queues = _capability_queues.read(_registry.client)
+    except Exception as exc:  # Redis not up yet: the first heartbeat registers us and syncs
         log.warning("could not register worker %s yet: %s", settings.worker_id, exc)
+    else:
+        for queue in capability_queues:
+            instance.app.amqp.queues.select_add(queue)
+        _registry.add_queues(capability_queues)
+
+
+@control_command()
+def meshq_sync_queues(state: Any, **_: Any) -> dict[str, Any]:
+    """Consume the recorded capability queues this worker can serve and does not consume yet."""
+    if _capability_queues is None or _registry is None:
+        return ok("not a meshq worker")
+    new = _capability_queues.read(_registry.client)
+    for queue in new:
+        state.consumer.call_soon(state.consumer.add_task_queue, queue)
+    if new:
+        _registry.add_queues(new)
+        log.info("now consuming capability queue(s) %s", ", ".join(new))
+    return ok(f"{len(new)} new capability queue(s)")
 
 
 @signals.after_setup_logger.connect

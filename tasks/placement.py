@@ -1,0 +1,100 @@
+"""Where a task goes: its queue from its requirement, recorded and checked at submission.
+
+One path for every way a task enters (``tasks.submit``, ``Pipeline.submit``, the HTTP
+API through pipelines, and a plain ``apply_async`` through the Celery router
+``tasks.router``):
+
+* ``queue_for_spec`` names the queue (pure): the worker's own queue when pinned, the
+  tag queue for tags alone, else the capability queue of the whole requirement;
+* ``record_queue`` records a capability queue in ``meshq:capability-queues`` and, the
+  first time, tells every worker to look (``meshq_sync_queues``) so those that can
+  serve it start consuming it;
+* ``queue_warning`` says when no live worker consumes the queue (tags) or none has
+  what the requirement asks for (capabilities): the task waits until one starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+
+from app import keys, routing
+from app.capabilities import Capabilities, Requirement, requirement_of, requirement_of_raw
+from app.celery import app
+from app.events import utc_now_iso
+from app.redis_client import get_redis
+from app.settings import get_settings
+from app.spec import TaskSpec
+from app.worker.capability_queues import record_entry
+from app.worker.registry import list_workers
+from app.worker.signals import SYNC_QUEUES_COMMAND
+
+log = logging.getLogger(__name__)
+
+
+def requirement_for(spec: TaskSpec | Mapping[str, Any]) -> Requirement:
+    """The requirement of a validated spec, or of a raw spec dict (routing fields only)."""
+    return requirement_of(spec) if isinstance(spec, TaskSpec) else requirement_of_raw(spec)
+
+
+def queue_for_spec(spec: TaskSpec | Mapping[str, Any], worker_id: str | None = None) -> str:
+    """The queue ``spec`` is sent to (no I/O): pinned, tags, or capabilities."""
+    topic = get_settings().task_topic
+    if worker_id:
+        return routing.queue_for_worker(topic, worker_id)
+    return routing.queue_for_requirement(topic, requirement_for(spec))
+
+
+def record_queue(queue: str, spec: TaskSpec | Mapping[str, Any], client: redis.Redis | None = None) -> None:
+    """Record a capability queue before anything is sent to it (nothing to do for others)."""
+    if not routing.is_capability_queue(get_settings().task_topic, queue):
+        return
+    client = client or get_redis()
+    if client.hsetnx(keys.CAPABILITY_QUEUES, queue, record_entry(requirement_for(spec), utc_now_iso())):
+        log.info("new capability queue %s: asking the workers that can serve it to consume it", queue)
+        try:
+            app.control.broadcast(SYNC_QUEUES_COMMAND, reply=False)
+        except Exception as exc:  # each worker's heartbeat notices the new record anyway
+            log.warning("could not broadcast %s: %s", SYNC_QUEUES_COMMAND, exc)
+
+
+def live_queues(client: redis.Redis | None = None) -> set[str]:
+    """Every queue consumed by a worker whose heartbeat key is alive."""
+    client = client or get_redis()
+    queues: set[str] = set()
+    for worker_id in map(str, client.smembers(keys.WORKERS_SET)):
+        if client.exists(keys.worker_heartbeat(worker_id)):
+            raw = client.hget(keys.worker_hash(worker_id), "queues_json")
+            queues.update(json.loads(raw) if raw else [])
+    return queues
+
+
+def capability_warning(need: Requirement, queue: str, client: redis.Redis | None = None) -> str | None:
+    """A message when no live worker has what ``need`` asks for, with what each lacks."""
+    workers = [w for w in list_workers(client or get_redis()) if w["alive"]]
+    lacking = []
+    for worker in workers:
+        capabilities = Capabilities.from_dict(worker.get("capabilities") or {})
+        unmet = capabilities.unmet(need)
+        if not unmet:
+            return None
+        lacking.append(f"{worker['worker_id']}: {'; '.join(unmet)}")
+    detail = f" ({' | '.join(lacking)})" if lacking else " (no live worker)"
+    return (f"no live worker has what the task needs ({need.describe()}){detail}; "
+            f"it waits in queue {queue!r} until such a worker starts")
+
+
+def queue_warning(queue: str, spec: TaskSpec | Mapping[str, Any] | None = None) -> str | None:
+    """``None`` when a live worker will take tasks from ``queue``, else what to tell the user."""
+    try:
+        if spec is not None and routing.is_capability_queue(get_settings().task_topic, queue):
+            return capability_warning(requirement_for(spec), queue)
+        if queue in live_queues():
+            return None
+    except redis.RedisError as exc:
+        return f"could not check live workers: {exc}"
+    return f"no live worker consumes queue {queue!r}; the task waits until one starts"

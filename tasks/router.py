@@ -1,0 +1,50 @@
+"""The Celery router of meshq tasks (``task_routes`` in celeryconfig).
+
+A meshq task sent without a queue — ``celery call meshq.echo --args '[{...}]'``,
+``tasks.echo.apply_async([spec])``, a plain canvas chain — goes where its spec's
+``tags`` and ``resources`` say, exactly as ``meshq submit`` would send it. A queue
+given explicitly (``apply_async(queue=...)``, meshq's own submissions) is left as
+it is. A routing field that is invalid raises ``SpecError`` naming it at send time.
+A task whose requirement no live worker meets is sent all the same (it waits) and a
+warning is logged, as ``meshq submit`` prints one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from app.routing import is_capability_queue
+from app.settings import get_settings
+from tasks.placement import queue_for_spec, queue_warning, record_queue
+
+log = logging.getLogger(__name__)
+
+MESHQ_TASK_PREFIX = "meshq."
+
+
+def spec_argument(args: Any) -> Mapping[str, Any] | None:
+    """The spec of ``task(spec)`` or, in a chain, ``task(previous_result, spec)``."""
+    if isinstance(args, list | tuple) and args and isinstance(args[-1], Mapping) and "taskType" in args[-1]:
+        return args[-1]
+    return None
+
+
+def route_task(name: str, args: Any, kwargs: Any, options: Mapping[str, Any], task: Any = None,
+               **_: Any) -> dict[str, Any] | None:
+    """``{"queue": ...}`` for a meshq task without an explicit queue; ``None`` otherwise."""
+    if not name.startswith(MESHQ_TASK_PREFIX) or options.get("queue"):
+        return None
+    spec = spec_argument(args)
+    if spec is None:
+        return None  # not a spec: the worker refuses it with a message naming the problem
+    queue = queue_for_spec(spec)
+    if is_capability_queue(get_settings().task_topic, queue):
+        # Only a capability queue costs Redis round trips here: tag and default queues are
+        # names alone (a send stays as cheap as Celery's own).
+        record_queue(queue, spec)
+        warning = queue_warning(queue, spec)
+        if warning:
+            log.warning("%s: %s", name, warning)
+    return {"queue": queue}
