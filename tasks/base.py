@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from app.settings import get_settings
 from app.spec import parse_task_spec
 from app.worker.lease import AlreadyFinished, TaskLease, lease_ttl_s, max_task_runs
 from tasks.executors import EXECUTORS, Executor
+from tasks.outcome import annotate
 from tasks.progress import CeleryProgress
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,7 @@ class MeshqTask(Task):
     track_started = False
 
     def run(self, *args: Any, pipeline: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
+        started = time.monotonic()
         settings = get_settings()
         task_id = self.request.id
         try:
@@ -135,6 +138,7 @@ class MeshqTask(Task):
             self._end_cancelled(exc, out_dir, progress)
         result = {"task_id": task_id, "taskType": self.task_type,
                   "worker_id": settings.worker_id, **result}
+        result = annotate(result, spec, out_dir, time.monotonic() - started)
         try:
             manifest = write_task_outputs(out_dir, result, known_sha256=archive_digests(result, out_dir),
                                           walk=getattr(executor, "writes_files", True))

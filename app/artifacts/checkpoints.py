@@ -17,12 +17,14 @@ import tempfile
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
+import requests
+
 from app.artifacts import download
 from app.artifacts.archive import content_root, detect_format, safe_extract
-from app.artifacts.auth import token_for
+from app.artifacts.auth import auth_headers, token_for
 from app.artifacts.delivery import RESULTS_PATH
 from app.artifacts.manifest import sha256_file, write_json_atomic
-from app.artifacts.retry import RetryPolicy
+from app.artifacts.retry import Retryable, RetryPolicy, is_retryable_status, with_retries
 from app.errors import ArtifactError, SpecError
 from app.redaction import redact
 from app.settings import get_settings
@@ -35,8 +37,10 @@ MODEL_MARKERS = ("config.json", "adapter_config.json")
 
 
 # -- checkpoint load ----------------------------------------------------------------
-def checkpoint_url(load: CheckpointLoad) -> str:
-    """``load.url``, or ``ORCHESTRATOR_BASE_URL/api/v1/results/{task_id}/files/{filename}``."""
+def checkpoint_url(load: CheckpointLoad, policy: RetryPolicy | None = None) -> str:
+    """``load.url``, or ``ORCHESTRATOR_BASE_URL/api/v1/results/{task_id}/files/{filename}``;
+    without a ``filename``, the task's one ``final_lora``/``final_model`` archive on the
+    orchestrator (``task_archive``)."""
     if load.url:
         if not load.url.startswith(("http://", "https://")):
             raise SpecError("spec.checkpoint.load.url", f"{redact(load.url)!r} is not an http(s) URL")
@@ -45,7 +49,43 @@ def checkpoint_url(load: CheckpointLoad) -> str:
     if not base:
         raise SpecError("spec.checkpoint.load.url",
                         "required when ORCHESTRATOR_BASE_URL is not set (task_id + filename need it)")
-    return f"{base}{RESULTS_PATH}/{quote(str(load.task_id), safe='')}/files/{quote(str(load.filename), safe='')}"
+    files_url = f"{base}{RESULTS_PATH}/{quote(str(load.task_id), safe='')}/files"
+    filename = load.filename or task_archive(files_url, str(load.task_id), policy)
+    return f"{files_url}/{quote(filename, safe='')}"
+
+
+ARCHIVE_PREFIXES = ("final_lora.", "final_model.")
+ARCHIVE_SUFFIXES = (".zip", ".tar.gz")
+
+
+def task_archive(files_url: str, task_id: str, policy: RetryPolicy | None = None) -> str:
+    """The name of ``task_id``'s model archive among its files on the orchestrator
+    (``GET .../files``): its one ``final_lora.*`` or ``final_model.*`` archive."""
+
+    def attempt(_: int) -> list[str]:
+        try:
+            reply = requests.get(files_url, headers=auth_headers(token_for(files_url)), timeout=(10, 60))
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise Retryable(type(exc).__name__) from None
+        with reply:
+            if is_retryable_status(reply.status_code):
+                raise Retryable(f"HTTP {reply.status_code}", reply.status_code)
+            if not reply.ok:
+                raise ArtifactError(f"listing the files of task {task_id} at {redact(files_url)} failed: "
+                                    f"HTTP {reply.status_code}", url=redact(files_url), status=reply.status_code)
+            try:
+                return [str(f["filename"]) for f in reply.json()["files"]]
+            except (ValueError, KeyError, TypeError):
+                raise ArtifactError(f"{redact(files_url)}: not a file listing", url=redact(files_url)) from None
+
+    names = with_retries("listing the files of", files_url, attempt, policy)
+    archives = sorted(n for n in names if n.startswith(ARCHIVE_PREFIXES) and n.endswith(ARCHIVE_SUFFIXES))
+    if len(archives) != 1:
+        found = ", ".join(names) or "none"
+        raise ArtifactError(f"task {task_id} has {'no' if not archives else 'more than one'} final_lora/final_model "
+                            f"archive on the orchestrator (files: {found}); give its filename "
+                            "(checkpoint.load.filename, model.adapters[].filename)", url=redact(files_url))
+    return archives[0]
 
 
 def _model_dir(directory: Path) -> Path:
@@ -132,7 +172,7 @@ def _fetch_local(load: CheckpointLoad, cache: CheckpointCache) -> Path:
 
 
 def _fetch_http(load: CheckpointLoad, cache: CheckpointCache, policy: RetryPolicy | None) -> Path:
-    url = checkpoint_url(load)
+    url = checkpoint_url(load, policy)
     known_sha = (load.sha256 or "").lower() or cache.sha_for_url(url)
     if known_sha:
         cached = cache.unpacked(known_sha)

@@ -1,10 +1,13 @@
 """Delivering a task's outputs to an ``http`` destination (DESIGN §7).
 
 For ``output.destination.type: http``: upload every ``final_*_archive`` of the
-result to ``{results_url}/{task_id}/files`` (streamed, retried) and record
-``final_*_archive_url``; then POST the envelope ``{task_id, result, worker_id}`` to
-``{results_url}``. ``results_url`` is ``destination.url`` or
-``ORCHESTRATOR_BASE_URL/api/v1/results``.
+result and the ``jsonl_export`` file to ``{results_url}/{task_id}/files`` (streamed,
+retried) and record ``final_*_archive_url`` / ``jsonl_export.url``; then send the
+envelope ``{task_id, result, worker_id}`` to ``{results_url}`` with
+``destination.method`` (POST or PUT). Every request carries ``destination.headers``
+(a bearer token in ``Authorization`` replaces the orchestrator's) and waits at most
+``destination.timeoutSec`` for a reply; header values are never logged.
+``results_url`` is ``destination.url`` or ``ORCHESTRATOR_BASE_URL/api/v1/results``.
 """
 
 from __future__ import annotations
@@ -68,6 +71,15 @@ def deliver_result(task_id: str, destination: Destination, result: dict[str, Any
         result[f"final_{kind}_archive_url"] = url
         log.info("uploaded %s (%s bytes) to %s", Path(archive).name, result.get(f"final_{kind}_archive_bytes"),
                  redact(url))
+    export = result.get("jsonl_export")
+    if isinstance(export, dict) and export.get("path"):
+        reply = upload_file(f"{base}/{task_id}/files", export["path"], sha256=export.get("sha256"), token=token,
+                            headers=destination.headers, timeout_s=destination.timeoutSec, policy=policy)
+        result["jsonl_export"] = {**export, "url": reply.get("url") or
+                                  f"{base}/{task_id}/files/{Path(export['path']).name}"}
+        log.info("uploaded %s (%s rows) to %s", Path(export["path"]).name, export.get("rows"),
+                 redact(result["jsonl_export"]["url"]))
     post_json(base, {"task_id": task_id, "result": result, "worker_id": result.get("worker_id")},
-              token=token, headers=destination.headers, timeout_s=destination.timeoutSec, policy=policy)
+              token=token, headers=destination.headers, timeout_s=destination.timeoutSec, policy=policy,
+              method=destination.method)
     return result

@@ -128,20 +128,22 @@ def upload_file(url: str, path: str | os.PathLike[str], *, sha256: str | None = 
 
 
 def post_json(url: str, payload: dict[str, Any], *, token: str = "", headers: dict[str, str] | None = None,
-              timeout_s: float = DEFAULT_TIMEOUT_S, policy: RetryPolicy | None = None) -> dict[str, Any]:
-    """POST ``payload`` as JSON with retries; return the JSON reply (``{}`` if none)."""
+              timeout_s: float = DEFAULT_TIMEOUT_S, policy: RetryPolicy | None = None,
+              method: str = "POST") -> dict[str, Any]:
+    """Send ``payload`` as JSON (``method``: POST or PUT) with retries; return the JSON reply
+    (``{}`` if none)."""
 
     def attempt(_: int) -> dict[str, Any]:
         try:
-            reply = requests.post(url, json=payload, headers=auth_headers(token, headers),
-                                  timeout=(CONNECT_TIMEOUT_S, timeout_s))
+            reply = requests.request(method, url, json=payload, headers=auth_headers(token, headers),
+                                     timeout=(CONNECT_TIMEOUT_S, timeout_s))
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise Retryable(f"{type(exc).__name__}: {_short(exc)}") from None
         with reply:
-            _check_reply(reply, "POST", url)
-            return _json_reply(reply, "POST", url) if reply.content else {}
+            _check_reply(reply, method, url)
+            return _json_reply(reply, method, url) if reply.content else {}
 
-    return with_retries("POST", url, attempt, policy)
+    return with_retries(method, url, attempt, policy)
 
 
 def _short(exc: BaseException) -> str:

@@ -85,7 +85,8 @@ class VllmOptions(Strict):
 
 class AdapterSpec(Strict):
     """A LoRA adapter applied at inference: a local path, an archive URL, or an
-    archive the orchestrator holds for ``taskId`` (``filename``, default ``final_lora.zip``)."""
+    archive the orchestrator holds for ``taskId`` (``filename``; by default that task's one
+    ``final_lora``/``final_model`` archive). ``merge`` merges it into the weights."""
 
     type: Literal["lora"] = "lora"
     path: str | None = None
@@ -615,6 +616,8 @@ class TaskSpec(Strict):
         if self.model is not None and self.model.adapters and kind != "inference":
             raise ValueError(f"model: adapters are applied at inference; for taskType {kind!r} "
                              "use checkpoint.load")
+        if self.enforce_cpu and self.model is not None and self.model.transformers.device_map == "cuda":
+            raise ValueError("enforce_cpu: true, but model.transformers.device_map is 'cuda'; give one")
         if self.model is not None and self.model.adapters and self.checkpoint and self.checkpoint.load:
             raise ValueError("model: adapters and checkpoint.load both name weights to start from; give one")
         return self

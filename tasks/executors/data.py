@@ -1,34 +1,62 @@
-"""Reading tabular records for executors: local .jsonl/.json/.csv files or a cached HF dataset.
+"""Reading tabular records for executors: local files, saved datasets, or a cached HF dataset.
 
-Nothing is downloaded here: a dataset name resolves only from the local Hugging
-Face cache (``HF_DATASETS_OFFLINE``-style), a ``url`` is fetched through the
-artifact download path by the caller.
+A source (``data.url``, ``data.path``, ``data.dataset_name``) is, in this order:
+
+* a local ``.jsonl`` / ``.json`` / ``.csv`` file, or any existing file or directory: a
+  file is one split (its ``split`` name is not checked, its slice is applied); a
+  directory written by ``datasets.save_to_disk`` is loaded with ``load_from_disk``
+  (``split`` picks the split of a ``DatasetDict``); another directory is loaded as a
+  folder of data files by ``datasets``;
+* otherwise a Hugging Face hub id (``name`` or ``org/name``), read from the local
+  datasets cache (``HF_DATASETS_CACHE``) only. Workers run offline: a hub id that is
+  not in the cache fails at once with a message saying so, never a download.
+
+(An ``http(s)`` URL is downloaded by the caller into the task directory first.)
+
+``split`` takes the ``datasets`` slicing syntax: ``train``, ``train[:200]``,
+``validation[10:20]``, ``train[:2%]``, ``train[:10]+test[:10]``. ``sample`` then
+shuffles (``shuffle`` + ``seed``, the permutation ``Dataset.shuffle`` uses) and keeps
+the first ``max_samples``: the slice is taken first, as ``datasets`` does when it
+loads ``train[:200]``.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from app.errors import SpecError
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv")
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?\Z")
+SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")  # written by Dataset(Dict).save_to_disk
+
+# Workers never download datasets (models.py does the same for models), whatever imports first.
+for _variable in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+    os.environ.setdefault(_variable, "1")
+
+Row = TypeVar("Row")
 
 
 def read_records(path: str, *, field: str = "spec.data.path", split: str = "train",
-                 name: str | None = None) -> list[dict[str, Any]]:
-    """Rows of a local table file, or of a dataset in the local HF cache.
-
-    ``field`` is the spec field the path came from, used in error messages.
-    """
+                 name: str | None = None, split_field: str = "spec.data.split") -> list[dict[str, Any]]:
+    """Rows of ``split`` (with slicing) of a local file or directory, or of a dataset in the
+    local HF cache. ``field`` is the spec field the source came from, used in error messages."""
     file = Path(path).expanduser()
     if file.suffix.lower() in TABLE_SUFFIXES or file.exists():
+        if file.is_dir():
+            return _read_directory(file, split=split, name=name, field=field, split_field=split_field)
         if not file.is_file():
             raise SpecError(field, f"file {path!r} does not exist")
-        return _read_table_file(file, field)
-    return _read_cached_dataset(path, split=split, name=name, field=field)
+        rows = _read_table_file(file, field)
+        return slice_rows(rows, split, split_field)
+    if not HUB_ID_RE.match(path):
+        raise SpecError(field, f"{path!r} does not exist (and is not a hub id such as org/name)")
+    return _read_cached_dataset(path, split=split, name=name, field=field, split_field=split_field)
 
 
 def _read_table_file(file: Path, field: str) -> list[dict[str, Any]]:
@@ -59,20 +87,96 @@ def _read_table_file(file: Path, field: str) -> list[dict[str, Any]]:
     raise SpecError(field, f"{file}: unsupported file type {suffix!r} (use .jsonl, .json or .csv)")
 
 
-def _read_cached_dataset(name_or_path: str, *, split: str, name: str | None, field: str) -> list[dict[str, Any]]:
+def _instructions(split: str, lengths: dict[str, int], split_field: str) -> list[Any]:
+    """``datasets``' own reading of ``train[:2%]`` against the split lengths."""
+    from datasets import ReadInstruction
+
     try:
-        import datasets
-        from datasets import load_dataset
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        raise SpecError(field, f"{name_or_path!r} is not a file and the datasets package is missing") from None
+        return list(ReadInstruction.from_spec(split).to_absolute(lengths))
+    except (ValueError, KeyError, AssertionError) as exc:
+        known = ", ".join(sorted(lengths))
+        raise SpecError(split_field, f"{split!r}: {str(exc).strip() or type(exc).__name__} "
+                                     f"(splits here: {known}; slices look like train[:200] or train[:2%])") \
+            from None
+
+
+def split_name(split: str) -> str:
+    return split.split("[", 1)[0].strip()
+
+
+def slice_rows(rows: list[Row], split: str, split_field: str = "spec.data.split") -> list[Row]:
+    """``split``'s slice of the rows of a single file (one split, whatever its name)."""
+    names = {split_name(part) for part in split.split("+")}
+    if len(names) != 1:
+        raise SpecError(split_field, f"{split!r}: a single file is one split; give one split name")
+    (name,) = names
+    picked: list[Row] = []
+    for instruction in _instructions(split, {name: len(rows)}, split_field):
+        picked.extend(rows[instruction.from_:instruction.to])
+    return picked
+
+
+def _read_directory(directory: Path, *, split: str, name: str | None, field: str,
+                    split_field: str) -> list[dict[str, Any]]:
+    import datasets
+
     datasets.disable_progress_bars()
+    if any((directory / marker).is_file() for marker in SAVED_DATASET_MARKERS):
+        try:
+            loaded = datasets.load_from_disk(str(directory))
+        except Exception as exc:
+            raise SpecError(field, f"{str(directory)!r}: cannot load the saved dataset: "
+                                   f"{type(exc).__name__}: {exc}") from None
+        if isinstance(loaded, datasets.Dataset):
+            return slice_rows(loaded.to_list(), split, split_field)
+        rows: list[dict[str, Any]] = []
+        lengths = {split_name: len(part) for split_name, part in loaded.items()}
+        for instruction in _instructions(split, lengths, split_field):
+            rows.extend(loaded[instruction.splitname].select(range(instruction.from_, instruction.to)).to_list())
+        return rows
     try:
-        # download_mode reuse + offline: only the local cache or a local dataset folder.
-        ds = load_dataset(name_or_path, name, split=split, download_mode="reuse_dataset_if_exists")
-    except Exception as exc:  # datasets raises many types; the message says what it missed
-        raise SpecError(field, f"{name_or_path!r} is neither a local file nor a dataset in the local "
-                                f"Hugging Face cache ({type(exc).__name__}: {exc})") from None
-    return [dict(row) for row in ds]
+        return list(datasets.load_dataset(str(directory), name, split=split).to_list())
+    except ValueError as exc:
+        raise SpecError(split_field, f"{split!r}: {exc}") from None
+    except Exception as exc:
+        raise SpecError(field, f"{str(directory)!r}: cannot load it as a folder of data files: "
+                               f"{type(exc).__name__}: {exc}") from None
+
+
+def _read_cached_dataset(hub_id: str, *, split: str, name: str | None, field: str,
+                         split_field: str) -> list[dict[str, Any]]:
+    import datasets
+    from datasets import config as datasets_config
+
+    datasets.disable_progress_bars()
+    cache = datasets_config.HF_DATASETS_CACHE
+    try:
+        ds = datasets.load_dataset(hub_id, name, split=split)
+    except ValueError as exc:
+        message = str(exc).strip()
+        if "Couldn't find cache for" in message and name:  # the dataset is cached, not this config
+            raise SpecError("spec.data.name", f"{name!r}: not in the local cache for {hub_id!r}: "
+                                              f"{' '.join(message.split())}") from None
+        if "split" in message.lower():
+            raise SpecError(split_field, f"{split!r}: {message}") from None
+        raise SpecError(field, f"{hub_id!r}: {type(exc).__name__}: {message}") from None
+    except Exception as exc:  # ConnectionError (offline), DatasetNotFoundError, FileNotFoundError...
+        raise SpecError(field, f"{hub_id!r} is not in the local Hugging Face datasets cache ({cache}) and "
+                               "workers do not download datasets (they run offline): put it in that "
+                               "cache, or give a local path or an http(s) URL "
+                               f"({type(exc).__name__})") from None
+    return list(ds.to_list())
+
+
+def sample(rows: list[Row], *, shuffle: bool = False, seed: int | None = None,
+           max_samples: int | None = None) -> list[Row]:
+    """Shuffle (``Dataset.shuffle``'s permutation for ``seed``), then keep the first ``max_samples``."""
+    if shuffle and len(rows) > 1:
+        import numpy as np
+
+        order = np.random.default_rng(seed).permutation(len(rows))
+        rows = [rows[int(i)] for i in order]
+    return rows[:max_samples] if max_samples is not None else rows
 
 
 def column(rows: list[dict[str, Any]], name: str, field: str) -> list[str]:

@@ -30,13 +30,16 @@ from typing import Any
 from app.artifacts.checkpoints import download_file, fetch_checkpoint
 from app.errors import SpecError
 from app.spec import CheckpointLoad, InferenceOptions, TaskSpec
-from tasks.executors.data import column, read_records
+from app.spec.schema import AdapterSpec
+from tasks.executors.data import column, read_records, sample
+from tasks.executors.jsonl_export import write_export
 from tasks.executors.models import (
     CHECKPOINT_FIELD,
     MODEL_CACHE,
     LoadedModel,
     ModelCache,
     check_model_dir,
+    device_map_for,
     is_adapter_dir,
 )
 from tasks.executors.progress import Progress
@@ -117,27 +120,43 @@ def render_prompts(prompts: Sequence[str], options: InferenceOptions, tokenizer:
 
 
 # -- data --------------------------------------------------------------------------------
-def load_prompts(spec: TaskSpec, out_dir: Path) -> list[str]:
-    """The prompts of ``spec.data`` (a list, a local table file, a cached dataset or a url)."""
+@dataclass(frozen=True)
+class Prompts:
+    texts: list[str]
+    metadata: list[dict[str, Any]] | None = None  # per prompt, from data.metadata_columns
+
+
+def metadata_aliases(columns: dict[str, str] | list[str] | None) -> dict[str, str]:
+    """``metadata_columns`` as ``{dataset column: name in the item's metadata}``."""
+    if columns is None:
+        return {}
+    return dict(columns) if isinstance(columns, dict) else {name: name for name in columns}
+
+
+def load_prompts(spec: TaskSpec, out_dir: Path) -> Prompts:
+    """The prompts of ``spec.data`` (a list, a local file or directory, a cached hub dataset
+    or an http(s) URL; ``tasks.executors.data``), sliced, shuffled and cut to ``max_samples``,
+    with the ``metadata_columns`` of each row."""
     data = spec.inference_data()
     if data.type == "list":
-        return list(data.items or [])
-    if data.url:
-        field = "spec.data.url"
-        path = str(_download_data(data.url, out_dir))
-    else:
-        field = "spec.data.path"
-        path = str(data.path)
-    rows = read_records(path, field=field, split=data.split, name=data.name)
+        return Prompts(sample(list(data.items or []), shuffle=data.shuffle, seed=data.seed,
+                              max_samples=data.max_samples))
+    source = str(data.url or data.path)
+    field = "spec.data.url" if data.url else "spec.data.path"
+    if source.startswith(("http://", "https://")):
+        source = str(download_file(source, out_dir / "inputs"))
+    rows = read_records(source, field=field, split=data.split, name=data.name)
+    rows = sample(rows, shuffle=data.shuffle, seed=data.seed, max_samples=data.max_samples)
     if not rows:
-        raise SpecError(field, f"{path!r} has no rows")
-    return column(rows, data.column, "spec.data.column")
-
-
-def _download_data(url: str, out_dir: Path) -> Path:
-    if not url.startswith(("http://", "https://")):
-        raise SpecError("spec.data.url", f"{url!r} is not an http(s) URL")
-    return download_file(url, out_dir / "inputs")
+        raise SpecError("spec.data.split", f"{data.split!r} of {source!r} has no rows")
+    texts = column(rows, data.column, "spec.data.column")
+    aliases = metadata_aliases(data.metadata_columns)
+    missing = [name for name in aliases if name not in rows[0]]
+    if missing:
+        raise SpecError("spec.data.metadata_columns", f"column {missing[0]!r} not found; columns are "
+                                                      f"{', '.join(map(str, rows[0]))}")
+    metadata = [{alias: row.get(name) for name, alias in aliases.items()} for row in rows] if aliases else None
+    return Prompts(texts, metadata)
 
 
 # -- checkpoints -------------------------------------------------------------------------
@@ -145,10 +164,34 @@ def _download_data(url: str, out_dir: Path) -> Path:
 class CheckpointDirs:
     model_dir: Path | None = None    # a full fine-tuned model used instead of the base
     adapter_dir: Path | None = None  # a peft adapter on top of the model
+    merge: bool = False              # merge the adapter into the weights (``apply: merge``)
 
 
-def resolve_checkpoint(load: CheckpointLoad | None, out_dir: Path) -> CheckpointDirs:
-    """Local directory of ``spec.checkpoint.load`` and whether it is an adapter or a model.
+ADAPTERS_FIELD = "spec.model.adapters"
+
+
+def adapter_checkpoint(adapters: list[AdapterSpec]) -> tuple[CheckpointLoad | None, bool]:
+    """``model.adapters`` (the original spelling) as the ``checkpoint.load`` it means, and
+    whether to merge it. One adapter per task: several would need merging in an order
+    the templates do not state."""
+    if not adapters:
+        return None, False
+    if len(adapters) > 1:
+        raise SpecError(ADAPTERS_FIELD, f"{len(adapters)} adapters given; meshq applies one per task "
+                                        "(merge several into one adapter first)")
+    adapter = adapters[0]
+    if adapter.path:
+        load = CheckpointLoad(type="local", path=adapter.path, sha256=adapter.sha256)
+    else:
+        load = CheckpointLoad(type="http", url=adapter.url, task_id=adapter.task_id, filename=adapter.filename,
+                              sha256=adapter.sha256)
+    return load, adapter.apply == "merge"
+
+
+def resolve_checkpoint(load: CheckpointLoad | None, out_dir: Path, *, merge: bool = False,
+                       field: str = CHECKPOINT_FIELD) -> CheckpointDirs:
+    """Local directory of ``spec.checkpoint.load`` (or ``model.adapters``) and whether it is an
+    adapter or a model.
 
     A local directory is used in place; an archive (local or http) is fetched,
     verified and unpacked by ``app.artifacts.checkpoints`` into the worker's checkpoint cache.
@@ -156,14 +199,32 @@ def resolve_checkpoint(load: CheckpointLoad | None, out_dir: Path) -> Checkpoint
     if load is None:
         return CheckpointDirs()
     if load.type == "local" and not Path(str(load.path)).expanduser().exists():
-        raise SpecError(CHECKPOINT_FIELD, f"{str(load.path)!r} does not exist")
+        raise SpecError(field, f"{str(load.path)!r} does not exist")
     directory = Path(fetch_checkpoint(load, out_dir)).resolve()
     if is_adapter_dir(directory):
-        return CheckpointDirs(adapter_dir=directory)
+        return CheckpointDirs(adapter_dir=directory, merge=merge)
+    if field == ADAPTERS_FIELD:
+        raise SpecError(field, f"{str(directory)!r} is not a LoRA adapter (no adapter_config.json)")
     if (directory / "config.json").is_file():
         return CheckpointDirs(model_dir=check_model_dir(directory, CHECKPOINT_FIELD))
-    raise SpecError(CHECKPOINT_FIELD, f"{str(directory)!r} is neither a LoRA adapter "
-                                      "(adapter_config.json) nor a model directory (config.json)")
+    raise SpecError(field, f"{str(directory)!r} is neither a LoRA adapter "
+                           "(adapter_config.json) nor a model directory (config.json)")
+
+
+# -- engine --------------------------------------------------------------------------------
+def select_backend(spec: TaskSpec) -> tuple[str, list[str]]:
+    """The engine that runs this task and notes on the choice. Only transformers runs here:
+    a template configured for vLLM (``model.vllm``) runs on it and says so."""
+    assert spec.model is not None
+    wanted = spec.inference.backend if spec.inference is not None else "auto"
+    if wanted == "vllm":
+        raise SpecError("spec.inference.backend", "'vllm': this worker has no vLLM engine; "
+                                                  "use auto or transformers")
+    notes = []
+    if spec.model.vllm is not None:
+        notes.append("model.vllm: this worker has no vLLM engine, so the task ran on transformers "
+                     "(the vllm settings had no effect)")
+    return "transformers", notes
 
 
 # -- generation --------------------------------------------------------------------------
@@ -236,15 +297,21 @@ class InferenceExecutor:
         if spec.model is None:
             raise SpecError("spec.model", "required for taskType 'inference'")
         options = spec.inference or InferenceOptions()
-        prompts = load_prompts(spec, out_dir)
+        data = load_prompts(spec, out_dir)
+        prompts = data.texts
         data_field = "spec.data.items" if spec.inference_data().type == "list" else "spec.data.column"
         if not (options.system_prompt or options.chat_template):  # cheap checks before any loading
             empty = next((i for i, p in enumerate(prompts) if not p), None)
             if empty is not None:
                 raise SpecError(data_field, f"prompt {empty} is empty")
-        checkpoint = resolve_checkpoint(spec.checkpoint.load if spec.checkpoint else None, out_dir)
-        key = self.cache.key_for(spec.model, model_dir=checkpoint.model_dir,
-                                 adapter_dir=checkpoint.adapter_dir)
+        backend, notes = select_backend(spec)
+        adapter_load, merge = adapter_checkpoint(spec.model.adapters)
+        if adapter_load is not None:
+            checkpoint = resolve_checkpoint(adapter_load, out_dir, merge=merge, field=ADAPTERS_FIELD)
+        else:
+            checkpoint = resolve_checkpoint(spec.checkpoint.load if spec.checkpoint else None, out_dir)
+        key = self.cache.key_for(spec.model, model_dir=checkpoint.model_dir, adapter_dir=checkpoint.adapter_dir,
+                                 merge_adapter=checkpoint.merge, device_map=device_map_for(spec))
         loaded, hit = self.cache.get(key)
         tokenizer = loaded.tokenizer
         texts, templated = render_prompts(prompts, options, tokenizer, spec.model.source.identifier)
@@ -273,8 +340,11 @@ class InferenceExecutor:
             outputs = self._generate([encoded[i] for i in batch], options, loaded)
             generate_s += time.monotonic() - batch_started
             for index, (text, reason, n_new) in zip(batch, outputs, strict=True):
-                items[index] = {"index": index, "prompt": prompts[index], "output": text,
-                                "finish_reason": reason}
+                item: dict[str, Any] = {"index": index, "prompt": prompts[index], "output": text,
+                                        "finish_reason": reason}
+                if data.metadata is not None:
+                    item["metadata"] = data.metadata[index]
+                items[index] = item
                 prompt_tokens += len(encoded[index])
                 completion_tokens += n_new
             done += len(batch)
@@ -283,7 +353,8 @@ class InferenceExecutor:
 
         latency_s = time.monotonic() - started
         device = loaded.model.device
-        return {
+        result: dict[str, Any] = {
+            "backend": backend,
             "items": items,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens, "num_requests": total,
@@ -294,10 +365,17 @@ class InferenceExecutor:
             "max_batch_size": max(len(b) for b in batches),
             "model": {"identifier": spec.model.source.identifier, "revision": spec.model.source.revision,
                       "path": key.weights_dir, "adapter": key.adapter_dir,
+                      "adapter_merged": bool(key.adapter_dir and key.merge_adapter),
                       "dtype": str(loaded.model.dtype).removeprefix("torch."), "device": str(device)},
             "model_cache": {"hit": hit, "load_sec": round(0.0 if hit else loaded.load_s, 4),
                             "loads": self.cache.stats.loads, "hits": self.cache.stats.hits},
         }
+        export = spec.postprocess.jsonl_export if spec.postprocess is not None else None
+        if export is not None:
+            result["jsonl_export"] = write_export([i for i in items if i is not None], export, out_dir)
+        if notes:
+            result["notes"] = notes
+        return result
 
     @staticmethod
     def _check_lengths(encoded: Sequence[Sequence[int]], options: InferenceOptions,

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import ExecutorError, SpecError
-from app.spec import ModelSpec
+from app.spec import ModelSpec, TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,13 @@ def resolve_device(device_map: str) -> str:
     return device_map
 
 
+def device_map_for(spec: TaskSpec) -> str:
+    """The spec's device map, or ``cpu`` when ``enforce_cpu`` says to run on CPU even where a
+    GPU exists."""
+    assert spec.model is not None
+    return "cpu" if spec.enforce_cpu else spec.model.transformers.device_map
+
+
 def training_device(device_map: str) -> str:
     """The one device a training run uses: ``cuda`` when asked or available (``auto``), else ``cpu``."""
     return "cpu" if resolve_device(device_map) == "cpu" else "cuda"
@@ -185,7 +192,7 @@ def load_model_and_tokenizer(model_spec: ModelSpec, *, adapter_dir: str | Path |
 
 
 def _load(weights_dir: Path, base_dir: Path, dtype: str, device: str, trust_remote_code: bool,
-          adapter_dir: Path | None, is_trainable: bool = False) -> tuple[Any, Any]:
+          adapter_dir: Path | None, is_trainable: bool = False, merge_adapter: bool = False) -> tuple[Any, Any]:
     tokenizer_dir = weights_dir if has_tokenizer(weights_dir) else base_dir
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
     field = CHECKPOINT_FIELD if weights_dir != base_dir else IDENTIFIER_FIELD
@@ -199,6 +206,8 @@ def _load(weights_dir: Path, base_dir: Path, dtype: str, device: str, trust_remo
             raise ExecutorError(f"{CHECKPOINT_FIELD}: cannot apply the adapter {str(adapter_dir)!r} to "
                                 f"{str(weights_dir)!r}: {type(exc).__name__}: {exc}",
                                 path=str(adapter_dir)) from None
+        if merge_adapter and not is_trainable:  # model.adapters[].apply: merge
+            model = model.merge_and_unload()
     if not is_trainable:
         model.eval()
     return model, tokenizer
@@ -237,6 +246,7 @@ class ModelKey:
     trust_remote_code: bool
     adapter_dir: str | None = None
     adapter_fingerprint: tuple[tuple[str, int, int], ...] = ()
+    merge_adapter: bool = False
 
 
 @dataclass
@@ -263,7 +273,8 @@ class ModelCache:
         self.stats = CacheStats()
 
     def key_for(self, model_spec: ModelSpec, *, model_dir: str | Path | None = None,
-                adapter_dir: str | Path | None = None) -> ModelKey:
+                adapter_dir: str | Path | None = None, merge_adapter: bool = False,
+                device_map: str | None = None) -> ModelKey:
         """Validate the spec's paths and build the cache key (cheap: no model is loaded)."""
         options = model_spec.transformers
         base_dir = resolve_model_dir(model_spec.source.identifier, model_spec.source.revision)
@@ -272,9 +283,10 @@ class ModelCache:
         return ModelKey(
             weights_dir=str(weights_dir), weights_fingerprint=_fingerprint(weights_dir),
             base_dir=str(base_dir), revision=model_spec.source.revision, dtype=options.dtype,
-            device=resolve_device(options.device_map), trust_remote_code=options.trust_remote_code,
+            device=resolve_device(device_map or options.device_map), trust_remote_code=options.trust_remote_code,
             adapter_dir=str(adapter) if adapter else None,
-            adapter_fingerprint=_fingerprint(adapter) if adapter else ())
+            adapter_fingerprint=_fingerprint(adapter) if adapter else (),
+            merge_adapter=bool(adapter) and merge_adapter)
 
     def get(self, key: ModelKey) -> tuple[LoadedModel, bool]:
         """``(loaded model, hit)``: the cached model if ``key`` matches, else a fresh load."""
@@ -288,7 +300,8 @@ class ModelCache:
             started = time.monotonic()
             model, tokenizer = _load(Path(key.weights_dir), Path(key.base_dir), key.dtype, key.device,
                                      key.trust_remote_code,
-                                     Path(key.adapter_dir) if key.adapter_dir else None)
+                                     Path(key.adapter_dir) if key.adapter_dir else None,
+                                     merge_adapter=key.merge_adapter)
             loaded = LoadedModel(key, model, tokenizer, load_s=time.monotonic() - started, uses=1)
             self._current = loaded
             self.stats.loads += 1

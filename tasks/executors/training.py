@@ -14,8 +14,17 @@
 * report progress every step and stop at the next step when the task is cancelled
   (``TaskCancelled`` → the task ends REVOKED, "cancelled at step N");
 * save ``final_*/`` with the tokenizer, archive it (``output.archive_format``) with
-  its sha256, and return the DESIGN §6 fields plus metrics. Uploading the archive
-  for an ``http`` destination is the Celery task's job (``tasks.base``).
+  its sha256, and return the DESIGN §6 fields plus metrics (``save_model: false``:
+  no final model, metrics only). Uploading the archive for an ``http`` destination is
+  the Celery task's job (``tasks.base``).
+
+The original templates' knobs act as their names say: ``logging_steps``,
+``save_strategy`` (steps, epoch, no), ``gradient_checkpointing``, ``packing`` (examples
+concatenated into ``max_seq_length`` blocks), ``bf16``/``fp16`` mixed precision,
+``lora.use_rslora``/``bias``/``task_type``. What cannot act here says so in the
+result's ``notes``: multi-GPU settings (meshq trains on one device), and float16
+weights (``model.config.fp16``), which are never trained as float16 master weights:
+on CUDA they become fp16 mixed precision over float32 weights, on CPU float32.
 
 Settings that make the ~1M-parameter test model memorise short answers exactly
 (greedy generation of the prompt then gives ``separator + answer``), in ~100-150
@@ -40,6 +49,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +59,7 @@ from app.errors import ExecutorError, SpecError, TaskCancelled
 from app.spec import LoraOptions, TaskSpec, TrainingOptions
 from tasks.executors import models
 from tasks.executors.progress import Progress
-from tasks.executors.training_data import PaddingCollator, load_examples, tokenize_examples
+from tasks.executors.training_data import PaddingCollator, load_examples, pack_rows, tokenize_examples
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +96,61 @@ def sample_history(points: list[tuple[int, float]], limit: int = LOSS_HISTORY_PO
     return [[step, round(loss, 6)] for step, loss in chosen]
 
 
-def training_arguments(options: TrainingOptions, checkpoints_dir: Path, device: str) -> Any:
+MULTI_GPU_FIELDS = ("allow_multi_gpu", "visible_devices", "auto_deepspeed_stage", "deepspeed")
+
+
+def multi_gpu_note(options: TrainingOptions, gpus: int) -> str | None:
+    """A note when multi-GPU settings were given: meshq trains on one device, so they had no effect."""
+    given = [name for name in MULTI_GPU_FIELDS if getattr(options, name) not in (None, False)]
+    if not given:
+        return None
+    return (f"training.{', training.'.join(given)}: no effect; this worker has {gpus} GPU(s) and meshq "
+            "trains on one device (multi-GPU data parallel is not implemented)")
+
+
+@dataclass(frozen=True)
+class Precision:
+    master_dtype: str   # the dtype the weights are loaded (and trained) in
+    fp16: bool          # fp16 mixed precision (torch.amp)
+    bf16: bool          # bf16 mixed precision
+    notes: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else self.master_dtype
+
+
+def training_precision(spec: TaskSpec, options: TrainingOptions, device: str) -> Precision:
+    """Weights dtype and mixed precision for this run. float16 *weights* (``model.config.fp16``,
+    or ``transformers.dtype: float16`` on CPU) are never trained as such: Adam's small updates
+    vanish in float16, and CPU kernels for it are slow or missing."""
+    assert spec.model is not None
+    if options.bf16 and options.fp16:
+        raise SpecError("spec.training.bf16", "choose bf16 or fp16, not both")
+    if options.fp16 and device != "cuda":
+        raise SpecError("spec.training.fp16", "fp16 mixed precision needs a CUDA device; use bf16 on CPU")
+    dtype = spec.model.transformers.dtype
+    older = spec.model.config is not None and bool(spec.model.config.fp16)
+    if dtype == "float16" and (older or device == "cpu"):
+        name = "model.config.fp16" if older else "model.transformers.dtype: float16"
+        if device == "cuda":
+            fp16 = not options.bf16
+            how = "fp16 mixed precision over float32 weights" if fp16 else "bf16 mixed precision (training.bf16)"
+            return Precision("float32", fp16, options.bf16, (f"{name}: trained with {how}; float16 master "
+                                                           "weights would lose the optimiser's small updates",))
+        return Precision("float32", False, options.bf16, (f"{name}: this CPU worker trained in float32 "
+                                                         f"{'with bf16 mixed precision ' if options.bf16 else ''}"
+                                                         "(float16 weights are not trained on CPU)",))
+    return Precision("float32" if dtype == "auto" else dtype, options.fp16, options.bf16)
+
+
+def training_arguments(options: TrainingOptions, checkpoints_dir: Path, device: str,
+                       precision: Precision | None = None) -> Any:
     """The ``TrainingArguments`` meshq trains with (also used by ``bench/training.py``'s plain script)."""
     from transformers import TrainingArguments
 
+    fp16 = precision.fp16 if precision is not None else options.fp16
+    bf16 = precision.bf16 if precision is not None else options.bf16
     return TrainingArguments(
         output_dir=str(checkpoints_dir),
         per_device_train_batch_size=options.batch_size,
@@ -102,12 +163,16 @@ def training_arguments(options: TrainingOptions, checkpoints_dir: Path, device: 
         weight_decay=options.weight_decay,
         logging_steps=options.logging_steps,
         logging_first_step=True,
-        save_strategy="steps",
+        save_strategy=options.save_strategy,
         save_steps=options.save_steps,
         save_total_limit=options.save_total_limit,
         seed=options.seed,
-        bf16=options.bf16,
-        fp16=options.fp16,
+        bf16=bf16,
+        fp16=fp16,
+        # training.gradient_checkpointing (transformers 5 names it activation checkpointing);
+        # non-reentrant, which also works when only an adapter's weights need gradients.
+        activation_checkpointing=options.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if options.gradient_checkpointing else None,
         use_cpu=device == "cpu",
         report_to="none",
         disable_tqdm=True,
@@ -139,13 +204,14 @@ class TrainingExecutor:
         if spec.model is None:  # the spec validator requires it; this keeps mypy honest
             raise SpecError("spec.model", "required for training")
         device = self._device(spec, options)
+        precision = training_precision(spec, options, device)
+        notes = list(precision.notes)
+        note = multi_gpu_note(options, torch.cuda.device_count() if device == "cuda" else 0)
+        if note:
+            notes.append(note)
         progress.check_cancelled("before loading the model")
 
-        data = spec.training_data()
-        data_file = None
-        if data.url and not data.prompts:
-            data_file = str(download_file(data.url, out_dir / "inputs"))
-        examples = load_examples(data, data_file)
+        examples = load_examples(spec.training_data(), lambda url: str(download_file(url, out_dir / "inputs")))
 
         base_dir = models.resolve_model_dir(spec.model.source.identifier, spec.model.source.revision)
         init_dir, init_kind = self._initial_checkpoint(spec, out_dir)
@@ -155,10 +221,12 @@ class TrainingExecutor:
             raise ExecutorError(f"{tokenizer_dir}: the tokenizer has neither a pad nor an eos token",
                                 path=str(tokenizer_dir))
         rows = tokenize_examples(examples, tokenizer, options.max_seq_length)
+        if options.packing:
+            rows = pack_rows(rows, options.max_seq_length)
 
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        model = self.build_model(spec, base_dir, init_dir, init_kind, options)
+        model = self.build_model(spec, base_dir, init_dir, init_kind, options, precision.master_dtype)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
 
@@ -168,7 +236,7 @@ class TrainingExecutor:
         if resume:
             log.info("resuming %s from %s (step %d)", progress.task_id, resume[0], resumed_from_step)
 
-        args = training_arguments(options, checkpoints, device)
+        args = training_arguments(options, checkpoints, device, precision)
         callback = MeshqProgressCallback(progress)
         trainer = Trainer(model=model, args=args, train_dataset=rows,  # type: ignore[arg-type]
                           data_collator=PaddingCollator(tokenizer.pad_token_id),
@@ -179,7 +247,7 @@ class TrainingExecutor:
             output = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
             if callback.cancelled_at_step is not None:
                 raise TaskCancelled(progress.task_id, f"at step {callback.cancelled_at_step}")
-            final_dir = self._save_final(trainer, tokenizer, out_dir)
+            final_dir = self._save_final(trainer, tokenizer, out_dir) if options.save_model else None
             history = list(trainer.state.log_history)
             steps = trainer.state.global_step
             max_steps = trainer.state.max_steps
@@ -191,18 +259,24 @@ class TrainingExecutor:
             if device == "cuda":
                 torch.cuda.empty_cache()
 
-        archive = make_archive(final_dir, spec.output.archive_format)
         _write_log(out_dir / TRAINING_LOG, history)
         losses = [(int(entry["step"]), float(entry["loss"])) for entry in history if "loss" in entry]
         train_runtime = float(output.metrics.get("train_runtime", 0.0))
         run_steps = steps - resumed_from_step
         kind = self.kind
-        result: dict[str, Any] = {
-            f"final_{kind}_path": str(final_dir),
-            f"final_{kind}_archive": str(archive.path),
-            f"final_{kind}_archive_sha256": archive.sha256,
-            f"final_{kind}_archive_bytes": archive.bytes,
-            f"final_{kind}_archive_format": archive.format,
+        result: dict[str, Any] = {}
+        if final_dir is not None:
+            archive = make_archive(final_dir, spec.output.archive_format)
+            result.update({
+                f"final_{kind}_path": str(final_dir),
+                f"final_{kind}_archive": str(archive.path),
+                f"final_{kind}_archive_sha256": archive.sha256,
+                f"final_{kind}_archive_bytes": archive.bytes,
+                f"final_{kind}_archive_format": archive.format,
+            })
+        else:
+            notes.append(f"training.save_model: false; no final_{kind}/ was kept (metrics only)")
+        result.update({
             "train_loss": round(float(output.training_loss), 6),
             "loss_first": losses[0][1] if losses else None,
             "loss_last": losses[-1][1] if losses else None,
@@ -221,23 +295,20 @@ class TrainingExecutor:
             "init_checkpoint": str(init_dir) if init_dir is not None else None,
             "device": device,
             "torch_threads": torch.get_num_threads(),
-            "precision": ("bf16" if options.bf16 else "fp16" if options.fp16
-                          else {"auto": "float32"}.get(spec.model.transformers.dtype, spec.model.transformers.dtype)),
-        }
+            "precision": precision.name,
+            "packed": options.packing,
+            "gradient_checkpointing": options.gradient_checkpointing,
+        })
         if peak is not None:
             result["peak_gpu_memory_bytes"] = int(peak)
+        if notes:
+            result["notes"] = notes
         return result
 
     # -- pieces subclasses share or override ---------------------------------------------
     @staticmethod
     def _device(spec: TaskSpec, options: TrainingOptions) -> str:
-        assert spec.model is not None
-        device = models.training_device(spec.model.transformers.device_map)
-        if options.fp16 and device != "cuda":
-            raise SpecError("spec.training.fp16", "fp16 mixed precision needs a CUDA device; use bf16 on CPU")
-        if options.bf16 and options.fp16:
-            raise SpecError("spec.training.bf16", "choose bf16 or fp16, not both")
-        return device
+        return models.training_device(models.device_map_for(spec))
 
     @staticmethod
     def _initial_checkpoint(spec: TaskSpec, out_dir: Path) -> tuple[Path | None, str | None]:
@@ -248,19 +319,17 @@ class TrainingExecutor:
         return directory, checkpoint_kind(directory)
 
     @staticmethod
-    def load_causal_lm(directory: Path, spec: TaskSpec, field: str) -> Any:
+    def load_causal_lm(directory: Path, spec: TaskSpec, field: str, dtype: str) -> Any:
         assert spec.model is not None
-        dtype = spec.model.transformers.dtype
-        # Master weights in float32 unless a dtype is asked for; the device is the Trainer's choice.
-        return models.load_causal_lm(directory, "float32" if dtype == "auto" else dtype,
-                                     spec.model.transformers.trust_remote_code, field)
+        # Master weights in ``dtype`` (training_precision); the device is the Trainer's choice.
+        return models.load_causal_lm(directory, dtype, spec.model.transformers.trust_remote_code, field)
 
     def build_model(self, spec: TaskSpec, base_dir: Path, init_dir: Path | None, init_kind: str | None,
-                    options: TrainingOptions) -> Any:
+                    options: TrainingOptions, dtype: str) -> Any:
         """Full fine-tuning: the base model, a full checkpoint, or the base with an adapter merged in."""
         if init_kind == "model" and init_dir is not None:
-            return self.load_causal_lm(init_dir, spec, "spec.checkpoint.load")
-        model = self.load_causal_lm(base_dir, spec, "spec.model.source.identifier")
+            return self.load_causal_lm(init_dir, spec, "spec.checkpoint.load", dtype)
+        model = self.load_causal_lm(base_dir, spec, "spec.model.source.identifier", dtype)
         if init_kind == "lora" and init_dir is not None:
             from peft import PeftModel
 
@@ -294,12 +363,12 @@ class LoRASFTExecutor(TrainingExecutor):
     kind = "lora"
 
     def build_model(self, spec: TaskSpec, base_dir: Path, init_dir: Path | None, init_kind: str | None,
-                    options: TrainingOptions) -> Any:
+                    options: TrainingOptions, dtype: str) -> Any:
         from peft import LoraConfig, PeftModel, get_peft_model
         from transformers import set_seed
 
         if init_kind == "lora" and init_dir is not None:  # continue training an earlier adapter
-            base = self.load_causal_lm(base_dir, spec, "spec.model.source.identifier")
+            base = self.load_causal_lm(base_dir, spec, "spec.model.source.identifier", dtype)
             try:
                 return PeftModel.from_pretrained(base, str(init_dir), is_trainable=True)
             except Exception as exc:
@@ -307,11 +376,11 @@ class LoRASFTExecutor(TrainingExecutor):
                                     f"{str(base_dir)!r}: {type(exc).__name__}: {exc}", path=str(init_dir)) from None
         source = init_dir if init_kind == "model" and init_dir is not None else base_dir
         field = "spec.checkpoint.load" if source is init_dir else "spec.model.source.identifier"
-        base = self.load_causal_lm(source, spec, field)
+        base = self.load_causal_lm(source, spec, field, dtype)
         lora = spec.lora or LoraOptions()
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                             target_modules=lora.target_modules, modules_to_save=lora.modules_to_save,
-                            task_type=lora.task_type)
+                            task_type=lora.task_type, use_rslora=lora.use_rslora)
         set_seed(options.seed)  # the adapter's initial weights
         try:
             return get_peft_model(base, config)

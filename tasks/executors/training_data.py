@@ -1,8 +1,13 @@
 """Training examples from the spec's ``data`` section, tokenised for causal-LM fine-tuning.
 
-Sources (``spec.data``): ``prompts`` (strings, or ``{prompt, response}`` pairs), a
-local ``.jsonl``/``.json``/``.csv`` file or a cached HF dataset (``path``) with
-``prompt_column`` + ``response_column`` or ``text_field``, or a file at ``url``.
+Sources (``spec.data``): ``prompts`` (strings, or ``{prompt, response}`` pairs); a table
+— ``path``, ``url`` (a local path, a hub id or an http(s) URL) or ``dataset_name`` (a
+hub id in the local cache, or a local path), with ``name``/``config_name`` and
+``split`` slicing (``tasks.executors.data``) — read through ``prompt_column`` +
+``response_column`` or ``text_field``; or a JSONL file ``jsonl.{path | url}`` (an
+earlier stage's ``jsonl_export``, say) read through ``prompt_field`` +
+``response_field`` or ``text_field``. ``shuffle`` + ``seed`` and ``max_samples`` apply
+to every source.
 
 An example with a response is ``prompt`` followed by ``separator + response + eos``.
 The two parts are tokenised separately, so the prompt's tokens are exactly what an
@@ -13,12 +18,13 @@ text example (``text_field``, a bare string) is trained on every token, plus eos
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from app.errors import ExecutorError, SpecError
 from app.spec import PromptPair, TrainingData
-from tasks.executors.data import column, read_records
+from tasks.executors.data import column, read_records, sample
 
 IGNORE_INDEX = -100  # label value the loss skips
 
@@ -49,19 +55,41 @@ def examples_from_rows(rows: list[dict[str, Any]], data: TrainingData) -> list[E
     return [Example(p, data.separator + r) if r else Example("", p) for p, r in zip(prompts, responses, strict=True)]
 
 
-def load_examples(data: TrainingData, local_path: str | None = None) -> list[Example]:
-    """Examples for ``data``; ``local_path`` replaces ``data.path`` (a downloaded ``data.url``)."""
+def examples_from_jsonl(rows: list[dict[str, Any]], data: TrainingData) -> list[Example]:
+    source = data.jsonl
+    assert source is not None
+    if source.text_field:
+        return [Example("", text) for text in column(rows, source.text_field, "spec.data.jsonl.text_field")]
+    prompts = column(rows, source.prompt_field or "prompt", "spec.data.jsonl.prompt_field")
+    response_field = source.response_field or ("response" if rows and "response" in rows[0] else None)
+    if response_field is None:
+        return [Example("", text) for text in prompts]
+    responses = column(rows, response_field, "spec.data.jsonl.response_field")
+    return [Example(p, data.separator + r) if r else Example("", p) for p, r in zip(prompts, responses, strict=True)]
+
+
+def load_examples(data: TrainingData, fetch: Callable[[str], str] = str) -> list[Example]:
+    """Examples for ``data``; ``fetch(url)`` downloads an http(s) URL and returns the local file."""
+    if data.preferences:
+        raise SpecError("spec.data.preferences", "preference pairs are dpo data; sft and lora_sft train on "
+                                                 "prompts, a table or a jsonl file")
     if data.prompts:
         examples = examples_from_prompts(data)
+    elif data.jsonl is not None:
+        field = "spec.data.jsonl.url" if data.jsonl.url else "spec.data.jsonl.path"
+        source = str(data.jsonl.url or data.jsonl.path)
+        local = fetch(source) if source.startswith(("http://", "https://")) else source
+        if not local.lower().endswith(".jsonl"):
+            raise SpecError(field, f"{source!r} is not a .jsonl file")
+        examples = examples_from_jsonl(read_records(local, field=field, split=data.split), data)
     else:
-        source = local_path or data.path
-        if not source:
-            raise SpecError("spec.data.path", "give prompts, a dataset path or a url")
-        rows = read_records(source, field="spec.data.url" if local_path else "spec.data.path",
-                            split=data.split, name=data.name)
+        field = ("spec.data.url" if data.url else "spec.data.path" if data.path
+                 else "spec.data.dataset_name")
+        source = str(data.url or data.path or data.dataset_name)
+        local = fetch(source) if source.startswith(("http://", "https://")) else source
+        rows = read_records(local, field=field, split=data.split, name=data.name)
         examples = examples_from_rows(rows, data)
-    if data.max_samples is not None:
-        examples = examples[: data.max_samples]
+    examples = sample(examples, shuffle=data.shuffle, seed=data.seed, max_samples=data.max_samples)
     if not examples:
         raise SpecError("spec.data", "no training examples")
     return examples
@@ -89,6 +117,20 @@ def tokenize_examples(examples: list[Example], tokenizer: Any, max_seq_length: i
         raise ExecutorError("spec.training.max_seq_length: every example's prompt is at least "
                             f"{max_seq_length} tokens long, nothing left to train on")
     return rows
+
+
+def pack_rows(rows: list[dict[str, list[int]]], max_seq_length: int) -> list[dict[str, list[int]]]:
+    """``packing``: every example's tokens (each ending in eos) laid end to end and cut into
+    blocks of ``max_seq_length``, so no step is spent on padding. Labels keep their masks
+    (prompts still cost no loss); attention spans example boundaries, as in plain packing."""
+    input_ids = [token for row in rows for token in row["input_ids"]]
+    labels = [label for row in rows for label in row["labels"]]
+    packed = []
+    for start in range(0, len(input_ids), max_seq_length):
+        block_labels = labels[start:start + max_seq_length]
+        if any(label != IGNORE_INDEX for label in block_labels):
+            packed.append({"input_ids": input_ids[start:start + max_seq_length], "labels": block_labels})
+    return packed
 
 
 class PaddingCollator:
