@@ -77,7 +77,16 @@ def header_line(report: dict[str, Any]) -> str:
     return f"{report.get('kind', 'pipeline')} {report['id']} ({report.get('name') or '-'}): {report['state']}"
 
 
+def metadata_line(metadata: dict[str, Any]) -> str:
+    """``owner=ml-team project=qa description=...`` (annotations flattened)."""
+    flat = {k: v for k, v in metadata.items() if k != "annotations"}
+    if isinstance(metadata.get("annotations"), dict):
+        flat.update(metadata["annotations"])
+    return " ".join(f"{key}={value}" for key, value in flat.items())
+
+
 def status_lines(report: dict[str, Any]) -> list[str]:
+    """The header, then one line per stage (the live display keeps this shape)."""
     width = max([len(n) for n in report["stages"]] + [5])
     return [header_line(report)] + ["  " + stage_line(name, stage, width) for name, stage in report["stages"].items()]
 
@@ -161,8 +170,11 @@ class ProgressDisplay:
 
 
 def result_lines(report: dict[str, Any], max_items: int = 20) -> list[str]:
-    """A short human summary of what finished stages produced (generations, artifacts)."""
+    """A short human summary: the template's metadata, and what finished stages produced
+    (generations, artifacts, exports, warnings, notes)."""
     lines: list[str] = []
+    if report.get("metadata"):
+        lines.append("metadata: " + metadata_line(report["metadata"]))
     for name, stage in report["stages"].items():
         result = stage.get("result")
         if not isinstance(result, dict):
@@ -176,4 +188,11 @@ def result_lines(report: dict[str, Any], max_items: int = 20) -> list[str]:
         for key in sorted(result):
             if key.startswith("final_") and (key.endswith("_path") or key.endswith("_url")) and result[key]:
                 lines.append(f"{name}: {key} = {result[key]}")
+        export = result.get("jsonl_export")
+        if isinstance(export, dict):
+            lines.append(f"{name}: jsonl_export = {export.get('url') or export.get('path')} "
+                         f"({export.get('rows')} rows, {export.get('skipped')} skipped)")
+        for kind in ("warnings", "notes"):
+            for text in result.get(kind) or []:
+                lines.append(f"{name}: {kind[:-1]}: {text}")
     return lines

@@ -115,6 +115,9 @@ class PipelineRun:
             report["error"] = failed[1].get("error")
         if self.warnings:
             report["warnings"] = self.warnings
+        metadata = self.document.get("metadata")
+        if metadata:  # the template's metadata (name, owner, project, annotations...), as submitted
+            report["metadata"] = metadata
         return report
 
     # -- waiting --------------------------------------------------------------

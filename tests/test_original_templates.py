@@ -1,0 +1,182 @@
+"""The original-form templates (``pipelines/examples/original/``) run unchanged on real workers.
+
+Each file is submitted as a user would — Python API, ``meshq submit``, ``POST /api/v1/tasks``
+or a plain Celery ``apply_async`` — with only ``${MODEL_ID}`` pointed at the tiny model;
+datasets named by hub id come from a local Hugging Face datasets cache built by the test,
+and the workers' ``HF_ENDPOINT`` is a recording server that must see no request at all.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from app.errors import PipelineError
+from pipelines import EXAMPLES_DIR, Pipeline
+from tests.conftest import ROOT, http_server
+from tests.hf_cache import INSTRUCTION_ROWS, QUESTION_ROWS, build_example_caches
+
+ORIGINAL = EXAMPLES_DIR / "original"
+TEMPLATES = sorted(p.name for p in ORIGINAL.glob("*.yaml"))
+
+
+class HubHandler(http.server.BaseHTTPRequestHandler):
+    """Stands in for the Hugging Face hub: records every request (there must be none)."""
+
+    requests_seen: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+        type(self).requests_seen.append(self.path)
+        self.send_response(404)
+        self.end_headers()
+
+    do_HEAD = do_POST = do_GET  # noqa: N815
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def offline_hub(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Worker environment: the example datasets in a local cache, the hub a recording server."""
+    cache = build_example_caches(tmp_path / "hf-datasets")
+    HubHandler.requests_seen = []
+    with http_server(HubHandler) as hub:
+        yield {"HF_DATASETS_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf-home"), "HF_ENDPOINT": hub}
+    assert HubHandler.requests_seen == [], "a worker tried to reach the hub"
+
+
+def template(name: str, model_dir: Path) -> Pipeline:
+    return Pipeline.from_yaml(ORIGINAL / name, env={"MODEL_ID": str(model_dir)})
+
+
+def test_every_original_template_parses(tiny_model_dir: Path) -> None:
+    assert TEMPLATES == ["echo.yaml", "gpu_inference.yaml", "inference_dataset.yaml", "inference_export_sft.yaml",
+                         "inference_list.yaml", "inference_vllm.yaml", "lora_sft_two_stage.yaml",
+                         "sft_two_stage.yaml"]
+    for name in TEMPLATES:
+        pipeline = template(name, tiny_model_dir)
+        assert pipeline.document["apiVersion"] == "mloc/v1", name
+    assert [s.task_type for s in template("lora_sft_two_stage.yaml", tiny_model_dir).stages] == \
+        ["lora_sft", "inference"]
+
+
+def test_inference_and_echo_templates_run_on_a_worker(worker_factory, redis_client, tiny_model_dir: Path,
+                                                      offline_hub: dict[str, str]) -> None:
+    import datasets
+
+    worker_factory(worker_id="orig1", env=offline_hub)
+
+    echo_run = template("echo.yaml", tiny_model_dir).submit()
+    assert echo_run.warnings == []  # cpu 1, memory 512Mi: this worker has that
+    echo = echo_run.wait(timeout=60)["echo"]
+    assert echo["echo"]["data"]["payload"] == {"hello": "world"}
+    assert echo["slo"]["seconds"] == 60 and echo["slo"]["exceeded"] is False
+    assert any("/ignored/by/current-worker" in note for note in echo["notes"])
+    status = echo_run.status()
+    assert status["metadata"]["owner"] == "platform-team"
+    assert status["metadata"]["annotations"]["description"].startswith("Checks that a worker")
+
+    listed = template("inference_list.yaml", tiny_model_dir).submit().wait(timeout=120)["inference"]
+    assert len(listed["items"]) == 3 and listed["usage"]["completion_tokens"] <= 3 * 8
+    assert "warnings" not in listed  # responses.json and manifest.json were there
+
+    by_dataset = template("inference_dataset.yaml", tiny_model_dir).submit().wait(timeout=120)["inference"]
+    expected = datasets.Dataset.from_list(QUESTION_ROWS[:8]).shuffle(seed=7).to_list()[:5]
+    assert [item["prompt"] for item in by_dataset["items"]] == [row["question"] for row in expected]
+    assert [item["metadata"] for item in by_dataset["items"]] == [
+        {"question_id": row["id"], "reference": row["answer"]} for row in expected]
+
+    vllm = template("inference_vllm.yaml", tiny_model_dir).submit().wait(timeout=120)["inference"]
+    assert vllm["backend"] == "transformers" and len(vllm["items"]) == 2
+    assert any(note.startswith("model.vllm: this worker has no vLLM engine") for note in vllm["notes"])
+
+    # A hub id the cache lacks fails at once, saying so (the recording hub sees nothing).
+    document = template("inference_dataset.yaml", tiny_model_dir).document
+    document["spec"]["data"]["url"] = "nobody/not-cached"
+    with pytest.raises(PipelineError) as caught:
+        Pipeline.from_dict(document).submit().wait(timeout=120)
+    assert "'nobody/not-cached' is not in the local Hugging Face datasets cache" in str(caught.value)
+    assert "spec.data.url" in str(caught.value)
+
+
+def test_every_way_in_accepts_an_original_template(worker_factory, server_factory, redis_client, redis_url,
+                                                   tiny_model_dir: Path) -> None:
+    """meshq submit, POST /api/v1/tasks and a plain apply_async, on the echo template."""
+    from tasks import echo as echo_task
+
+    worker_factory(worker_id="ways")
+    server = server_factory()
+    path = ORIGINAL / "echo.yaml"
+    submitted = subprocess.run([sys.executable, "-m", "app.cli.main", "submit", str(path), "--wait", "--json"],
+                               cwd=ROOT, env={**os.environ, "REDIS_URL": redis_url}, capture_output=True,
+                               text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    report = json.loads(submitted.stdout)
+    assert report["state"] == "SUCCESS" and report["metadata"]["project"] == "fleet-checks"
+    assert report["stages"]["echo"]["worker_id"] == "ways"
+
+    reply = requests.post(f"{server.base_url}/api/v1/tasks", data=path.read_bytes(),
+                          headers={"Content-Type": "application/yaml"}, timeout=30)
+    assert reply.status_code == 202, reply.text
+    assert reply.json()["queue"] == "tasks.need.cpu=1.mem=512Mi" and reply.json()["warnings"] == []
+    from app.celery import app
+
+    assert app.AsyncResult(reply.json()["id"]).get(timeout=60)["worker_id"] == "ways"
+
+    spec = template("echo.yaml", tiny_model_dir).stages[0].spec
+    assert echo_task.apply_async(args=[spec]).get(timeout=60)["echo"]["data"]["payload"] == {"hello": "world"}
+
+
+def test_the_gpu_template_waits_for_an_a100(worker_factory, redis_client, tiny_model_dir: Path) -> None:
+    worker_factory(worker_id="cpu-only")
+    run = template("gpu_inference.yaml", tiny_model_dir).submit()
+    assert len(run.warnings) == 1 and "cpu-only: gpus 0 < 1 nvidia-a100-80gb >= 40Gi" in run.warnings[0]
+    assert run.status()["state"] == "PENDING"
+    a100 = {"gpus": [{"name": "NVIDIA A100-SXM4-80GB", "memory_total_bytes": 80 * 1024**3}]}
+    worker_factory(worker_id="a100-fake", env={"MESHQ_FAKE_HARDWARE": json.dumps(a100)})
+    result = run.wait(timeout=120)["inference"]
+    assert result["worker_id"] == "a100-fake" and len(result["items"]) == 1
+    assert result["model"]["device"] == "cpu"  # a fake GPU: the work still runs on what is there
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_training_templates_run(worker_factory, server_factory, redis_client, tiny_model_dir: Path,
+                                offline_hub: dict[str, str]) -> None:
+    server = server_factory()
+    worker = worker_factory(worker_id="trainer", env={**offline_hub, "ORCHESTRATOR_BASE_URL": server.base_url})
+
+    sft = template("sft_two_stage.yaml", tiny_model_dir).submit().wait(timeout=600)
+    assert sft["sft"]["samples"] == 4 and sft["sft"]["steps"] == 40
+    url = sft["sft"]["final_model_archive_url"]
+    assert url.startswith(server.base_url) and url.endswith("/final_model.zip")
+    assert sft["infer"]["model"]["path"] != str(tiny_model_dir)  # the fine-tuned model, fetched by URL
+    assert [item["prompt"] for item in sft["infer"]["items"]] == ["Say hello:", "Count to three:"]
+
+    lora = template("lora_sft_two_stage.yaml", tiny_model_dir).submit().wait(timeout=600)
+    trained = lora["lora"]
+    assert trained["samples"] == len(INSTRUCTION_ROWS) and trained["gradient_checkpointing"] is True
+    config = json.loads((Path(trained["final_lora_path"]) / "adapter_config.json").read_text())
+    assert config["use_rslora"] is True and config["bias"] == "none"
+    assert any(n.startswith("training.allow_multi_gpu, training.auto_deepspeed_stage: no effect")
+               for n in trained["notes"])
+    assert lora["infer"]["model"]["adapter_merged"] is True
+    log = (worker.results_dir / trained["task_id"] / "logs" / "training_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log if "loss" in json.loads(line)][:3] == [1, 5, 10]
+
+    chained = template("inference_export_sft.yaml", tiny_model_dir).submit().wait(timeout=600)
+    export = chained["gen"]["jsonl_export"]
+    assert export["rows"] + export["skipped"] == 3 and export["path"].endswith("exports/pairs.jsonl")
+    rows = [json.loads(line) for line in Path(export["path"]).read_text().splitlines()]
+    assert all(row["source"] == "self-distillation" and row["response"] for row in rows)
+    assert chained["distil"]["samples"] == export["rows"] and "final_model_path" in chained["distil"]
