@@ -212,6 +212,16 @@ class Capabilities:
                    gpus=tuple(Gpu(str(g["name"]), int(g["memory_bytes"])) for g in data.get("gpus") or []),
                    features=tuple(data.get("features") or ()))
 
+    def summary(self) -> str:
+        """``2 cpu, 23.4Gi, 1x NVIDIA A100-SXM4-80GB 80Gi`` (for ``meshq workers``)."""
+        parts = [f"{self.cpu} cpu", format_size_exact(self.memory_bytes, approx=True)]
+        names = sorted({(g.name, g.memory_bytes) for g in self.gpus})
+        for name, memory in names:
+            count = sum(1 for g in self.gpus if (g.name, g.memory_bytes) == (name, memory))
+            parts.append(f"{count}x {name} {format_size_exact(memory, approx=True)}")
+        parts += [f"+{feature}" for feature in self.features]
+        return ", ".join(parts)
+
     def unmet(self, need: Requirement) -> list[str]:
         """What this worker lacks for ``need`` (empty: it can run the task)."""
         missing = []

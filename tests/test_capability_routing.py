@@ -102,6 +102,23 @@ def test_a_worker_chooses_only_queues_it_can_serve_oldest_first_and_bounded() ->
     assert len(worker_queues("tasks", list("abcdef"), "w")) + MAX_CAPABILITY_QUEUES <= 2 * 65
 
 
+def test_routing_fields_cannot_wait_for_a_stage_result() -> None:
+    from pipelines.template import parse_pipeline
+
+    document = {"spec": {"stages": [
+        {"name": "a", "spec": echo()},
+        {"name": "b", "spec": echo(**hardware(memory="${a.result.memory}"))}]}}
+    with pytest.raises(SpecError, match="references are not allowed in resources") as caught:
+        parse_pipeline(document, env={})
+    assert caught.value.field == "spec.stages[1].spec.resources.hardware.memory"
+
+
+def test_hardware_summary() -> None:
+    worker = Capabilities(cpu=16, memory_bytes=int(23.4 * GiB), features=("vllm",),
+                          gpus=(Gpu("NVIDIA A100-SXM4-80GB", 80 * GiB), Gpu("NVIDIA A100-SXM4-80GB", 80 * GiB)))
+    assert worker.summary() == "16 cpu, 23.4Gi, 2x NVIDIA A100-SXM4-80GB 80Gi, +vllm"
+
+
 def test_hardware_override_is_checked_at_start_up() -> None:
     assert parse_fake_hardware(json.dumps(A100)) == A100
     assert load_settings({"MESHQ_FAKE_HARDWARE": json.dumps(T4)}).fake_hardware == T4
@@ -220,6 +237,11 @@ def test_fake_a100_takes_the_a100_task_and_the_t4_worker_does_not(worker_factory
     big_memory = submit_task(echo(**hardware(gpu={"type": "any", "memory": "40Gi"})))
     assert app.AsyncResult(big_memory.task_id).get(timeout=60)["worker_id"] == "a100"
     assert a100_task.queue not in active_queues("meshq-t4@")
+    listed = subprocess.run([sys.executable, "-m", "app.cli.main", "workers"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, env={**os.environ})
+    assert listed.returncode == 0, listed.stderr
+    line = next(row for row in listed.stdout.splitlines() if row.startswith("a100 "))
+    assert line.endswith("1x NVIDIA A100-SXM4-80GB 80Gi") and "16 cpu, " in line
 
 
 def test_plain_apply_async_and_celery_call_are_routed_by_the_spec(worker_factory, redis_client, redis_url) -> None:

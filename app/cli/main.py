@@ -33,6 +33,7 @@ def _age_s(iso: str | None) -> float | None:
 
 # -- workers / health / redis ---------------------------------------------------
 def cmd_workers(args: argparse.Namespace) -> int:
+    from app.capabilities import Capabilities
     from app.worker.registry import list_workers
 
     workers = list_workers(_redis())
@@ -46,12 +47,14 @@ def cmd_workers(args: argparse.Namespace) -> int:
     if not workers:
         print("no live workers")
         return 0
-    print(f"{'WORKER':<24} {'STATUS':<9} {'TAGS':<20} {'LAST BEAT':>10}  CURRENT TASK")
+    print(f"{'WORKER':<24} {'STATUS':<9} {'TAGS':<20} {'LAST BEAT':>10}  {'CURRENT TASK':<36}  HARDWARE")
     for w in workers:
         age = w["last_seen_age_s"]
         status = w.get("status", "?") if w["alive"] else "DEAD"
+        hardware = Capabilities.from_dict(w["capabilities"]).summary() if w.get("capabilities") else "-"
         print(f"{w['worker_id']:<24} {status:<9} {','.join(w.get('tags') or []) or '-':<20} "
-              f"{(f'{age:.0f}s ago' if age is not None else '?'):>10}  {w.get('current_task') or '-'}")
+              f"{(f'{age:.0f}s ago' if age is not None else '?'):>10}  {w.get('current_task') or '-':<36}  "
+              f"{hardware}")
     return 0
 
 
