@@ -132,6 +132,8 @@ def test_every_way_in_accepts_an_original_template(worker_factory, server_factor
     from app.celery import app
 
     assert app.AsyncResult(reply.json()["id"]).get(timeout=60)["worker_id"] == "ways"
+    view = requests.get(f"{server.base_url}/api/v1/tasks/{reply.json()['id']}", timeout=30).json()
+    assert view["state"] == "SUCCESS" and view["metadata"]["name"] == "echo-smoke"
 
     spec = template("echo.yaml", tiny_model_dir).stages[0].spec
     assert echo_task.apply_async(args=[spec]).get(timeout=60)["echo"]["data"]["payload"] == {"hello": "world"}

@@ -40,7 +40,7 @@ from starlette.requests import ClientDisconnect
 from app.celery import app as celery_app
 from app.errors import MeshqError, SpecError
 from app.redis_client import get_redis
-from app.server.documents import parse_document, pipeline_run, submit_document
+from app.server.documents import parse_document, pipeline_run, recorded_metadata, submit_document
 from app.server.gatekeeper import Gatekeeper, error_response
 from app.server.openapi import (
     CHECKSUM_HEADER,
@@ -334,12 +334,15 @@ def create_app(results_dir: Path | str | None = None, settings: Settings | None 
         """
         checked(task_id, "task_id")
         try:
-            run = pipeline_run(task_id, get_redis(settings.redis_url))
+            client = get_redis(settings.redis_url)
+            run = pipeline_run(task_id, client)
             if run is not None:
                 return dict(_jsonable(run.status()))
+            metadata = recorded_metadata(task_id, client)  # a task submitted as a document
         except BACKEND_ERRORS as exc:
             raise ApiError(503, f"result backend unavailable: {exc}") from None
-        return task_view(task_id)
+        view = task_view(task_id)
+        return {**view, "metadata": _jsonable(metadata)} if metadata else view
 
     @app.post("/api/v1/tasks/{task_id}/cancel", tags=["tasks"],
               responses={409: {"description": "the task already finished"}})

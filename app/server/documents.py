@@ -100,3 +100,13 @@ def pipeline_run(some_id: str, client: Any) -> Any:
     except PipelineError:
         return None
     return run if len(run.stages) > 1 else None
+
+
+def recorded_metadata(some_id: str, client: Any) -> dict[str, Any] | None:
+    """The ``metadata`` of the document submitted under ``some_id`` (a task too), if any."""
+    try:
+        run = PipelineRun.get(some_id, client)
+    except PipelineError:
+        return None
+    metadata = run.document.get("metadata")
+    return metadata if isinstance(metadata, dict) and metadata else None
