@@ -64,19 +64,34 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if alive else 1
 
 
+class _Stop(Exception):
+    """SIGTERM/SIGHUP received: leave the ``with`` block so the child server is stopped."""
+
+
+def _raise_stop(signum: int, _frame: Any) -> None:
+    raise _Stop(signum)
+
+
 def cmd_redis(args: argparse.Namespace) -> int:
+    import signal
     import time
 
     from app.cli.embedded_redis import EmbeddedRedis
 
+    # redis-server runs in its own session (Ctrl-C in a shell must not reach it twice), so a
+    # SIGTERM to this process would otherwise leave it running: stop it on the way out.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_stop)
     with EmbeddedRedis(port=args.port) as server:
         print(f"embedded Redis running: export REDIS_URL={server.url}   (Ctrl-C to stop)", flush=True)
         try:
             while server.process is not None and server.process.poll() is None:
                 time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-    return 0
+        except (KeyboardInterrupt, _Stop):
+            return 0
+        code = server.process.returncode if server.process is not None else None
+    print(f"meshq: embedded redis-server stopped by itself (exit status {code})", file=sys.stderr)
+    return 1
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
