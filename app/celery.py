@@ -18,4 +18,5 @@ except ConfigError as exc:  # bad environment: stop with a message naming the va
 app = Celery("meshq")
 app.config_from_object("celeryconfig")
 
+from app import sent_tasks  # noqa: E402,F401  (records each published meshq task)
 from app.worker import signals  # noqa: E402,F401  (connects the worker signals)
