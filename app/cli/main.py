@@ -35,6 +35,11 @@ def _age_s(iso: str | None) -> float | None:
 def cmd_workers(args: argparse.Namespace) -> int:
     from app.worker.registry import list_workers
 
+    from app.redaction import redact
+    from app.settings import get_settings
+
+    settings = get_settings()
+    redis_url = redact(settings.redis_url) + ("" if settings.redis_url_from_env else " (REDIS_URL is not set)")
     workers = list_workers(_redis())
     for worker in workers:
         worker["last_seen_age_s"] = _age_s(worker.get("last_seen"))
@@ -43,8 +48,8 @@ def cmd_workers(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(workers, indent=2))
         return 0
+    print(f"workers registered in Redis {redis_url}:" if workers else f"no live workers in Redis {redis_url}")
     if not workers:
-        print("no live workers")
         return 0
     print(f"{'WORKER':<24} {'STATUS':<9} {'TAGS':<20} {'LAST BEAT':>10}  CURRENT TASK")
     for w in workers:
@@ -116,13 +121,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # -- pipelines: submit / status / cancel ----------------------------------------
-def _print_report(report: dict[str, Any], as_json: bool) -> None:
+def _print_report(report: dict[str, Any], as_json: bool, with_status: bool = True) -> None:
     from pipelines.display import result_lines, status_lines
 
     if as_json:
         print(json.dumps(report, indent=2, default=str))
         return
-    for line in status_lines(report):
+    for line in status_lines(report) if with_status else []:
         print(line)
     for line in result_lines(report):
         print(line)
@@ -134,12 +139,16 @@ def _exit_status(report: dict[str, Any]) -> int:
 
 
 def _follow(run: Any, args: argparse.Namespace) -> int:
+    # On a terminal the live display (stderr) leaves the final status on screen; printing
+    # it again on the same terminal would show it twice.
+    final_on_screen = sys.stderr.isatty() and sys.stdout.isatty()
     try:
         report = run.follow(timeout=args.timeout, progress=True)
     except TimeoutError as exc:
         print(f"meshq: {exc}", file=sys.stderr)
         report = run.status()
-    _print_report(report, args.json)
+        final_on_screen = False  # the display stopped before the status below
+    _print_report(report, args.json, with_status=not final_on_screen)
     return _exit_status(report)
 
 
@@ -252,11 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import redis
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except MeshqError as exc:
         print(f"meshq: {exc}", file=sys.stderr)
+        return 2
+    except (redis.ConnectionError, redis.TimeoutError) as exc:  # name the server, not a traceback
+        from app.redaction import redact
+        from app.settings import get_settings
+
+        print(f"meshq: cannot reach Redis at {redact(get_settings().redis_url)}: {exc}", file=sys.stderr)
         return 2
 
 
