@@ -19,4 +19,8 @@ app = Celery("meshq")
 app.config_from_object("celeryconfig")
 
 from app import sent_tasks  # noqa: E402,F401  (records each published meshq task)
-from app.worker import signals  # noqa: E402,F401  (connects the worker signals)
+from app.worker import (  # noqa: E402,F401  (worker start-up checks, pool_grow refused)
+    concurrency,
+    signals,  # noqa: E402,F401  (connects the worker signals)
+    startup,
+)

@@ -33,10 +33,9 @@ def _age_s(iso: str | None) -> float | None:
 
 # -- workers / health / redis ---------------------------------------------------
 def cmd_workers(args: argparse.Namespace) -> int:
-    from app.worker.registry import list_workers
-
     from app.redaction import redact
     from app.settings import get_settings
+    from app.worker.registry import list_workers
 
     settings = get_settings()
     redis_url = redact(settings.redis_url) + ("" if settings.redis_url_from_env else " (REDIS_URL is not set)")
