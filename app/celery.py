@@ -6,6 +6,7 @@ import sys
 
 from celery import Celery
 
+from app.celery_redaction import RedactingAMQP
 from app.errors import ConfigError
 from app.settings import get_settings
 
@@ -15,7 +16,8 @@ except ConfigError as exc:  # bad environment: stop with a message naming the va
     print(f"meshq: configuration error: {exc}", file=sys.stderr)
     raise SystemExit(2) from None  # the exit status of every meshq usage/configuration error
 
-app = Celery("meshq")
+# Messages carry argsrepr/kwargsrepr with secrets redacted (app.celery_redaction).
+app = Celery("meshq", amqp=RedactingAMQP)
 app.config_from_object("celeryconfig")
 
 from app import sent_tasks  # noqa: E402,F401  (records each published meshq task)

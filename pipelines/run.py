@@ -21,6 +21,7 @@ from app import keys
 from app.celery import app as celery_app
 from app.errors import PipelineError, UnknownIdError
 from app.events import utc_now_iso
+from app.redaction import redact_secrets
 from app.redis_client import get_redis
 from app.sent_tasks import sent_queue
 from pipelines.display import ProgressDisplay
@@ -48,7 +49,7 @@ class PipelineRun:
         pipe = client.pipeline(transaction=True)
         pipe.hset(keys.pipeline(self.id), mapping={
             "id": self.id, "name": self.name, "submitted_at": self.submitted_at,
-            "stages_json": json.dumps(self.stages), "document_json": json.dumps(self.document),
+            "stages_json": json.dumps(self.stages), "document_json": json.dumps(redact_secrets(self.document)),
             "warnings_json": json.dumps(self.warnings)})
         pipe.expire(keys.pipeline(self.id), ttl_s)
         for stage in self.stages:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -104,3 +105,51 @@ def test_flower_worker_page_in_headless_chromium(flower: str, worker_factory, tm
     shot = DOCS / "flower-worker.png"
     subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+SECRET = "Bearer s3cret-token-for-the-orchestrator"
+
+
+def test_secrets_in_specs_never_reach_flower_events_or_stored_results(flower: str, worker_factory,
+                                                                       redis_client) -> None:
+    """A spec's ``output.destination.headers`` and presigned URLs are redacted in Flower (events),
+    ``inspect active`` and every key in Redis once the task ran (result_extended, pipeline record)."""
+    from app.celery import app
+    from pipelines import Pipeline
+
+    worker_factory(worker_id="secret-w")
+    destination = {"type": "local", "url": "https://h.example/x?X-Amz-Signature=s3cret-sig",
+                   "headers": {"Authorization": SECRET}}
+    document = {"spec": {"taskType": "echo", "data": {"hello": "world"}, "echo": {"sleep_s": 3, "steps": 6},
+                         "output": {"destination": destination}}}
+    run = Pipeline.from_dict(document).submit()
+    task_id = run.stages[0]["task_id"]
+    node = wait_for(lambda: next((n for n, active in (app.control.inspect(timeout=1).active() or {}).items()
+                                  if any(t["id"] == task_id for t in active)), None), 30,
+                    message="the task in inspect active")
+    active = app.control.inspect(destination=[node], timeout=5).active()[node]
+    shown = str(active)
+    assert "'hello': 'world'" in shown and "s3cret" not in shown, shown
+    run.wait(timeout=60)
+
+    def flower_task() -> dict:
+        info = requests.get(f"{flower}/api/task/info/{task_id}", timeout=10, auth=AUTH)
+        return info.json() if info.ok and info.json().get("state") == "SUCCESS" else {}
+
+    info = wait_for(flower_task, 30, interval_s=0.3, message="the task's SUCCESS in Flower")
+    listed = requests.get(f"{flower}/api/tasks", timeout=10, auth=AUTH).json()[task_id]
+    for view in (info, listed):
+        assert "'hello': 'world'" in str(view["args"]) and "s3cret" not in json.dumps(view), view
+    stored = app.backend.get_task_meta(task_id)
+    assert stored["status"] == "SUCCESS"
+    assert stored["args"][0]["output"]["destination"] == {**destination, "url": "https://h.example/x?…",
+                                                          "headers": {"Authorization": "[redacted]"}}
+    leaks = [key for key in redis_client.scan_iter() if "s3cret" in json.dumps(dump_key(redis_client, key))]
+    assert not leaks, leaks
+
+
+def dump_key(client, key: str):
+    kind = client.type(key)
+    return {"string": client.get, "hash": client.hgetall, "list": lambda k: client.lrange(k, 0, -1),
+            "set": client.smembers, "zset": lambda k: client.zrange(k, 0, -1)}.get(kind, lambda k: None)(key) \
+        if kind != "set" else sorted(client.smembers(key))
