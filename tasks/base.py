@@ -28,7 +28,7 @@ from app.settings import get_settings
 from app.spec import parse_task_spec
 from app.worker.lease import AlreadyFinished, TaskLease, lease_ttl_s, max_task_runs
 from tasks.executors import EXECUTORS, Executor
-from tasks.progress import CeleryProgress
+from tasks.progress import CeleryProgress, announce_revoked
 
 log = logging.getLogger(__name__)
 
@@ -184,5 +184,6 @@ class MeshqTask(Task):
         self.update_state(state=states.REVOKED, meta={
             "exc_type": "TaskCancelled", "exc_module": "app.errors",
             "exc_message": [exc.task_id, exc.where]})
+        announce_revoked(self, str(exc))
         log.info("%s", exc)
         raise Ignore()
