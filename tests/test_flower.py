@@ -6,8 +6,8 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
