@@ -58,7 +58,7 @@ def consumed_queues() -> list[str] | None:
     task_consumer = getattr(_consumer, "task_consumer", None)
     if task_consumer is None:
         return None
-    return sorted({queue.name for queue in list(task_consumer.queues)})
+    return list(dict.fromkeys(queue.name for queue in list(task_consumer.queues)))  # in consuming order
 
 
 def pool_processes() -> int | None:
