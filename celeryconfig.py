@@ -21,7 +21,8 @@ from app.settings import get_settings as _get_settings
 _settings = _get_settings()
 
 broker_url = _settings.redis_url
-result_backend = _settings.redis_url
+# Celery's Redis backend, storing task arguments with secrets redacted (app.celery_redaction).
+result_backend = "app.celery_redaction:RedactingRedisBackend+" + _settings.redis_url
 broker_connection_retry_on_startup = True
 # Tasks may run for hours: the visibility timeout must be the same for the broker
 # and the result backend; duplicate runs past it are stopped by the task lease (§10).

@@ -86,3 +86,13 @@ class PipelineError(MeshqError):
 
     def __str__(self) -> str:
         return f"pipeline {self.pipeline_id}: {self.message}"
+
+
+class UnknownIdError(PipelineError):
+    """No pipeline, stage or task has this id (never submitted, or its records expired)."""
+
+    def __init__(self, some_id: str) -> None:
+        super().__init__(some_id, "not found: no pipeline or task has this id (unknown, or its records expired)")
+
+    def __str__(self) -> str:
+        return f"{self.pipeline_id}: {self.message}"

@@ -30,6 +30,11 @@ def task_cancel(task_id: str) -> str:
     return f"meshq:task:{task_id}:cancel"
 
 
+def task_sent(task_id: str) -> str:
+    """Set when a meshq task is published (its queue): a queued task is known, not unknown."""
+    return f"meshq:task:{task_id}:sent"
+
+
 def task_deliveries(task_id: str) -> str:
     """Counter of deliveries of ``task_id`` (caps tasks that kill their worker)."""
     return f"meshq:task:{task_id}:deliveries"

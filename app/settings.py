@@ -23,7 +23,7 @@ DEFAULT_TASK_TOPIC = "tasks"
 DEFAULT_HEARTBEAT_INTERVAL_S = 30.0
 MIN_HEARTBEAT_TTL_S = 120
 DEFAULT_LOG_LEVEL = "INFO"
-DEFAULT_LOG_FILE = "worker.log"
+DEFAULT_LOG_FILE = "worker-{worker_id}.log"  # one file per worker, also when several share a directory
 DEFAULT_VISIBILITY_TIMEOUT_S = 3600
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024**3
 # Artifact uploads/downloads: retries after the first attempt, first backoff (doubles each time).
@@ -194,7 +194,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         worker_id=worker_id,
         worker_tags=parse_tags(env.get("WORKER_TAGS", "")),
         log_level=log_level,
-        log_file=env.get("MESHQ_LOG_FILE", "").strip() or DEFAULT_LOG_FILE,
+        log_file=env.get("MESHQ_LOG_FILE", "").strip() or DEFAULT_LOG_FILE.format(worker_id=worker_id),
         orchestrator_base_url=base_url,
         orchestrator_token=env.get("ORCHESTRATOR_TOKEN", "").strip(),
         visibility_timeout_s=_positive_int(env, "MESHQ_VISIBILITY_TIMEOUT_S", DEFAULT_VISIBILITY_TIMEOUT_S),

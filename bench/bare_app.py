@@ -14,7 +14,8 @@ app.conf.update(
     task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
     worker_concurrency=1, worker_pool="prefork", worker_send_task_events=True,
     task_send_sent_event=True, task_track_started=True, result_extended=True,
-    task_default_queue="bare", broker_connection_retry_on_startup=True,
+    task_default_queue=os.environ.get("MESHQ_BENCH_BARE_QUEUE", "meshq-bench-bare"),
+    broker_connection_retry_on_startup=True,
 )
 
 

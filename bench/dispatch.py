@@ -1,15 +1,20 @@
 """Dispatch overhead: N echo tasks through meshq vs N no-op tasks of a bare Celery app.
 
-Same Redis (embedded unless REDIS_URL is set), same worker settings (prefork,
-concurrency 1, prefetch 1, late acks, JSON, events on). Prints throughput of each,
-the ratio, and p50/p99 submit→start latency. Target: meshq ≥ 0.7× bare Celery.
+Same Redis, same worker settings (prefork, concurrency 1, prefetch 1, late acks,
+JSON, events on). Prints throughput of each, the ratio, and p50/p99 submit→start
+latency. Target: meshq ≥ 0.7× bare Celery.
+
+The Redis is a private embedded one, whatever ``REDIS_URL`` says, unless ``--redis-url``
+names one explicitly; the bench flushes only the database it created itself, and its
+queues, worker id and bare-Celery queue have names of their own (``meshq-bench-<hex>``),
+never a production queue.
 
 Each echo task also creates its directory and two files, so a slow filesystem
 under ``--results-dir`` shows in meshq's number (on the development VM, file
 creation slowed 15× after heavy disk traffic); ``--results-dir /dev/shm`` takes
 the disk out and leaves the dispatch overhead itself.
 
-    python bench/dispatch.py [--tasks 2000] [--rounds 3] [--results-dir DIR]
+    python bench/dispatch.py [--tasks 2000] [--rounds 3] [--results-dir DIR] [--redis-url URL]
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -119,7 +125,8 @@ def listen_for_starts(url: str, ready: Any, stop: Any, out: Any) -> None:
 
 
 def run_meshq(n: int, env: dict[str, str], workdir: Path, results_dir: Path) -> dict[str, float]:
-    worker_env = {**env, "WORKER_ID": "bench", "RESULTS_DIR": str(results_dir),
+    worker_id = f"{env['TASK_TOPIC']}-w"
+    worker_env = {**env, "WORKER_ID": worker_id, "RESULTS_DIR": str(results_dir),
                   "MESHQ_LOG_FILE": str(workdir / "meshq-worker.log"), "LOG_LEVEL": "WARNING"}
     worker = start_worker("app", worker_env, workdir / "meshq.log")
     client = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
@@ -134,7 +141,7 @@ def run_meshq(n: int, env: dict[str, str], workdir: Path, results_dir: Path) -> 
         from app.celery import app
         from tasks import echo
 
-        while client.hget("worker:bench", "status") != "IDLE":
+        while client.hget(f"worker:{worker_id}", "status") != "IDLE":
             time.sleep(0.1)
         submitted: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -167,11 +174,22 @@ def main() -> int:
                         help="alternate bare/meshq this many times; the median round is reported")
     parser.add_argument("--results-dir", default=None,
                         help="parent of the echo tasks' RESULTS_DIR (default: the system temp dir)")
+    parser.add_argument("--redis-url", default=None,
+                        help="use this Redis (never flushed) instead of a private embedded one")
     args = parser.parse_args()
     server = None
-    if not os.environ.get("REDIS_URL"):
+    if args.redis_url:
+        os.environ["REDIS_URL"] = args.redis_url
+    else:
+        if os.environ.get("REDIS_URL"):
+            print("bench: REDIS_URL is ignored; a private embedded Redis is used (--redis-url to choose one)")
         server = EmbeddedRedis().start()
         os.environ["REDIS_URL"] = server.url
+    # Queue names of the bench's own (read by the Celery client of this process at import).
+    os.environ["TASK_TOPIC"] = f"meshq-bench-{secrets.token_hex(4)}"
+    os.environ["MESHQ_BENCH_BARE_QUEUE"] = f"{os.environ['TASK_TOPIC']}-bare"
+    print(f"bench: Redis {'(private, embedded)' if server else '(given, never flushed)'}, "
+          f"queues {os.environ['TASK_TOPIC']} and {os.environ['MESHQ_BENCH_BARE_QUEUE']}", flush=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     rounds: list[tuple[float, dict[str, float], dict[str, float]]] = []
     results_fs = "?"
@@ -187,7 +205,8 @@ def main() -> int:
                 # disk that slows down during the run then costs both sides alike.
                 sides: dict[str, dict[str, float]] = {}
                 for side in ("bare", "meshq") if round_no % 2 == 0 else ("meshq", "bare"):
-                    redis.Redis.from_url(os.environ["REDIS_URL"]).flushdb()
+                    if server is not None:  # only a database this bench created is flushed
+                        redis.Redis.from_url(server.url).flushdb()
                     sides[side] = (run_bare(args.tasks, env, workdir) if side == "bare"
                                    else run_meshq(args.tasks, env, workdir, Path(results) / f"round{round_no}"))
                 bare, meshq = sides["bare"], sides["meshq"]

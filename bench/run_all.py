@@ -4,10 +4,15 @@ Each script prints its own table. Append new benchmarks to ``BENCHMARKS`` as
 ``(script, [arguments])``; a failing benchmark is reported and the rest still run.
 
     python bench/run_all.py [NAME ...]     # only the named scripts (e.g. server_transfer)
+    python bench/run_all.py --redis-url URL   # dispatch on that Redis (never flushed)
+
+Every benchmark uses a private embedded Redis of its own unless ``--redis-url`` is given;
+``REDIS_URL`` in the environment is ignored, so ``make bench`` never touches a real one.
 """
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import time
@@ -24,12 +29,22 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
 ]
 
 
+# The benchmarks that can run on a Redis the user names (the others always start their own).
+TAKES_REDIS_URL = {"dispatch.py"}
+
+
 def main(argv: list[str]) -> int:
-    wanted = {name.removesuffix(".py") for name in argv}
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="only these benchmarks")
+    parser.add_argument("--redis-url", default=None, help="a Redis for the dispatch benchmark (never flushed)")
+    options = parser.parse_args(argv)
+    wanted = {name.removesuffix(".py") for name in options.names}
     failed = []
     for script, args in BENCHMARKS:
         if wanted and script.removesuffix(".py") not in wanted:
             continue
+        if options.redis_url and script in TAKES_REDIS_URL:
+            args = [*args, "--redis-url", options.redis_url]
         print(f"\n=== {script} {' '.join(args)}".rstrip(), flush=True)
         started = time.monotonic()
         code = subprocess.call([sys.executable, str(BENCH_DIR / script), *args], cwd=BENCH_DIR.parent)

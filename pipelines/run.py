@@ -19,12 +19,14 @@ from celery import states
 
 from app import keys
 from app.celery import app as celery_app
-from app.errors import PipelineError
+from app.errors import PipelineError, UnknownIdError
 from app.events import utc_now_iso
+from app.redaction import redact_secrets
 from app.redis_client import get_redis
+from app.sent_tasks import sent_queue
 from pipelines.display import ProgressDisplay
 from pipelines.status import FINAL_PIPELINE_STATES, mark_skipped, pipeline_state
-from tasks.control import cancel_task, request_cancel
+from tasks.control import request_cancel
 from tasks.status import task_status
 
 DEFAULT_POLL_INTERVAL_S = 0.5
@@ -47,7 +49,7 @@ class PipelineRun:
         pipe = client.pipeline(transaction=True)
         pipe.hset(keys.pipeline(self.id), mapping={
             "id": self.id, "name": self.name, "submitted_at": self.submitted_at,
-            "stages_json": json.dumps(self.stages), "document_json": json.dumps(self.document),
+            "stages_json": json.dumps(self.stages), "document_json": json.dumps(redact_secrets(self.document)),
             "warnings_json": json.dumps(self.warnings)})
         pipe.expire(keys.pipeline(self.id), ttl_s)
         for stage in self.stages:
@@ -80,12 +82,15 @@ class PipelineRun:
         if owner:
             return cls.get(str(owner), client)
         meta = celery_app.backend.get_task_meta(some_id)
+        queue = meta.get("queue")
         if meta.get("status", states.PENDING) == states.PENDING and not meta.get("result"):
-            raise PipelineError(some_id, "no pipeline or task with this id (unknown, not started yet, "
-                                         "or its records expired)")
+            # Not started yet, or unknown: only a record of its publication tells them apart.
+            queue = sent_queue(some_id, client)
+            if queue is None:
+                raise UnknownIdError(some_id)
         name = str(meta.get("name") or "meshq.task").rsplit(".", 1)[-1]
         return cls(id=some_id, name=name, is_pipeline=False,
-                   stages=[{"name": name, "task_id": some_id, "taskType": name, "queue": meta.get("queue"),
+                   stages=[{"name": name, "task_id": some_id, "taskType": name, "queue": queue,
                             "run_on": None}])
 
     def cancelled(self, client: redis.Redis | None = None) -> bool:
@@ -192,14 +197,7 @@ class PipelineRun:
 def cancel_any(some_id: str, client: redis.Redis | None = None) -> dict[str, Any]:
     """Cancel a pipeline by its id or a stage's task id (the whole pipeline), or a single task.
 
-    A single task still waiting in its queue has no record yet; it is asked to stop
-    anyway (cancel flag + revoke), so it ends REVOKED instead of running.
+    A single task still waiting in its queue is asked to stop too (cancel flag + revoke),
+    so it ends REVOKED instead of running. An id nobody submitted raises ``UnknownIdError``.
     """
-    client = client or get_redis()
-    try:
-        run = PipelineRun.find(some_id, client)
-    except PipelineError:
-        cancel_task(some_id)
-        return {"id": some_id, "kind": "task", "state": states.PENDING, "stages": {},
-                "note": "no record of this id yet: if it is a queued task it will end REVOKED without running"}
-    return run.cancel()
+    return PipelineRun.find(some_id, client or get_redis()).cancel()

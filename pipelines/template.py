@@ -77,6 +77,21 @@ class PipelineTemplate:
         return [stage.name for stage in self.stages]
 
 
+def yaml_error_text(exc: yaml.YAMLError) -> str:
+    """``line L, column C: problem (context at line L', column C')`` — 1-based, as an editor
+    counts — for the CLI and the HTTP API alike."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is None or not problem:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context:
+        where = f" at line {context_mark.line + 1}, column {context_mark.column + 1}" if context_mark else ""
+        text += f" ({context}{where})"
+    return text
+
+
 def load_document(text: str | bytes, source: str = "document", *, strict_json: bool = False) -> dict[str, Any]:
     """Parse YAML or JSON (JSON is YAML) into a mapping; ``source`` names it in errors.
 
@@ -92,7 +107,7 @@ def load_document(text: str | bytes, source: str = "document", *, strict_json: b
         try:
             document = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise SpecError(source, f"not valid YAML or JSON: {exc}") from None
+            raise SpecError(source, f"not valid YAML or JSON: {yaml_error_text(exc)}") from None
     if not isinstance(document, dict):
         raise SpecError(source, f"must be a mapping, got {type(document).__name__}")
     return document

@@ -30,7 +30,7 @@ from app.spec import parse_task_spec
 from app.worker.lease import AlreadyFinished, TaskLease, lease_ttl_s, max_task_runs
 from tasks.executors import EXECUTORS, Executor
 from tasks.outcome import annotate
-from tasks.progress import CeleryProgress
+from tasks.progress import CeleryProgress, announce_revoked
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class MeshqTask(Task):
 
     abstract = True
     task_type = ""
+    Request = "app.celery_redaction:RedactingRequest"  # inspect/Flower show redacted arguments
     typing = False  # arguments are checked by the spec, not by Celery's signature check
     # STARTED is stored by the lease script in the task-start round trip (app.worker.signals),
     # and only when this delivery really starts; Celery's own tracking would cost two
@@ -187,5 +188,6 @@ class MeshqTask(Task):
         self.update_state(state=states.REVOKED, meta={
             "exc_type": "TaskCancelled", "exc_module": "app.errors",
             "exc_message": [exc.task_id, exc.where]})
+        announce_revoked(self, str(exc))
         log.info("%s", exc)
         raise Ignore()

@@ -2,9 +2,13 @@
 
 ``CeleryProgress`` is the ``Progress`` (``tasks.executors.progress``) a task hands
 its executor: reports go out at most about once a second as Celery state
-``PROGRESS``, a ``task-progress`` event (Flower shows it as the task's state) and
-``TASK_PROGRESS`` on ``tasks.events``; ``cancelled()`` reads the task's Redis
-cancel flag, which ``tasks.control.request_cancel`` sets.
+``PROGRESS``, a ``task-progress`` event and ``TASK_PROGRESS`` on ``tasks.events``;
+``cancelled()`` reads the task's Redis cancel flag, which ``tasks.control.request_cancel``
+sets.
+
+Flower turns the ``task-progress`` event into the task's state (PROGRESS) and shows its
+``result`` field — the progress fields, as ``AsyncResult(id).result`` holds them while the
+state is PROGRESS — in the task list's Result column and on the task's page.
 """
 
 from __future__ import annotations
@@ -14,15 +18,16 @@ import time
 from typing import Any
 
 import redis
+from celery.utils.saferepr import saferepr
 
 from app import keys
+from app.celery import PROGRESS_STATE
 from app.events import publish_task_event
 from app.redis_client import get_redis
 from tasks.executors.progress import Progress
 
 log = logging.getLogger(__name__)
 
-PROGRESS_STATE = "PROGRESS"
 MIN_PROGRESS_INTERVAL_S = 1.0
 
 
@@ -51,7 +56,7 @@ class CeleryProgress(Progress):
         except Exception as exc:  # the backend being briefly away must not kill the task
             log.warning("could not store progress of %s: %s", self.task_id, exc)
         try:
-            self.task.send_event("task-progress", **meta)
+            self.task.send_event("task-progress", result=saferepr(fields), **meta)
         except Exception as exc:
             log.warning("could not send task-progress event for %s: %s", self.task_id, exc)
         publish_task_event("TASK_PROGRESS", self.worker_id, self.task_id, taskType=self.task_type,
@@ -62,3 +67,13 @@ class CeleryProgress(Progress):
             return bool(get_redis().exists(keys.task_cancel(self.task_id)))
         except redis.RedisError:
             return False  # cannot tell: keep working rather than stop on a network blip
+
+
+def announce_revoked(task: Any, reason: str) -> None:
+    """Send Celery's ``task-revoked`` event for a task that stopped itself (``meshq cancel``),
+    as Celery does for ``revoke``: monitors (Flower, ``/metrics``) then show it REVOKED.
+    ``reason`` says why; ``terminated``/``signum``/``expired`` are Celery's own fields."""
+    try:
+        task.send_event("task-revoked", terminated=False, signum=None, expired=False, reason=reason)
+    except Exception as exc:  # an event lost must not turn a cancellation into a failure
+        log.warning("could not send task-revoked event for %s: %s", task.request.id, exc)

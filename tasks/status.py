@@ -13,9 +13,10 @@ from typing import Any
 
 from celery import states
 
+from app.celery import PROGRESS_STATE
 from app.errors import SpecError
 
-PROGRESS = "PROGRESS"
+PROGRESS = PROGRESS_STATE
 STOPPED_STATES = frozenset({states.FAILURE, states.REVOKED})
 _META_ONLY = ("worker_id", "taskType")  # fields CeleryProgress adds to every progress report
 # Celery's result_extended fields, under the names they have here (the stage name is "name").

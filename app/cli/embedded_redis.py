@@ -7,6 +7,7 @@ disk, and is stopped by whoever started it.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
@@ -44,6 +45,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def check_port_free(port: int) -> None:
+    """Raise ``ConfigError`` naming the port when something already listens on it, so
+    the embedded server never pings another process's Redis and calls it its own."""
+    with socket.socket() as sock:
+        # SO_REUSEADDR as redis-server itself: connections of a server that just stopped
+        # (TIME_WAIT) do not count, a listening socket does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            reason = "already in use (another Redis server?)" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise ConfigError("port", f"127.0.0.1:{port} is {reason}; choose another port") from None
+
+
+def _tail(path: Path, max_chars: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-max_chars:].strip()
+    except OSError:
+        return ""
+
+
 class EmbeddedRedis:
     """``with EmbeddedRedis() as server: server.url``; or ``start()``/``stop()``."""
 
@@ -62,9 +84,18 @@ class EmbeddedRedis:
         return [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", self._dir.name,
                 "--protected-mode", "yes", "--loglevel", "warning",
-                "--logfile", self.log_path or ""]
+                "--logfile", self.server_log()]
+
+    def server_log(self) -> str:
+        """Where redis-server logs: ``log_path``, else a file in its own directory, so
+        the reason it stopped can be reported."""
+        if self.log_path:
+            return self.log_path
+        assert self._dir is not None
+        return str(Path(self._dir.name) / "redis-server.log")
 
     def start(self) -> EmbeddedRedis:
+        check_port_free(self.port)
         self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, start_new_session=True)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
@@ -73,9 +104,16 @@ class EmbeddedRedis:
             while True:
                 if self.process.poll() is not None:
                     err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
-                    raise ConfigError("REDIS_URL", f"embedded redis-server exited: {err.strip()}")
+                    reason = err.strip() or _tail(Path(self.server_log())) or f"exit status {self.process.returncode}"
+                    self.stop()
+                    raise ConfigError("REDIS_URL", f"embedded redis-server exited: {reason}")
                 try:
-                    client.ping()
+                    # The server that answers must be ours (another could have taken the port).
+                    pid = int(client.info("server").get("process_id", -1))
+                    if pid != self.process.pid:
+                        self.stop()
+                        raise ConfigError("port", f"127.0.0.1:{self.port} is answered by another Redis "
+                                                  f"server (pid {pid}); choose another port")
                     return self
                 except redis.ConnectionError:
                     if time.monotonic() > deadline:

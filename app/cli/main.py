@@ -34,8 +34,12 @@ def _age_s(iso: str | None) -> float | None:
 # -- workers / health / redis ---------------------------------------------------
 def cmd_workers(args: argparse.Namespace) -> int:
     from app.capabilities import Capabilities
+    from app.redaction import redact
+    from app.settings import get_settings
     from app.worker.registry import list_workers
 
+    settings = get_settings()
+    redis_url = redact(settings.redis_url) + ("" if settings.redis_url_from_env else " (REDIS_URL is not set)")
     workers = list_workers(_redis())
     for worker in workers:
         worker["last_seen_age_s"] = _age_s(worker.get("last_seen"))
@@ -44,8 +48,8 @@ def cmd_workers(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(workers, indent=2))
         return 0
+    print(f"workers registered in Redis {redis_url}:" if workers else f"no live workers in Redis {redis_url}")
     if not workers:
-        print("no live workers")
         return 0
     print(f"{'WORKER':<24} {'STATUS':<9} {'TAGS':<20} {'LAST BEAT':>10}  {'CURRENT TASK':<36}  HARDWARE")
     for w in workers:
@@ -67,19 +71,34 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if alive else 1
 
 
+class _Stop(Exception):
+    """SIGTERM/SIGHUP received: leave the ``with`` block so the child server is stopped."""
+
+
+def _raise_stop(signum: int, _frame: Any) -> None:
+    raise _Stop(signum)
+
+
 def cmd_redis(args: argparse.Namespace) -> int:
+    import signal
     import time
 
     from app.cli.embedded_redis import EmbeddedRedis
 
+    # redis-server runs in its own session (Ctrl-C in a shell must not reach it twice), so a
+    # SIGTERM to this process would otherwise leave it running: stop it on the way out.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_stop)
     with EmbeddedRedis(port=args.port) as server:
         print(f"embedded Redis running: export REDIS_URL={server.url}   (Ctrl-C to stop)", flush=True)
         try:
             while server.process is not None and server.process.poll() is None:
                 time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-    return 0
+        except (KeyboardInterrupt, _Stop):
+            return 0
+        code = server.process.returncode if server.process is not None else None
+    print(f"meshq: embedded redis-server stopped by itself (exit status {code})", file=sys.stderr)
+    return 1
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -104,13 +123,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # -- pipelines: submit / status / cancel ----------------------------------------
-def _print_report(report: dict[str, Any], as_json: bool) -> None:
+def _print_report(report: dict[str, Any], as_json: bool, with_status: bool = True) -> None:
     from pipelines.display import result_lines, status_lines
 
     if as_json:
         print(json.dumps(report, indent=2, default=str))
         return
-    for line in status_lines(report):
+    for line in status_lines(report) if with_status else []:
         print(line)
     for line in result_lines(report):
         print(line)
@@ -122,12 +141,16 @@ def _exit_status(report: dict[str, Any]) -> int:
 
 
 def _follow(run: Any, args: argparse.Namespace) -> int:
+    # On a terminal the live display (stderr) leaves the final status on screen; printing
+    # it again on the same terminal would show it twice.
+    final_on_screen = sys.stderr.isatty() and sys.stdout.isatty()
     try:
         report = run.follow(timeout=args.timeout, progress=True)
     except TimeoutError as exc:
         print(f"meshq: {exc}", file=sys.stderr)
         report = run.status()
-    _print_report(report, args.json)
+        final_on_screen = False  # the display stopped before the status below
+    _print_report(report, args.json, with_status=not final_on_screen)
     return _exit_status(report)
 
 
@@ -240,11 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import redis
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except MeshqError as exc:
         print(f"meshq: {exc}", file=sys.stderr)
+        return 2
+    except (redis.ConnectionError, redis.TimeoutError) as exc:  # name the server, not a traceback
+        from app.redaction import redact
+        from app.settings import get_settings
+
+        print(f"meshq: cannot reach Redis at {redact(get_settings().redis_url)}: {exc}", file=sys.stderr)
         return 2
 
 

@@ -38,7 +38,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect
 
 from app.celery import app as celery_app
-from app.errors import MeshqError, SpecError
+from app.errors import MeshqError, SpecError, UnknownIdError
 from app.redis_client import get_redis
 from app.server.documents import parse_document, pipeline_run, recorded_metadata, submit_document
 from app.server.gatekeeper import Gatekeeper, error_response
@@ -66,6 +66,7 @@ from app.server.transfer import (
 )
 from app.settings import Settings, load_settings
 from app.worker.registry import list_workers
+from pipelines import PipelineRun
 from tasks.control import request_cancel
 from tasks.status import task_status
 
@@ -95,6 +96,15 @@ def task_view(task_id: str) -> dict[str, Any]:
     except BACKEND_ERRORS as exc:
         raise ApiError(503, f"result backend unavailable: {exc}") from None
     return {"id": task_id, **_jsonable(status)}
+
+
+def require_known(task_id: str, client: redis.Redis) -> None:
+    """404 unless ``task_id`` was submitted: PENDING is also what Celery says of an id it never saw."""
+    try:
+        PipelineRun.find(task_id, client)
+    except UnknownIdError:
+        raise ApiError(404, f"task_id: no task or pipeline {task_id!r} (unknown, or its records expired)",
+                       "task_id") from None
 
 
 # -- the application ------------------------------------------------------------------------
@@ -325,9 +335,11 @@ def create_app(results_dir: Path | str | None = None, settings: Settings | None 
                  f" (warnings: {'; '.join(reply['warnings'])})" if reply.get("warnings") else "")
         return JSONResponse(reply, status_code=202)
 
-    @app.get("/api/v1/tasks/{task_id}", tags=["tasks"])
+    @app.get("/api/v1/tasks/{task_id}", tags=["tasks"],
+             responses={404: {"description": "no task or pipeline has this id"}})
     def get_task(task_id: str) -> dict[str, Any]:
-        """State (Celery's; unknown ids are PENDING), progress meta, result or error.
+        """State (Celery's: PENDING while queued), progress meta, result or error; 404 for
+        an id nobody submitted.
 
         A pipeline id gives the pipeline's status: ``{id, state, stages: {name: {state,
         task_id, worker_id, progress|result|error}}}`` (see docs/PIPELINES.md).
@@ -339,13 +351,16 @@ def create_app(results_dir: Path | str | None = None, settings: Settings | None 
             if run is not None:
                 return dict(_jsonable(run.status()))
             metadata = recorded_metadata(task_id, client)  # a task submitted as a document
+            view = task_view(task_id)
+            if view["state"] == "PENDING":
+                require_known(task_id, client)
         except BACKEND_ERRORS as exc:
             raise ApiError(503, f"result backend unavailable: {exc}") from None
-        view = task_view(task_id)
         return {**view, "metadata": _jsonable(metadata)} if metadata else view
 
     @app.post("/api/v1/tasks/{task_id}/cancel", tags=["tasks"],
-              responses={409: {"description": "the task already finished"}})
+              responses={404: {"description": "no task or pipeline has this id"},
+                         409: {"description": "the task already finished"}})
     def cancel_task(task_id: str) -> dict[str, Any]:
         """Ask the task to stop: queued copies are revoked, a running one stops at its next step."""
         checked(task_id, "task_id")
@@ -362,6 +377,11 @@ def create_app(results_dir: Path | str | None = None, settings: Settings | None 
         except BACKEND_ERRORS as exc:
             raise ApiError(503, f"broker unavailable: {exc}") from None
         state = task_view(task_id)["state"]
+        if state == "PENDING":
+            try:
+                require_known(task_id, get_redis(settings.redis_url))
+            except BACKEND_ERRORS as exc:
+                raise ApiError(503, f"result backend unavailable: {exc}") from None
         if state in ("SUCCESS", "FAILURE", "REVOKED"):
             raise ApiError(409, f"task_id: task {task_id!r} already ended ({state})", "task_id")
         try:

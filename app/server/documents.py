@@ -10,6 +10,7 @@ import yaml
 from app.errors import PipelineError, SpecError
 from app.server.transfer import ApiError
 from pipelines import Pipeline, PipelineRun
+from pipelines.template import yaml_error_text
 
 MAX_DOCUMENT_NODES = 1_000_000  # YAML aliases must not expand a small body into a huge spec
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml", "text/plain")
@@ -46,7 +47,9 @@ def parse_document(body: bytes, content_type: str | None) -> Any:
             document = documents[0]
     except ApiError:
         raise
-    except (UnicodeDecodeError, ValueError, yaml.YAMLError, RecursionError) as exc:
+    except yaml.YAMLError as exc:  # where it went wrong, as the CLI says it
+        raise ApiError(400, f"body: not valid YAML/JSON: {yaml_error_text(exc)}", "body") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ApiError(400, f"body: not valid {'JSON' if 'json' in media else 'YAML/JSON'}: "
                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", "body") from None
     _count_nodes(document, MAX_DOCUMENT_NODES)

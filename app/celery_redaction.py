@@ -1,0 +1,62 @@
+"""What Celery shows and stores of a meshq task's arguments: specs with secrets redacted.
+
+A spec may carry ``output.destination.headers.Authorization`` (a bearer token) or a
+presigned URL. Celery copies the arguments into three places outside the worker, and
+each gets ``app.redaction.redact_secrets`` applied:
+
+* the message's ``argsrepr``/``kwargsrepr`` (``RedactingAMQP``): what the ``task-sent``
+  and ``task-received`` events, Flower and the worker's log lines show;
+* the result backend's extended fields (``result_extended`` stores ``args``/``kwargs``
+  with every state: STARTED, PROGRESS, SUCCESS, FAILURE, REVOKED):
+  ``RedactingRedisBackend``, installed by ``celeryconfig.result_backend``;
+* ``celery inspect active/reserved/scheduled`` (Flower's worker page): ``RedactingRequest``
+  answers with the redacted representation, as Celery's ``safe=True`` does.
+
+The task itself still receives its real arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.app.amqp import AMQP
+from celery.backends.redis import RedisBackend
+from celery.utils.saferepr import saferepr
+from celery.worker.request import Request
+
+from app.redaction import redact_secrets
+
+
+class RedactingAMQP(AMQP):
+    """Messages whose ``argsrepr``/``kwargsrepr`` are the redacted arguments (unless the
+    caller gave its own): every way of sending a task (``apply_async``, canvas, ``send_task``,
+    ``celery call``) builds its message here."""
+
+    def as_task_v2(self, task_id: str, name: str, args: Any = None, kwargs: Any = None, *positional: Any,
+                   argsrepr: str | None = None, kwargsrepr: str | None = None, **options: Any) -> Any:
+        levels = self.app.conf.task_repr_maxlevels
+        if argsrepr is None:
+            argsrepr = saferepr(redact_secrets(args or ()), self.argsrepr_maxsize, maxlevels=levels)
+        if kwargsrepr is None:
+            kwargsrepr = saferepr(redact_secrets(kwargs or {}), self.kwargsrepr_maxsize, maxlevels=levels)
+        return super().as_task_v2(task_id, name, args, kwargs, *positional, argsrepr=argsrepr,
+                                  kwargsrepr=kwargsrepr, **options)
+
+
+class RedactingRedisBackend(RedisBackend):
+    """Celery's Redis result backend, storing the extended ``args``/``kwargs`` redacted."""
+
+    def _get_result_meta(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        meta: dict[str, Any] = super()._get_result_meta(*args, **kwargs)
+        for field in ("args", "kwargs"):
+            if meta.get(field) is not None:
+                meta[field] = redact_secrets(meta[field])
+        return meta
+
+
+class RedactingRequest(Request):
+    """A task request that reports its arguments redacted to ``inspect`` (Flower's worker page)."""
+
+    def info(self, safe: bool = False) -> dict[str, Any]:
+        info: dict[str, Any] = super().info(safe=True)
+        return info

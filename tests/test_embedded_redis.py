@@ -1,0 +1,82 @@
+"""``meshq redis``: the embedded server stops with its command, and a taken port is refused."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from app.cli.embedded_redis import EmbeddedRedis, free_port
+from tests.conftest import ROOT, wait_for
+
+
+def meshq_redis(port: int, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "app.cli.main", "redis", "--port", str(port)],
+                            cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A loopback port something (not a Redis) listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield int(sock.getsockname()[1])
+
+
+def test_sigterm_stops_the_redis_server_child(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "redis.log"
+    proc = meshq_redis(port, log)
+    try:
+        wait_for(lambda: "embedded Redis running" in log.read_text() or proc.poll() is not None, 30,
+                 message="meshq redis to start")
+        assert proc.poll() is None, log.read_text()
+        client = redis.Redis(port=port)
+        server_pid = int(client.info("server")["process_id"])
+        client.close()
+        assert process_exists(server_pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0, log.read_text()
+        wait_for(lambda: not process_exists(server_pid), 10, message="redis-server to stop")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_port_taken_by_another_process_is_refused_with_the_reason(taken_port: int, tmp_path: Path) -> None:
+    log = tmp_path / "redis.log"
+    proc = meshq_redis(taken_port, log)
+    assert proc.wait(timeout=30) == 2
+    out = log.read_text()
+    assert f"127.0.0.1:{taken_port} is already in use" in out, out
+    assert "embedded Redis running" not in out
+
+
+def test_a_port_taken_by_another_redis_is_refused(tmp_path: Path) -> None:
+    other = EmbeddedRedis().start()
+    try:
+        log = tmp_path / "redis.log"
+        proc = meshq_redis(other.port, log)
+        assert proc.wait(timeout=30) == 2
+        out = log.read_text()
+        assert "already in use" in out and "embedded Redis running" not in out, out
+        assert redis.Redis(port=other.port).ping()  # the other server was left alone
+    finally:
+        other.stop()
