@@ -34,6 +34,7 @@ from app import keys, routing
 from app.errors import SpecError
 from app.redis_client import get_redis
 from app.settings import get_settings
+from pipelines.graph_template import expand_graph_template
 from pipelines.references import PREVIOUS_STAGE, resolve_stage_references
 from pipelines.status import SKIPPED
 from tasks.base import SPEC_RESOLVERS
@@ -198,6 +199,7 @@ def resolve_spec(raw_spec: Any, previous: Any, pipeline: dict[str, Any] | None) 
         return stage_result(task, pipeline, name, previous)
 
     resolved = resolve_stage_references(raw_spec, results, pipeline["location"])
+    resolved = expand_graph_template(resolved, results, pipeline["location"])
     if not pipeline.get("graph"):  # graph nodes forward themselves (_check_run_on)
         _route_next_stage(task, pipeline, previous)
     return resolved

@@ -32,6 +32,7 @@ from app.settings import NAME_RE
 from app.spec import DATA_MODELS, TASK_TYPES, TaskSpec, error_messages, spec_error_from_messages
 from app.spec.schema import REFUSED_TASK_TYPES
 from pipelines.graph import ancestors_of, read_dependencies, topological_order
+from pipelines.graph_template import check_template
 from pipelines.references import (
     PREVIOUS_STAGE,
     FieldPath,
@@ -363,6 +364,9 @@ def _validate_stage(stage: StageTemplate, own_spec: Mapping[str, Any], shared: M
     else:
         check_stage_references(refs, names, stage.index)
     ref_paths = {".".join(map(str, path)) for path, _, _ in refs}
+    data = stage.spec.get("data")
+    if isinstance(data, Mapping) and data.get("type") == "graph_template":
+        check_template(data, lambda name: _unreadable(name, stage, names, plain), locate(("data",)))
 
     def held_by_reference(dotted: str) -> bool:
         return any(dotted == p or dotted.startswith(p + ".") for p in ref_paths)
@@ -412,3 +416,19 @@ def check_node_references(refs: list[tuple[FieldPath, str, Reference]], names: l
         if ref.stage not in node.ancestors:
             raise SpecError(where, f"{ref.text}: node {ref.stage!r} is not an ancestor of {node.name!r} "
                                    f"(add it to dependsOn; ancestors: {', '.join(node.ancestors) or 'none'})")
+
+
+def _unreadable(name: str, stage: StageTemplate, names: list[str], plain: bool) -> str | None:
+    """Why a ``graph_template`` column cannot read node (or stage) ``name``; ``None`` if it can."""
+    if plain:
+        return "graph_template builds prompts from earlier nodes' results: use it in a graph node (or a stage)"
+    kind = "node" if _is_graph_location(stage.location) else "stage"
+    if name not in names:
+        return f"unknown {kind} {name!r} ({kind}s: {', '.join(names)})"
+    if _is_graph_location(stage.location):
+        if name not in stage.ancestors:
+            return (f"node {name!r} is not an ancestor of {stage.name!r} "
+                    f"(add it to dependsOn; ancestors: {', '.join(stage.ancestors) or 'none'})")
+    elif names.index(name) >= stage.index:
+        return f"stage {name!r} does not run before {stage.name!r}"
+    return None

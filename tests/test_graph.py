@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -79,3 +80,48 @@ def test_a_failing_node_skips_its_dependants_and_running_nodes_finish(worker_fac
     assert d["state"] == "SKIPPED" and d["worker_id"] is None and "error" not in d
     for worker in (w1, w2):
         assert not (worker.results_dir / d["task_id"]).exists()
+
+
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+QUESTIONS = ["Should we build solar?", "Should we build wind?"]
+
+
+def briefing_graph(model_dir: Path) -> dict[str, Any]:
+    def branch(name: str, stance: str) -> dict[str, Any]:
+        return node(name, data={"type": "list", "items": QUESTIONS},
+                    inference={"max_new_tokens": 5, "system_prompt": stance})
+
+    return {"apiVersion": "mloc/v1", "kind": "InferenceTask", "metadata": {"name": "briefing"},
+            "spec": {"taskType": "inference",
+                     "model": {"source": {"identifier": str(model_dir)}, "transformers": {"device_map": "cpu"}},
+                     "inference": {"max_new_tokens": 4},
+                     "graph": {"nodes": [
+                         branch("optimist", "You see the benefits."),
+                         branch("pessimist", "You see the risks."),
+                         node("synthesis", "optimist", "pessimist", data={"type": "graph_template", "template": {
+                             "name": "two_column_briefing",
+                             "columns": [{"label": "Benefits", "node": "optimist", "path": "items[*].output"},
+                                         {"label": "Risks", "node": "pessimist", "path": "items[*].output"}],
+                             "options": {"intro": "Weigh both sides.", "closing": "Answer briefly."}}}),
+                         node("inline", "optimist", data={"type": "graph_template", "template": {
+                             "text": "Summarise: {Pro}",
+                             "columns": [{"label": "Pro", "expr": "optimist.items.0.output"}]}}),
+                     ]}}}
+
+
+def indent(item: dict[str, Any]) -> str:
+    """An output as a briefing column shows it (continuation lines indented)."""
+    return str(item["output"]).strip().replace("\n", "\n  ")
+
+
+def test_graph_template_prompts_are_built_from_both_branches(worker_factory, redis_client,
+                                                             tiny_model_dir: Path) -> None:
+    worker_factory(worker_id="t1", env=WORKER_ENV)
+    worker_factory(worker_id="t2", env=WORKER_ENV)
+    results = Pipeline.from_dict(briefing_graph(tiny_model_dir)).submit().wait(timeout=300)
+    optimist, pessimist = results["optimist"]["items"], results["pessimist"]["items"]
+    prompts = [item["prompt"] for item in results["synthesis"]["items"]]
+    assert prompts == [f"Weigh both sides.\n• Benefits: {indent(o)}\n• Risks: {indent(p)}\n"
+                       "Answer briefly." for o, p in zip(optimist, pessimist, strict=True)]
+    assert all(item["output"] is not None for item in results["synthesis"]["items"])
+    assert [item["prompt"] for item in results["inline"]["items"]] == [f"Summarise: {optimist[0]['output']}"]

@@ -11,6 +11,7 @@ from celery.canvas import _chain, _chord, group
 from app.errors import SpecError
 from pipelines import Pipeline
 from pipelines.graph import compile_canvas, find_cycle
+from pipelines.graph_template import build_prompts
 
 
 def node(name: str, *deps: str, **spec: Any) -> dict[str, Any]:
@@ -133,3 +134,70 @@ def test_nodes_run_on_and_tags() -> None:
     assert b.tags == ["gpu"] and d.run_on == "a"
     canvas = pipeline.graph()
     assert canvas.tasks[1].tasks[0].options["queue"] == "tasks.gpu"  # chain(a, chord([b, c], d))
+
+
+# -- graph_template data ---------------------------------------------------------------------
+RESULTS = {"pro": {"items": [{"output": "cheap"}, {"output": "fast\nand green"}]},
+           "con": {"items": [{"output": "loud"}, {"output": "rare"}], "usage": {"total_tokens": 9}}}
+
+
+def briefing(**template: Any) -> dict[str, Any]:
+    return {"type": "graph_template", "template": template}
+
+
+def test_two_column_briefing_builds_one_prompt_from_both_columns() -> None:
+    data = briefing(name="two_column_briefing",
+                    columns=[{"label": "Benefits", "node": "pro", "path": "items[1].output"},
+                             {"label": "Risks", "expr": "con.result.items.0.output"}],
+                    options={"intro": "Weigh these.", "closing": ["Be brief.", "Use bullets."]})
+    prompts = build_prompts(data, RESULTS.__getitem__, "spec.data")
+    assert prompts == ["Weigh these.\n• Benefits: fast\n  and green\n• Risks: loud\nBe brief.\nUse bullets."]
+    default = build_prompts(briefing(columns=data["template"]["columns"]), RESULTS.__getitem__, "spec.data")[0]
+    assert default.startswith("You are an energy strategist.") and "weigh the benefits against the risks." in default
+
+
+def test_wildcard_columns_give_one_prompt_per_row_and_inline_text() -> None:
+    data = briefing(text="Q{n}: for {Pro} / against {Against} ({col1_label}) {unknown}",
+                    columns=[{"label": "Pro", "node": "pro", "path": "items[*].output"},
+                             {"label": "Against", "node": "con", "path": "items[*].output"},
+                             {"label": "n", "node": "con", "path": "usage.total_tokens"}])
+    assert build_prompts(data, RESULTS.__getitem__, "spec.data") == [
+        "Q9: for cheap / against loud (Against) {unknown}", "Q9: for fast\nand green / against rare (Against) {unknown}"]
+
+
+def test_graph_template_errors_name_the_column() -> None:
+    data = briefing(columns=[{"label": "A", "node": "pro", "path": "items.5.output"},
+                             {"label": "B", "node": "con", "path": "items.0.output"}])
+    with pytest.raises(SpecError) as info:
+        build_prompts(data, RESULTS.__getitem__, "spec.graph.nodes[2].spec.data")
+    assert info.value.field == "spec.graph.nodes[2].spec.data.template.columns[0]"
+    data["template"]["columns"][0]["default"] = "n/a"
+    assert "• A: n/a" in build_prompts(data, RESULTS.__getitem__, "spec.data")[0]
+
+
+@pytest.mark.parametrize(("columns", "field", "message"), [
+    ([{"label": "x", "node": "zz", "path": "items"}, {"label": "y", "node": "b", "path": "items"}],
+     "spec.graph.nodes[3].spec.data.template.columns[0].node", "unknown node 'zz'"),
+    ([{"label": "x", "expr": "d.items"}, {"label": "y", "node": "b", "path": "items"}],
+     "spec.graph.nodes[3].spec.data.template.columns[0].expr", "not an ancestor"),
+    ([{"label": "x", "node": "b", "path": "items"}], "spec.graph.nodes[3].spec.data.template.columns",
+     "at least two columns"),
+    ([{"label": "x"}, {"label": "y", "node": "b"}], "spec.graph.nodes[3].spec.data.template.columns[0]",
+     "needs node and path"),
+])
+def test_graph_template_is_checked_at_submission(columns: list[dict[str, Any]], field: str, message: str) -> None:
+    document = copy.deepcopy(DIAMOND)
+    document["spec"]["graph"]["nodes"][3]["spec"] = {
+        "taskType": "inference", "model": {"source": {"identifier": "/m"}},
+        "data": briefing(columns=columns)}
+    with pytest.raises(SpecError) as info:
+        Pipeline.from_dict(document)
+    assert info.value.field == field, str(info.value)
+    assert message in str(info.value)
+
+
+def test_graph_template_in_a_plain_task_is_refused() -> None:
+    spec = {"taskType": "inference", "model": {"source": {"identifier": "/m"}},
+            "data": briefing(columns=[{"label": "x", "node": "a", "path": "p"}, {"label": "y", "node": "a"}])}
+    with pytest.raises(SpecError, match="use it in a graph node"):
+        Pipeline.from_dict(spec)
