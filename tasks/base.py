@@ -23,6 +23,7 @@ from celery.exceptions import Ignore
 from app.artifacts.delivery import deliver_result
 from app.artifacts.manifest import write_task_outputs
 from app.errors import ExecutorError, SpecError, TaskCancelled
+from app.events import utc_now_iso
 from app.names import check_name
 from app.redis_client import get_redis
 from app.settings import get_settings
@@ -97,6 +98,7 @@ class MeshqTask(Task):
 
     def run(self, *args: Any, pipeline: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
         started = time.monotonic()
+        started_at = utc_now_iso()
         settings = get_settings()
         task_id = self.request.id
         try:
@@ -139,8 +141,10 @@ class MeshqTask(Task):
             result = executor.run(spec, out_dir, progress)
         except TaskCancelled as exc:
             self._end_cancelled(exc, out_dir, progress)
+        # Wall-clock start and end on the worker: they show which tasks overlapped.
         result = {"task_id": task_id, "taskType": self.task_type,
-                  "worker_id": settings.worker_id, **result}
+                  "worker_id": settings.worker_id, "started_at": started_at, "finished_at": utc_now_iso(),
+                  **result}
         result = annotate(result, spec, out_dir, time.monotonic() - started)
         try:
             manifest = write_task_outputs(out_dir, result, known_sha256=archive_digests(result, out_dir),
