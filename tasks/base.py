@@ -23,6 +23,7 @@ from celery.exceptions import Ignore
 from app.artifacts.delivery import deliver_result
 from app.artifacts.manifest import write_task_outputs
 from app.errors import ExecutorError, SpecError, TaskCancelled
+from app.events import utc_now_iso
 from app.names import check_name
 from app.redis_client import get_redis
 from app.settings import get_settings
@@ -97,6 +98,7 @@ class MeshqTask(Task):
 
     def run(self, *args: Any, pipeline: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
         started = time.monotonic()
+        started_at = utc_now_iso()
         settings = get_settings()
         task_id = self.request.id
         try:
@@ -127,18 +129,22 @@ class MeshqTask(Task):
             # continued already. Drop this copy (acknowledged, nothing stored, nothing sent).
             log.info("task %s already ended with %s; this delivery is dropped", task_id, exc.state)
             raise Ignore() from None
-        if not self.counts_this_run():
+        if self.is_redelivery():  # the earlier run's worker is gone: one more real start
             runs = lease.count_run()
         if runs > max_task_runs():
+            last_error = lease.last_error()
             raise ExecutorError(f"task {task_id} was started {runs - 1} times and its worker died each time; "
-                                f"giving up (MESHQ_MAX_TASK_RUNS={max_task_runs()})")
+                                f"giving up (MESHQ_MAX_TASK_RUNS={max_task_runs()}); last error: "
+                                f"{last_error or 'none recorded (the worker process was killed)'}")
         executor = get_executor(self.task_type)
         try:
             result = executor.run(spec, out_dir, progress)
         except TaskCancelled as exc:
             self._end_cancelled(exc, out_dir, progress)
+        # Wall-clock start and end on the worker: they show which tasks overlapped.
         result = {"task_id": task_id, "taskType": self.task_type,
-                  "worker_id": settings.worker_id, **result}
+                  "worker_id": settings.worker_id, "started_at": started_at, "finished_at": utc_now_iso(),
+                  **result}
         result = annotate(result, spec, out_dir, time.monotonic() - started)
         try:
             manifest = write_task_outputs(out_dir, result, known_sha256=archive_digests(result, out_dir),
@@ -174,10 +180,17 @@ class MeshqTask(Task):
         encoded: str | bytes = backend.encode(meta)  # stored as Celery itself would store it
         return encoded
 
+    def is_redelivery(self) -> bool:
+        """The broker handed this message out again: the worker that had it died (or
+        was paused past the visibility timeout) before acknowledging it."""
+        return bool((self.request.delivery_info or {}).get("redelivered"))
+
     def counts_this_run(self) -> bool:
-        """A first delivery counts as a run at once; a redelivered one only after it
-        found that the earlier run did not finish."""
-        return not (self.request.delivery_info or {}).get("redelivered")
+        """The first delivery counts as a run at once. A redelivered one counts only
+        after it found that the earlier run did not finish (``is_redelivery``); a Celery
+        retry (``self.retry``, ``autoretry_for``) never does: it is the same run going
+        on after an error, not a worker that died."""
+        return not self.is_redelivery() and not self.request.retries
 
     def _end_cancelled(self, exc: TaskCancelled, out_dir: Path, progress: CeleryProgress) -> None:
         """Record the cancellation (state REVOKED, ``responses.json``) and stop."""

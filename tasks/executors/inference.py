@@ -138,6 +138,9 @@ def load_prompts(spec: TaskSpec, out_dir: Path) -> Prompts:
     or an http(s) URL; ``tasks.executors.data``), sliced, shuffled and cut to ``max_samples``,
     with the ``metadata_columns`` of each row."""
     data = spec.inference_data()
+    if data.type == "graph_template":  # the pipeline's worker side builds these into a list
+        raise SpecError("spec.data.type", "graph_template prompts are built from earlier nodes' results: "
+                                          "submit the task as a node of a graph pipeline")
     if data.type == "list":
         return Prompts(sample(list(data.items or []), shuffle=data.shuffle, seed=data.seed,
                               max_samples=data.max_samples))
