@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from app.cli.tiny_model import SIZES
 from app.errors import MeshqError
 
 
@@ -232,8 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny-model", help="build a tiny random Llama model + tokenizer locally")
     p.add_argument("dir", help="output directory")
-    p.add_argument("--size", choices=["test", "bench", "gpu"], default="test",
-                   help="test ~1M, bench ~30M, gpu ~100M parameters")
+    p.add_argument("--size", choices=list(SIZES), default="test",
+                   help="test ~1M, vllm ~3.7M (the vLLM tests' model), bench ~30M, gpu ~100M, "
+                        "llama-1b ~1.0B parameters (Llama 3.2 1B's layer shape)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
 
