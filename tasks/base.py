@@ -147,11 +147,13 @@ class MeshqTask(Task):
             # continued already. Drop this copy (acknowledged, nothing stored, nothing sent).
             log.info("task %s already ended with %s; this delivery is dropped", task_id, exc.state)
             raise Ignore() from None
-        if not self.counts_this_run():
+        if self.is_redelivery():  # the earlier run's worker is gone: one more real start
             runs = lease.count_run()
         if runs > max_task_runs():
+            last_error = lease.last_error()
             raise ExecutorError(f"task {task_id} was started {runs - 1} times and its worker died each time; "
-                                f"giving up (MESHQ_MAX_TASK_RUNS={max_task_runs()})")
+                                f"giving up (MESHQ_MAX_TASK_RUNS={max_task_runs()}); last error: "
+                                f"{last_error or 'none recorded (the worker process was killed)'}")
         if shard is None:
             self.split(spec, raw_spec, out_dir, progress, pipeline)  # replaces the task when it shards
         executor = get_executor(self.task_type)
@@ -197,10 +199,17 @@ class MeshqTask(Task):
         encoded: str | bytes = backend.encode(meta)  # stored as Celery itself would store it
         return encoded
 
+    def is_redelivery(self) -> bool:
+        """The broker handed this message out again: the worker that had it died (or
+        was paused past the visibility timeout) before acknowledging it."""
+        return bool((self.request.delivery_info or {}).get("redelivered"))
+
     def counts_this_run(self) -> bool:
-        """A first delivery counts as a run at once; a redelivered one only after it
-        found that the earlier run did not finish."""
-        return not (self.request.delivery_info or {}).get("redelivered")
+        """The first delivery counts as a run at once. A redelivered one counts only
+        after it found that the earlier run did not finish (``is_redelivery``); a Celery
+        retry (``self.retry``, ``autoretry_for``) never does: it is the same run going
+        on after an error, not a worker that died."""
+        return not self.is_redelivery() and not self.request.retries
 
     def _end_cancelled(self, exc: TaskCancelled, out_dir: Path, progress: CeleryProgress,
                        parent: str | None = None) -> None:

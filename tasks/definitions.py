@@ -43,8 +43,14 @@ class LoRASFTTask(MeshqTask):
     task_type = "lora_sft"
 
 
+class DPOTask(MeshqTask):
+    name = "meshq.dpo"
+    task_type = "dpo"
+
+
 echo = app.register_task(EchoTask())
 inference = app.register_task(InferenceTask())
 sft = app.register_task(SFTTask())
 lora_sft = app.register_task(LoRASFTTask())
+dpo = app.register_task(DPOTask())
 inference_merge = app.register_task(InferenceMergeTask())

@@ -124,3 +124,50 @@ def test_duplicate_message_of_a_finished_task_is_dropped(worker_factory, redis_c
     assert echo.AsyncResult(task_id).get(timeout=10) == first
     assert first["echo"]["data"] == {"n": 1}
     assert "already ended with SUCCESS; this delivery is dropped" in worker.log_path.with_name("worker.log").read_text()
+
+
+RETRYING_WORKER_ENV = {"MESHQ_CELERY_CONFIG": "tests.retrying_celery_config", "MESHQ_MAX_TASK_RUNS": "2"}
+
+
+def test_celery_retries_are_not_counted_as_worker_deaths(worker_factory, redis_client) -> None:
+    """Four ``self.retry`` calls with a run cap of 2: the task succeeds, ``runs`` stays 1."""
+    from app.celery import app
+
+    worker_factory(worker_id="retrier", env=RETRYING_WORKER_ENV)
+    result = app.send_task("meshq_test.retrying_echo", args=[{"taskType": "echo", "data": {"fail_times": 4}}])
+    value = result.get(timeout=60)
+    assert value["echo"]["data"] == {"fail_times": 4}
+    meta = app.backend.get_task_meta(result.id)
+    assert meta["status"] == "SUCCESS" and meta["retries"] == 4
+    assert redis_client.get(f"meshq:task:{result.id}:runs") == "1"
+
+
+def test_autoretry_gives_up_with_the_real_error(worker_factory, redis_client) -> None:
+    """``autoretry_for`` past ``max_retries``: Celery's own failure with the task's error,
+    never the run cap's "its worker died each time"."""
+    from app.celery import app
+
+    worker = worker_factory(worker_id="giver-up", env=RETRYING_WORKER_ENV)
+    result = app.send_task("meshq_test.always_failing", args=[{"taskType": "echo"}])
+    with pytest.raises(ConnectionError, match="the database is down"):
+        result.get(timeout=60)
+    assert app.backend.get_task_meta(result.id)["retries"] == 4
+    assert redis_client.get(f"meshq:task:{result.id}:runs") == "1"
+    assert "worker died" not in worker.log_path.with_name("worker.log").read_text()
+    # What the run cap would name, should a worker of this task die later.
+    wait_for(lambda: redis_client.get(f"meshq:task:{result.id}:last-error")
+             == "ConnectionError: the database is down", 10, message="the last error recorded")
+
+
+def test_the_run_cap_names_the_last_error(worker_factory, redis_client) -> None:
+    """A redelivery past the cap fails naming the error the earlier run recorded."""
+    from app.errors import ExecutorError
+    from tasks import echo
+
+    worker_factory(worker_id="capper2", env={"MESHQ_MAX_TASK_RUNS": "1"})
+    task_id = str(uuid.uuid4())
+    redis_client.set(f"meshq:task:{task_id}:runs", 1)
+    redis_client.set(f"meshq:task:{task_id}:last-error", "WorkerLostError: Worker exited prematurely: signal 9")
+    result = echo.apply_async(args=[{"taskType": "echo"}], task_id=task_id)
+    with pytest.raises(ExecutorError, match=r"last error: WorkerLostError: Worker exited prematurely: signal 9"):
+        result.get(timeout=60)

@@ -86,6 +86,15 @@ def max_task_runs() -> int:
     return int(raw)
 
 
+LAST_ERROR_TTL_S = 7 * 24 * 3600
+MAX_LAST_ERROR_CHARS = 2000
+
+
+def record_last_error(pipe: Any, task_id: str, error: str) -> None:
+    """Add ``error`` as the task's last error to a pipeline (the task-end round trip)."""
+    pipe.set(keys.task_last_error(task_id), error[:MAX_LAST_ERROR_CHARS], ex=LAST_ERROR_TTL_S)
+
+
 def refresh_leases(pipe: Any, task_ids: list[str], owner: str, ttl_s: int) -> None:
     """Add lease refreshes for ``task_ids`` to a heartbeat pipeline."""
     for task_id in task_ids:
@@ -159,6 +168,14 @@ class TaskLease:
             self.client.eval(_RELEASE, 1, self.key, self.owner)
         except redis.RedisError as exc:  # it expires by itself
             log.warning("could not release lease of task %s: %s", self.task_id, exc)
+
+    def last_error(self) -> str | None:
+        """The last error recorded for the task (``record_last_error``), if any."""
+        try:
+            value = self.client.get(keys.task_last_error(self.task_id))
+        except redis.RedisError:
+            return None
+        return None if value is None else (value.decode() if isinstance(value, bytes) else str(value))
 
     def count_run(self) -> int:
         """Record one real start of the task; return how many there have been."""

@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import signals
 from celery.app import trace
+from celery.exceptions import Retry
 from celery.worker import state as worker_state
 from celery.worker.control import control_command, ok
 
@@ -22,7 +23,7 @@ from app.events import task_event
 from app.redaction import redact
 from app.settings import MAX_CAPABILITY_QUEUES, get_settings
 from app.worker.capability_queues import CapabilityQueues
-from app.worker.lease import lease_ttl_s, refresh_leases
+from app.worker.lease import lease_ttl_s, record_last_error, refresh_leases
 from app.worker.registry import IDLE, RUNNING, WorkerRegistry, set_worker_status
 from app.worker.status_writer import StatusWriter
 
@@ -186,5 +187,20 @@ def on_task_end(task_id: str, task: Any, retval: Any = None, state: str | None =
     # The task's lease is released here, after Celery stored the result, so a
     # redelivered copy waiting for it finds the result.
     lease = getattr(task.request, "meshq_lease", None)
-    _status_writer.submit(set_worker_status, worker_id, IDLE, last_task=task_id, task_event=event,
-                          extra=lease.release_in if lease is not None else None)
+    last_error = _error_text(retval) if state in ("FAILURE", "RETRY") else None
+
+    def extra(pipe: Any) -> None:
+        if lease is not None:
+            lease.release_in(pipe)
+        if last_error:  # named by the run cap's message, should the task's worker die later
+            record_last_error(pipe, task_id, last_error)
+
+    _status_writer.submit(set_worker_status, worker_id, IDLE, last_task=task_id, task_event=event, extra=extra)
+
+
+def _error_text(retval: Any) -> str | None:
+    """``"ExcType: message"`` of what ended a run (a retry's cause rather than ``Retry``)."""
+    exc = getattr(retval, "exception", retval)  # an ExceptionInfo, or the exception itself
+    if isinstance(exc, Retry) and isinstance(exc.exc, BaseException):
+        exc = exc.exc
+    return f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else None

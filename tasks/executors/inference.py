@@ -216,19 +216,42 @@ def resolve_checkpoint(load: CheckpointLoad | None, out_dir: Path, *, merge: boo
 
 
 # -- engine --------------------------------------------------------------------------------
-def select_backend(spec: TaskSpec) -> tuple[str, list[str]]:
-    """The engine that runs this task and notes on the choice. Only transformers runs here:
-    a template configured for vLLM (``model.vllm``) runs on it and says so."""
+BACKEND_FIELD = "spec.inference.backend"
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    name: str                              # "vllm" or "transformers"
+    notes: tuple[str, ...] = ()            # why, when it is not what the spec asked for
+    required: bool = False                 # inference.backend: vllm (no fallback)
+
+
+def select_backend(spec: TaskSpec, vllm_here: bool) -> BackendChoice:
+    """The engine that runs this task (``vllm_here``: this worker has vLLM).
+
+    ``inference.backend: transformers`` and ``vllm`` are what they say (a worker without
+    vLLM never receives a ``vllm`` task: routing, docs/ROUTING.md; one sent to it anyway
+    fails naming the field). ``auto`` runs a model with a ``model.vllm`` block on vLLM where
+    the worker has it, otherwise on transformers with a note, as the original system did;
+    a model without that block runs on transformers.
+    """
     assert spec.model is not None
     wanted = spec.inference.backend if spec.inference is not None else "auto"
     if wanted == "vllm":
-        raise SpecError("spec.inference.backend", "'vllm': this worker has no vLLM engine; "
-                                                  "use auto or transformers")
-    notes = []
-    if spec.model.vllm is not None:
-        notes.append("model.vllm: this worker has no vLLM engine, so the task ran on transformers "
-                     "(the vllm settings had no effect)")
-    return "transformers", notes
+        if not vllm_here:
+            raise SpecError(BACKEND_FIELD, "'vllm': this worker has no vLLM engine (start it from an "
+                                           "environment built by make install-vllm); use auto or transformers")
+        return BackendChoice("vllm", required=True)
+    if wanted == "transformers":
+        notes = ("model.vllm: inference.backend is transformers, so the vllm settings had no effect",) \
+            if spec.model.vllm is not None else ()
+        return BackendChoice("transformers", notes)
+    if spec.model.vllm is None:
+        return BackendChoice("transformers")
+    if not vllm_here:
+        return BackendChoice("transformers", ("model.vllm: this worker has no vLLM engine, so the task ran on "
+                                              "transformers (the vllm settings had no effect)",))
+    return BackendChoice("vllm")
 
 
 # -- generation --------------------------------------------------------------------------
@@ -319,7 +342,8 @@ class InferenceExecutor:
             empty = next((i for i, p in enumerate(prompts) if not p), None)
             if empty is not None:
                 raise SpecError(data_field, f"prompt {empty} is empty")
-        backend, notes = select_backend(spec)
+        choice = select_backend(spec, vllm_here=False)  # the vLLM executor joins in the next change
+        backend, notes = choice.name, list(choice.notes)
         adapter_load, merge = adapter_checkpoint(spec.model.adapters)
         if adapter_load is not None:
             checkpoint = resolve_checkpoint(adapter_load, out_dir, merge=merge, field=ADAPTERS_FIELD)
