@@ -43,6 +43,7 @@ from tasks.executors.models import (
     is_adapter_dir,
 )
 from tasks.executors.progress import Progress
+from tasks.executors.shards import PromptRange
 
 log = logging.getLogger(__name__)
 
@@ -318,12 +319,23 @@ class InferenceExecutor:
     def __init__(self, cache: ModelCache | None = None) -> None:
         self.cache = cache or MODEL_CACHE
 
-    def run(self, spec: TaskSpec, out_dir: Path, progress: Progress) -> dict[str, Any]:
+    def run(self, spec: TaskSpec, out_dir: Path, progress: Progress,
+            shard: PromptRange | None = None) -> dict[str, Any]:
+        """Run every prompt, or with ``shard`` only its range (items keep their index in the
+        whole task; the postprocess export is left to whoever merges the shards)."""
         started = time.monotonic()
         if spec.model is None:
             raise SpecError("spec.model", "required for taskType 'inference'")
         options = spec.inference or InferenceOptions()
         data = load_prompts(spec, out_dir)
+        offset = 0
+        if shard is not None:
+            if shard.stop > len(data.texts):
+                raise SpecError("spec.data", f"shard {shard.index} covers prompts {shard.start}-{shard.stop - 1} "
+                                             f"but the data has {len(data.texts)} prompts")
+            offset = shard.start
+            data = Prompts(data.texts[shard.start:shard.stop],
+                           data.metadata[shard.start:shard.stop] if data.metadata is not None else None)
         prompts = data.texts
         data_field = "spec.data.items" if spec.inference_data().type == "list" else "spec.data.column"
         if not (options.system_prompt or options.chat_template):  # cheap checks before any loading
@@ -343,7 +355,7 @@ class InferenceExecutor:
         tokenizer = loaded.tokenizer
         texts, templated = render_prompts(prompts, options, tokenizer, spec.model.source.identifier)
         encoded = tokenizer(texts, add_special_tokens=not templated)["input_ids"]
-        self._check_lengths(encoded, options, loaded, data_field)
+        self._check_lengths(encoded, options, loaded, data_field, offset)
 
         total = len(prompts)
         if options.batch_size is not None:
@@ -367,7 +379,7 @@ class InferenceExecutor:
             outputs = self._generate([encoded[i] for i in batch], options, loaded)
             generate_s += time.monotonic() - batch_started
             for index, (text, reason, n_new) in zip(batch, outputs, strict=True):
-                item: dict[str, Any] = {"index": index, "prompt": prompts[index], "output": text,
+                item: dict[str, Any] = {"index": offset + index, "prompt": prompts[index], "output": text,
                                         "finish_reason": reason}
                 if data.metadata is not None:
                     item["metadata"] = data.metadata[index]
@@ -397,8 +409,10 @@ class InferenceExecutor:
             "model_cache": {"hit": hit, "load_sec": round(0.0 if hit else loaded.load_s, 4),
                             "loads": self.cache.stats.loads, "hits": self.cache.stats.hits},
         }
+        if shard is not None:
+            result["shard"] = shard.as_dict()
         export = spec.postprocess.jsonl_export if spec.postprocess is not None else None
-        if export is not None:
+        if export is not None and shard is None:
             result["jsonl_export"] = write_export([i for i in items if i is not None], export, out_dir)
         if notes:
             result["notes"] = notes
@@ -406,16 +420,17 @@ class InferenceExecutor:
 
     @staticmethod
     def _check_lengths(encoded: Sequence[Sequence[int]], options: InferenceOptions,
-                       loaded: LoadedModel, data_field: str) -> None:
+                       loaded: LoadedModel, data_field: str, offset: int = 0) -> None:
+        """``offset``: the index of the first prompt in the whole task (a shard's start)."""
         for index, ids in enumerate(encoded):
             if not ids:
-                raise SpecError(data_field, f"prompt {index} is empty (no tokens)")
+                raise SpecError(data_field, f"prompt {offset + index} is empty (no tokens)")
         context = getattr(loaded.model.config, "max_position_embeddings", None)
         if context:
             longest = max(range(len(encoded)), key=lambda i: len(encoded[i]))
             if len(encoded[longest]) + options.max_new_tokens > context:
                 raise SpecError("spec.inference.max_new_tokens",
-                                f"prompt {longest} has {len(encoded[longest])} tokens; with "
+                                f"prompt {offset + longest} has {len(encoded[longest])} tokens; with "
                                 f"max_new_tokens={options.max_new_tokens} it exceeds the model's "
                                 f"context of {context} tokens")
 
