@@ -28,7 +28,7 @@ from app.names import check_name
 from app.redis_client import get_redis
 from app.settings import get_settings
 from app.spec import TaskSpec, parse_task_spec
-from app.worker.lease import AlreadyFinished, TaskLease, lease_ttl_s, max_task_runs
+from app.worker.lease import LEASE_POLL_S, AlreadyFinished, TaskLease, lease_ttl_s, max_task_runs
 from tasks.executors import EXECUTORS, Executor
 from tasks.outcome import annotate
 from tasks.progress import CeleryProgress, announce_revoked
@@ -137,7 +137,7 @@ class MeshqTask(Task):
         # first attempt was made in the task-start round trip (app.worker.signals).
         lease = self.lease_for_current()
         try:
-            runs = lease.wait_for_turn(poll_s=min(2.0, settings.heartbeat_interval_s),
+            runs = lease.wait_for_turn(poll_s=min(LEASE_POLL_S, settings.heartbeat_interval_s),
                                        count_run=self.counts_this_run(),
                                        first_reply=getattr(self.request, "meshq_lease_reply", None))
         except TaskCancelled as exc:  # cancelled while it waited in a queue
