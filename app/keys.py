@@ -46,6 +46,11 @@ def task_deliveries(task_id: str) -> str:
     return f"meshq:task:{task_id}:deliveries"
 
 
+def task_shards(task_id: str) -> str:
+    """JSON plan of a sharded inference task: ``[{index, count, start, stop, task_id}]``."""
+    return f"meshq:task:{task_id}:shards"
+
+
 def pipeline(pipeline_id: str) -> str:
     """Hash describing a submitted pipeline (stage names → task ids)."""
     return f"meshq:pipeline:{pipeline_id}"

@@ -27,6 +27,7 @@ from app.sent_tasks import sent_queue
 from pipelines.display import ProgressDisplay
 from pipelines.status import FINAL_PIPELINE_STATES, mark_skipped, mark_skipped_nodes, pipeline_state
 from tasks.control import request_cancel
+from tasks.shards import read_plan
 from tasks.status import task_status
 
 DEFAULT_POLL_INTERVAL_S = 0.5
@@ -192,10 +193,13 @@ class PipelineRun:
         unfinished = [s["task_id"] for s in report["stages"].values() if s["state"] != states.SUCCESS]
         if self.is_pipeline:
             client.hset(keys.pipeline(self.id), "cancelled_at", utc_now_iso())
-        for task_id in unfinished:
-            request_cancel(task_id, client)
         pending = [s["task_id"] for s in report["stages"].values()
                    if s["state"] in (states.PENDING, "SKIPPED")]
+        for task_id in unfinished:
+            request_cancel(task_id, client)
+            for shard in read_plan(task_id, client) or []:  # a sharded task: every shard stops too
+                request_cancel(shard["task_id"], client)
+                pending.append(shard["task_id"])
         if pending:
             celery_app.control.revoke(pending)
         return self.status()

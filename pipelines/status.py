@@ -12,10 +12,9 @@ from typing import Any
 
 from celery import states
 
-from tasks.status import PROGRESS, STOPPED_STATES
+from tasks.status import CHORD_ERROR, PROGRESS, STOPPED_STATES
 
 SKIPPED = "SKIPPED"
-CHORD_ERROR = "ChordError"  # what Celery stores under a chord body's id when a header task failed
 RUNNING_STATES = frozenset({states.RECEIVED, states.STARTED, states.RETRY, PROGRESS})
 FINAL_PIPELINE_STATES = frozenset({"SUCCESS", "FAILURE", "CANCELLED"})
 

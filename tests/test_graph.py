@@ -67,7 +67,7 @@ def test_a_failing_node_skips_its_dependants_and_running_nodes_finish(worker_fac
     run = Pipeline.from_dict(diamond(c_spec, b_sleep_s=4.0)).submit()
     with pytest.raises(PipelineError) as info:
         run.wait(timeout=120)
-    assert info.value.stage == "c" and "nope" in str(info.value)
+    assert info.value.stage == "c" and "nope" in str(info.value), run.status()
     status = run.status()
     assert status["state"] == "FAILURE" and status["failed_stage"] == "c"
     assert status["stages"]["c"]["error_field"] == "spec.graph.nodes[2].spec.data.x"

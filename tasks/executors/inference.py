@@ -44,6 +44,7 @@ from tasks.executors.models import (
     is_adapter_dir,
 )
 from tasks.executors.progress import Progress
+from tasks.executors.shards import PromptRange
 from tasks.executors.vllm_engine import (
     CPU_CHUNK,
     CUDA_CHUNK,
@@ -330,12 +331,23 @@ class InferenceExecutor:
         self.cache = cache or MODEL_CACHE
         self.vllm_cache = vllm_cache or VLLM_CACHE
 
-    def run(self, spec: TaskSpec, out_dir: Path, progress: Progress) -> dict[str, Any]:
+    def run(self, spec: TaskSpec, out_dir: Path, progress: Progress,
+            shard: PromptRange | None = None) -> dict[str, Any]:
+        """Run every prompt, or with ``shard`` only its range (items keep their index in the
+        whole task; the postprocess export is left to whoever merges the shards)."""
         started = time.monotonic()
         if spec.model is None:
             raise SpecError("spec.model", "required for taskType 'inference'")
         options = spec.inference or InferenceOptions()
         data = load_prompts(spec, out_dir)
+        offset = 0
+        if shard is not None:
+            if shard.stop > len(data.texts):
+                raise SpecError("spec.data", f"shard {shard.index} covers prompts {shard.start}-{shard.stop - 1} "
+                                             f"but the data has {len(data.texts)} prompts")
+            offset = shard.start
+            data = Prompts(data.texts[shard.start:shard.stop],
+                           data.metadata[shard.start:shard.stop] if data.metadata is not None else None)
         prompts = data.texts
         data_field = "spec.data.items" if spec.inference_data().type == "list" else "spec.data.column"
         if not (options.system_prompt or options.chat_template):  # cheap checks before any loading
@@ -352,7 +364,7 @@ class InferenceExecutor:
         if backend == "vllm":
             try:
                 return self._run_vllm(spec, options, data, data_field, checkpoint, progress, out_dir, notes,
-                                      started)
+                                      started, offset, shard)
             except EngineUnavailable as exc:
                 if choice.required:
                     raise ExecutorError(f"{BACKEND_FIELD}: vllm is required but {exc}") from None
@@ -365,7 +377,7 @@ class InferenceExecutor:
         texts, templated = render_prompts(prompts, options, tokenizer, spec.model.source.identifier)
         encoded = tokenizer(texts, add_special_tokens=not templated)["input_ids"]
         self._check_lengths(encoded, options, getattr(loaded.model.config, "max_position_embeddings", None),
-                            data_field)
+                            data_field, offset)
 
         total = len(prompts)
         if options.batch_size is not None:
@@ -389,7 +401,7 @@ class InferenceExecutor:
             outputs = self._generate([encoded[i] for i in batch], options, loaded)
             generate_s += time.monotonic() - batch_started
             for index, (text, reason, n_new) in zip(batch, outputs, strict=True):
-                item: dict[str, Any] = {"index": index, "prompt": prompts[index], "output": text,
+                item: dict[str, Any] = {"index": offset + index, "prompt": prompts[index], "output": text,
                                         "finish_reason": reason}
                 if data.metadata is not None:
                     item["metadata"] = data.metadata[index]
@@ -419,13 +431,15 @@ class InferenceExecutor:
             "model_cache": {"hit": hit, "load_sec": round(0.0 if hit else loaded.load_s, 4),
                             "loads": self.cache.stats.loads, "hits": self.cache.stats.hits},
         }
-        return self._finish(result, spec, items, notes, out_dir)
+        return self._finish(result, spec, items, notes, out_dir, shard)
 
     @staticmethod
     def _finish(result: dict[str, Any], spec: TaskSpec, items: Sequence[dict[str, Any] | None],
-                notes: list[str], out_dir: Path) -> dict[str, Any]:
+                notes: list[str], out_dir: Path, shard: PromptRange | None) -> dict[str, Any]:
+        if shard is not None:
+            result["shard"] = shard.as_dict()
         export = spec.postprocess.jsonl_export if spec.postprocess is not None else None
-        if export is not None:
+        if export is not None and shard is None:
             result["jsonl_export"] = write_export([i for i in items if i is not None], export, out_dir)
         if notes:
             result["notes"] = notes
@@ -433,9 +447,10 @@ class InferenceExecutor:
 
     def _run_vllm(self, spec: TaskSpec, options: InferenceOptions, data: Prompts, data_field: str,
                   checkpoint: CheckpointDirs, progress: Progress, out_dir: Path, notes: list[str],
-                  started: float) -> dict[str, Any]:
-        """The same task on vLLM (``tasks/executors/vllm_engine.py``): same prompts, same token
-        ids, same decoding and stop strings; vLLM batches the requests of each chunk itself."""
+                  started: float, offset: int, shard: PromptRange | None) -> dict[str, Any]:
+        """The same task (or shard: ``offset`` is its first prompt's index) on vLLM
+        (``tasks/executors/vllm_engine.py``): same prompts, same token ids, same decoding and
+        stop strings; vLLM batches the requests of each chunk itself."""
         assert spec.model is not None
         device = engine_device()
         wanted_device = device_map_for(spec)
@@ -451,7 +466,7 @@ class InferenceExecutor:
         prompts = data.texts
         texts, templated = render_prompts(prompts, options, engine.tokenizer, spec.model.source.identifier)
         encoded = engine.tokenizer(texts, add_special_tokens=not templated)["input_ids"]
-        self._check_lengths(encoded, options, engine.max_model_len, data_field)
+        self._check_lengths(encoded, options, engine.max_model_len, data_field, offset)
 
         total = len(prompts)
         chunk = options.batch_size or (CPU_CHUNK if device == "cpu" else CUDA_CHUNK)
@@ -464,7 +479,8 @@ class InferenceExecutor:
         for number, indices in enumerate(chunks, 1):
             progress.check_cancelled(f"after {done} of {total} prompts")
             chunk_started = time.monotonic()
-            completions = vllm_generate(engine, [encoded[i] for i in indices], indices, options, lora)
+            completions = vllm_generate(engine, [encoded[i] for i in indices], [offset + i for i in indices],
+                                        options, lora)
             generate_s += time.monotonic() - chunk_started
             for index, completion in zip(indices, completions, strict=True):
                 # Decoded and cut as the transformers backend does, so both give the same text
@@ -472,7 +488,7 @@ class InferenceExecutor:
                 text = engine.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
                 text, stopped = cut_at_stop(text, stops)
                 reason = "stop" if stopped or completion.finish_reason == "stop" else "length"
-                item: dict[str, Any] = {"index": index, "prompt": prompts[index], "output": text,
+                item: dict[str, Any] = {"index": offset + index, "prompt": prompts[index], "output": text,
                                         "finish_reason": reason}
                 if data.metadata is not None:
                     item["metadata"] = data.metadata[index]
@@ -501,19 +517,21 @@ class InferenceExecutor:
             "engine": {"name": "vllm", "version": engine_version(), "max_model_len": engine.max_model_len,
                        "tensor_parallel_size": key.tensor_parallel_size, "lora_rank": engine.key.max_lora_rank},
         }
-        return self._finish(result, spec, items, notes, out_dir)
+        return self._finish(result, spec, items, notes, out_dir, shard)
 
     @staticmethod
     def _check_lengths(encoded: Sequence[Sequence[int]], options: InferenceOptions,
-                       context: int | None, data_field: str) -> None:
+                       context: int | None, data_field: str, offset: int = 0) -> None:
+        """``context``: the model's (or engine's) longest sequence; ``offset``: the index of the
+        first prompt in the whole task (a shard's start)."""
         for index, ids in enumerate(encoded):
             if not ids:
-                raise SpecError(data_field, f"prompt {index} is empty (no tokens)")
+                raise SpecError(data_field, f"prompt {offset + index} is empty (no tokens)")
         if context:
             longest = max(range(len(encoded)), key=lambda i: len(encoded[i]))
             if len(encoded[longest]) + options.max_new_tokens > context:
                 raise SpecError("spec.inference.max_new_tokens",
-                                f"prompt {longest} has {len(encoded[longest])} tokens; with "
+                                f"prompt {offset + longest} has {len(encoded[longest])} tokens; with "
                                 f"max_new_tokens={options.max_new_tokens} it exceeds the model's "
                                 f"context of {context} tokens")
 

@@ -107,3 +107,14 @@ def test_seeded_sampling_is_reproducible(executor, model_dir, tmp_path) -> None:
     assert run(executor, raw, tmp_path)["items"] == first["items"]
     greedy = run(executor, inference_spec(model_dir, prompts), tmp_path)
     assert first["items"] != greedy["items"]
+
+
+def test_a_shard_runs_on_vllm_with_the_whole_task_numbering(executor, model_dir, tmp_path) -> None:
+    from tasks.executors.shards import PromptRange
+
+    prompts = mixed_prompts(9, seed=3)
+    raw = inference_spec(model_dir, prompts)
+    whole = run(executor, raw, tmp_path)
+    shard = executor.run(parse_task_spec(raw), tmp_path, RecordingProgress(), shard=PromptRange(1, 3, 3, 6))
+    assert shard["backend"] == "vllm" and shard["shard"] == {"index": 1, "count": 3, "start": 3, "stop": 6}
+    assert shard["items"] == whole["items"][3:6]
