@@ -303,6 +303,8 @@ class InferenceOptions(Strict):
     chat_template: bool | str | None = None
     seed: int | None = None
     backend: Literal["auto", "vllm", "transformers"] = "auto"
+    # Generate max_new_tokens for every prompt, whatever the model says (benchmarks).
+    ignore_eos: bool = False
 
     @model_validator(mode="before")
     @classmethod
