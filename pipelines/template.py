@@ -28,6 +28,7 @@ import yaml
 from pydantic import ValidationError
 
 from app.errors import SpecError
+from app.limits import check_document, check_stages
 from app.settings import NAME_RE
 from app.spec import DATA_MODELS, TASK_TYPES, TaskSpec, error_messages, spec_error_from_messages
 from app.spec.schema import REFUSED_TASK_TYPES
@@ -173,6 +174,7 @@ def parse_pipeline(raw: Any, env: Mapping[str, str] | None = None,
     ``${env:NAME}`` is expanded from ``env`` (default ``os.environ``); with
     ``expand_environment=False`` (the HTTP server) environment references are errors.
     """
+    check_document(raw, "document")  # depth, values and bytes (app.limits), before any recursion
     try:
         return _parse_pipeline(raw, env, expand_environment)
     except RecursionError:
@@ -194,6 +196,7 @@ def _parse_pipeline(raw: Any, env: Mapping[str, str] | None, expand_environment:
         plain = False
         if not isinstance(stages_raw, list) or not stages_raw:
             raise SpecError("spec.stages", "must be a non-empty list of stages")
+        check_stages(len(stages_raw))
     names = _stage_names(stages_raw) if not plain else [stages_raw[0]["name"]]
     stages = []
     for index, stage_raw in enumerate(stages_raw):
