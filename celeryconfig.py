@@ -17,6 +17,7 @@ a module named by ``MESHQ_CELERY_CONFIG`` (applied after these, see ``app/celery
 """
 
 from app.settings import get_settings as _get_settings
+from app.settings import unacked_restore_interval_s as _unacked_restore_interval_s
 
 _settings = _get_settings()
 
@@ -24,11 +25,12 @@ broker_url = _settings.redis_url
 # Celery's Redis backend, storing task arguments with secrets redacted (app.celery_redaction).
 result_backend = "app.celery_redaction:RedactingRedisBackend+" + _settings.redis_url
 broker_connection_retry_on_startup = True
-# Tasks may run for hours: the visibility timeout must be the same for the broker
-# and the result backend; duplicate runs past it are stopped by the task lease (§10).
-# Abandoned messages (a worker died holding them) are swept back into their queue
-# every few seconds, so recovery takes about the visibility timeout, not 100 s more.
-_restore_interval_s = min(10, max(1, _settings.visibility_timeout_s // 4))
+# Tasks may run for hours: a running task's heartbeat keeps its message invisible
+# (app.worker.invisibility), so the visibility timeout only bounds how long the task of a
+# dead worker waits; the same for the broker and the result backend. Abandoned messages
+# are swept back into their queue every few seconds, so recovery takes about the
+# visibility timeout, not 100 s more.
+_restore_interval_s = _unacked_restore_interval_s(_settings.visibility_timeout_s)
 broker_transport_options = {"visibility_timeout": _settings.visibility_timeout_s,
                             "unacked_restore_interval": _restore_interval_s,
                             "unacked_restore_throttle": 1}

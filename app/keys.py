@@ -35,9 +35,20 @@ def task_sent(task_id: str) -> str:
     return f"meshq:task:{task_id}:sent"
 
 
+def task_last_error(task_id: str) -> str:
+    """The last error a run of ``task_id`` ended with (a retry's cause, a lost worker...):
+    named when the run cap gives up on the task."""
+    return f"meshq:task:{task_id}:last-error"
+
+
 def task_deliveries(task_id: str) -> str:
     """Counter of deliveries of ``task_id`` (caps tasks that kill their worker)."""
     return f"meshq:task:{task_id}:deliveries"
+
+
+def task_shards(task_id: str) -> str:
+    """JSON plan of a sharded inference task: ``[{index, count, start, stop, task_id}]``."""
+    return f"meshq:task:{task_id}:shards"
 
 
 def pipeline(pipeline_id: str) -> str:

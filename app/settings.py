@@ -24,7 +24,10 @@ DEFAULT_HEARTBEAT_INTERVAL_S = 30.0
 MIN_HEARTBEAT_TTL_S = 120
 DEFAULT_LOG_LEVEL = "INFO"
 DEFAULT_LOG_FILE = "worker-{worker_id}.log"  # one file per worker, also when several share a directory
-DEFAULT_VISIBILITY_TIMEOUT_S = 3600
+# A running task keeps its message invisible (app.worker.invisibility), so the timeout
+# only bounds how long a dead worker's task waits: with 30 s heartbeats, 100 s is more
+# than three missed beats, and a killed worker's task starts again in under 2 minutes.
+DEFAULT_VISIBILITY_TIMEOUT_S = 100
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024**3
 # Artifact uploads/downloads: retries after the first attempt, first backoff (doubles each time).
 DEFAULT_UPLOAD_RETRIES = 5
@@ -69,6 +72,12 @@ class Settings:
     @property
     def heartbeat_ttl_s(self) -> int:
         return heartbeat_ttl_s(self.heartbeat_interval_s)
+
+
+def unacked_restore_interval_s(visibility_timeout_s: int) -> int:
+    """How often a worker's consumer hands back abandoned messages (kombu's
+    ``unacked_restore_interval``): a quarter of the timeout, between 1 and 10 s."""
+    return min(10, max(1, visibility_timeout_s // 4))
 
 
 def heartbeat_ttl_s(interval_s: float) -> int:

@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 # Progress fields executors report, in the order they are shown: counter, then its totals.
-_COUNTERS = (("step", ("total_steps", "max_steps", "total")), ("done", ("total",)),
+_COUNTERS = (("shards_done", ("shards_total",)), ("step", ("total_steps", "max_steps", "total")), ("done", ("total",)),
              ("batch", ("batches",)), ("epoch", ("num_train_epochs", "epochs")))
 _RATES = (("loss", "loss {:.4g}"), ("reward", "reward {:.4g}"), ("tokens_per_s", "{:.1f} tok/s"),
           ("tokens_per_sec", "{:.1f} tok/s"), ("samples_per_s", "{:.2f} samples/s"),
@@ -48,7 +48,8 @@ def describe_progress(progress: dict[str, Any]) -> str:
     for key, totals in _COUNTERS:
         if key in progress and progress[key] is not None:
             total = next((progress[t] for t in totals if progress.get(t) is not None), None)
-            parts.append(f"{key} {_number(progress[key])}" + (f"/{total}" if total is not None else ""))
+            label = key.removesuffix("_done")  # shards_done 1/4 reads "shards 1/4"
+            parts.append(f"{label} {_number(progress[key])}" + (f"/{total}" if total is not None else ""))
             shown.update((key, *totals))
     for key, fmt in _RATES:
         value = progress.get(key)
@@ -68,6 +69,8 @@ def stage_line(name: str, stage: dict[str, Any], width: int = 12) -> str:
         text += f" {describe_progress(stage['progress'])}"
     if stage.get("worker_id"):
         text += f"  [worker {stage['worker_id']}]"
+    if stage.get("depends_on"):  # a graph node: what it waits for
+        text += f"  (after {', '.join(stage['depends_on'])})"
     if stage.get("error"):
         text += f"  {stage['error']}"
     return text.rstrip()
@@ -112,6 +115,8 @@ def status_renderable(report: dict[str, Any]) -> Group:
         if stage.get("error"):
             detail = (detail + "  " if detail else "") + str(stage["error"])
         worker = f"[worker {stage['worker_id']}]" if stage.get("worker_id") else ""
+        if stage.get("depends_on"):
+            worker = (worker + " " if worker else "") + f"(after {', '.join(stage['depends_on'])})"
         table.add_row(Text(name, style="bold"), Text(state, style=STATE_STYLES.get(state, "")), bar,
                       Text(detail), Text(worker, style="dim"))
     title = Text(header_line(report), style=STATE_STYLES.get(report["state"], ""))

@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from celery import chain
+from celery.canvas import Signature
 
 from app.celery import app
 from app.errors import SpecError
 from app.events import utc_now_iso
 from app.redis_client import get_redis
+from pipelines.graph import compile_canvas
 from pipelines.run import PipelineRun
 from pipelines.template import PipelineTemplate, StageTemplate, load_document, load_file, parse_pipeline
 from tasks.placement import queue_for_spec, queue_warning, record_queue
@@ -82,27 +84,66 @@ class Pipeline:
     def document(self) -> dict[str, Any]:
         return self.template.document
 
+    @property
+    def is_graph(self) -> bool:
+        return self.template.is_graph
+
     def __repr__(self) -> str:
+        if self.is_graph:
+            return f"Pipeline({self.name!r}, nodes={ {s.name: list(s.depends_on) for s in self.stages} })"
         return f"Pipeline({self.name!r}, stages={[s.name for s in self.stages]})"
 
     # -- the Celery canvas ----------------------------------------------------
     def stage_info(self, stage: StageTemplate, pipeline_id: str, task_ids: list[str]) -> dict[str, Any]:
         """The ``pipeline`` kwarg each stage task receives (everything the worker needs)."""
-        return {"id": pipeline_id, "name": self.name, "stage": stage.name, "index": stage.index,
+        info = {"id": pipeline_id, "name": self.name, "stage": stage.name, "index": stage.index,
                 "location": stage.location, "run_on": stage.run_on,
                 "stages": [{"name": s.name, "task_id": t} for s, t in zip(self.stages, task_ids, strict=True)]}
+        if self.is_graph:
+            info.update(graph=True, depends_on=list(stage.depends_on), ancestors=list(stage.ancestors))
+        return info
+
+    def signature(self, stage: StageTemplate, pipeline_id: str, task_ids: list[str], task_id: str,
+                  *, immutable: bool = False) -> Signature:
+        """One stage's (or node's) task, with its id and queue."""
+        task = stage_task(stage)
+        make = task.si if immutable else task.s
+        signature: Signature = make(stage.spec, pipeline=self.stage_info(stage, pipeline_id, task_ids))
+        return signature.set(task_id=task_id, queue=stage_queue(stage))
 
     def chain(self, pipeline_id: str | None = None, task_ids: list[str] | None = None) -> Any:
         """The Celery chain (no broker needed); ids are generated unless given."""
         pipeline_id = pipeline_id or str(uuid.uuid4())
         task_ids = task_ids or [str(uuid.uuid4()) for _ in self.stages]
+        if self.is_graph:
+            raise ValueError(f"pipeline {self.name!r} is a graph, not a chain: use .graph()")
         if len(task_ids) != len(self.stages):
             raise ValueError(f"task_ids: {len(task_ids)} ids for {len(self.stages)} stages")
-        signatures = []
-        for stage, task_id in zip(self.stages, task_ids, strict=True):
-            signature = stage_task(stage).s(stage.spec, pipeline=self.stage_info(stage, pipeline_id, task_ids))
-            signatures.append(signature.set(task_id=task_id, queue=stage_queue(stage)))
-        return chain(*signatures)
+        return chain(*(self.signature(stage, pipeline_id, task_ids, task_id)
+                       for stage, task_id in zip(self.stages, task_ids, strict=True)))
+
+    def graph(self, pipeline_id: str | None = None, task_ids: list[str] | None = None) -> Any:
+        """The Celery canvas of a graph pipeline (groups, chains, chords; no broker needed).
+
+        Task ids follow the order of ``stages`` (dependencies first) and are generated
+        unless given. A linear pipeline's canvas is its chain.
+        """
+        if not self.is_graph:
+            return self.chain(pipeline_id, task_ids)
+        pipeline_id = pipeline_id or str(uuid.uuid4())
+        task_ids = task_ids or [str(uuid.uuid4()) for _ in self.stages]
+        if len(task_ids) != len(self.stages):
+            raise ValueError(f"task_ids: {len(task_ids)} ids for {len(self.stages)} nodes")
+        by_name = {stage.name: (stage, task_id) for stage, task_id in zip(self.stages, task_ids, strict=True)}
+
+        def signature_of(name: str) -> Signature:
+            stage, task_id = by_name[name]
+            # Immutable: a node reads the results it references from the backend, so none
+            # are passed along (a chord would otherwise hand every header's result on).
+            return self.signature(stage, pipeline_id, task_ids, task_id, immutable=True)
+
+        return compile_canvas([s.name for s in self.stages], {s.name: s.depends_on for s in self.stages},
+                              signature_of)
 
     # -- submitting -----------------------------------------------------------
     def submit(self) -> PipelineRun:
@@ -110,19 +151,21 @@ class Pipeline:
         task_ids = [str(uuid.uuid4()) for _ in self.stages]
         # A one-stage pipeline (a plain task) has its task's id, so either view finds it.
         pipeline_id = task_ids[0] if len(task_ids) == 1 else str(uuid.uuid4())
-        canvas = self.chain(pipeline_id, task_ids)
+        canvas = self.graph(pipeline_id, task_ids)
         warnings = []
         for stage in self.stages:
             record_queue(stage_queue(stage), stage.spec)
             if stage.run_on is None:
                 warning = queue_warning(stage_queue(stage), stage.spec)
                 if warning:
-                    warnings.append(f"stage {stage.name!r}: {warning}")
+                    warnings.append(f"{'node' if self.is_graph else 'stage'} {stage.name!r}: {warning}")
         run = PipelineRun(
             id=pipeline_id, name=self.name, submitted_at=utc_now_iso(), document=self.document,
             warnings=warnings,
             stages=[{"name": s.name, "task_id": t, "taskType": s.task_type, "queue": stage_queue(s),
-                     "run_on": s.run_on} for s, t in zip(self.stages, task_ids, strict=True)])
+                     "run_on": s.run_on, **({"depends_on": list(s.depends_on)} if self.is_graph else {})}
+                    for s, t in zip(self.stages, task_ids, strict=True)],
+            is_graph=self.is_graph)
         run.record(get_redis(), int(app.conf.result_expires or 7 * 24 * 3600))
         canvas.apply_async()
         return run

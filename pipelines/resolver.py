@@ -34,7 +34,9 @@ from app import keys, routing
 from app.errors import SpecError
 from app.redis_client import get_redis
 from app.settings import get_settings
+from pipelines.graph_template import expand_graph_template
 from pipelines.references import PREVIOUS_STAGE, resolve_stage_references
+from pipelines.status import SKIPPED
 from tasks.base import SPEC_RESOLVERS
 
 log = logging.getLogger(__name__)
@@ -42,8 +44,23 @@ log = logging.getLogger(__name__)
 MAX_RUN_ON_FORWARDS = 3  # a runOn stage bouncing between workers more often than this fails
 
 
+def node_result(task: Any, info: dict[str, Any], name: str) -> Any:
+    """The result of graph node ``name`` (an ancestor; ``stage`` is the one dependency)."""
+    if name == PREVIOUS_STAGE and len(info.get("depends_on") or []) == 1:
+        name = info["depends_on"][0]
+    if name not in (info.get("ancestors") or []):
+        raise LookupError(f"node {name!r} is not an ancestor of {info['stage']!r}")
+    task_id = next(s["task_id"] for s in info["stages"] if s["name"] == name)
+    meta = task.app.backend.get_task_meta(task_id)
+    if meta.get("status") != states.SUCCESS:
+        raise LookupError(f"node {name!r} (task {task_id}) has no result: its state is {meta.get('status')}")
+    return meta.get("result")
+
+
 def stage_result(task: Any, info: dict[str, Any], name: str, previous: Any) -> Any:
     """The result of stage ``name`` (or the previous stage) of ``info``'s pipeline."""
+    if info.get("graph"):
+        return node_result(task, info, name)
     stages = [s["name"] for s in info["stages"]]
     index = int(info["index"])
     target = index - 1 if name == PREVIOUS_STAGE else stages.index(name) if name in stages else -1
@@ -84,6 +101,31 @@ def _stop_if_cancelled(task: Any, info: dict[str, Any]) -> None:
             "exc_type": "TaskCancelled", "exc_module": "app.errors",
             "exc_message": [task.request.id, "before it started"]})
         raise Ignore()
+
+
+def _skip_if_graph_failed(task: Any, info: dict[str, Any]) -> None:
+    """A graph node does not start once another node of its pipeline failed (it ends SKIPPED).
+
+    Nodes already running elsewhere finish; this only keeps new ones from starting
+    (a branch that does not depend on the failed node would otherwise go on).
+    """
+    others = [s for s in info["stages"] if s["name"] != info["stage"]]
+    backend = task.app.backend
+    try:
+        raw = backend.client.mget([backend.get_key_for_task(s["task_id"]) for s in others]) if others else []
+    except redis.RedisError:
+        return
+    for node, value in zip(others, raw, strict=True):
+        if not value:
+            continue
+        meta = backend.decode_result(value)
+        result = meta.get("result")
+        if meta.get("status") == states.FAILURE and not (
+                isinstance(result, dict) and result.get("exc_type") == "ChordError"):
+            log.info("node %s of pipeline %s does not start: node %s failed", info["stage"], info["id"],
+                     node["name"])
+            task.update_state(state=SKIPPED, meta={"skipped": True, "reason": f"node {node['name']!r} failed"})
+            raise Ignore()
 
 
 def worker_of(task: Any, info: dict[str, Any], stage_name: str, previous: Any) -> str:
@@ -149,13 +191,17 @@ def resolve_spec(raw_spec: Any, previous: Any, pipeline: dict[str, Any] | None) 
     if pipeline is None:
         return resolve_stage_references(raw_spec, _plain_results(previous), "spec")
     _stop_if_cancelled(task, pipeline)
+    if pipeline.get("graph"):
+        _skip_if_graph_failed(task, pipeline)
     _check_run_on(task, pipeline, previous, raw_spec)
 
     def results(name: str) -> Any:
         return stage_result(task, pipeline, name, previous)
 
     resolved = resolve_stage_references(raw_spec, results, pipeline["location"])
-    _route_next_stage(task, pipeline, previous)
+    resolved = expand_graph_template(resolved, results, pipeline["location"])
+    if not pipeline.get("graph"):  # graph nodes forward themselves (_check_run_on)
+        _route_next_stage(task, pipeline, previous)
     return resolved
 
 

@@ -25,8 +25,9 @@ from app.redaction import redact_secrets
 from app.redis_client import get_redis
 from app.sent_tasks import sent_queue
 from pipelines.display import ProgressDisplay
-from pipelines.status import FINAL_PIPELINE_STATES, mark_skipped, pipeline_state
+from pipelines.status import FINAL_PIPELINE_STATES, mark_skipped, mark_skipped_nodes, pipeline_state
 from tasks.control import request_cancel
+from tasks.shards import read_plan
 from tasks.status import task_status
 
 DEFAULT_POLL_INTERVAL_S = 0.5
@@ -43,6 +44,7 @@ class PipelineRun:
     document: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     is_pipeline: bool = True
+    is_graph: bool = False                # stages are graph nodes, each with its depends_on
 
     # -- records --------------------------------------------------------------
     def record(self, client: redis.Redis, ttl_s: int) -> None:
@@ -50,7 +52,7 @@ class PipelineRun:
         pipe.hset(keys.pipeline(self.id), mapping={
             "id": self.id, "name": self.name, "submitted_at": self.submitted_at,
             "stages_json": json.dumps(self.stages), "document_json": json.dumps(redact_secrets(self.document)),
-            "warnings_json": json.dumps(self.warnings)})
+            "warnings_json": json.dumps(self.warnings), "graph": "1" if self.is_graph else ""})
         pipe.expire(keys.pipeline(self.id), ttl_s)
         for stage in self.stages:
             pipe.set(keys.task_pipeline(stage["task_id"]), self.id, ex=ttl_s)
@@ -66,7 +68,7 @@ class PipelineRun:
         return cls(id=fields["id"], name=fields.get("name", ""), stages=json.loads(fields["stages_json"]),
                    submitted_at=fields.get("submitted_at", ""),
                    document=json.loads(fields.get("document_json") or "{}"),
-                   warnings=json.loads(fields.get("warnings_json") or "[]"))
+                   warnings=json.loads(fields.get("warnings_json") or "[]"), is_graph=bool(fields.get("graph")))
 
     @classmethod
     def find(cls, some_id: str, client: redis.Redis | None = None) -> PipelineRun:
@@ -106,13 +108,20 @@ class PipelineRun:
         for stage in self.stages:
             info = task_status(celery_app, stage["task_id"])
             info["taskType"] = stage.get("taskType")
+            if self.is_graph:
+                info["depends_on"] = list(stage.get("depends_on") or [])
             stages.append({"name": stage["name"], **info})
-        mark_skipped(stages, cancelled)
+        if self.is_graph:
+            mark_skipped_nodes(stages, cancelled)
+        else:
+            mark_skipped(stages, cancelled)
         state = pipeline_state([s["state"] for s in stages], cancelled)
         report: dict[str, Any] = {
             "id": self.id, "name": self.name, "kind": "pipeline" if self.is_pipeline else "task",
             "state": state, "submitted_at": self.submitted_at,
             "stages": {s.pop("name"): s for s in stages}}
+        if self.is_graph:
+            report["graph"] = True
         failed = next(((name, s) for name, s in report["stages"].items()
                        if s["state"] in (states.FAILURE, states.REVOKED)), None)
         if failed is not None and state in ("FAILURE", "CANCELLED", "CANCELLING"):
@@ -184,10 +193,13 @@ class PipelineRun:
         unfinished = [s["task_id"] for s in report["stages"].values() if s["state"] != states.SUCCESS]
         if self.is_pipeline:
             client.hset(keys.pipeline(self.id), "cancelled_at", utc_now_iso())
-        for task_id in unfinished:
-            request_cancel(task_id, client)
         pending = [s["task_id"] for s in report["stages"].values()
                    if s["state"] in (states.PENDING, "SKIPPED")]
+        for task_id in unfinished:
+            request_cancel(task_id, client)
+            for shard in read_plan(task_id, client) or []:  # a sharded task: every shard stops too
+                request_cancel(shard["task_id"], client)
+                pending.append(shard["task_id"])
         if pending:
             celery_app.control.revoke(pending)
         return self.status()

@@ -32,9 +32,12 @@ from app.limits import check_document, check_stages
 from app.settings import NAME_RE
 from app.spec import DATA_MODELS, TASK_TYPES, TaskSpec, error_messages, spec_error_from_messages
 from app.spec.schema import REFUSED_TASK_TYPES
+from pipelines.graph import ancestors_of, read_dependencies, topological_order
+from pipelines.graph_template import check_template
 from pipelines.references import (
     PREVIOUS_STAGE,
     FieldPath,
+    Reference,
     check_stage_references,
     expand_env,
     find_references,
@@ -43,6 +46,8 @@ from pipelines.references import (
 
 DOCUMENT_FIELDS = ("apiVersion", "kind", "metadata", "spec")
 STAGE_FIELDS = ("name", "spec", "tags", "runOn")
+NODE_FIELDS = ("name", "dependsOn", "spec", "tags", "runOn")
+GRAPH_FIELDS = ("nodes",)
 RUN_ON_FIELDS = ("stage",)
 # Routing is decided at submission, so these fields cannot wait for a stage result.
 NO_REFERENCE_FIELDS = ("taskType", "tags", "resources")
@@ -57,6 +62,8 @@ class StageTemplate:
     spec: dict[str, Any]
     run_on: str | None = None
     location: str = "spec"  # where this stage's own fields live in the document
+    depends_on: tuple[str, ...] = ()   # graph nodes: the nodes it waits for
+    ancestors: tuple[str, ...] = ()    # graph nodes: every node whose result it may reference
 
     @property
     def task_type(self) -> str:
@@ -71,7 +78,8 @@ class StageTemplate:
 class PipelineTemplate:
     name: str
     document: dict[str, Any]
-    stages: tuple[StageTemplate, ...]
+    stages: tuple[StageTemplate, ...]  # graph nodes in dependency order
+    is_graph: bool = False
 
     @property
     def stage_names(self) -> list[str]:
@@ -186,24 +194,40 @@ def _parse_pipeline(raw: Any, env: Mapping[str, str] | None, expand_environment:
     _refuse_unsupported_task_types(document["spec"])  # before a placeholder of theirs could trip
     document = expand_env(document, (os.environ if env is None else env) if expand_environment else None, "")
     spec = document["spec"]
-    shared = {key: value for key, value in spec.items() if key != "stages"}
-    if "stages" not in spec:
+    if "stages" in spec and "graph" in spec:
+        raise SpecError("spec.graph", "give either stages (a linear pipeline) or graph (a DAG), not both")
+    shared = {key: value for key, value in spec.items() if key not in ("stages", "graph")}
+    deps: dict[str, tuple[str, ...]] = {}
+    fields: tuple[str, ...]
+    if "graph" in spec:
+        stages_raw = _graph_nodes(spec["graph"])
+        prefix, fields = "spec.graph.nodes", NODE_FIELDS
+        check_stages(len(stages_raw), prefix)
+        names = _stage_names(stages_raw, prefix)
+        plain = False
+        deps = read_dependencies(stages_raw, names, prefix)
+    elif "stages" not in spec:
         name = str(shared.get("taskType") or "task")
-        stages_raw: list[Any] = [{"name": name if NAME_RE.match(name) else "task", "spec": {}}]
+        stages_raw = [{"name": name if NAME_RE.match(name) else "task", "spec": {}}]
+        prefix, fields = "spec", STAGE_FIELDS
+        names = [stages_raw[0]["name"]]
         plain = True
     else:
         stages_raw = spec["stages"]
+        prefix, fields = "spec.stages", STAGE_FIELDS
         plain = False
         if not isinstance(stages_raw, list) or not stages_raw:
             raise SpecError("spec.stages", "must be a non-empty list of stages")
         check_stages(len(stages_raw))
-    names = _stage_names(stages_raw) if not plain else [stages_raw[0]["name"]]
+        names = _stage_names(stages_raw, prefix)
+    is_graph = "graph" in spec
+    ancestors = ancestors_of(deps) if is_graph else {}
     stages = []
     for index, stage_raw in enumerate(stages_raw):
-        location = "spec" if plain else f"spec.stages[{index}]"
+        location = "spec" if plain else f"{prefix}[{index}]"
         for key in stage_raw:
-            if key not in STAGE_FIELDS:
-                raise SpecError(f"{location}.{key}", f"unknown field (expected {', '.join(STAGE_FIELDS)})")
+            if key not in fields:
+                raise SpecError(f"{location}.{key}", f"unknown field (expected {', '.join(fields)})")
         stage_spec = stage_raw.get("spec", {})
         if stage_spec is None:
             stage_spec = {}
@@ -216,12 +240,52 @@ def _parse_pipeline(raw: Any, env: Mapping[str, str] | None, expand_environment:
             if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
                 raise SpecError(f"{location}.tags", "must be a list of tags")
             merged["tags"] = tags
-        run_on = _run_on(stage_raw.get("runOn"), f"{location}.runOn", names, index)
-        stage = StageTemplate(names[index], index, merged, run_on, spec_location)
+        if is_graph:
+            name = names[index]
+            node_ancestors = tuple(n for n in names if n in ancestors[name])
+            run_on = _graph_run_on(stage_raw.get("runOn"), f"{location}.runOn", names, name, node_ancestors,
+                                   deps[name])
+            stage = StageTemplate(name, index, merged, run_on, spec_location, deps[name], node_ancestors)
+        else:
+            run_on = _run_on(stage_raw.get("runOn"), f"{location}.runOn", names, index)
+            stage = StageTemplate(names[index], index, merged, run_on, spec_location)
         _validate_stage(stage, stage_spec, shared, names, plain)
         stages.append(stage)
+    if is_graph:
+        order = topological_order(names, deps)
+        stages = [stages[names.index(name)] for name in order]
     metadata = document.get("metadata") or {}
-    return PipelineTemplate(str(metadata.get("name") or names[0]), document, tuple(stages))
+    return PipelineTemplate(str(metadata.get("name") or names[0]), document, tuple(stages), is_graph)
+
+
+def _graph_nodes(graph: Any) -> list[Any]:
+    if not isinstance(graph, Mapping):
+        raise SpecError("spec.graph", "must be a mapping with nodes")
+    for key in graph:
+        if key not in GRAPH_FIELDS:
+            raise SpecError(f"spec.graph.{key}", f"unknown field (expected {', '.join(GRAPH_FIELDS)})")
+    nodes = graph.get("nodes")
+    if not isinstance(nodes, list) or not nodes:
+        raise SpecError("spec.graph.nodes", "must be a non-empty list of nodes {name, dependsOn, spec}")
+    return nodes
+
+
+def _graph_run_on(raw: Any, where: str, names: list[str], name: str, ancestors: tuple[str, ...],
+                  depends_on: tuple[str, ...]) -> str | None:
+    """A node's ``runOn: {stage: X}`` (``node: X`` too): X must be one of its ancestors."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) or len(raw) != 1 or next(iter(raw)) not in ("stage", "node"):
+        raise SpecError(where, "must be {node: <name of a node this one depends on>}")
+    key, target = next(iter(raw.items()))
+    if target == PREVIOUS_STAGE and len(depends_on) == 1:
+        return depends_on[0]
+    if target not in names:
+        raise SpecError(f"{where}.{key}", f"unknown node {target!r} (nodes: {', '.join(names)})")
+    if target not in ancestors:
+        raise SpecError(f"{where}.{key}", f"node {target!r} is not an ancestor of {name!r}: it may still be "
+                                          "running when this node starts")
+    return str(target)
 
 
 def _refuse_unsupported_task_types(spec: Mapping[str, Any]) -> None:
@@ -231,16 +295,21 @@ def _refuse_unsupported_task_types(spec: Mapping[str, Any]) -> None:
     stages = spec.get("stages")
     if isinstance(stages, list):
         places += [(f"spec.stages[{i}].spec", s.get("spec")) for i, s in enumerate(stages) if isinstance(s, Mapping)]
+    graph = spec.get("graph")
+    nodes = graph.get("nodes") if isinstance(graph, Mapping) else None
+    if isinstance(nodes, list):
+        places += [(f"spec.graph.nodes[{i}].spec", n.get("spec")) for i, n in enumerate(nodes) if isinstance(n, Mapping)]
     for where, stage_spec in places:
         task_type = stage_spec.get("taskType") if isinstance(stage_spec, Mapping) else None
         if isinstance(task_type, str) and task_type in REFUSED_TASK_TYPES:
             raise SpecError(f"{where}.taskType", f"{task_type!r} {REFUSED_TASK_TYPES[task_type]}")
 
 
-def _stage_names(stages_raw: list[Any]) -> list[str]:
+def _stage_names(stages_raw: list[Any], prefix: str = "spec.stages") -> list[str]:
+    kind = "node" if prefix.endswith("nodes") else "stage"
     names: list[str] = []
     for index, stage in enumerate(stages_raw):
-        where = f"spec.stages[{index}]"
+        where = f"{prefix}[{index}]"
         if not isinstance(stage, Mapping):
             raise SpecError(where, f"must be a mapping with name and spec, got {type(stage).__name__}")
         name = stage.get("name")
@@ -249,7 +318,7 @@ def _stage_names(stages_raw: list[Any]) -> list[str]:
         if name == PREVIOUS_STAGE:
             raise SpecError(f"{where}.name", f"{name!r} is reserved: ${{stage.result...}} means the previous stage")
         if name in names:
-            raise SpecError(f"{where}.name", f"duplicate stage name {name!r} (also spec.stages[{names.index(name)}])")
+            raise SpecError(f"{where}.name", f"duplicate {kind} name {name!r} (also {prefix}[{names.index(name)}])")
         names.append(name)
     return names
 
@@ -294,8 +363,14 @@ def _validate_stage(stage: StageTemplate, own_spec: Mapping[str, Any], shared: M
         if path and path[0] in NO_REFERENCE_FIELDS:
             raise SpecError(where, f"{ref.text}: references are not allowed in {path[0]} "
                                    "(routing is decided at submission)")
-    check_stage_references(refs, names, stage.index)
+    if _is_graph_location(stage.location):
+        check_node_references(refs, names, stage)
+    else:
+        check_stage_references(refs, names, stage.index)
     ref_paths = {".".join(map(str, path)) for path, _, _ in refs}
+    data = stage.spec.get("data")
+    if isinstance(data, Mapping) and data.get("type") == "graph_template":
+        check_template(data, lambda name: _unreadable(name, stage, names, plain), locate(("data",)))
 
     def held_by_reference(dotted: str) -> bool:
         return any(dotted == p or dotted.startswith(p + ".") for p in ref_paths)
@@ -320,3 +395,44 @@ def _validate_stage(stage: StageTemplate, own_spec: Mapping[str, Any], shared: M
         raise spec_error_from_messages(located, stage.location)
     if not isinstance(task_type, str) or task_type not in TASK_TYPES:  # pragma: no cover (the model checks)
         raise SpecError(f"{stage.location}.taskType", "required")
+
+
+def _is_graph_location(location: str) -> bool:
+    return location.startswith("spec.graph.nodes")
+
+
+def check_node_references(refs: list[tuple[FieldPath, str, Reference]], names: list[str],
+                          node: StageTemplate) -> None:
+    """A graph node may reference any ancestor; ``${stage.result...}`` is its only dependency."""
+    for _path, where, ref in refs:
+        if ref.is_env:
+            raise SpecError(where, f"{ref.text}: environment variable references must be expanded "
+                                   "before submission")
+        if ref.stage == PREVIOUS_STAGE:
+            if len(node.depends_on) != 1:
+                raise SpecError(where, f"{ref.text}: ${{stage.result...}} means the one node this node depends "
+                                       f"on, and {node.name!r} depends on {len(node.depends_on)}; name the node")
+            continue
+        if ref.stage not in names:
+            raise SpecError(where, f"unknown node {ref.stage!r} in {ref.text} (nodes: {', '.join(names)})")
+        if ref.stage == node.name:
+            raise SpecError(where, f"{ref.text}: a node cannot refer to its own result")
+        if ref.stage not in node.ancestors:
+            raise SpecError(where, f"{ref.text}: node {ref.stage!r} is not an ancestor of {node.name!r} "
+                                   f"(add it to dependsOn; ancestors: {', '.join(node.ancestors) or 'none'})")
+
+
+def _unreadable(name: str, stage: StageTemplate, names: list[str], plain: bool) -> str | None:
+    """Why a ``graph_template`` column cannot read node (or stage) ``name``; ``None`` if it can."""
+    if plain:
+        return "graph_template builds prompts from earlier nodes' results: use it in a graph node (or a stage)"
+    kind = "node" if _is_graph_location(stage.location) else "stage"
+    if name not in names:
+        return f"unknown {kind} {name!r} ({kind}s: {', '.join(names)})"
+    if _is_graph_location(stage.location):
+        if name not in stage.ancestors:
+            return (f"node {name!r} is not an ancestor of {stage.name!r} "
+                    f"(add it to dependsOn; ancestors: {', '.join(stage.ancestors) or 'none'})")
+    elif names.index(name) >= stage.index:
+        return f"stage {name!r} does not run before {stage.name!r}"
+    return None

@@ -23,11 +23,12 @@ from celery.exceptions import Ignore
 from app.artifacts.delivery import deliver_result
 from app.artifacts.manifest import write_task_outputs
 from app.errors import ExecutorError, SpecError, TaskCancelled
+from app.events import utc_now_iso
 from app.names import check_name
 from app.redis_client import get_redis
 from app.settings import get_settings
-from app.spec import parse_task_spec
-from app.worker.lease import AlreadyFinished, TaskLease, lease_ttl_s, max_task_runs
+from app.spec import TaskSpec, parse_task_spec
+from app.worker.lease import LEASE_POLL_S, AlreadyFinished, TaskLease, lease_ttl_s, max_task_runs
 from tasks.executors import EXECUTORS, Executor
 from tasks.outcome import annotate
 from tasks.progress import CeleryProgress, announce_revoked
@@ -83,6 +84,21 @@ def split_args(args: tuple[Any, ...]) -> tuple[Any, Any]:
 SPEC_RESOLVERS: list[Callable[[Any, Any, dict[str, Any] | None], Any]] = []
 
 
+def finish_result(task_id: str, spec: TaskSpec, out_dir: Path, result: dict[str, Any], runtime_s: float,
+                  *, walk: bool = True) -> dict[str, Any]:
+    """Annotate a result, write ``responses.json`` + ``manifest.json`` and deliver it (http)."""
+    result = annotate(result, spec, out_dir, runtime_s)
+    try:
+        manifest = write_task_outputs(out_dir, result, known_sha256=archive_digests(result, out_dir), walk=walk)
+    except OSError as exc:  # disk full, read-only mount...: say where, keep the worker
+        raise ExecutorError(f"could not write the results to {out_dir}: {exc}", path=str(out_dir)) from exc
+    # An http destination: upload the archives, POST the envelope, add the archive URLs.
+    delivered = deliver_result(task_id, spec.output.destination, result)
+    if delivered != result:  # URLs were added: keep responses.json equal to the result
+        write_task_outputs(out_dir, delivered, reuse=manifest)
+    return delivered
+
+
 class MeshqTask(Task):
     """Base of every meshq task; subclasses only set ``task_type``."""
 
@@ -98,8 +114,10 @@ class MeshqTask(Task):
     # more round trips and overwrite a running copy's PROGRESS from a waiting one.
     track_started = False
 
-    def run(self, *args: Any, pipeline: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
+    def run(self, *args: Any, pipeline: dict[str, Any] | None = None, shard: dict[str, Any] | None = None,
+            **_: Any) -> dict[str, Any]:
         started = time.monotonic()
+        started_at = utc_now_iso()
         settings = get_settings()
         task_id = self.request.id
         try:
@@ -107,20 +125,22 @@ class MeshqTask(Task):
         except ValueError as exc:
             raise SpecError("task_id", str(exc)) from None
         previous, raw_spec = split_args(args)
-        for resolve in SPEC_RESOLVERS:
-            raw_spec = resolve(raw_spec, previous, pipeline)
+        if shard is None:  # a shard's spec was resolved by the task it was split from
+            for resolve in SPEC_RESOLVERS:
+                raw_spec = resolve(raw_spec, previous, pipeline)
         spec = parse_task_spec(raw_spec)
         if spec.taskType != self.task_type:
             raise SpecError("spec.taskType", f"{spec.taskType!r} sent to the {self.task_type!r} task")
         out_dir = results_root(settings.results_dir) / task_id
         out_dir.mkdir(parents=True, exist_ok=True)
-        progress = CeleryProgress(self, settings.worker_id, self.task_type)
+        progress = CeleryProgress(self, settings.worker_id, self.task_type,
+                                  also_cancelled_by=shard.get("parent") if shard else None)
         # One run at a time: a redelivered copy waits while the first run is alive, then
         # returns the first run's stored result, or takes over if that run died. The
         # first attempt was made in the task-start round trip (app.worker.signals).
         lease = self.lease_for_current()
         try:
-            runs = lease.wait_for_turn(poll_s=min(2.0, settings.heartbeat_interval_s),
+            runs = lease.wait_for_turn(poll_s=min(LEASE_POLL_S, settings.heartbeat_interval_s),
                                        count_run=self.counts_this_run(),
                                        first_reply=getattr(self.request, "meshq_lease_reply", None))
         except TaskCancelled as exc:  # cancelled while it waited in a queue
@@ -130,29 +150,34 @@ class MeshqTask(Task):
             # continued already. Drop this copy (acknowledged, nothing stored, nothing sent).
             log.info("task %s already ended with %s; this delivery is dropped", task_id, exc.state)
             raise Ignore() from None
-        if not self.counts_this_run():
+        if self.is_redelivery():  # the earlier run's worker is gone: one more real start
             runs = lease.count_run()
         if runs > max_task_runs():
+            last_error = lease.last_error()
             raise ExecutorError(f"task {task_id} was started {runs - 1} times and its worker died each time; "
-                                f"giving up (MESHQ_MAX_TASK_RUNS={max_task_runs()})")
+                                f"giving up (MESHQ_MAX_TASK_RUNS={max_task_runs()}); last error: "
+                                f"{last_error or 'none recorded (the worker process was killed)'}")
+        if shard is None:
+            self.split(spec, raw_spec, out_dir, progress, pipeline)  # replaces the task when it shards
         executor = get_executor(self.task_type)
         try:
-            result = executor.run(spec, out_dir, progress)
+            result = executor.run(spec, out_dir, progress, **self.executor_options(shard))
         except TaskCancelled as exc:
-            self._end_cancelled(exc, out_dir, progress)
+            self._end_cancelled(exc, out_dir, progress, parent=shard.get("parent") if shard else None)
+        # Wall-clock start and end on the worker: they show which tasks overlapped.
         result = {"task_id": task_id, "taskType": self.task_type,
-                  "worker_id": settings.worker_id, **result}
-        result = annotate(result, spec, out_dir, time.monotonic() - started)
-        try:
-            manifest = write_task_outputs(out_dir, result, known_sha256=archive_digests(result, out_dir),
-                                          walk=getattr(executor, "writes_files", True))
-        except OSError as exc:  # disk full, read-only mount...: say where, keep the worker
-            raise ExecutorError(f"could not write the results to {out_dir}: {exc}", path=str(out_dir)) from exc
-        # An http destination: upload the archives, POST the envelope, add the archive URLs.
-        delivered = deliver_result(task_id, spec.output.destination, result)
-        if delivered != result:  # URLs were added: keep responses.json equal to the result
-            write_task_outputs(out_dir, delivered, reuse=manifest)
-        return delivered
+                  "worker_id": settings.worker_id, "started_at": started_at, "finished_at": utc_now_iso(),
+                  **result}
+        return finish_result(task_id, spec, out_dir, result, time.monotonic() - started,
+                             walk=getattr(executor, "writes_files", True))
+
+    def split(self, spec: TaskSpec, raw_spec: Any, out_dir: Path, progress: CeleryProgress,
+              pipeline: dict[str, Any] | None) -> None:
+        """Hook: a task type that can run in shards replaces itself here (``Task.replace``)."""
+
+    def executor_options(self, shard: dict[str, Any] | None) -> dict[str, Any]:
+        """Hook: extra arguments of the executor's ``run`` (a shard's prompt range)."""
+        return {}
 
     def lease_for_current(self) -> TaskLease:
         """The lease of the task being run (created once per run, released at its end)."""
@@ -177,13 +202,22 @@ class MeshqTask(Task):
         encoded: str | bytes = backend.encode(meta)  # stored as Celery itself would store it
         return encoded
 
-    def counts_this_run(self) -> bool:
-        """A first delivery counts as a run at once; a redelivered one only after it
-        found that the earlier run did not finish."""
-        return not (self.request.delivery_info or {}).get("redelivered")
+    def is_redelivery(self) -> bool:
+        """The broker handed this message out again: the worker that had it died (or
+        was paused past the visibility timeout) before acknowledging it."""
+        return bool((self.request.delivery_info or {}).get("redelivered"))
 
-    def _end_cancelled(self, exc: TaskCancelled, out_dir: Path, progress: CeleryProgress) -> None:
-        """Record the cancellation (state REVOKED, ``responses.json``) and stop."""
+    def counts_this_run(self) -> bool:
+        """The first delivery counts as a run at once. A redelivered one counts only
+        after it found that the earlier run did not finish (``is_redelivery``); a Celery
+        retry (``self.retry``, ``autoretry_for``) never does: it is the same run going
+        on after an error, not a worker that died."""
+        return not self.is_redelivery() and not self.request.retries
+
+    def _end_cancelled(self, exc: TaskCancelled, out_dir: Path, progress: CeleryProgress,
+                       parent: str | None = None) -> None:
+        """Record the cancellation (state REVOKED, ``responses.json``) and stop; a cancelled
+        shard ends the task it was split from too (its merge will never run)."""
         info = {"task_id": exc.task_id, "taskType": self.task_type, "cancelled": True,
                 "message": str(exc), "progress": progress.last}
         write_task_outputs(out_dir, info)
@@ -191,6 +225,10 @@ class MeshqTask(Task):
         self.update_state(state=states.REVOKED, meta={
             "exc_type": "TaskCancelled", "exc_module": "app.errors",
             "exc_message": [exc.task_id, exc.where]})
+        if parent:
+            self.update_state(task_id=parent, state=states.REVOKED, meta={
+                "exc_type": "TaskCancelled", "exc_module": "app.errors",
+                "exc_message": [parent, f"while its shard {exc.task_id} ran"]})
         announce_revoked(self, str(exc))
         log.info("%s", exc)
         raise Ignore()

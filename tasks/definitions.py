@@ -6,8 +6,14 @@ Each is a ``MeshqTask`` naming its task type; the work is its executor's
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from app.celery import app
+from app.spec import TaskSpec
 from tasks.base import MeshqTask
+from tasks.executors.shards import PromptRange
+from tasks.shards import InferenceMergeTask, split_inference
 
 
 class EchoTask(MeshqTask):
@@ -18,6 +24,13 @@ class EchoTask(MeshqTask):
 class InferenceTask(MeshqTask):
     name = "meshq.inference"
     task_type = "inference"
+
+    def split(self, spec: TaskSpec, raw_spec: Any, out_dir: Path, progress: Any,
+              pipeline: dict[str, Any] | None) -> None:
+        split_inference(self, spec, raw_spec, out_dir)  # parallel.max_shards / resources.replicas
+
+    def executor_options(self, shard: dict[str, Any] | None) -> dict[str, Any]:
+        return {"shard": PromptRange.from_dict(shard)} if shard else {}
 
 
 class SFTTask(MeshqTask):
@@ -30,7 +43,14 @@ class LoRASFTTask(MeshqTask):
     task_type = "lora_sft"
 
 
+class DPOTask(MeshqTask):
+    name = "meshq.dpo"
+    task_type = "dpo"
+
+
 echo = app.register_task(EchoTask())
 inference = app.register_task(InferenceTask())
 sft = app.register_task(SFTTask())
 lora_sft = app.register_task(LoRASFTTask())
+dpo = app.register_task(DPOTask())
+inference_merge = app.register_task(InferenceMergeTask())

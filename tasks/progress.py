@@ -35,9 +35,12 @@ class CeleryProgress(Progress):
     """Forwards progress of a running Celery task (rate-limited) and polls the cancel flag."""
 
     def __init__(self, task: Any, worker_id: str, task_type: str,
-                 min_interval_s: float = MIN_PROGRESS_INTERVAL_S) -> None:
+                 min_interval_s: float = MIN_PROGRESS_INTERVAL_S, also_cancelled_by: str | None = None) -> None:
         self.task = task
         self.task_id = task.request.id
+        # A shard stops when the task it was split from is cancelled, too.
+        self.cancel_keys = [keys.task_cancel(self.task_id)] + (
+            [keys.task_cancel(also_cancelled_by)] if also_cancelled_by else [])
         self.worker_id = worker_id
         self.task_type = task_type
         self.min_interval_s = min_interval_s
@@ -64,7 +67,7 @@ class CeleryProgress(Progress):
 
     def cancelled(self) -> bool:
         try:
-            return bool(get_redis().exists(keys.task_cancel(self.task_id)))
+            return bool(get_redis().exists(*self.cancel_keys))
         except redis.RedisError:
             return False  # cannot tell: keep working rather than stop on a network blip
 

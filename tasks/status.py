@@ -15,6 +15,9 @@ from celery import states
 
 from app.celery import PROGRESS_STATE
 from app.errors import SpecError
+from tasks.shards import shard_progress
+
+CHORD_ERROR = "ChordError"  # stored under a chord body's id when a header task failed
 
 PROGRESS = PROGRESS_STATE
 STOPPED_STATES = frozenset({states.FAILURE, states.REVOKED})
@@ -57,6 +60,19 @@ def _error_fields(app: Any, result: Any) -> dict[str, Any]:
     return fields
 
 
+def _failed_shard(app: Any, task_id: str) -> dict[str, Any] | None:
+    """The error of a sharded task: the first failed shard, named, with its own error."""
+    shards = shard_progress(app, task_id)
+    if not shards or not shards["failed"]:
+        return None
+    shard = shards["failed"][0]
+    fields = _error_fields(app, shard["meta"])
+    fields["error"] = (f"shard {shard['index']} of {shards['total']} (task {shard['task_id']}) "
+                       f"{'failed' if shard['state'] == states.FAILURE else 'was revoked'}: {fields['error']}")
+    fields["failed_shard"] = shard["index"]
+    return fields
+
+
 def task_status(app: Any, task_id: str) -> dict[str, Any]:
     """The status of ``task_id`` in the shape described above (one backend read)."""
     meta = app.backend.get_task_meta(task_id)
@@ -72,9 +88,18 @@ def task_status(app: Any, task_id: str) -> dict[str, Any]:
         worker_id = result.get("worker_id") if isinstance(result, dict) else None
     elif state in STOPPED_STATES:
         info.update(_error_fields(app, result))
+        if info.get("error_type") == CHORD_ERROR:  # a sharded task whose shard failed?
+            info.update(_failed_shard(app, task_id) or {})
     elif state == PROGRESS and isinstance(result, dict):
         info["progress"] = {k: v for k, v in result.items() if k not in _META_ONLY}
         worker_id = result.get("worker_id")
+        if "shards_total" in result:  # split into shards: their progress, read now
+            shards = shard_progress(app, task_id)
+            if shards is not None:
+                info["progress"].update(shards_done=shards["done"], shards_total=shards["total"],
+                                        shards_running=shards["running"], done=shards["items_done"],
+                                        total=shards["items_total"])
+                worker_id = None  # the shards run on several workers
     elif state == states.STARTED and isinstance(result, dict):
         worker_id = worker_from_hostname(result.get("hostname"))
     info["worker_id"] = worker_id or worker_from_hostname(meta.get("worker"))

@@ -32,34 +32,42 @@ def count_started(client: redis.Redis, stop: threading.Event, seen: list[dict]) 
     return thread
 
 
-def test_task_longer_than_visibility_timeout_runs_once(worker_factory, redis_client) -> None:
-    """Visibility timeout 2 s, task 12 s, two workers: redelivered copies wait, one run."""
+def test_a_long_task_keeps_its_message_and_never_blocks_another_worker(worker_factory, redis_client) -> None:
+    """Visibility timeout 4 s, a task of 30 s, two workers: the running task's heartbeat keeps
+    its message invisible, so it is never handed out again (one TASK_STARTED, runs = 1), and
+    an echo submitted meanwhile runs at once on the other worker instead of queueing behind a
+    waiting copy."""
     from tasks import echo
 
-    env = {"MESHQ_VISIBILITY_TIMEOUT_S": "2"}
-    first = worker_factory(worker_id="vt-a", env=env)
-    second = worker_factory(worker_id="vt-b", env=env)
+    env = {"MESHQ_VISIBILITY_TIMEOUT_S": "4"}
+    worker_factory(worker_id="vt-a", env=env)
+    worker_factory(worker_id="vt-b", env=env)
     stop, events = threading.Event(), []
     listener = count_started(redis_client, stop, events)
     time.sleep(0.3)
     try:
-        result = echo.apply_async(args=[{"taskType": "echo", "data": {"n": 1},
-                                         "echo": {"sleep_s": 12, "steps": 24}}])
-        value = result.get(timeout=120)
+        long = echo.apply_async(args=[{"taskType": "echo", "data": {"n": 1},
+                                       "echo": {"sleep_s": 30, "steps": 60}}])
+        wait_for(lambda: any(e["type"] == "TASK_STARTED" and e["task_id"] == long.id for e in events), 30,
+                 message="the long task to start")
+        time.sleep(4 * 3)  # three visibility timeouts into the run
+        short = echo.apply_async(args=[{"taskType": "echo", "data": {"n": 2}}])
+        quick = short.get(timeout=60)
+        # Done while the long task still runs: no waiting copy held the other worker.
+        long_state_then = long.backend.get_task_meta(long.id)["status"]
+        value = long.get(timeout=120)
     finally:
         stop.set()
         listener.join()
-    starts = [e for e in events if e["type"] == "TASK_STARTED" and e["task_id"] == result.id]
-    # The broker really did hand the task out again while it ran...
-    assert len(starts) >= 2, f"no redelivery happened: {starts}"
-    assert {e["worker_id"] for e in starts} == {"vt-a", "vt-b"}
-    # ...yet the executor ran exactly once, and the result is the first run's.
-    assert redis_client.get(f"meshq:task:{result.id}:runs") == "1"
-    assert value["echo"]["data"] == {"n": 1}
-    ran_on = value["worker_id"]
-    assert "waits for it" in (first if ran_on == "vt-b" else second).log_path.with_name("worker.log").read_text()
-    # Released by the task-end write, which goes out in the background after the result.
-    wait_for(lambda: not redis_client.exists(f"meshq:task:{result.id}:lease"), 10, message="lease released")
+    assert value["echo"]["data"] == {"n": 1} and quick["echo"]["data"] == {"n": 2}
+    assert quick["worker_id"] != value["worker_id"], "the echo did not run on the free worker"
+    assert long_state_then == "PROGRESS", "the echo only ran once the long task had ended"
+    starts = [e for e in events if e["type"] == "TASK_STARTED" and e["task_id"] == long.id]
+    assert len(starts) == 1, f"the long task was handed out again: {starts}"
+    assert redis_client.get(f"meshq:task:{long.id}:runs") == "1"
+    # Acknowledged: nothing of it is left in the broker's unacknowledged set.
+    wait_for(lambda: redis_client.zcard("unacked_index") == 0, 10, message="no unacknowledged message left")
+    wait_for(lambda: not redis_client.exists(f"meshq:task:{long.id}:lease"), 10, message="lease released")
 
 
 def test_redis_restart_mid_task(private_redis: PrivateRedis, tmp_path: Path) -> None:
@@ -124,3 +132,50 @@ def test_duplicate_message_of_a_finished_task_is_dropped(worker_factory, redis_c
     assert echo.AsyncResult(task_id).get(timeout=10) == first
     assert first["echo"]["data"] == {"n": 1}
     assert "already ended with SUCCESS; this delivery is dropped" in worker.log_path.with_name("worker.log").read_text()
+
+
+RETRYING_WORKER_ENV = {"MESHQ_CELERY_CONFIG": "tests.retrying_celery_config", "MESHQ_MAX_TASK_RUNS": "2"}
+
+
+def test_celery_retries_are_not_counted_as_worker_deaths(worker_factory, redis_client) -> None:
+    """Four ``self.retry`` calls with a run cap of 2: the task succeeds, ``runs`` stays 1."""
+    from app.celery import app
+
+    worker_factory(worker_id="retrier", env=RETRYING_WORKER_ENV)
+    result = app.send_task("meshq_test.retrying_echo", args=[{"taskType": "echo", "data": {"fail_times": 4}}])
+    value = result.get(timeout=60)
+    assert value["echo"]["data"] == {"fail_times": 4}
+    meta = app.backend.get_task_meta(result.id)
+    assert meta["status"] == "SUCCESS" and meta["retries"] == 4
+    assert redis_client.get(f"meshq:task:{result.id}:runs") == "1"
+
+
+def test_autoretry_gives_up_with_the_real_error(worker_factory, redis_client) -> None:
+    """``autoretry_for`` past ``max_retries``: Celery's own failure with the task's error,
+    never the run cap's "its worker died each time"."""
+    from app.celery import app
+
+    worker = worker_factory(worker_id="giver-up", env=RETRYING_WORKER_ENV)
+    result = app.send_task("meshq_test.always_failing", args=[{"taskType": "echo"}])
+    with pytest.raises(ConnectionError, match="the database is down"):
+        result.get(timeout=60)
+    assert app.backend.get_task_meta(result.id)["retries"] == 4
+    assert redis_client.get(f"meshq:task:{result.id}:runs") == "1"
+    assert "worker died" not in worker.log_path.with_name("worker.log").read_text()
+    # What the run cap would name, should a worker of this task die later.
+    wait_for(lambda: redis_client.get(f"meshq:task:{result.id}:last-error")
+             == "ConnectionError: the database is down", 10, message="the last error recorded")
+
+
+def test_the_run_cap_names_the_last_error(worker_factory, redis_client) -> None:
+    """A redelivery past the cap fails naming the error the earlier run recorded."""
+    from app.errors import ExecutorError
+    from tasks import echo
+
+    worker_factory(worker_id="capper2", env={"MESHQ_MAX_TASK_RUNS": "1"})
+    task_id = str(uuid.uuid4())
+    redis_client.set(f"meshq:task:{task_id}:runs", 1)
+    redis_client.set(f"meshq:task:{task_id}:last-error", "WorkerLostError: Worker exited prematurely: signal 9")
+    result = echo.apply_async(args=[{"taskType": "echo"}], task_id=task_id)
+    with pytest.raises(ExecutorError, match=r"last error: WorkerLostError: Worker exited prematurely: signal 9"):
+        result.get(timeout=60)

@@ -80,3 +80,49 @@ def test_a_port_taken_by_another_redis_is_refused(tmp_path: Path) -> None:
         assert redis.Redis(port=other.port).ping()  # the other server was left alone
     finally:
         other.stop()
+
+
+def test_a_queued_task_survives_a_restart_of_meshq_redis(tmp_path: Path) -> None:
+    """AOF in a data directory kept between starts: a task queued before ``meshq redis``
+    stopped is still queued after it starts again, and a worker then runs it."""
+    from tests.conftest import WorkerProcess
+
+    port, data_dir = free_port(), tmp_path / "redis-data"
+    url = f"redis://127.0.0.1:{port}/0"
+    env = {**os.environ, "REDIS_URL": url, "WORKER_ID": "after-restart", "HEARTBEAT_INTERVAL_SEC": "1",
+           "RESULTS_DIR": str(tmp_path / "results"), "MESHQ_LOG_FILE": str(tmp_path / "worker.log")}
+
+    def start_redis(log: Path) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli.main", "redis", "--port", str(port),
+                                 "--data-dir", str(data_dir)],
+                                cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+        wait_for(lambda: "embedded Redis running" in log.read_text() or proc.poll() is not None, 30,
+                 message="meshq redis to start")
+        assert proc.poll() is None, log.read_text()
+        return proc
+
+    first = start_redis(tmp_path / "redis-1.log")
+    try:
+        submit = subprocess.run(
+            [sys.executable, "-c", "import tasks; print(tasks.echo.apply_async(args=[{'taskType': 'echo', "
+                                   "'data': {'kept': True}}]).id)"],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        task_id = submit.stdout.strip()
+        assert task_id, submit.stderr
+        assert redis.Redis(port=port).llen("tasks") == 1
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=15) == 0
+    assert any(data_dir.glob("appendonly*"))  # the AOF (a file, or a directory on Redis 7)
+    second = start_redis(tmp_path / "redis-2.log")
+    worker = WorkerProcess("after-restart", env, ROOT, tmp_path / "worker-stdout.log", [])
+    try:
+        client = redis.Redis(port=port, decode_responses=True)
+        meta = wait_for(lambda: (raw := client.get(f"celery-task-meta-{task_id}")) and '"SUCCESS"' in raw and raw,
+                        60, message="the queued task to run after the restart")
+        assert '"kept": true' in meta
+        client.close()
+    finally:
+        worker.close()
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=15)

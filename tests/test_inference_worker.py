@@ -97,9 +97,13 @@ def test_progress_visible_from_client(worker_factory, redis_client, tiny_model_d
                                               max_new_tokens=24)).task_id)
     seen: list[dict[str, Any]] = []
     deadline = time.monotonic() + 180
-    while not result.ready() and time.monotonic() < deadline:
-        if result.state == "PROGRESS" and isinstance(result.info, dict):
-            seen.append(result.info)
+    while time.monotonic() < deadline:
+        # State and info from one meta fetch: two reads could see PROGRESS, then the result.
+        meta = app.backend.get_task_meta(result.id)
+        if meta["status"] in ("SUCCESS", "FAILURE"):
+            break
+        if meta["status"] == "PROGRESS" and isinstance(meta["result"], dict):
+            seen.append(meta["result"])
         time.sleep(0.05)
     final = result.get(timeout=10)
     assert len(final["items"]) == 60 and final["batches"] == 60

@@ -12,7 +12,7 @@ def test_defaults() -> None:
     assert s.heartbeat_interval_s == 30
     assert s.worker_tags == ()
     assert len(s.worker_id) == 12
-    assert s.visibility_timeout_s == 3600
+    assert s.visibility_timeout_s == 100
     assert s.max_upload_bytes == 20 * 1024**3
 
 
@@ -58,3 +58,14 @@ def test_six_tags_allowed() -> None:
 def test_token_not_in_repr() -> None:
     s = load_settings({"ORCHESTRATOR_TOKEN": "s3cret-token"})
     assert "s3cret-token" not in repr(s)
+
+
+def test_a_killed_workers_task_starts_again_within_two_minutes_by_default() -> None:
+    """The default visibility timeout and heartbeat bound the recovery of a SIGKILLed
+    worker's task (tested with real processes, scaled down, in test_reliability.py)."""
+    from app.settings import DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_VISIBILITY_TIMEOUT_S
+    from app.worker.lease import recovery_bound_s
+
+    assert recovery_bound_s(DEFAULT_VISIBILITY_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S) <= 120
+    # Three heartbeats fit in the timeout: one late beat never hands a running task out.
+    assert DEFAULT_VISIBILITY_TIMEOUT_S > 3 * DEFAULT_HEARTBEAT_INTERVAL_S

@@ -129,9 +129,11 @@ def test_cancel_stops_training_and_the_worker_goes_on(worker_factory, redis_clie
 
     worker = worker_factory()
     handle = submit(lora_spec(tiny_model_dir, max_steps=100_000, batch_size=1))
-    wait_for(lambda: handle.state == "PROGRESS" and (handle.info or {}).get("step", 0) >= 2, 120,
-             message="training progress")
-    step_at_cancel = handle.info["step"]
+    # State and info from one meta fetch (two reads may straddle a state change).
+    progress = wait_for(lambda: (m := handle.backend.get_task_meta(handle.id))["status"] == "PROGRESS"
+                        and (m["result"] or {}).get("step", 0) >= 2 and m["result"], 120,
+                        message="training progress")
+    step_at_cancel = progress["step"]
     assert main(["cancel", handle.id]) == 0
     wait_for(lambda: handle.state == "REVOKED", 60, message="state REVOKED")
     with pytest.raises(TaskCancelled):

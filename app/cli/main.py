@@ -11,8 +11,10 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from app.cli.tiny_model import SIZES
 from app.errors import MeshqError
 
 
@@ -83,14 +85,16 @@ def cmd_redis(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from app.cli.embedded_redis import EmbeddedRedis
+    from app.cli.embedded_redis import EmbeddedRedis, default_redis_data_dir
 
     # redis-server runs in its own session (Ctrl-C in a shell must not reach it twice), so a
     # SIGTERM to this process would otherwise leave it running: stop it on the way out.
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_stop)
-    with EmbeddedRedis(port=args.port) as server:
-        print(f"embedded Redis running: export REDIS_URL={server.url}   (Ctrl-C to stop)", flush=True)
+    data_dir = Path(args.data_dir or default_redis_data_dir(args.port)).expanduser()
+    with EmbeddedRedis(port=args.port, data_dir=data_dir) as server:
+        print(f"embedded Redis running: export REDIS_URL={server.url}   (Ctrl-C to stop; "
+              f"data kept in {data_dir}, AOF)", flush=True)
         try:
             while server.process is not None and server.process.poll() is None:
                 time.sleep(0.5)
@@ -223,12 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("redis", help="run the embedded Redis server in the foreground")
     p.add_argument("--port", type=int, default=6379)
+    p.add_argument("--data-dir", default=None,
+                   help="where the server keeps its data (AOF); default ~/.local/share/meshq/redis-<port>")
     p.set_defaults(func=cmd_redis)
 
     p = sub.add_parser("tiny-model", help="build a tiny random Llama model + tokenizer locally")
     p.add_argument("dir", help="output directory")
-    p.add_argument("--size", choices=["test", "bench", "gpu"], default="test",
-                   help="test ~1M, bench ~30M, gpu ~100M parameters")
+    p.add_argument("--size", choices=list(SIZES), default="test",
+                   help="test ~1M, vllm ~3.7M (the vLLM tests' model), bench ~30M, gpu ~100M, "
+                        "llama-1b ~1.0B parameters (Llama 3.2 1B's layer shape)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
 

@@ -3,7 +3,15 @@
 Random weights; a byte-level BPE tokenizer trained with ``tokenizers`` on a small
 built-in corpus; saved with ``save_pretrained`` (safetensors) so it loads through
 the same ``from_pretrained`` path as a real model. Used by tests, the demo and
-benchmarks (``meshq tiny-model DIR --size test|bench|gpu``).
+benchmarks (``meshq tiny-model DIR --size test|vllm|bench|gpu|llama-1b``).
+
+Every size has a head size (hidden / heads) that vLLM's CPU attention supports (32, 64,
+80, 96, 112, 128, ...), so both inference engines load each of them. ``vllm`` is the
+shape the vLLM tests use: weights drawn wider than the default initialiser's, so
+greedy outputs differ from prompt to prompt instead of repeating one token, which
+makes "the two engines agree token for token" a real comparison. ``llama-1b`` has
+the layer shape of Llama 3.2 1B (with this small vocabulary: ~1.0B parameters) for
+benchmarks on a GPU.
 """
 
 from __future__ import annotations
@@ -19,7 +27,14 @@ SIZES: dict[str, dict[str, int]] = {
               "num_key_value_heads": 8, "intermediate_size": 1536, "vocab_size": 2048},  # ~30M params
     "gpu": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
             "num_key_value_heads": 12, "intermediate_size": 2560, "vocab_size": 2048},  # ~100M params
+    "vllm": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "num_key_value_heads": 4, "intermediate_size": 704, "vocab_size": 2048},    # ~3.7M params
+    "llama-1b": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "intermediate_size": 8192, "vocab_size": 2048},  # ~1.0B params
 }
+# Standard deviation of the random weights where it is not the Llama default (0.02):
+# with 0.02 a tiny model repeats one token whatever the prompt.
+INIT_STD: dict[str, float] = {"vllm": 0.1}
 
 CORPUS = """\
 The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.
@@ -81,6 +96,7 @@ def build_tiny_model(out_dir: str | Path, size: str = "test", seed: int = 0) -> 
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        initializer_range=INIT_STD.get(size, 0.02),
     )
     config.vocab_size = len(tokenizer)
     model = LlamaForCausalLM(config)

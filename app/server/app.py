@@ -38,7 +38,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect
 
 from app.celery import app as celery_app
-from app.errors import LimitExceeded, MeshqError, SpecError, UnknownIdError
+from app.errors import LimitExceeded, MeshqError, PipelineError, SpecError, UnknownIdError
 from app.limits import MAX_DOCUMENT_BYTES, MAX_ENVELOPE_BYTES, MAX_HEADER_BYTES, check_document
 from app.redis_client import get_redis
 from app.server.documents import parse_document, pipeline_run, recorded_metadata, submit_document
@@ -379,6 +379,21 @@ def create_app(results_dir: Path | str | None = None, settings: Settings | None 
         except BACKEND_ERRORS as exc:
             raise ApiError(503, f"result backend unavailable: {exc}") from None
         return {**view, "metadata": _jsonable(metadata)} if metadata else view
+
+    @app.get("/api/v1/pipelines/{pipeline_id}", tags=["tasks"],
+             responses={404: {"description": "no pipeline has this id (nor a stage or node with it)"}})
+    def get_pipeline(pipeline_id: str) -> dict[str, Any]:
+        """A pipeline's status by its id or a stage's (node's) task id (a plain task: a one-stage
+        view): ``{id, state, graph?,
+        stages: {name: {state, depends_on?, task_id, worker_id, progress|result|error}}}``."""
+        checked(pipeline_id, "pipeline_id")
+        try:
+            report = PipelineRun.find(pipeline_id, get_redis(settings.redis_url)).status()
+        except (PipelineError, UnknownIdError):
+            raise ApiError(404, f"pipeline_id: no pipeline or task {pipeline_id!r}", "pipeline_id") from None
+        except BACKEND_ERRORS as exc:
+            raise ApiError(503, f"result backend unavailable: {exc}") from None
+        return dict(_jsonable(report))
 
     @app.post("/api/v1/tasks/{task_id}/cancel", tags=["tasks"],
               responses={404: {"description": "no task or pipeline has this id"},

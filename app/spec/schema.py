@@ -152,15 +152,17 @@ class RewardModelSpec(Strict):
 
 # -- data -------------------------------------------------------------------------------------
 class GraphTemplateColumn(Strict):
-    label: str
-    node: str
+    label: str | None = None
+    node: str | None = None
     path: str | None = None
-    expr: str | None = None
+    expr: str | None = None  # <node>.<path>, instead of node + path
+    default: Any = None      # the value when the path leads nowhere or to null
 
 
 class GraphTemplateOptions(Strict):
-    intro: str | None = None
-    closing: str | None = None
+    intro: str | list[str] | None = None
+    closing: str | list[str] | None = None
+    role: str | None = None  # the default intro's role ("energy strategist")
 
 
 class GraphTemplate(Strict):

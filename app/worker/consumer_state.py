@@ -28,7 +28,7 @@ from app import keys
 from app.events import task_event, utc_now_iso
 from app.redis_client import get_redis
 from app.settings import get_settings
-from app.worker.lease import TaskLease, lease_ttl_s
+from app.worker.lease import TaskLease, lease_ttl_s, record_last_error
 from app.worker.registry import IDLE, set_worker_status
 from app.worker.signals import add_beat_hook
 
@@ -122,7 +122,12 @@ def end_task_in_parent(task: Any, task_id: str, state: str, error: str) -> None:
     settings = get_settings()
     task_type = str(getattr(task, "task_type", "") or getattr(task, "name", "").rsplit(".", 1)[-1])
     lease = TaskLease(get_redis(), task_id, settings.worker_id, lease_ttl_s(settings.heartbeat_interval_s))
-    set_worker_status(settings.worker_id, IDLE, last_task=task_id, extra=lease.release_in,
+
+    def extra(pipe: Any) -> None:
+        lease.release_in(pipe)
+        record_last_error(pipe, task_id, error)
+
+    set_worker_status(settings.worker_id, IDLE, last_task=task_id, extra=extra,
                       task_event=task_event("TASK_FAILED", settings.worker_id, task_id, error=error, state=state,
                                             taskType=task_type))
     log.warning("task %s ended in the worker's main process: %s", task_id, error)

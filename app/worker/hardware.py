@@ -16,6 +16,8 @@ from typing import Any
 
 import psutil
 
+from app.engines import installed_engines
+
 try:  # nvidia-ml-py is a dependency, but a machine may lack the driver library.
     import pynvml
 except ImportError:  # pragma: no cover - depends on the install
@@ -71,9 +73,10 @@ def probe(fake: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def features() -> list[str]:
-    """Capabilities of this worker that are not hardware (installed engines, say), matched
-    against a task's required features like its hardware (docs/ROUTING.md). None yet."""
-    return []
+    """Capabilities of this worker that are not hardware, matched against a task's required
+    features like its hardware (docs/ROUTING.md): the optional inference engines installed
+    in its environment (``vllm``)."""
+    return installed_engines()
 
 
 def metrics() -> dict[str, Any]:

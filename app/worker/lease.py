@@ -20,10 +20,12 @@ import redis
 
 from app import keys
 from app.errors import ConfigError, TaskCancelled
+from app.settings import unacked_restore_interval_s
 
 log = logging.getLogger(__name__)
 
 MIN_LEASE_TTL_S = 10
+LEASE_POLL_S = 2.0  # how often a redelivered copy looks whether the lease it waits for is free
 DEFAULT_MAX_TASK_RUNS = 3
 
 # Compare-and-act scripts: only the holder may refresh or release its lease.
@@ -38,7 +40,9 @@ _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del
 # is taken, ARGV[4] (Celery's encoded STARTED meta, if any) is stored and published
 # as Celery's ``task_track_started`` would, with expiry ARGV[5] seconds (0: none):
 # the task start then costs one round trip instead of three, and a copy that only
-# waits never overwrites the running copy's state.
+# waits never overwrites the running copy's state. ARGV[6] (a TASK_STARTED event, if
+# any) is published on KEYS[5] then too: once per real start, never for a dropped
+# duplicate or a copy that waits.
 _HELD, _CANCELLED, _SUCCEEDED, _FAILED = -1, -2, -3, -4
 _ACQUIRE = """
 local meta = redis.call('get', KEYS[4])
@@ -53,6 +57,7 @@ if redis.call('exists', KEYS[3]) == 1 then return -2 end
 local holder = redis.call('get', KEYS[1])
 if holder and holder ~= ARGV[1] then return -1 end
 redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if ARGV[6] ~= '' then redis.call('publish', KEYS[5], ARGV[6]) end
 if ARGV[4] ~= '' then
   if tonumber(ARGV[5]) > 0 then redis.call('setex', KEYS[4], ARGV[5], ARGV[4])
   else redis.call('set', KEYS[4], ARGV[4]) end
@@ -77,6 +82,15 @@ def lease_ttl_s(heartbeat_interval_s: float) -> int:
     return max(int(3 * heartbeat_interval_s) + 1, MIN_LEASE_TTL_S)
 
 
+def recovery_bound_s(visibility_timeout_s: int, heartbeat_interval_s: float) -> float:
+    """Longest wait before the task of a worker killed mid-run starts again elsewhere: its
+    message comes back after the visibility timeout (plus one sweep of abandoned messages),
+    and the heir takes over once the dead worker's lease expired (polled every
+    ``LEASE_POLL_S`` at most)."""
+    return max(visibility_timeout_s, lease_ttl_s(heartbeat_interval_s)) \
+        + unacked_restore_interval_s(visibility_timeout_s) + min(LEASE_POLL_S, heartbeat_interval_s)
+
+
 def max_task_runs() -> int:
     raw = os.environ.get("MESHQ_MAX_TASK_RUNS", "").strip()
     if not raw:
@@ -84,6 +98,15 @@ def max_task_runs() -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise ConfigError("MESHQ_MAX_TASK_RUNS", f"{raw!r} must be a positive integer")
     return int(raw)
+
+
+LAST_ERROR_TTL_S = 7 * 24 * 3600
+MAX_LAST_ERROR_CHARS = 2000
+
+
+def record_last_error(pipe: Any, task_id: str, error: str) -> None:
+    """Add ``error`` as the task's last error to a pipeline (the task-end round trip)."""
+    pipe.set(keys.task_last_error(task_id), error[:MAX_LAST_ERROR_CHARS], ex=LAST_ERROR_TTL_S)
 
 
 def refresh_leases(pipe: Any, task_ids: list[str], owner: str, ttl_s: int) -> None:
@@ -95,8 +118,9 @@ def refresh_leases(pipe: Any, task_ids: list[str], owner: str, ttl_s: int) -> No
 class TaskLease:
     def __init__(self, client: redis.Redis, task_id: str, owner: str, ttl_s: int,
                  result_key: str | bytes = b"", started_meta: str | bytes = "",
-                 result_expires_s: int = 0) -> None:
+                 result_expires_s: int = 0, started_event: str = "") -> None:
         self.client = client
+        self.started_event = started_event  # published when the lease is taken (a real start)
         self.task_id = task_id
         self.result_key = result_key  # Celery's result-backend key of the task
         self.started_meta = started_meta  # stored under result_key when the lease is taken
@@ -106,9 +130,9 @@ class TaskLease:
         self.ttl_s = ttl_s
 
     def _acquire_args(self, count_run: bool) -> tuple[Any, ...]:
-        return (_ACQUIRE, 4, self.key, keys.task_runs(self.task_id), keys.task_cancel(self.task_id),
-                self.result_key or f"celery-task-meta-{self.task_id}", self.owner, self.ttl_s,
-                "1" if count_run else "0", self.started_meta, self.result_expires_s)
+        return (_ACQUIRE, 5, self.key, keys.task_runs(self.task_id), keys.task_cancel(self.task_id),
+                self.result_key or f"celery-task-meta-{self.task_id}", keys.TASKS_CHANNEL, self.owner, self.ttl_s,
+                "1" if count_run else "0", self.started_meta, self.result_expires_s, self.started_event)
 
     def acquire_in(self, pipe: Any, count_run: bool) -> None:
         """Add a first acquisition attempt to a pipeline (the task-start round trip);
@@ -159,6 +183,14 @@ class TaskLease:
             self.client.eval(_RELEASE, 1, self.key, self.owner)
         except redis.RedisError as exc:  # it expires by itself
             log.warning("could not release lease of task %s: %s", self.task_id, exc)
+
+    def last_error(self) -> str | None:
+        """The last error recorded for the task (``record_last_error``), if any."""
+        try:
+            value = self.client.get(keys.task_last_error(self.task_id))
+        except redis.RedisError:
+            return None
+        return None if value is None else (value.decode() if isinstance(value, bytes) else str(value))
 
     def count_run(self) -> int:
         """Record one real start of the task; return how many there have been."""

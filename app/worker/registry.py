@@ -83,7 +83,7 @@ class WorkerRegistry:
 
     def __init__(self, settings: Settings, queues: Iterable[str], *,
                  active_task_ids: Callable[[], list[str]] = list,
-                 on_beat: Callable[[Any, list[str]], None] | None = None,
+                 on_beat: Callable[[Any, list[str]], Any] | None = None,
                  on_capability_queues: Callable[[int], None] | None = None,
                  client: redis.Redis | None = None) -> None:
         self.settings = settings
@@ -165,9 +165,10 @@ class WorkerRegistry:
             payload={"current_tasks": running}))
         pipe.hlen(keys.CAPABILITY_QUEUES)
         recorded_at = len(pipe) - 1
-        if self.on_beat is not None:
-            self.on_beat(pipe, running)
+        after = self.on_beat(pipe, running) if self.on_beat is not None else None
         replies = pipe.execute()
+        for start, end, callback in after or ():  # hooks that want their replies
+            callback(replies[start:end])
         if self.on_capability_queues is not None:
             self.on_capability_queues(int(replies[recorded_at]))
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import signals
 from celery.app import trace
+from celery.exceptions import Retry
 from celery.worker import state as worker_state
 from celery.worker.control import control_command, ok
 
@@ -22,7 +23,8 @@ from app.events import task_event
 from app.redaction import redact
 from app.settings import MAX_CAPABILITY_QUEUES, get_settings
 from app.worker.capability_queues import CapabilityQueues
-from app.worker.lease import lease_ttl_s, refresh_leases
+from app.worker.invisibility import MessageKeeper
+from app.worker.lease import lease_ttl_s, record_last_error, refresh_leases
 from app.worker.registry import IDLE, RUNNING, WorkerRegistry, set_worker_status
 from app.worker.status_writer import StatusWriter
 
@@ -37,13 +39,19 @@ _beat_hooks: list[Any] = []
 
 
 def add_beat_hook(hook: Any) -> None:
-    """Add ``hook(pipe, running_task_ids)`` to every heartbeat's Redis pipeline."""
+    """Add ``hook(pipe, running_task_ids)`` to every heartbeat's Redis pipeline. A hook may
+    return ``callback(replies)``: it is called with the replies of the commands it added."""
     _beat_hooks.append(hook)
 
 
-def _on_beat(pipe: Any, running: list[str]) -> None:
+def _on_beat(pipe: Any, running: list[str]) -> list[tuple[int, int, Any]]:
+    callbacks = []
     for hook in _beat_hooks:
-        hook(pipe, running)
+        start = len(pipe)
+        callback = hook(pipe, running)
+        if callback is not None:
+            callbacks.append((start, len(pipe), callback))
+    return callbacks
 
 
 def active_task_ids() -> list[str]:
@@ -65,6 +73,18 @@ def configure_worker(sender: str, instance: Any, conf: Any, options: dict, **_: 
         instance.app.amqp.queues.select_add(queue)
     ttl_s = lease_ttl_s(settings.heartbeat_interval_s)
     add_beat_hook(lambda pipe, running: refresh_leases(pipe, running, settings.worker_id, ttl_s))
+    # In the same round trip: the messages of running tasks stay invisible (app.worker.invisibility).
+    keeper = MessageKeeper(instance.app, settings.worker_id)
+
+    def keep_messages_invisible(pipe: Any, _running: list[str]) -> Any:
+        tags = keeper.add_to_beat(pipe, time.time())
+        return (lambda replies: keeper.replies(tags, replies)) if tags else None
+
+    add_beat_hook(keep_messages_invisible)
+    if settings.visibility_timeout_s < 3 * settings.heartbeat_interval_s:
+        log.warning("MESHQ_VISIBILITY_TIMEOUT_S=%s is under three heartbeats (HEARTBEAT_INTERVAL_SEC=%s): "
+                    "a late heartbeat lets the broker hand a running task to another worker",
+                    settings.visibility_timeout_s, settings.heartbeat_interval_s)
     node, app = instance.hostname, instance.app
 
     def resync_if_stale(recorded: int) -> None:
@@ -159,11 +179,14 @@ def on_task_start(task_id: str, task: Any, **_: Any) -> None:
     worker_id = get_settings().worker_id
     _status_writer.wait()  # the previous task's IDLE must not land after this RUNNING
     _started_at[task_id] = time.monotonic()
-    # meshq tasks make their first lease attempt in this same round trip.
+    # meshq tasks make their first lease attempt in this same round trip; their
+    # TASK_STARTED goes out with the lease, only when this delivery really starts.
+    started = task_event("TASK_STARTED", worker_id, task_id, taskType=_task_type(task))
     lease = task.lease_for_current() if hasattr(task, "lease_for_current") else None
+    if lease is not None:
+        lease.started_event = started
     replies = set_worker_status(
-        worker_id, RUNNING, current_task=task_id,
-        task_event=task_event("TASK_STARTED", worker_id, task_id, taskType=_task_type(task)),
+        worker_id, RUNNING, current_task=task_id, task_event=started if lease is None else None,
         extra=(lambda pipe: lease.acquire_in(pipe, task.counts_this_run())) if lease is not None else None)
     if lease is not None and replies and not isinstance(replies[0], Exception):
         task.request.meshq_lease_reply = replies[0]
@@ -186,5 +209,20 @@ def on_task_end(task_id: str, task: Any, retval: Any = None, state: str | None =
     # The task's lease is released here, after Celery stored the result, so a
     # redelivered copy waiting for it finds the result.
     lease = getattr(task.request, "meshq_lease", None)
-    _status_writer.submit(set_worker_status, worker_id, IDLE, last_task=task_id, task_event=event,
-                          extra=lease.release_in if lease is not None else None)
+    last_error = _error_text(retval) if state in ("FAILURE", "RETRY") else None
+
+    def extra(pipe: Any) -> None:
+        if lease is not None:
+            lease.release_in(pipe)
+        if last_error:  # named by the run cap's message, should the task's worker die later
+            record_last_error(pipe, task_id, last_error)
+
+    _status_writer.submit(set_worker_status, worker_id, IDLE, last_task=task_id, task_event=event, extra=extra)
+
+
+def _error_text(retval: Any) -> str | None:
+    """``"ExcType: message"`` of what ended a run (a retry's cause rather than ``Retry``)."""
+    exc = getattr(retval, "exception", retval)  # an ExceptionInfo, or the exception itself
+    if isinstance(exc, Retry) and isinstance(exc.exc, BaseException):
+        exc = exc.exc
+    return f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else None

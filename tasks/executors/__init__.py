@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from app.spec import TaskSpec
+from tasks.executors.dpo import DPOExecutor
 from tasks.executors.echo import EchoExecutor
 from tasks.executors.inference import InferenceExecutor
 from tasks.executors.progress import Progress
@@ -38,6 +39,7 @@ EXECUTORS: dict[str, type[Executor]] = {
     "inference": InferenceExecutor,
     "sft": SFTExecutor,
     "lora_sft": LoRASFTExecutor,
+    "dpo": DPOExecutor,
 }
 
-__all__ = ["EXECUTORS", "Executor", "EchoExecutor", "InferenceExecutor", "LoRASFTExecutor", "SFTExecutor"]
+__all__ = ["EXECUTORS", "DPOExecutor", "Executor", "EchoExecutor", "InferenceExecutor", "LoRASFTExecutor", "SFTExecutor"]

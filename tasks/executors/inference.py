@@ -44,6 +44,7 @@ from tasks.executors.models import (
     is_adapter_dir,
 )
 from tasks.executors.progress import Progress
+from tasks.executors.shards import PromptRange
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,9 @@ def load_prompts(spec: TaskSpec, out_dir: Path) -> Prompts:
     or an http(s) URL; ``tasks.executors.data``), sliced, shuffled and cut to ``max_samples``,
     with the ``metadata_columns`` of each row."""
     data = spec.inference_data()
+    if data.type == "graph_template":  # the pipeline's worker side builds these into a list
+        raise SpecError("spec.data.type", "graph_template prompts are built from earlier nodes' results: "
+                                          "submit the task as a node of a graph pipeline")
     if data.type == "list":
         return Prompts(sample(list(data.items or []), shuffle=data.shuffle, seed=data.seed,
                               max_samples=data.max_samples))
@@ -214,19 +218,42 @@ def resolve_checkpoint(load: CheckpointLoad | None, out_dir: Path, *, merge: boo
 
 
 # -- engine --------------------------------------------------------------------------------
-def select_backend(spec: TaskSpec) -> tuple[str, list[str]]:
-    """The engine that runs this task and notes on the choice. Only transformers runs here:
-    a template configured for vLLM (``model.vllm``) runs on it and says so."""
+BACKEND_FIELD = "spec.inference.backend"
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    name: str                              # "vllm" or "transformers"
+    notes: tuple[str, ...] = ()            # why, when it is not what the spec asked for
+    required: bool = False                 # inference.backend: vllm (no fallback)
+
+
+def select_backend(spec: TaskSpec, vllm_here: bool) -> BackendChoice:
+    """The engine that runs this task (``vllm_here``: this worker has vLLM).
+
+    ``inference.backend: transformers`` and ``vllm`` are what they say (a worker without
+    vLLM never receives a ``vllm`` task: routing, docs/ROUTING.md; one sent to it anyway
+    fails naming the field). ``auto`` runs a model with a ``model.vllm`` block on vLLM where
+    the worker has it, otherwise on transformers with a note, as the original system did;
+    a model without that block runs on transformers.
+    """
     assert spec.model is not None
     wanted = spec.inference.backend if spec.inference is not None else "auto"
     if wanted == "vllm":
-        raise SpecError("spec.inference.backend", "'vllm': this worker has no vLLM engine; "
-                                                  "use auto or transformers")
-    notes = []
-    if spec.model.vllm is not None:
-        notes.append("model.vllm: this worker has no vLLM engine, so the task ran on transformers "
-                     "(the vllm settings had no effect)")
-    return "transformers", notes
+        if not vllm_here:
+            raise SpecError(BACKEND_FIELD, "'vllm': this worker has no vLLM engine (start it from an "
+                                           "environment built by make install-vllm); use auto or transformers")
+        return BackendChoice("vllm", required=True)
+    if wanted == "transformers":
+        notes = ("model.vllm: inference.backend is transformers, so the vllm settings had no effect",) \
+            if spec.model.vllm is not None else ()
+        return BackendChoice("transformers", notes)
+    if spec.model.vllm is None:
+        return BackendChoice("transformers")
+    if not vllm_here:
+        return BackendChoice("transformers", ("model.vllm: this worker has no vLLM engine, so the task ran on "
+                                              "transformers (the vllm settings had no effect)",))
+    return BackendChoice("vllm")
 
 
 # -- generation --------------------------------------------------------------------------
@@ -294,19 +321,31 @@ class InferenceExecutor:
     def __init__(self, cache: ModelCache | None = None) -> None:
         self.cache = cache or MODEL_CACHE
 
-    def run(self, spec: TaskSpec, out_dir: Path, progress: Progress) -> dict[str, Any]:
+    def run(self, spec: TaskSpec, out_dir: Path, progress: Progress,
+            shard: PromptRange | None = None) -> dict[str, Any]:
+        """Run every prompt, or with ``shard`` only its range (items keep their index in the
+        whole task; the postprocess export is left to whoever merges the shards)."""
         started = time.monotonic()
         if spec.model is None:
             raise SpecError("spec.model", "required for taskType 'inference'")
         options = spec.inference or InferenceOptions()
         data = load_prompts(spec, out_dir)
+        offset = 0
+        if shard is not None:
+            if shard.stop > len(data.texts):
+                raise SpecError("spec.data", f"shard {shard.index} covers prompts {shard.start}-{shard.stop - 1} "
+                                             f"but the data has {len(data.texts)} prompts")
+            offset = shard.start
+            data = Prompts(data.texts[shard.start:shard.stop],
+                           data.metadata[shard.start:shard.stop] if data.metadata is not None else None)
         prompts = data.texts
         data_field = "spec.data.items" if spec.inference_data().type == "list" else "spec.data.column"
         if not (options.system_prompt or options.chat_template):  # cheap checks before any loading
             empty = next((i for i, p in enumerate(prompts) if not p), None)
             if empty is not None:
                 raise SpecError(data_field, f"prompt {empty} is empty")
-        backend, notes = select_backend(spec)
+        choice = select_backend(spec, vllm_here=False)  # the vLLM executor joins in the next change
+        backend, notes = choice.name, list(choice.notes)
         adapter_load, merge = adapter_checkpoint(spec.model.adapters)
         if adapter_load is not None:
             checkpoint = resolve_checkpoint(adapter_load, out_dir, merge=merge, field=ADAPTERS_FIELD)
@@ -318,7 +357,7 @@ class InferenceExecutor:
         tokenizer = loaded.tokenizer
         texts, templated = render_prompts(prompts, options, tokenizer, spec.model.source.identifier)
         encoded = tokenizer(texts, add_special_tokens=not templated)["input_ids"]
-        self._check_lengths(encoded, options, loaded, data_field)
+        self._check_lengths(encoded, options, loaded, data_field, offset)
 
         total = len(prompts)
         if options.batch_size is not None:
@@ -342,7 +381,7 @@ class InferenceExecutor:
             outputs = self._generate([encoded[i] for i in batch], options, loaded)
             generate_s += time.monotonic() - batch_started
             for index, (text, reason, n_new) in zip(batch, outputs, strict=True):
-                item: dict[str, Any] = {"index": index, "prompt": prompts[index], "output": text,
+                item: dict[str, Any] = {"index": offset + index, "prompt": prompts[index], "output": text,
                                         "finish_reason": reason}
                 if data.metadata is not None:
                     item["metadata"] = data.metadata[index]
@@ -372,8 +411,10 @@ class InferenceExecutor:
             "model_cache": {"hit": hit, "load_sec": round(0.0 if hit else loaded.load_s, 4),
                             "loads": self.cache.stats.loads, "hits": self.cache.stats.hits},
         }
+        if shard is not None:
+            result["shard"] = shard.as_dict()
         export = spec.postprocess.jsonl_export if spec.postprocess is not None else None
-        if export is not None:
+        if export is not None and shard is None:
             result["jsonl_export"] = write_export([i for i in items if i is not None], export, out_dir)
         if notes:
             result["notes"] = notes
@@ -381,16 +422,17 @@ class InferenceExecutor:
 
     @staticmethod
     def _check_lengths(encoded: Sequence[Sequence[int]], options: InferenceOptions,
-                       loaded: LoadedModel, data_field: str) -> None:
+                       loaded: LoadedModel, data_field: str, offset: int = 0) -> None:
+        """``offset``: the index of the first prompt in the whole task (a shard's start)."""
         for index, ids in enumerate(encoded):
             if not ids:
-                raise SpecError(data_field, f"prompt {index} is empty (no tokens)")
+                raise SpecError(data_field, f"prompt {offset + index} is empty (no tokens)")
         context = getattr(loaded.model.config, "max_position_embeddings", None)
         if context:
             longest = max(range(len(encoded)), key=lambda i: len(encoded[i]))
             if len(encoded[longest]) + options.max_new_tokens > context:
                 raise SpecError("spec.inference.max_new_tokens",
-                                f"prompt {longest} has {len(encoded[longest])} tokens; with "
+                                f"prompt {offset + longest} has {len(encoded[longest])} tokens; with "
                                 f"max_new_tokens={options.max_new_tokens} it exceeds the model's "
                                 f"context of {context} tokens")
 

@@ -49,6 +49,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,41 +145,72 @@ def training_precision(spec: TaskSpec, options: TrainingOptions, device: str) ->
     return Precision("float32" if dtype == "auto" else dtype, options.fp16, options.bf16)
 
 
+def training_argument_values(options: TrainingOptions, checkpoints_dir: Path, device: str,
+                             precision: Precision | None = None) -> dict[str, Any]:
+    """The arguments meshq trains with, by ``TrainingArguments`` name (shared by every trainer)."""
+    fp16 = precision.fp16 if precision is not None else options.fp16
+    bf16 = precision.bf16 if precision is not None else options.bf16
+    return {
+        "output_dir": str(checkpoints_dir),
+        "per_device_train_batch_size": options.batch_size,
+        "gradient_accumulation_steps": options.gradient_accumulation_steps,
+        "num_train_epochs": options.num_train_epochs,
+        "max_steps": options.max_steps or -1,
+        "learning_rate": options.learning_rate,
+        "lr_scheduler_type": options.lr_scheduler_type,
+        "warmup_steps": options.warmup_steps,
+        "weight_decay": options.weight_decay,
+        "logging_steps": options.logging_steps,
+        "logging_first_step": True,
+        "save_strategy": options.save_strategy,
+        "save_steps": options.save_steps,
+        "save_total_limit": options.save_total_limit,
+        "seed": options.seed,
+        "bf16": bf16,
+        "fp16": fp16,
+        # training.gradient_checkpointing (transformers 5 names it activation checkpointing);
+        # non-reentrant, which also works when only an adapter's weights need gradients.
+        "activation_checkpointing": options.gradient_checkpointing,
+        "activation_checkpointing_kwargs": {"use_reentrant": False} if options.gradient_checkpointing else None,
+        "use_cpu": device == "cpu",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "remove_unused_columns": False,
+    }
+
+
+# Older spellings of an argument, for a transformers release that lacks the newer name.
+ARGUMENT_FALLBACKS = {"activation_checkpointing": "gradient_checkpointing",
+                      "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs"}
+
+
+def supported_arguments(config_class: type, values: dict[str, Any]) -> Any:
+    """``config_class(**values)`` with only the arguments this installed release knows: the
+    checkpointing and saving arguments were renamed across transformers 5.x minors (and TRL's
+    configs subclass ``TrainingArguments``). A renamed one is passed by its older name; one
+    that is not known by either name is dropped with a log line (always an optional knob)."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(config_class)}
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        if name in known:
+            kwargs[name] = value
+        elif ARGUMENT_FALLBACKS.get(name) in known:
+            kwargs[ARGUMENT_FALLBACKS[name]] = value
+        else:
+            log.info("%s has no argument %r; not passed", config_class.__name__, name)
+    return config_class(**kwargs)
+
+
 def training_arguments(options: TrainingOptions, checkpoints_dir: Path, device: str,
                        precision: Precision | None = None) -> Any:
     """The ``TrainingArguments`` meshq trains with (also used by ``bench/training.py``'s plain script)."""
     from transformers import TrainingArguments
 
-    fp16 = precision.fp16 if precision is not None else options.fp16
-    bf16 = precision.bf16 if precision is not None else options.bf16
-    return TrainingArguments(
-        output_dir=str(checkpoints_dir),
-        per_device_train_batch_size=options.batch_size,
-        gradient_accumulation_steps=options.gradient_accumulation_steps,
-        num_train_epochs=options.num_train_epochs,
-        max_steps=options.max_steps or -1,
-        learning_rate=options.learning_rate,
-        lr_scheduler_type=options.lr_scheduler_type,
-        warmup_steps=options.warmup_steps,
-        weight_decay=options.weight_decay,
-        logging_steps=options.logging_steps,
-        logging_first_step=True,
-        save_strategy=options.save_strategy,
-        save_steps=options.save_steps,
-        save_total_limit=options.save_total_limit,
-        seed=options.seed,
-        bf16=bf16,
-        fp16=fp16,
-        # training.gradient_checkpointing (transformers 5 names it activation checkpointing);
-        # non-reentrant, which also works when only an adapter's weights need gradients.
-        activation_checkpointing=options.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if options.gradient_checkpointing else None,
-        use_cpu=device == "cpu",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-    )
+    return supported_arguments(TrainingArguments, training_argument_values(options, checkpoints_dir, device,
+                                                                           precision))
 
 
 class TrainingExecutor:
@@ -186,9 +218,12 @@ class TrainingExecutor:
 
     kind = "model"  # final_<kind>/ and final_<kind>_* result fields
 
+    def output_kind(self, spec: TaskSpec) -> str:
+        """``model`` (every weight trains, ``final_model/``) or ``lora`` (an adapter, ``final_lora/``)."""
+        return self.kind
+
     def run(self, spec: TaskSpec, out_dir: Path, progress: Progress) -> dict[str, Any]:
         import torch
-        from transformers import Trainer
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
         from transformers.utils import logging as hf_logging
 
@@ -210,8 +245,8 @@ class TrainingExecutor:
         if note:
             notes.append(note)
         progress.check_cancelled("before loading the model")
-
-        examples = load_examples(spec.training_data(), lambda url: str(download_file(url, out_dir / "inputs")))
+        kind = self.output_kind(spec)
+        data = self.load_data(spec, out_dir)
 
         base_dir = models.resolve_model_dir(spec.model.source.identifier, spec.model.source.revision)
         init_dir, init_kind = self._initial_checkpoint(spec, out_dir)
@@ -220,9 +255,7 @@ class TrainingExecutor:
         if tokenizer.pad_token_id is None:
             raise ExecutorError(f"{tokenizer_dir}: the tokenizer has neither a pad nor an eos token",
                                 path=str(tokenizer_dir))
-        rows = tokenize_examples(examples, tokenizer, options.max_seq_length)
-        if options.packing:
-            rows = pack_rows(rows, options.max_seq_length)
+        rows = self.prepare_rows(data, tokenizer, options)
 
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -236,18 +269,16 @@ class TrainingExecutor:
         if resume:
             log.info("resuming %s from %s (step %d)", progress.task_id, resume[0], resumed_from_step)
 
-        args = training_arguments(options, checkpoints, device, precision)
         callback = MeshqProgressCallback(progress)
-        trainer = Trainer(model=model, args=args, train_dataset=rows,  # type: ignore[arg-type]
-                          data_collator=PaddingCollator(tokenizer.pad_token_id),
-                          processing_class=tokenizer, callbacks=[callback])
+        trainer = self.make_trainer(spec, model, training_argument_values(options, checkpoints, device, precision),
+                                    rows, tokenizer, callback)
         trainer.remove_callback(PrinterCallback)  # one stdout line per step; our callback logs instead
         trainer.remove_callback(ProgressCallback)
         try:
             output = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
             if callback.cancelled_at_step is not None:
                 raise TaskCancelled(progress.task_id, f"at step {callback.cancelled_at_step}")
-            final_dir = self._save_final(trainer, tokenizer, out_dir) if options.save_model else None
+            final_dir = self._save_final(trainer, tokenizer, out_dir, kind) if options.save_model else None
             history = list(trainer.state.log_history)
             steps = trainer.state.global_step
             max_steps = trainer.state.max_steps
@@ -263,7 +294,6 @@ class TrainingExecutor:
         losses = [(int(entry["step"]), float(entry["loss"])) for entry in history if "loss" in entry]
         train_runtime = float(output.metrics.get("train_runtime", 0.0))
         run_steps = steps - resumed_from_step
-        kind = self.kind
         result: dict[str, Any] = {}
         if final_dir is not None:
             archive = make_archive(final_dir, spec.output.archive_format)
@@ -299,6 +329,7 @@ class TrainingExecutor:
             "packed": options.packing,
             "gradient_checkpointing": options.gradient_checkpointing,
         })
+        result.update(self.extra_result(spec, history))
         if peak is not None:
             result["peak_gpu_memory_bytes"] = int(peak)
         if notes:
@@ -306,6 +337,30 @@ class TrainingExecutor:
         return result
 
     # -- pieces subclasses share or override ---------------------------------------------
+    def load_data(self, spec: TaskSpec, out_dir: Path) -> Any:
+        """The task's training data, read before any model is loaded (bad data fails fast)."""
+        return load_examples(spec.training_data(), lambda url: str(download_file(url, out_dir / "inputs")))
+
+    def prepare_rows(self, data: Any, tokenizer: Any, options: TrainingOptions) -> Any:
+        """What the trainer iterates over: tokenised examples (prompt masked, eos appended, packed)."""
+        rows = tokenize_examples(data, tokenizer, options.max_seq_length)
+        if options.packing:
+            rows = pack_rows(rows, options.max_seq_length)
+        return rows
+
+    def make_trainer(self, spec: TaskSpec, model: Any, arguments: dict[str, Any], rows: Any, tokenizer: Any,
+                     callback: Any) -> Any:
+        """The ``Trainer`` (or a subclass of it, such as TRL's) that runs the steps."""
+        from transformers import Trainer, TrainingArguments
+
+        return Trainer(model=model, args=supported_arguments(TrainingArguments, arguments),
+                       train_dataset=rows, data_collator=PaddingCollator(tokenizer.pad_token_id),
+                       processing_class=tokenizer, callbacks=[callback])
+
+    def extra_result(self, spec: TaskSpec, history: list[dict[str, Any]]) -> dict[str, Any]:
+        """Result fields of this task type beyond the shared ones (the trainer's own metrics)."""
+        return {}
+
     @staticmethod
     def _device(spec: TaskSpec, options: TrainingOptions) -> str:
         return models.training_device(models.device_map_for(spec))
@@ -326,6 +381,13 @@ class TrainingExecutor:
 
     def build_model(self, spec: TaskSpec, base_dir: Path, init_dir: Path | None, init_kind: str | None,
                     options: TrainingOptions, dtype: str) -> Any:
+        """The model to train: all its weights (``model``) or a LoRA adapter on it (``lora``)."""
+        if self.output_kind(spec) == "lora":
+            return self.build_lora_model(spec, base_dir, init_dir, init_kind, options, dtype)
+        return self.build_full_model(spec, base_dir, init_dir, init_kind, dtype)
+
+    def build_full_model(self, spec: TaskSpec, base_dir: Path, init_dir: Path | None, init_kind: str | None,
+                         dtype: str) -> Any:
         """Full fine-tuning: the base model, a full checkpoint, or the base with an adapter merged in."""
         if init_kind == "model" and init_dir is not None:
             return self.load_causal_lm(init_dir, spec, "spec.checkpoint.load", dtype)
@@ -337,33 +399,10 @@ class TrainingExecutor:
             model.requires_grad_(True)  # peft froze the base weights; full fine-tuning trains them all
         return model
 
-    def _save_final(self, trainer: Any, tokenizer: Any, out_dir: Path) -> Path:
-        """Write ``final_<kind>/`` (weights + tokenizer) via a temporary directory and a rename."""
-        final_dir = out_dir / f"final_{self.kind}"
-        tmp = out_dir / f".final_{self.kind}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        trainer.save_model(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the result has the arguments
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        tmp.rename(final_dir)
-        return final_dir
-
-
-class SFTExecutor(TrainingExecutor):
-    """Full supervised fine-tuning: every weight trains; writes ``final_model/``."""
-
-    kind = "model"
-
-
-class LoRASFTExecutor(TrainingExecutor):
-    """LoRA fine-tuning with peft: only the adapter trains; writes ``final_lora/``."""
-
-    kind = "lora"
-
-    def build_model(self, spec: TaskSpec, base_dir: Path, init_dir: Path | None, init_kind: str | None,
-                    options: TrainingOptions, dtype: str) -> Any:
+    def build_lora_model(self, spec: TaskSpec, base_dir: Path, init_dir: Path | None, init_kind: str | None,
+                         options: TrainingOptions, dtype: str) -> Any:
+        """A new LoRA adapter (``spec.lora``) on the base or a full checkpoint, or an earlier adapter
+        trained further."""
         from peft import LoraConfig, PeftModel, get_peft_model
         from transformers import set_seed
 
@@ -386,6 +425,37 @@ class LoRASFTExecutor(TrainingExecutor):
             return get_peft_model(base, config)
         except ValueError as exc:  # e.g. target modules not found in the model
             raise SpecError("spec.lora.target_modules", str(exc)) from None
+
+    @staticmethod
+    def _save_final(trainer: Any, tokenizer: Any, out_dir: Path, kind: str) -> Path:
+        """Write ``final_<kind>/`` (weights + tokenizer) via a temporary directory and a rename."""
+        return save_final(lambda tmp: trainer.save_model(str(tmp)), tokenizer, out_dir, kind)
+
+
+class SFTExecutor(TrainingExecutor):
+    """Full supervised fine-tuning: every weight trains; writes ``final_model/``."""
+
+    kind = "model"
+
+
+class LoRASFTExecutor(TrainingExecutor):
+    """LoRA fine-tuning with peft: only the adapter trains; writes ``final_lora/``."""
+
+    kind = "lora"
+
+
+def save_final(save_weights: Callable[[Path], None], tokenizer: Any, out_dir: Path, kind: str) -> Path:
+    """``final_<kind>/``: ``save_weights(tmp)`` + the tokenizer in a temporary directory, then a rename."""
+    final_dir = out_dir / f"final_{kind}"
+    tmp = out_dir / f".final_{kind}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_weights(tmp)
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the result has the arguments
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    tmp.rename(final_dir)
+    return final_dir
 
 
 def _write_log(path: Path, history: list[dict[str, Any]]) -> None:

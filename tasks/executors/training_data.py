@@ -68,6 +68,22 @@ def examples_from_jsonl(rows: list[dict[str, Any]], data: TrainingData) -> list[
     return [Example(p, data.separator + r) if r else Example("", p) for p, r in zip(prompts, responses, strict=True)]
 
 
+def read_source_rows(data: TrainingData, fetch: Callable[[str], str] = str) -> list[dict[str, Any]]:
+    """The rows of ``data``'s jsonl file or table (not ``prompts``/``preferences``), sliced by ``split``."""
+    if data.jsonl is not None:
+        field = "spec.data.jsonl.url" if data.jsonl.url else "spec.data.jsonl.path"
+        source = str(data.jsonl.url or data.jsonl.path)
+        local = fetch(source) if source.startswith(("http://", "https://")) else source
+        if not local.lower().endswith(".jsonl"):
+            raise SpecError(field, f"{source!r} is not a .jsonl file")
+        return read_records(local, field=field, split=data.split)
+    field = ("spec.data.url" if data.url else "spec.data.path" if data.path
+             else "spec.data.dataset_name")
+    source = str(data.url or data.path or data.dataset_name)
+    local = fetch(source) if source.startswith(("http://", "https://")) else source
+    return read_records(local, field=field, split=data.split, name=data.name)
+
+
 def load_examples(data: TrainingData, fetch: Callable[[str], str] = str) -> list[Example]:
     """Examples for ``data``; ``fetch(url)`` downloads an http(s) URL and returns the local file."""
     if data.preferences:
@@ -76,19 +92,9 @@ def load_examples(data: TrainingData, fetch: Callable[[str], str] = str) -> list
     if data.prompts:
         examples = examples_from_prompts(data)
     elif data.jsonl is not None:
-        field = "spec.data.jsonl.url" if data.jsonl.url else "spec.data.jsonl.path"
-        source = str(data.jsonl.url or data.jsonl.path)
-        local = fetch(source) if source.startswith(("http://", "https://")) else source
-        if not local.lower().endswith(".jsonl"):
-            raise SpecError(field, f"{source!r} is not a .jsonl file")
-        examples = examples_from_jsonl(read_records(local, field=field, split=data.split), data)
+        examples = examples_from_jsonl(read_source_rows(data, fetch), data)
     else:
-        field = ("spec.data.url" if data.url else "spec.data.path" if data.path
-                 else "spec.data.dataset_name")
-        source = str(data.url or data.path or data.dataset_name)
-        local = fetch(source) if source.startswith(("http://", "https://")) else source
-        rows = read_records(local, field=field, split=data.split, name=data.name)
-        examples = examples_from_rows(rows, data)
+        examples = examples_from_rows(read_source_rows(data, fetch), data)
     examples = sample(examples, shuffle=data.shuffle, seed=data.seed, max_samples=data.max_samples)
     if not examples:
         raise SpecError("spec.data", "no training examples")

@@ -1,0 +1,48 @@
+"""Print meshq's requirements (setup.cfg ``install_requires`` and the named extras), one a
+line, leaving out the packages named with ``--without``.
+
+``make install-vllm`` installs meshq into ``.venv-vllm`` with ``--no-deps`` and then these,
+so meshq's own ``torch`` pin (for the default install) never replaces the torch that
+vLLM was built against.
+
+    python tools/requirements.py --extras test --without torch
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+")
+
+
+def requirements(extras: list[str], without: set[str]) -> list[str]:
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    lines = config["options"]["install_requires"].splitlines()
+    for extra in extras:
+        lines += config["options.extras_require"][extra].splitlines()
+    kept = []
+    for line in (raw.strip() for raw in lines):
+        if not line or line.startswith("#"):
+            continue
+        match = _NAME_RE.match(line)
+        name = match.group(0).lower() if match else ""
+        if name.split("[")[0] not in without:
+            kept.append(line)
+    return kept
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--extras", nargs="*", default=[])
+    parser.add_argument("--without", nargs="*", default=[])
+    args = parser.parse_args()
+    print("\n".join(requirements(args.extras, {name.lower() for name in args.without})))
+
+
+if __name__ == "__main__":
+    main()
