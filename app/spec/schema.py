@@ -303,6 +303,8 @@ class InferenceOptions(Strict):
     chat_template: bool | str | None = None
     seed: int | None = None
     backend: Literal["auto", "vllm", "transformers"] = "auto"
+    # Generate max_new_tokens for every prompt, whatever the model says (benchmarks).
+    ignore_eos: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -622,7 +624,9 @@ class TaskSpec(Strict):
             raise ValueError("enforce_cpu: true, but model.transformers.device_map is 'cuda'; give one")
         if self.model is not None and self.model.adapters and self.checkpoint and self.checkpoint.load:
             raise ValueError("model: adapters and checkpoint.load both name weights to start from; give one")
-        if self.model is not None and self.model.transformers.trust_remote_code and self._downloads_weights():
+        remote_code = self.model is not None and (
+            self.model.transformers.trust_remote_code or bool(self.model.vllm and self.model.vllm.trust_remote_code))
+        if remote_code and self._downloads_weights():
             raise ValueError("model: trust_remote_code is never allowed with weights downloaded from a URL or "
                              "the orchestrator (checkpoint.load, model.adapters): their code would run on the worker")
         return self

@@ -24,9 +24,10 @@ import os
 import re
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from app.data_roots import check_remote_code, under_results
 from app.errors import ExecutorError, SpecError
@@ -236,6 +237,19 @@ def load_causal_lm(directory: Path, dtype: str, trust_remote_code: bool, field: 
 
 
 # -- the warm cache -------------------------------------------------------------------
+class ReleasableCache(Protocol):
+    def release(self) -> None: ...
+
+
+# Every model cache of this process (transformers models, vLLM engines), so that loading into
+# one releases the others and a training task releases them all.
+_CACHES: weakref.WeakSet[ReleasableCache] = weakref.WeakSet()
+
+
+def register_cache(cache: ReleasableCache) -> None:
+    _CACHES.add(cache)
+
+
 @dataclass(frozen=True)
 class ModelKey:
     """Everything that decides which weights a task gets."""
@@ -274,6 +288,7 @@ class ModelCache:
         self._current: LoadedModel | None = None
         self._lock = threading.Lock()
         self.stats = CacheStats()
+        register_cache(self)
 
     def key_for(self, model_spec: ModelSpec, *, model_dir: str | Path | None = None,
                 adapter_dir: str | Path | None = None, merge_adapter: bool = False,
@@ -300,6 +315,7 @@ class ModelCache:
                 self.stats.hits += 1
                 return current, True
             self.release()
+            release_other_caches(self)  # a warm vLLM engine, if one is loaded
             started = time.monotonic()
             model, tokenizer = _load(Path(key.weights_dir), Path(key.base_dir), key.dtype, key.device,
                                      key.trust_remote_code,
@@ -334,5 +350,15 @@ class ModelCache:
 MODEL_CACHE = ModelCache()
 
 
+def release_other_caches(owner: object) -> None:
+    """Release every model cache of this process except ``owner``: one process holds one
+    model's memory at a time (a vLLM engine and a transformers model never both)."""
+    for cache in list(_CACHES):
+        if cache is not owner:
+            cache.release()
+
+
 def release_cached_model() -> None:
-    MODEL_CACHE.release()
+    """Free every cached model of this process (the transformers model and a vLLM engine)."""
+    for cache in list(_CACHES):
+        cache.release()
