@@ -59,3 +59,22 @@ def test_auto_falls_back_to_transformers_with_a_note_on_a_worker_without_vllm(wo
     result = run(inference_spec(model_dir, mixed_prompts(4), "auto"))
     assert result["worker_id"] == worker.worker_id and result["backend"] == "transformers"
     assert any(note.startswith("model.vllm: this worker has no vLLM engine") for note in result["notes"])
+
+
+def test_a_vllm_task_waits_for_a_vllm_worker_and_the_plain_worker_never_takes_it(worker_factory, redis_client,
+                                                                                  model_dir) -> None:
+    from app.celery import app
+    from tasks.submit import submit_task
+
+    worker_factory(worker_id="plain", python=str(PLAIN_PYTHON), env={"OMP_NUM_THREADS": "1"})
+    assert '"features": []' in redis_client.hget("worker:plain", "capabilities_json")
+    waiting = submit_task(inference_spec(model_dir, mixed_prompts(3), "vllm", vllm_block=False))
+    assert waiting.queue == "tasks.need.features=vllm" and "plain: features vllm" in waiting.warnings[0]
+    echo = submit_task({"taskType": "echo"})
+    assert app.AsyncResult(echo.task_id).get(timeout=60)["worker_id"] == "plain"
+    assert app.AsyncResult(waiting.task_id).state == "PENDING" and redis_client.llen(waiting.queue) == 1
+
+    engine_worker = worker_factory(worker_id="engine")
+    result = app.AsyncResult(waiting.task_id).get(timeout=600)
+    assert result["worker_id"] == engine_worker.worker_id and result["backend"] == "vllm"
+    assert "notes" not in result
