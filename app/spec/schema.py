@@ -636,7 +636,17 @@ class TaskSpec(Strict):
             raise ValueError("enforce_cpu: true, but model.transformers.device_map is 'cuda'; give one")
         if self.model is not None and self.model.adapters and self.checkpoint and self.checkpoint.load:
             raise ValueError("model: adapters and checkpoint.load both name weights to start from; give one")
+        remote_code = self.model is not None and (
+            self.model.transformers.trust_remote_code or bool(self.model.vllm and self.model.vllm.trust_remote_code))
+        if remote_code and self._downloads_weights():
+            raise ValueError("model: trust_remote_code is never allowed with weights downloaded from a URL or "
+                             "the orchestrator (checkpoint.load, model.adapters): their code would run on the worker")
         return self
+
+    def _downloads_weights(self) -> bool:
+        load = self.checkpoint.load if self.checkpoint else None
+        adapters = self.model.adapters if self.model else []
+        return (load is not None and load.type == "http") or any(not a.path for a in adapters)
 
     # Typed views of ``data`` for each task type (validated in ``parse_task_spec``).
     def inference_data(self) -> InferenceData:
