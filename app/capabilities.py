@@ -17,10 +17,11 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from app.engines import VLLM
 from app.settings import TAG_RE
 from app.spec.schema import ResourcesSpec, TaskSpec
 from app.spec.sizes import format_size_exact
@@ -126,7 +127,19 @@ class Requirement:
 
 def requirement_of(spec: TaskSpec) -> Requirement:
     """The requirement of a validated task spec."""
-    return _requirement(spec.tags, spec.resources)
+    backend = spec.inference.backend if spec.inference is not None else None
+    return _requirement(spec.tags, spec.resources, _engine_features(backend))
+
+
+def _engine_features(backend: str | None) -> tuple[str, ...]:
+    """``inference.backend: vllm`` is a routing requirement: only a worker with vLLM runs it
+    (``auto`` and ``transformers`` run anywhere)."""
+    return (VLLM,) if backend == VLLM else ()
+
+
+class _BackendField(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    backend: Literal["auto", "vllm", "transformers"] = "auto"
 
 
 class _RoutingFields(BaseModel):
@@ -136,6 +149,7 @@ class _RoutingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
     tags: list[str] = Field(default_factory=list)
     resources: ResourcesSpec | None = None
+    inference: _BackendField | None = None
 
     @field_validator("tags")
     @classmethod
@@ -153,10 +167,12 @@ def requirement_of_raw(raw: Mapping[str, Any], prefix: str = "spec") -> Requirem
         fields = _RoutingFields.model_validate(dict(raw))
     except ValidationError as exc:
         raise spec_error_from(exc, prefix) from None
-    return _requirement(fields.tags, fields.resources)
+    backend = fields.inference.backend if fields.inference is not None else None
+    return _requirement(fields.tags, fields.resources, _engine_features(backend))
 
 
-def _requirement(tags: Iterable[str], resources: ResourcesSpec | None) -> Requirement:
+def _requirement(tags: Iterable[str], resources: ResourcesSpec | None,
+                 features: tuple[str, ...] = ()) -> Requirement:
     hardware = resources.hardware if resources is not None else None
     cpu = memory = None
     gpu = None
@@ -168,9 +184,8 @@ def _requirement(tags: Iterable[str], resources: ResourcesSpec | None) -> Requir
             wanted = hardware.gpu.type
             gpu_type = None if wanted is None or wanted.strip().lower() == GPU_TYPE_ANY else canonical_gpu_type(wanted)
             gpu = GpuNeed(hardware.gpu.count, gpu_type, hardware.gpu.memory_bytes or None)
-    # Features (capabilities that are not hardware, e.g. an inference engine) join here
-    # once a spec field asks for one.
-    return Requirement(tags=tuple(sorted(set(tags))), cpu_millicores=cpu, memory_bytes=memory, gpu=gpu)
+    return Requirement(tags=tuple(sorted(set(tags))), cpu_millicores=cpu, memory_bytes=memory, gpu=gpu,
+                       features=tuple(sorted(set(features))))
 
 
 # -- what a worker has -------------------------------------------------------------------------

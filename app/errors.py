@@ -36,6 +36,10 @@ class SpecError(MeshqError):
         return f"{self.field}: {self.message}" if self.field else self.message
 
 
+class LimitExceeded(SpecError):
+    """A document or message past one of ``app.limits`` (HTTP 413); the message names the limit."""
+
+
 class ExecutorError(MeshqError):
     """An executor could not do its job (model missing, data unreadable, ...)."""
 

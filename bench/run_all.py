@@ -24,6 +24,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("dispatch.py", []),
     ("server_transfer.py", []),
     ("inference.py", []),
+    ("shards.py", []),
     ("transfer.py", []),
     ("training.py", ["--steps", "30", "--repeat", "2"]),
 ]

@@ -69,6 +69,8 @@ def stage_line(name: str, stage: dict[str, Any], width: int = 12) -> str:
         text += f" {describe_progress(stage['progress'])}"
     if stage.get("worker_id"):
         text += f"  [worker {stage['worker_id']}]"
+    if stage.get("depends_on"):  # a graph node: what it waits for
+        text += f"  (after {', '.join(stage['depends_on'])})"
     if stage.get("error"):
         text += f"  {stage['error']}"
     return text.rstrip()
@@ -113,6 +115,8 @@ def status_renderable(report: dict[str, Any]) -> Group:
         if stage.get("error"):
             detail = (detail + "  " if detail else "") + str(stage["error"])
         worker = f"[worker {stage['worker_id']}]" if stage.get("worker_id") else ""
+        if stage.get("depends_on"):
+            worker = (worker + " " if worker else "") + f"(after {', '.join(stage['depends_on'])})"
         table.add_row(Text(name, style="bold"), Text(state, style=STATE_STYLES.get(state, "")), bar,
                       Text(detail), Text(worker, style="dim"))
     title = Text(header_line(report), style=STATE_STYLES.get(report["state"], ""))

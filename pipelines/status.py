@@ -71,7 +71,8 @@ def mark_skipped_nodes(nodes: list[dict[str, Any]], cancelled: bool) -> None:
     for node in nodes:
         blocked = any(by_name[d]["state"] in stopped for d in node.get("depends_on") or [] if d in by_name)
         never_ran = node["state"] in (states.PENDING, SKIPPED) or node.get("error_type") == CHORD_ERROR
-        if never_ran and (blocked or failed or cancelled or node["state"] == SKIPPED
-                          or node.get("error_type") == CHORD_ERROR):
+        if blocked and node["state"] != states.SUCCESS:
+            _skip(node)  # whatever was stored under its id (a revoke of its id, say), it never ran
+        elif never_ran and (failed or cancelled or node["state"] == SKIPPED or node.get("error_type") == CHORD_ERROR):
             _skip(node)
         by_name[node["name"]] = node

@@ -3,6 +3,6 @@
 Importing this package registers every meshq task with the Celery app.
 """
 
-from tasks.definitions import dpo, echo, inference, lora_sft, sft
+from tasks.definitions import dpo, echo, inference, lora_sft, ppo, sft
 
-__all__ = ["dpo", "echo", "inference", "lora_sft", "sft"]
+__all__ = ["dpo", "echo", "inference", "lora_sft", "ppo", "sft"]

@@ -115,6 +115,9 @@ class MeshqTask(Task):
     abstract = True
     task_type = ""
     Request = "app.celery_redaction:RedactingRequest"  # inspect/Flower show redacted arguments
+    # Each message is checked (app.limits) before the pool: a poison message fails its task,
+    # never the worker (app.worker.message_guard).
+    Strategy = "app.worker.message_guard:guarded_strategy"
     typing = False  # arguments are checked by the spec, not by Celery's signature check
     # STARTED is stored by the lease script in the task-start round trip (app.worker.signals),
     # and only when this delivery really starts; Celery's own tracking would cost two

@@ -48,9 +48,15 @@ class DPOTask(MeshqTask):
     task_type = "dpo"
 
 
+class PPOTask(MeshqTask):
+    name = "meshq.ppo"
+    task_type = "ppo"
+
+
 echo = app.register_task(EchoTask())
 inference = app.register_task(InferenceTask())
 sft = app.register_task(SFTTask())
 lora_sft = app.register_task(LoRASFTTask())
 dpo = app.register_task(DPOTask())
+ppo = app.register_task(PPOTask())
 inference_merge = app.register_task(InferenceMergeTask())

@@ -36,6 +36,24 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["MESHQ_TEST_EMBEDDED_REDIS"] = "1"
     os.environ.setdefault("HEARTBEAT_INTERVAL_SEC", "1")
     os.environ.setdefault("MESHQ_LOG_FILE", os.devnull)
+    # Tests keep their datasets and checkpoints in pytest's temporary directories: a data root
+    # for the in-process executors and every worker started here (app.data_roots).
+    os.environ["MESHQ_DATA_DIRS"] = os.pathsep.join(
+        filter(None, [os.environ.get("MESHQ_DATA_DIRS", ""), str(temp_root_of(config))]))
+
+
+def temp_root_of(config: pytest.Config) -> Path:
+    """The directory every ``tmp_path`` of this session lies under."""
+    if config.option.basetemp:
+        return Path(config.option.basetemp).resolve()
+    import getpass
+    import tempfile
+
+    try:
+        user = getpass.getuser()
+    except (ImportError, KeyError, OSError):
+        user = "unknown"
+    return (Path(os.environ.get("PYTEST_DEBUG_TEMPROOT") or tempfile.gettempdir()) / f"pytest-of-{user}").resolve()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -144,14 +162,14 @@ class WorkerProcess:
     """A real ``celery -A app worker`` subprocess."""
 
     def __init__(self, worker_id: str, env: dict[str, str], cwd: Path, log_path: Path,
-                 extra_args: list[str]) -> None:
+                 extra_args: list[str], python: str | None = None) -> None:
         self.worker_id = worker_id
         self.env = env
         self.log_path = log_path
         self.results_dir = Path(env["RESULTS_DIR"])
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "app", "worker", "--loglevel", "INFO",
+            [python or sys.executable, "-m", "celery", "-A", "app", "worker", "--loglevel", "INFO",
              "--without-mingle", "--without-gossip", *extra_args],
             cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -197,12 +215,13 @@ class WorkerProcess:
 
 @pytest.fixture
 def worker_factory(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """``worker_factory(tags="gpu", results_dir=..., env={...})`` starts a ready worker."""
+    """``worker_factory(tags="gpu", results_dir=..., env={...})`` starts a ready worker
+    (``python=``: from another environment's interpreter, e.g. ``.venv`` beside ``.venv-vllm``)."""
     started: list[WorkerProcess] = []
 
     def start(tags: str = "", *, worker_id: str | None = None, results_dir: Path | None = None,
               env: dict[str, str] | None = None, extra_args: list[str] | None = None,
-              wait: bool = True) -> WorkerProcess:
+              wait: bool = True, python: str | None = None) -> WorkerProcess:
         worker_id = worker_id or f"w{len(started)}-{secrets.token_hex(3)}"
         base = tmp_path / f"worker-{worker_id}"
         base.mkdir(parents=True, exist_ok=True)
@@ -211,7 +230,7 @@ def worker_factory(redis_client: redis.Redis, redis_url: str, tmp_path: Path) ->
                     "RESULTS_DIR": str(results_dir or base / "results"),
                     "MESHQ_LOG_FILE": str(base / "worker.log"), "PYTHONUNBUFFERED": "1"}
         full_env.update(env or {})
-        worker = WorkerProcess(worker_id, full_env, ROOT, base / "stdout.log", extra_args or [])
+        worker = WorkerProcess(worker_id, full_env, ROOT, base / "stdout.log", extra_args or [], python)
         started.append(worker)
         if wait:
             worker.wait_ready(redis_client)

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from app.errors import PipelineError
 from pipelines import Pipeline, PipelineRun
+from pipelines.display import status_lines
 from tests.conftest import wait_for
 
 
@@ -125,3 +127,29 @@ def test_graph_template_prompts_are_built_from_both_branches(worker_factory, red
                        "Answer briefly." for o, p in zip(optimist, pessimist, strict=True)]
     assert all(item["output"] is not None for item in results["synthesis"]["items"])
     assert [item["prompt"] for item in results["inline"]["items"]] == [f"Summarise: {optimist[0]['output']}"]
+
+
+def test_cancel_stops_every_running_node_over_http(server_factory, worker_factory, redis_client) -> None:
+    server = server_factory()
+    worker_factory(worker_id="c1")
+    worker_factory(worker_id="c2")
+    long = {"echo": {"sleep_s": 60, "steps": 120}}
+    document = {"spec": {"taskType": "echo", "graph": {"nodes": [
+        node("a"), node("b", "a", **long), node("c", "a", **long), node("d", "b", "c")]}}}
+    run = Pipeline.from_dict(document).submit()
+    url = f"{server.base_url}/api/v1/pipelines/{run.id}"
+    running = wait_for(lambda: (s := requests.get(url, timeout=10).json())["stages"]["b"]["state"] == "PROGRESS"
+                       and s["stages"]["c"]["state"] == "PROGRESS" and s, 60, message="b and c to run")
+    assert running["graph"] is True and running["state"] == "RUNNING"
+    assert running["stages"]["d"] == {**running["stages"]["d"], "state": "PENDING", "depends_on": ["b", "c"]}
+    # meshq status shows each node with what it waits for.
+    lines = status_lines(run.status())
+    assert any(line.split()[:2] == ["d", "PENDING"] and line.endswith("(after b, c)") for line in lines), lines
+    reply = requests.post(f"{server.base_url}/api/v1/tasks/{run.id}/cancel", timeout=10)
+    assert reply.status_code == 200 and reply.json()["cancel_requested"] is True
+    ended = wait_for(lambda: (s := requests.get(url, timeout=10).json())["state"] == "CANCELLED" and s, 60,
+                     message="the graph to be cancelled")
+    assert {n: s["state"] for n, s in ended["stages"].items()} == {
+        "a": "SUCCESS", "b": "REVOKED", "c": "REVOKED", "d": "SKIPPED"}
+    assert {ended["stages"]["b"]["worker_id"], ended["stages"]["c"]["worker_id"]} <= {"c1", "c2", None}
+    assert requests.get(f"{server.base_url}/api/v1/pipelines/nope", timeout=10).status_code == 404

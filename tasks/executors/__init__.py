@@ -18,6 +18,7 @@ from app.spec import TaskSpec
 from tasks.executors.dpo import DPOExecutor
 from tasks.executors.echo import EchoExecutor
 from tasks.executors.inference import InferenceExecutor
+from tasks.executors.ppo import PPOExecutor
 from tasks.executors.progress import Progress
 from tasks.executors.training import LoRASFTExecutor, SFTExecutor
 
@@ -40,6 +41,7 @@ EXECUTORS: dict[str, type[Executor]] = {
     "sft": SFTExecutor,
     "lora_sft": LoRASFTExecutor,
     "dpo": DPOExecutor,
+    "ppo": PPOExecutor,
 }
 
-__all__ = ["EXECUTORS", "DPOExecutor", "Executor", "EchoExecutor", "InferenceExecutor", "LoRASFTExecutor", "SFTExecutor"]
+__all__ = ["EXECUTORS", "DPOExecutor", "Executor", "EchoExecutor", "InferenceExecutor", "LoRASFTExecutor", "PPOExecutor", "SFTExecutor"]

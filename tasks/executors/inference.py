@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from app.artifacts.checkpoints import download_file, fetch_checkpoint
-from app.errors import SpecError
+from app.data_roots import allowed_path
+from app.engines import vllm_installed
+from app.errors import ExecutorError, SpecError
 from app.spec import CheckpointLoad, InferenceOptions, TaskSpec
 from app.spec.schema import AdapterSpec
 from tasks.executors.data import column, read_records, sample
@@ -44,6 +46,16 @@ from tasks.executors.models import (
 )
 from tasks.executors.progress import Progress
 from tasks.executors.shards import PromptRange
+from tasks.executors.vllm_engine import (
+    CPU_CHUNK,
+    CUDA_CHUNK,
+    VLLM_CACHE,
+    EngineUnavailable,
+    VllmEngineCache,
+    engine_device,
+    engine_version,
+)
+from tasks.executors.vllm_engine import generate as vllm_generate
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +169,8 @@ def load_prompts(spec: TaskSpec, out_dir: Path) -> Prompts:
     aliases = metadata_aliases(data.metadata_columns)
     missing = [name for name in aliases if name not in rows[0]]
     if missing:
-        raise SpecError("spec.data.metadata_columns", f"column {missing[0]!r} not found; columns are "
-                                                      f"{', '.join(map(str, rows[0]))}")
+        raise SpecError("spec.data.metadata_columns", f"column {missing[0]!r} not found in the dataset "
+                                                      f"({len(rows[0])} columns)")
     metadata = [{alias: row.get(name) for name, alias in aliases.items()} for row in rows] if aliases else None
     return Prompts(texts, metadata)
 
@@ -202,8 +214,9 @@ def resolve_checkpoint(load: CheckpointLoad | None, out_dir: Path, *, merge: boo
     """
     if load is None:
         return CheckpointDirs()
-    if load.type == "local" and not Path(str(load.path)).expanduser().exists():
-        raise SpecError(field, f"{str(load.path)!r} does not exist")
+    if load.type == "local":  # only under the worker's data roots (app.data_roots), then it must exist
+        if not allowed_path(str(load.path), field).exists():
+            raise SpecError(field, f"{str(load.path)!r} does not exist")
     directory = Path(fetch_checkpoint(load, out_dir)).resolve()
     if is_adapter_dir(directory):
         return CheckpointDirs(adapter_dir=directory, merge=merge)
@@ -316,8 +329,9 @@ def _auto_limits(loaded: LoadedModel) -> tuple[int, int]:
 class InferenceExecutor:
     """Runs ``taskType: inference``; one per worker process, so its model cache stays warm."""
 
-    def __init__(self, cache: ModelCache | None = None) -> None:
+    def __init__(self, cache: ModelCache | None = None, vllm_cache: VllmEngineCache | None = None) -> None:
         self.cache = cache or MODEL_CACHE
+        self.vllm_cache = vllm_cache or VLLM_CACHE
 
     def run(self, spec: TaskSpec, out_dir: Path, progress: Progress,
             shard: PromptRange | None = None) -> dict[str, Any]:
@@ -342,20 +356,30 @@ class InferenceExecutor:
             empty = next((i for i, p in enumerate(prompts) if not p), None)
             if empty is not None:
                 raise SpecError(data_field, f"prompt {empty} is empty")
-        choice = select_backend(spec, vllm_here=False)  # the vLLM executor joins in the next change
+        choice = select_backend(spec, vllm_here=vllm_installed())
         backend, notes = choice.name, list(choice.notes)
         adapter_load, merge = adapter_checkpoint(spec.model.adapters)
         if adapter_load is not None:
             checkpoint = resolve_checkpoint(adapter_load, out_dir, merge=merge, field=ADAPTERS_FIELD)
         else:
             checkpoint = resolve_checkpoint(spec.checkpoint.load if spec.checkpoint else None, out_dir)
+        if backend == "vllm":
+            try:
+                return self._run_vllm(spec, options, data, data_field, checkpoint, progress, out_dir, notes,
+                                      started, offset, shard)
+            except EngineUnavailable as exc:
+                if choice.required:
+                    raise ExecutorError(f"{BACKEND_FIELD}: vllm is required but {exc}") from None
+                notes.append(f"model.vllm: {exc}; the task ran on transformers")
+                backend = "transformers"
         key = self.cache.key_for(spec.model, model_dir=checkpoint.model_dir, adapter_dir=checkpoint.adapter_dir,
                                  merge_adapter=checkpoint.merge, device_map=device_map_for(spec))
         loaded, hit = self.cache.get(key)
         tokenizer = loaded.tokenizer
         texts, templated = render_prompts(prompts, options, tokenizer, spec.model.source.identifier)
         encoded = tokenizer(texts, add_special_tokens=not templated)["input_ids"]
-        self._check_lengths(encoded, options, loaded, data_field, offset)
+        self._check_lengths(encoded, options, getattr(loaded.model.config, "max_position_embeddings", None),
+                            data_field, offset)
 
         total = len(prompts)
         if options.batch_size is not None:
@@ -409,6 +433,11 @@ class InferenceExecutor:
             "model_cache": {"hit": hit, "load_sec": round(0.0 if hit else loaded.load_s, 4),
                             "loads": self.cache.stats.loads, "hits": self.cache.stats.hits},
         }
+        return self._finish(result, spec, items, notes, out_dir, shard)
+
+    @staticmethod
+    def _finish(result: dict[str, Any], spec: TaskSpec, items: Sequence[dict[str, Any] | None],
+                notes: list[str], out_dir: Path, shard: PromptRange | None) -> dict[str, Any]:
         if shard is not None:
             result["shard"] = shard.as_dict()
         export = spec.postprocess.jsonl_export if spec.postprocess is not None else None
@@ -418,14 +447,88 @@ class InferenceExecutor:
             result["notes"] = notes
         return result
 
+    def _run_vllm(self, spec: TaskSpec, options: InferenceOptions, data: Prompts, data_field: str,
+                  checkpoint: CheckpointDirs, progress: Progress, out_dir: Path, notes: list[str],
+                  started: float, offset: int, shard: PromptRange | None) -> dict[str, Any]:
+        """The same task (or shard: ``offset`` is its first prompt's index) on vLLM
+        (``tasks/executors/vllm_engine.py``): same prompts, same token ids, same decoding and
+        stop strings; vLLM batches the requests of each chunk itself."""
+        assert spec.model is not None
+        device = engine_device()
+        wanted_device = device_map_for(spec)
+        if wanted_device != "auto" and wanted_device != device:
+            why = "enforce_cpu" if spec.enforce_cpu else f"model.transformers.device_map is {wanted_device!r}"
+            raise EngineUnavailable(f"{why} and this worker's vLLM runs on {device}")
+        key = self.vllm_cache.key_for(spec, model_dir=checkpoint.model_dir, adapter_dir=checkpoint.adapter_dir)
+        engine, hit = self.vllm_cache.get(key)
+        lora = self.vllm_cache.lora_request(engine, checkpoint.adapter_dir) if checkpoint.adapter_dir else None
+        if checkpoint.adapter_dir is not None and checkpoint.merge:
+            notes.append("model.adapters: apply merge: vLLM serves the adapter beside the weights "
+                         "(the same outputs as merged, no merge needed)")
+        prompts = data.texts
+        texts, templated = render_prompts(prompts, options, engine.tokenizer, spec.model.source.identifier)
+        encoded = engine.tokenizer(texts, add_special_tokens=not templated)["input_ids"]
+        self._check_lengths(encoded, options, engine.max_model_len, data_field, offset)
+
+        total = len(prompts)
+        chunk = options.batch_size or (CPU_CHUNK if device == "cpu" else CUDA_CHUNK)
+        chunks = [list(range(start, min(start + chunk, total))) for start in range(0, total, chunk)]
+        stops = [s for s in options.stop if s]
+        items: list[dict[str, Any] | None] = [None] * total
+        prompt_tokens = completion_tokens = done = 0
+        generate_s = 0.0
+        progress(done=0, total=total, tokens_per_s=0.0, force=True)
+        for number, indices in enumerate(chunks, 1):
+            progress.check_cancelled(f"after {done} of {total} prompts")
+            chunk_started = time.monotonic()
+            completions = vllm_generate(engine, [encoded[i] for i in indices], [offset + i for i in indices],
+                                        options, lora)
+            generate_s += time.monotonic() - chunk_started
+            for index, completion in zip(indices, completions, strict=True):
+                # Decoded and cut as the transformers backend does, so both give the same text
+                # for the same tokens.
+                text = engine.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+                text, stopped = cut_at_stop(text, stops)
+                reason = "stop" if stopped or completion.finish_reason == "stop" else "length"
+                item: dict[str, Any] = {"index": offset + index, "prompt": prompts[index], "output": text,
+                                        "finish_reason": reason}
+                if data.metadata is not None:
+                    item["metadata"] = data.metadata[index]
+                items[index] = item
+                prompt_tokens += len(encoded[index])
+                completion_tokens += len(completion.token_ids)
+            done += len(indices)
+            progress(done=done, total=total, tokens_per_s=round(completion_tokens / max(generate_s, 1e-9), 2),
+                     batch=number, batches=len(chunks), force=number == len(chunks))
+
+        result: dict[str, Any] = {
+            "backend": "vllm",
+            "items": items,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens, "num_requests": total,
+                      "latency_sec": round(time.monotonic() - started, 4)},
+            "tokens_per_s": round(completion_tokens / max(generate_s, 1e-9), 2),
+            "generate_sec": round(generate_s, 4),
+            "batches": len(chunks),
+            "max_batch_size": max(len(c) for c in chunks),
+            "model": {"identifier": spec.model.source.identifier, "revision": spec.model.source.revision,
+                      "path": key.weights_dir, "adapter": str(checkpoint.adapter_dir) if checkpoint.adapter_dir
+                      else None, "adapter_merged": False, "dtype": engine.dtype, "device": device},
+            "model_cache": {"hit": hit, "load_sec": round(0.0 if hit else engine.load_s, 4),
+                            "loads": self.vllm_cache.stats.loads, "hits": self.vllm_cache.stats.hits},
+            "engine": {"name": "vllm", "version": engine_version(), "max_model_len": engine.max_model_len,
+                       "tensor_parallel_size": key.tensor_parallel_size, "lora_rank": engine.key.max_lora_rank},
+        }
+        return self._finish(result, spec, items, notes, out_dir, shard)
+
     @staticmethod
     def _check_lengths(encoded: Sequence[Sequence[int]], options: InferenceOptions,
-                       loaded: LoadedModel, data_field: str, offset: int = 0) -> None:
-        """``offset``: the index of the first prompt in the whole task (a shard's start)."""
+                       context: int | None, data_field: str, offset: int = 0) -> None:
+        """``context``: the model's (or engine's) longest sequence; ``offset``: the index of the
+        first prompt in the whole task (a shard's start)."""
         for index, ids in enumerate(encoded):
             if not ids:
                 raise SpecError(data_field, f"prompt {offset + index} is empty (no tokens)")
-        context = getattr(loaded.model.config, "max_position_embeddings", None)
         if context:
             longest = max(range(len(encoded)), key=lambda i: len(encoded[i]))
             if len(encoded[longest]) + options.max_new_tokens > context:
@@ -454,7 +557,9 @@ class InferenceExecutor:
             kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
         if options.repetition_penalty != 1.0:
             kwargs["repetition_penalty"] = options.repetition_penalty
-        eos = _eos_ids(model, tokenizer)
+        if options.ignore_eos:  # every row generates max_new_tokens (benchmarks)
+            kwargs["min_new_tokens"] = options.max_new_tokens
+        eos = set() if options.ignore_eos else _eos_ids(model, tokenizer)
         if not getattr(model.generation_config, "eos_token_id", None) and eos:
             kwargs["eos_token_id"] = sorted(eos)
         stops = [s for s in options.stop if s]

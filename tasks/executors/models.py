@@ -24,10 +24,12 @@ import os
 import re
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from app.data_roots import check_remote_code, under_results
 from app.errors import ExecutorError, SpecError
 from app.spec import ModelSpec, TaskSpec
 
@@ -50,7 +52,7 @@ WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.j
                    "pytorch_model.bin.index.json")
 ADAPTER_WEIGHT_PATTERNS = ("adapter_model.safetensors", "adapter_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?\Z")
 
 
 # -- locating a model ---------------------------------------------------------------
@@ -160,6 +162,7 @@ def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False,
                    field: str = IDENTIFIER_FIELD) -> Any:
     from transformers import AutoTokenizer
 
+    check_remote_code(trust_remote_code, from_artifact=under_results(model_dir), field=field)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code,
                                                   local_files_only=True)
@@ -223,6 +226,7 @@ def load_causal_lm(directory: Path, dtype: str, trust_remote_code: bool, field: 
     """``AutoModelForCausalLM`` from a local directory; a failure names ``field`` and the path."""
     from transformers import AutoModelForCausalLM
 
+    check_remote_code(trust_remote_code, from_artifact=under_results(directory), field=field)
     try:
         return AutoModelForCausalLM.from_pretrained(
             str(directory), dtype=torch_dtype(dtype), device_map=device_map,
@@ -233,6 +237,19 @@ def load_causal_lm(directory: Path, dtype: str, trust_remote_code: bool, field: 
 
 
 # -- the warm cache -------------------------------------------------------------------
+class ReleasableCache(Protocol):
+    def release(self) -> None: ...
+
+
+# Every model cache of this process (transformers models, vLLM engines), so that loading into
+# one releases the others and a training task releases them all.
+_CACHES: weakref.WeakSet[ReleasableCache] = weakref.WeakSet()
+
+
+def register_cache(cache: ReleasableCache) -> None:
+    _CACHES.add(cache)
+
+
 @dataclass(frozen=True)
 class ModelKey:
     """Everything that decides which weights a task gets."""
@@ -271,6 +288,7 @@ class ModelCache:
         self._current: LoadedModel | None = None
         self._lock = threading.Lock()
         self.stats = CacheStats()
+        register_cache(self)
 
     def key_for(self, model_spec: ModelSpec, *, model_dir: str | Path | None = None,
                 adapter_dir: str | Path | None = None, merge_adapter: bool = False,
@@ -297,6 +315,7 @@ class ModelCache:
                 self.stats.hits += 1
                 return current, True
             self.release()
+            release_other_caches(self)  # a warm vLLM engine, if one is loaded
             started = time.monotonic()
             model, tokenizer = _load(Path(key.weights_dir), Path(key.base_dir), key.dtype, key.device,
                                      key.trust_remote_code,
@@ -331,5 +350,15 @@ class ModelCache:
 MODEL_CACHE = ModelCache()
 
 
+def release_other_caches(owner: object) -> None:
+    """Release every model cache of this process except ``owner``: one process holds one
+    model's memory at a time (a vLLM engine and a transformers model never both)."""
+    for cache in list(_CACHES):
+        if cache is not owner:
+            cache.release()
+
+
 def release_cached_model() -> None:
-    MODEL_CACHE.release()
+    """Free every cached model of this process (the transformers model and a vLLM engine)."""
+    for cache in list(_CACHES):
+        cache.release()
