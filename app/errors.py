@@ -36,6 +36,10 @@ class SpecError(MeshqError):
         return f"{self.field}: {self.message}" if self.field else self.message
 
 
+class LimitExceeded(SpecError):
+    """A document or message past one of ``app.limits`` (HTTP 413); the message names the limit."""
+
+
 class ExecutorError(MeshqError):
     """An executor could not do its job (model missing, data unreadable, ...)."""
 
@@ -73,6 +77,19 @@ class TaskCancelled(MeshqError):
 
     def __str__(self) -> str:
         return f"task {self.task_id} cancelled{(' ' + self.where) if self.where else ''}"
+
+
+class LeaseLost(MeshqError):
+    """This run of a task lost its lease to another worker (it was paused or cut off past
+    the lease's expiry and the task started again elsewhere): it must stop and write nothing."""
+
+    def __init__(self, task_id: str, holder: str) -> None:
+        super().__init__(task_id, holder)
+        self.task_id = task_id
+        self.holder = holder
+
+    def __str__(self) -> str:
+        return f"task {self.task_id} is now run by worker {self.holder}; this run stops"
 
 
 class PipelineError(MeshqError):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}\Z")
 
 
 def check_name(value: object, field: str = "name") -> str:

@@ -25,7 +25,7 @@ REDACTED = "[redacted]"
 _SECRET_SEGMENTS = frozenset({"authorization", "token", "password", "passwd", "secret", "apikey", "cookie",
                               "credential", "credentials"})
 _SEGMENT_SPLIT = re.compile(r"[_\-.\s]+")
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S+\Z")
 
 
 def is_secret_key(key: str) -> bool:

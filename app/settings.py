@@ -29,6 +29,9 @@ DEFAULT_LOG_FILE = "worker-{worker_id}.log"  # one file per worker, also when se
 # than three missed beats, and a killed worker's task starts again in under 2 minutes.
 DEFAULT_VISIBILITY_TIMEOUT_S = 100
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024**3
+# A running task with no step, batch or progress report for this long has its pool
+# process killed and runs again (app.worker.watchdog); 0 turns the watchdog off.
+DEFAULT_STUCK_TASK_S = 3600
 # Artifact uploads/downloads: retries after the first attempt, first backoff (doubles each time).
 DEFAULT_UPLOAD_RETRIES = 5
 DEFAULT_UPLOAD_BACKOFF_S = 1.0
@@ -36,8 +39,8 @@ MAX_WORKER_TAGS = 6  # 2**6 - 1 = 63 tag-subset queues per worker
 # Capability queues (docs/ROUTING.md) a worker consumes at most: with 6 tags, 65 + 64 queues.
 MAX_CAPABILITY_QUEUES = 64
 
-TAG_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TAG_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}\Z")
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -63,6 +66,12 @@ class Settings:
     fake_hardware: dict[str, Any] | None = None
     # A module of extra Celery settings applied after celeryconfig (MESHQ_CELERY_CONFIG).
     celery_config_module: str = ""
+    stuck_task_s: int = DEFAULT_STUCK_TASK_S
+    # Directories (besides RESULTS_DIR) a spec may read local datasets and checkpoints from
+    # (MESHQ_DATA_DIRS, os.pathsep-separated: a shared-storage mount, a datasets folder).
+    data_dirs: tuple[str, ...] = ()
+    # May a spec's trust_remote_code run a model's own Python code on this worker? (off)
+    allow_remote_code: bool = False
 
     @property
     def heartbeat_ttl_s(self) -> int:
@@ -160,6 +169,25 @@ def parse_fake_hardware(raw: str, variable: str = "MESHQ_FAKE_HARDWARE") -> dict
     return data
 
 
+def _flag(env: Mapping[str, str], variable: str) -> bool:
+    raw = env.get(variable, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(variable, f"{raw!r} is not a yes/no value (1/0, true/false, yes/no, on/off)")
+
+
+def parse_data_dirs(raw: str, variable: str = "MESHQ_DATA_DIRS") -> tuple[str, ...]:
+    """``os.pathsep``-separated absolute directories → a tuple (relative ones are refused:
+    what they name would depend on the worker's working directory)."""
+    dirs = [part.strip() for part in raw.split(os.pathsep) if part.strip()]
+    for directory in dirs:
+        if not os.path.isabs(os.path.expanduser(directory)):
+            raise ConfigError(variable, f"{directory!r} is not an absolute path")
+    return tuple(dirs)
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every meshq variable; raises ``ConfigError``."""
     env = os.environ if env is None else env
@@ -213,6 +241,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         upload_backoff_s=_positive_float(env, "MESHQ_UPLOAD_BACKOFF_S", DEFAULT_UPLOAD_BACKOFF_S),
         fake_hardware=parse_fake_hardware(env.get("MESHQ_FAKE_HARDWARE", "")),
         celery_config_module=celery_config,
+        stuck_task_s=_non_negative_int(env, "MESHQ_STUCK_TASK_S", DEFAULT_STUCK_TASK_S),
+        data_dirs=parse_data_dirs(env.get("MESHQ_DATA_DIRS", "")),
+        allow_remote_code=_flag(env, "MESHQ_ALLOW_REMOTE_CODE"),
     )
 
 

@@ -33,7 +33,7 @@ from app.errors import SpecError
 PREVIOUS_STAGE = "stage"
 ENV_PREFIX = "env:"
 _TOKEN_RE = re.compile(r"\$(\$?)\{([^{}]*)\}")
-_STAGE_REF_RE = re.compile(r"^([A-Za-z0-9_-]+)\.result((?:\.[^.\[\]]+|\[-?\d+\])*)$")
+_STAGE_REF_RE = re.compile(r"^([A-Za-z0-9_-]+)\.result((?:\.[^.\[\]]+|\[-?\d+\])*)\Z")
 _ENV_REF_RE = re.compile(r"^env:([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?\Z", re.DOTALL)
 # The original templates' spelling of an environment placeholder: ${NAME} (no dot inside).
 _BARE_ENV_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?\Z", re.DOTALL)

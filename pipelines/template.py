@@ -28,6 +28,7 @@ import yaml
 from pydantic import ValidationError
 
 from app.errors import SpecError
+from app.limits import check_document, check_stages
 from app.settings import NAME_RE
 from app.spec import DATA_MODELS, TASK_TYPES, TaskSpec, error_messages, spec_error_from_messages
 from app.spec.schema import REFUSED_TASK_TYPES
@@ -181,6 +182,7 @@ def parse_pipeline(raw: Any, env: Mapping[str, str] | None = None,
     ``${env:NAME}`` is expanded from ``env`` (default ``os.environ``); with
     ``expand_environment=False`` (the HTTP server) environment references are errors.
     """
+    check_document(raw, "document")  # depth, values and bytes (app.limits), before any recursion
     try:
         return _parse_pipeline(raw, env, expand_environment)
     except RecursionError:
@@ -200,6 +202,7 @@ def _parse_pipeline(raw: Any, env: Mapping[str, str] | None, expand_environment:
     if "graph" in spec:
         stages_raw = _graph_nodes(spec["graph"])
         prefix, fields = "spec.graph.nodes", NODE_FIELDS
+        check_stages(len(stages_raw), prefix)
         names = _stage_names(stages_raw, prefix)
         plain = False
         deps = read_dependencies(stages_raw, names, prefix)
@@ -215,6 +218,7 @@ def _parse_pipeline(raw: Any, env: Mapping[str, str] | None, expand_environment:
         plain = False
         if not isinstance(stages_raw, list) or not stages_raw:
             raise SpecError("spec.stages", "must be a non-empty list of stages")
+        check_stages(len(stages_raw))
         names = _stage_names(stages_raw, prefix)
     is_graph = "graph" in spec
     ancestors = ancestors_of(deps) if is_graph else {}

@@ -36,6 +36,24 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["MESHQ_TEST_EMBEDDED_REDIS"] = "1"
     os.environ.setdefault("HEARTBEAT_INTERVAL_SEC", "1")
     os.environ.setdefault("MESHQ_LOG_FILE", os.devnull)
+    # Tests keep their datasets and checkpoints in pytest's temporary directories: a data root
+    # for the in-process executors and every worker started here (app.data_roots).
+    os.environ["MESHQ_DATA_DIRS"] = os.pathsep.join(
+        filter(None, [os.environ.get("MESHQ_DATA_DIRS", ""), str(temp_root_of(config))]))
+
+
+def temp_root_of(config: pytest.Config) -> Path:
+    """The directory every ``tmp_path`` of this session lies under."""
+    if config.option.basetemp:
+        return Path(config.option.basetemp).resolve()
+    import getpass
+    import tempfile
+
+    try:
+        user = getpass.getuser()
+    except (ImportError, KeyError, OSError):
+        user = "unknown"
+    return (Path(os.environ.get("PYTEST_DEBUG_TEMPROOT") or tempfile.gettempdir()) / f"pytest-of-{user}").resolve()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -103,7 +103,8 @@ def test_a_hub_id_reads_the_local_cache_only(hub_cache: Path) -> None:
     assert caught.value.field == "spec.data.url"
     assert "'nobody/nothing' is not in the local Hugging Face datasets cache" in str(caught.value)
     assert "workers do not download datasets" in str(caught.value)
-    with pytest.raises(SpecError, match="does not exist"):
+    # A path outside the data roots (app.data_roots) is refused without saying whether it exists.
+    with pytest.raises(SpecError, match="outside the directories this worker reads data from"):
         read_records("./no/such/dir", field="spec.data.url")
 
 

@@ -25,6 +25,7 @@ from app.artifacts.auth import auth_headers, token_for
 from app.artifacts.delivery import RESULTS_PATH
 from app.artifacts.manifest import sha256_file, write_json_atomic
 from app.artifacts.retry import Retryable, RetryPolicy, is_retryable_status, with_retries
+from app.data_roots import allowed_path
 from app.errors import ArtifactError, SpecError
 from app.redaction import redact
 from app.settings import get_settings
@@ -155,7 +156,7 @@ def fetch_checkpoint(load: CheckpointLoad, dest_dir: Path, *, cache_dir: Path | 
 
 
 def _fetch_local(load: CheckpointLoad, cache: CheckpointCache) -> Path:
-    path = Path(str(load.path)).expanduser()
+    path = allowed_path(str(load.path), "spec.checkpoint.load.path")  # RESULTS_DIR or MESHQ_DATA_DIRS
     if path.is_dir():
         return _model_dir(path.resolve())
     if not path.is_file():

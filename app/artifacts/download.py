@@ -27,7 +27,7 @@ from app.errors import ArtifactError
 from app.redaction import redact
 
 CHUNK_BYTES = 1024 * 1024
-CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)\Z")
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect
 
 from app.celery import app as celery_app
-from app.errors import MeshqError, PipelineError, SpecError, UnknownIdError
+from app.errors import LimitExceeded, MeshqError, PipelineError, SpecError, UnknownIdError
+from app.limits import MAX_DOCUMENT_BYTES, MAX_ENVELOPE_BYTES, MAX_HEADER_BYTES, check_document
 from app.redis_client import get_redis
 from app.server.documents import parse_document, pipeline_run, recorded_metadata, submit_document
 from app.server.gatekeeper import Gatekeeper, error_response
@@ -77,16 +78,27 @@ DEFAULT_PORT = 8080
 DEFAULT_RESULTS_DIR = "./results_server"
 RESULTS_DIR_ENV = "MESHQ_SERVER_RESULTS_DIR"  # default of --results-dir
 
-MAX_JSON_BODY_BYTES = 64 * 1024 * 1024  # result envelopes and task documents
 SHUTDOWN_GRACE_S = 10
-SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}\Z")
 # Redis or the broker being away: the routes answer 503, never 500.
 BACKEND_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, ConnectionError, OSError, TimeoutError,
                                                    OperationalError)
 
 
 def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
+    """``value`` as plain JSON types; a value past ``app.limits`` (a task someone sent around
+    the server) is replaced by a line saying why, so a reply never fails on it."""
+    if isinstance(value, dict):
+        return {key: _jsonable_part(item) for key, item in value.items()}
+    return _jsonable_part(value)
+
+
+def _jsonable_part(value: Any) -> Any:
+    try:
+        check_document(value)
+        return json.loads(json.dumps(value, default=str))
+    except (LimitExceeded, RecursionError, ValueError) as exc:
+        return f"(not shown: {exc})"
 
 
 def task_view(task_id: str) -> dict[str, Any]:
@@ -126,6 +138,10 @@ def create_app(results_dir: Path | str | None = None, settings: Settings | None 
     @app.exception_handler(BadName)
     async def _bad_name(request: Request, exc: BadName) -> JSONResponse:
         return error_response(400, str(exc), exc.field)
+
+    @app.exception_handler(LimitExceeded)
+    async def _limit_exceeded(request: Request, exc: LimitExceeded) -> JSONResponse:
+        return error_response(413, str(exc), exc.field)
 
     @app.exception_handler(SpecError)
     async def _spec_error(request: Request, exc: SpecError) -> JSONResponse:
@@ -282,16 +298,21 @@ def create_app(results_dir: Path | str | None = None, settings: Settings | None 
     @app.post("/api/v1/results", status_code=201, tags=["results"], openapi_extra=ENVELOPE_OPENAPI)
     async def post_result(request: Request) -> JSONResponse:
         """A worker reports a task's result: ``{task_id, result, worker_id}``."""
-        body = await read_body(request, MAX_JSON_BODY_BYTES)
+        body = await read_body(request, MAX_ENVELOPE_BYTES, "MAX_ENVELOPE_BYTES")
         try:
-            envelope = ResultEnvelope.model_validate_json(body)
+            envelope = await run_in_threadpool(ResultEnvelope.model_validate_json, body)
         except ValidationError as exc:
             err = exc.errors()[0]
             field = ".".join(str(p) for p in err["loc"]) or "body"
             raise ApiError(422, f"{field}: {err['msg']}", field) from None
         task_id = checked(envelope.task_id, "task_id")
         data = {**envelope.model_dump(mode="json"), "received_at": time.time()}
-        await run_in_threadpool(store.save_envelope, task_id, data)
+        try:
+            await run_in_threadpool(store.save_envelope, task_id, data)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # save_envelope left nothing behind
+                raise ApiError(507, f"result: no space left to store it ({exc.strerror})", "result") from None
+            raise
         log.info("result envelope for %s from worker %s", task_id, envelope.worker_id or "?")
         return JSONResponse({"task_id": task_id, "stored": True}, status_code=201)
 
@@ -325,8 +346,9 @@ def create_app(results_dir: Path | str | None = None, settings: Settings | None 
                          422: {"description": "invalid spec; 'field' names the culprit"}})
     async def post_task(request: Request) -> JSONResponse:
         """Submit a task document (JSON or YAML); returns the ids, the queue and warnings."""
-        body = await read_body(request, MAX_JSON_BODY_BYTES)
-        document = parse_document(body, request.headers.get("content-type"))
+        body = await read_body(request, MAX_DOCUMENT_BYTES, "MAX_DOCUMENT_BYTES")
+        # Off the event loop: a large YAML document takes seconds to parse.
+        document = await run_in_threadpool(parse_document, body, request.headers.get("content-type"))
         try:
             reply = await run_in_threadpool(submit_document, document)
         except BACKEND_ERRORS as exc:
@@ -430,6 +452,16 @@ def configure_logging(level: str) -> None:
     root.setLevel(level)
 
 
+def http_protocol() -> Any:
+    """uvicorn's HTTP protocol with header limits and timeouts (``app.server.front_guard``);
+    plain h11 (bounded by ``h11_max_incomplete_event_size``) where httptools is missing."""
+    try:
+        from app.server.front_guard import GuardedHttpToolsProtocol
+    except ImportError:
+        return "h11"
+    return GuardedHttpToolsProtocol
+
+
 def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, results_dir: Path | str | None = None) -> None:
     """Run the server in the foreground until SIGINT/SIGTERM."""
     import uvicorn
@@ -445,6 +477,7 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, results_dir: Path 
              host, port, store.root, "required" if settings.orchestrator_token else "not required",
              settings.max_upload_bytes)
     uvicorn.run(app, host=host, port=port, access_log=False, log_config=None,
+                http=http_protocol(), h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                 log_level=settings.log_level.lower(), timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
                 server_header=False)
 

@@ -7,32 +7,19 @@ from typing import Any
 
 import yaml
 
-from app.errors import PipelineError, SpecError
+from app.errors import LimitExceeded, PipelineError, SpecError
+from app.limits import MAX_NESTING_DEPTH, check_document
 from app.server.transfer import ApiError
 from pipelines import Pipeline, PipelineRun
 from pipelines.template import yaml_error_text
 
-MAX_DOCUMENT_NODES = 1_000_000  # YAML aliases must not expand a small body into a huge spec
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml", "text/plain")
 
 
-def _count_nodes(document: Any, budget: int) -> None:
-    """Refuse documents whose YAML aliases expand beyond ``budget`` nodes."""
-    stack, seen = [document], 0
-    while stack:
-        node = stack.pop()
-        seen += 1
-        if seen > budget:
-            raise ApiError(413, f"body: the document expands to more than {budget} values", "body")
-        if isinstance(node, dict):
-            stack.extend(node.keys())
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-
-
 def parse_document(body: bytes, content_type: str | None) -> Any:
-    """A task/pipeline document from JSON or YAML (YAML also reads JSON)."""
+    """A task/pipeline document from JSON or YAML (YAML also reads JSON), within ``app.limits``.
+
+    Blocking (a large YAML document takes seconds): the server calls it in a thread."""
     media = (content_type or "").split(";", 1)[0].strip().lower()
     if media and media != "application/json" and media not in YAML_TYPES and not media.endswith("+json"):
         raise ApiError(415, f"Content-Type: {media!r} is not JSON or YAML", "Content-Type")
@@ -49,10 +36,13 @@ def parse_document(body: bytes, content_type: str | None) -> Any:
         raise
     except yaml.YAMLError as exc:  # where it went wrong, as the CLI says it
         raise ApiError(400, f"body: not valid YAML/JSON: {yaml_error_text(exc)}", "body") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+    except RecursionError:  # deeper than the parser's own stack: far past MAX_NESTING_DEPTH
+        raise LimitExceeded("body", f"nested deeper than {MAX_NESTING_DEPTH} levels "
+                                    f"(MAX_NESTING_DEPTH={MAX_NESTING_DEPTH})") from None
+    except (UnicodeDecodeError, ValueError) as exc:
         raise ApiError(400, f"body: not valid {'JSON' if 'json' in media else 'YAML/JSON'}: "
                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", "body") from None
-    _count_nodes(document, MAX_DOCUMENT_NODES)
+    check_document(document)  # YAML aliases must not expand a small body into a huge spec
     return document
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -10,6 +11,8 @@ from urllib.parse import unquote_to_bytes
 
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.limits import BODY_IDLE_TIMEOUT_S
 
 access_log = logging.getLogger("meshq.server.access")
 
@@ -29,7 +32,9 @@ class Gatekeeper:
     Path segments under ``/api/`` are checked before routing, on the raw path, so a
     percent-encoded separator (``a%2Fb``), a dot segment (``%2e%2e``), a NUL or an
     empty segment is refused with 400 instead of being routed somewhere else.
-    The ``Authorization`` header is never logged.
+    The ``Authorization`` header is never logged. A request body that stops arriving for
+    ``BODY_IDLE_TIMEOUT_S`` ends the request: the route sees a disconnect (an upload
+    removes its temporary file) and the client gets 408 with the connection closed.
     """
 
     def __init__(self, app: ASGIApp, token: str) -> None:
@@ -64,18 +69,31 @@ class Gatekeeper:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        state = {"status": 0, "in": 0, "out": 0, "gone": False}
+        state = {"status": 0, "in": 0, "out": 0, "gone": False, "body_done": False, "stalled": False}
 
         async def counting_receive() -> Message:
-            message = await receive()
+            if state["body_done"]:
+                return await receive()
+            try:  # the client must keep sending its body; waiting on our disk does not count
+                message = await asyncio.wait_for(receive(), BODY_IDLE_TIMEOUT_S)
+            except TimeoutError:
+                state["stalled"] = state["body_done"] = True
+                access_log.info("request body stalled for %.0f s; ending the request", BODY_IDLE_TIMEOUT_S)
+                return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 state["in"] += len(message.get("body", b""))
-            elif message["type"] == "http.disconnect" and not state["status"]:
-                state["gone"] = True
+                state["body_done"] = not message.get("more_body", False)
+            elif message["type"] == "http.disconnect":
+                state["body_done"] = True
+                if not state["status"]:
+                    state["gone"] = True
             return message
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
+                if state["stalled"]:  # whatever the route answered: 408, and the connection closed
+                    message = {**message, "status": 408,
+                               "headers": [*message.get("headers", []), (b"connection", b"close")]}
                 state["status"] = message["status"]
             elif message["type"] == "http.response.body":
                 state["out"] += len(message.get("body", b""))
@@ -87,6 +105,13 @@ class Gatekeeper:
                 await refusal(scope, counting_receive, counting_send)
             else:
                 await self.app(scope, counting_receive, counting_send)
+        except Exception:
+            if not state["stalled"] or state["status"]:
+                raise
+            # The route gave up on the stalled body (ClientDisconnect): answer for it.
+            await error_response(408, f"body: nothing received for {BODY_IDLE_TIMEOUT_S:.0f} s "
+                                      f"(BODY_IDLE_TIMEOUT_S={BODY_IDLE_TIMEOUT_S:.0f})", "body",
+                                 {"Connection": "close"})(scope, counting_receive, counting_send)
         finally:
             status = 499 if state["gone"] else (state["status"] or 500)
             client = scope.get("client") or ("-", 0)

@@ -48,7 +48,12 @@ ERRORS_OPENAPI: dict[int | str, dict[str, Any]] = {
 }
 
 
-NAME_SCHEMA = {"type": "string", "pattern": SAFE_NAME_RE.pattern}
+def json_schema_pattern(pattern: str) -> str:
+    """A Python pattern for JSON Schema (ECMA regex): ``\\Z`` (the very end) is ``$`` there."""
+    return pattern.removesuffix("\\Z") + "$" if pattern.endswith("\\Z") else pattern
+
+
+NAME_SCHEMA = {"type": "string", "pattern": json_schema_pattern(SAFE_NAME_RE.pattern)}
 
 
 def customize_openapi(app: FastAPI, bearer: bool) -> None:
@@ -70,7 +75,7 @@ def customize_openapi(app: FastAPI, bearer: bool) -> None:
             components.setdefault("schemas", {}).update(spec_schema.pop("$defs", {}))
             # Checked by validators in app.spec; said here so clients (and fuzzers) know.
             spec_schema["properties"]["taskType"] = {"type": "string", "enum": list(TASK_TYPES)}
-            spec_schema["properties"]["tags"]["items"] = {"type": "string", "pattern": TAG_RE.pattern}
+            spec_schema["properties"]["tags"]["items"] = {"type": "string", "pattern": json_schema_pattern(TAG_RE.pattern)}
             components["schemas"]["TaskSpec"] = spec_schema
             body = schema["paths"]["/api/v1/tasks"]["post"]["requestBody"]["content"]["application/json"]
             body["schema"] = {"type": "object", "required": ["spec"], "additionalProperties": False,

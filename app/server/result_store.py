@@ -298,9 +298,13 @@ class ResultStore:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / ENVELOPE_NAME
         temp = directory / f".{ENVELOPE_NAME}.{secrets.token_hex(6)}~"
-        with open(temp, "w", encoding="utf-8") as fh:
-            json.dump(envelope, fh, sort_keys=True)
-        os.replace(temp, path)
+        try:
+            with open(temp, "w", encoding="utf-8") as fh:
+                json.dump(envelope, fh, sort_keys=True)
+            os.replace(temp, path)
+        except BaseException:  # a full disk: no half-written temporary file stays behind
+            _unlink(temp)
+            raise
         return path
 
     def load_envelope(self, task_id: str) -> dict[str, Any] | None:

@@ -254,8 +254,8 @@ class MultipartUpload:
 
 
 # -- downloads -------------------------------------------------------------------
-RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d{0,18})-(\d{0,18})\s*$", re.ASCII | re.IGNORECASE)
-DIGITS_RE = re.compile(r"^\d{1,18}$", re.ASCII)
+RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d{0,18})-(\d{0,18})\s*\Z", re.ASCII | re.IGNORECASE)
+DIGITS_RE = re.compile(r"^\d{1,18}\Z", re.ASCII)
 
 
 class RangeNotSatisfiable(Exception):
@@ -350,15 +350,16 @@ class FileStream(Response):
 
 
 # -- request bodies ----------------------------------------------------------------
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, name: str = "limit") -> bytes:
+    """The whole request body, refused with 413 past ``limit`` bytes (``name`` says which limit)."""
     declared = declared_length(request)
     if declared is not None and declared > limit:
-        raise ApiError(413, f"body: larger than {limit} bytes", "body", close=True)
+        raise ApiError(413, f"body: larger than {limit} bytes ({name}={limit})", "body", close=True)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise ApiError(413, f"body: larger than {limit} bytes", "body", close=True)
+            raise ApiError(413, f"body: larger than {limit} bytes ({name}={limit})", "body", close=True)
     return bytes(body)
 
 

@@ -29,6 +29,7 @@ import re
 from pathlib import Path
 from typing import Any, TypeVar
 
+from app.data_roots import allowed_path
 from app.errors import SpecError
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv")
@@ -47,7 +48,8 @@ def read_records(path: str, *, field: str = "spec.data.path", split: str = "trai
     """Rows of ``split`` (with slicing) of a local file or directory, or of a dataset in the
     local HF cache. ``field`` is the spec field the source came from, used in error messages."""
     file = Path(path).expanduser()
-    if file.suffix.lower() in TABLE_SUFFIXES or file.exists():
+    if file.suffix.lower() in TABLE_SUFFIXES or file.exists() or looks_local(path):
+        file = allowed_path(file, field)  # only under RESULTS_DIR or MESHQ_DATA_DIRS, links resolved
         if file.is_dir():
             return _read_directory(file, split=split, name=name, field=field, split_field=split_field)
         if not file.is_file():
@@ -57,6 +59,12 @@ def read_records(path: str, *, field: str = "spec.data.path", split: str = "trai
     if not HUB_ID_RE.match(path):
         raise SpecError(field, f"{path!r} does not exist (and is not a hub id such as org/name)")
     return _read_cached_dataset(path, split=split, name=name, field=field, split_field=split_field)
+
+
+def looks_local(path: str) -> bool:
+    """A path, not a hub id: absolute, ``~``, ``./`` or ``../`` (checked against the data roots
+    even when nothing is there, so a refusal does not tell whether a file exists)."""
+    return path.startswith(("/", "~", "./", "../")) or "\\" in path
 
 
 def _read_table_file(file: Path, field: str) -> list[dict[str, Any]]:
@@ -184,5 +192,6 @@ def column(rows: list[dict[str, Any]], name: str, field: str) -> list[str]:
     if not rows:
         raise SpecError(field, "the dataset has no rows")
     if name not in rows[0]:
-        raise SpecError(field, f"column {name!r} not found; columns are {', '.join(map(str, rows[0]))}")
+        # The other column names are not listed: a CSV's header row is data of its own.
+        raise SpecError(field, f"column {name!r} not found in the dataset ({len(rows[0])} columns)")
     return ["" if row.get(name) is None else str(row.get(name)) for row in rows]

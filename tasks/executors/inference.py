@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from app.artifacts.checkpoints import download_file, fetch_checkpoint
+from app.data_roots import allowed_path
 from app.engines import vllm_installed
 from app.errors import ExecutorError, SpecError
 from app.spec import CheckpointLoad, InferenceOptions, TaskSpec
@@ -168,8 +169,8 @@ def load_prompts(spec: TaskSpec, out_dir: Path) -> Prompts:
     aliases = metadata_aliases(data.metadata_columns)
     missing = [name for name in aliases if name not in rows[0]]
     if missing:
-        raise SpecError("spec.data.metadata_columns", f"column {missing[0]!r} not found; columns are "
-                                                      f"{', '.join(map(str, rows[0]))}")
+        raise SpecError("spec.data.metadata_columns", f"column {missing[0]!r} not found in the dataset "
+                                                      f"({len(rows[0])} columns)")
     metadata = [{alias: row.get(name) for name, alias in aliases.items()} for row in rows] if aliases else None
     return Prompts(texts, metadata)
 
@@ -213,8 +214,9 @@ def resolve_checkpoint(load: CheckpointLoad | None, out_dir: Path, *, merge: boo
     """
     if load is None:
         return CheckpointDirs()
-    if load.type == "local" and not Path(str(load.path)).expanduser().exists():
-        raise SpecError(field, f"{str(load.path)!r} does not exist")
+    if load.type == "local":  # only under the worker's data roots (app.data_roots), then it must exist
+        if not allowed_path(str(load.path), field).exists():
+            raise SpecError(field, f"{str(load.path)!r} does not exist")
     directory = Path(fetch_checkpoint(load, out_dir)).resolve()
     if is_adapter_dir(directory):
         return CheckpointDirs(adapter_dir=directory, merge=merge)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from app.data_roots import check_remote_code, under_results
 from app.errors import ExecutorError, SpecError
 from app.spec import ModelSpec, TaskSpec
 
@@ -51,7 +52,7 @@ WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.j
                    "pytorch_model.bin.index.json")
 ADAPTER_WEIGHT_PATTERNS = ("adapter_model.safetensors", "adapter_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?\Z")
 
 
 # -- locating a model ---------------------------------------------------------------
@@ -161,6 +162,7 @@ def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False,
                    field: str = IDENTIFIER_FIELD) -> Any:
     from transformers import AutoTokenizer
 
+    check_remote_code(trust_remote_code, from_artifact=under_results(model_dir), field=field)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code,
                                                   local_files_only=True)
@@ -224,6 +226,7 @@ def load_causal_lm(directory: Path, dtype: str, trust_remote_code: bool, field: 
     """``AutoModelForCausalLM`` from a local directory; a failure names ``field`` and the path."""
     from transformers import AutoModelForCausalLM
 
+    check_remote_code(trust_remote_code, from_artifact=under_results(directory), field=field)
     try:
         return AutoModelForCausalLM.from_pretrained(
             str(directory), dtype=torch_dtype(dtype), device_map=device_map,

@@ -52,6 +52,7 @@ from typing import Any
 
 from app.artifacts.archive import make_archive
 from app.artifacts.checkpoints import download_file
+from app.data_roots import check_remote_code, under_results
 from app.errors import ExecutorError, SpecError, TaskCancelled
 from app.spec import TaskSpec, TrainingOptions
 from app.spec.schema import GenerationOptions, RewardModelSpec
@@ -96,6 +97,7 @@ class RewardScorer:
         from transformers import AutoModelForSequenceClassification
 
         directory = models.resolve_model_dir(spec.identifier, spec.revision, field=REWARD_FIELD)
+        check_remote_code(trust_remote_code, from_artifact=under_results(directory), field=REWARD_FIELD)
         try:
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 str(directory), local_files_only=True, trust_remote_code=trust_remote_code).to(device).eval()

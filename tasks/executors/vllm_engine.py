@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.data_roots import check_remote_code, under_results
 from app.errors import ExecutorError, SpecError
 from app.spec import InferenceOptions, TaskSpec
 from tasks.executors.models import (
@@ -157,10 +158,13 @@ class VllmEngineCache:
         weights_dir = check_model_dir(model_dir, CHECKPOINT_FIELD) if model_dir else base_dir
         tokenizer_dir = weights_dir if has_tokenizer(weights_dir) else base_dir
         rank = lora_rank_for(check_adapter_dir(adapter_dir)) if adapter_dir else 0
+        remote_code = options.trust_remote_code or bool(vllm_options and vllm_options.trust_remote_code)
+        check_remote_code(remote_code, from_artifact=under_results(weights_dir) or under_results(tokenizer_dir),
+                          field=CHECKPOINT_FIELD if model_dir else "spec.model.source.identifier")
         return EngineKey(
             weights_dir=str(weights_dir), weights_fingerprint=_fingerprint(weights_dir),
             tokenizer_dir=str(tokenizer_dir), dtype=options.dtype,
-            trust_remote_code=options.trust_remote_code or bool(vllm_options and vllm_options.trust_remote_code),
+            trust_remote_code=remote_code,
             tensor_parallel_size=vllm_options.tensor_parallel_size if vllm_options else 1,
             gpu_memory_utilization=vllm_options.gpu_memory_utilization if vllm_options else 0.9,
             max_model_len=vllm_options.max_model_len if vllm_options else None,

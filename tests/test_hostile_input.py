@@ -1,0 +1,346 @@
+"""Hostile input (issue 11): one spec must never take down the fleet, run code or read files.
+
+Real worker and server processes, real Redis; each test names the issue's case it covers.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import shutil
+import socket
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.conftest import wait_for
+
+TOKEN = "hostile-token"
+GOOD_ECHO = {"taskType": "echo", "data": {"ok": True}}
+
+
+def send_to_worker(spec: Any, task_type: str = "inference", **options: Any) -> Any:
+    """Bypass the server: a plain ``apply_async`` of ``spec`` (what any broker client can send)."""
+    from tasks.submit import task_for_type
+
+    return task_for_type(task_type).apply_async(args=[spec], **options)
+
+
+def failure_of(result: Any, timeout_s: float = 120) -> str:
+    """The task's error text; fails the test if it succeeded."""
+    try:
+        value = result.get(timeout=timeout_s)
+    except Exception as exc:  # the error the user sees
+        assert result.state == "FAILURE"
+        return f"{type(exc).__name__}: {exc}"
+    pytest.fail(f"the task succeeded: {value!r}")
+
+
+def worker_still_serves(worker: Any) -> None:
+    from tasks import echo
+
+    assert echo.apply_async(args=[GOOD_ECHO]).get(timeout=60)["worker_id"] == worker.worker_id
+    assert worker.alive()
+
+
+def inference_spec(model: str, **extra: Any) -> dict[str, Any]:
+    return {"taskType": "inference", "model": {"source": {"identifier": model}},
+            "data": {"type": "list", "items": ["hello"]}, "inference": {"max_new_tokens": 2}, **extra}
+
+
+@pytest.fixture
+def outside_dir() -> Iterator[Path]:
+    """A directory outside every data root of the tests (not under pytest's temporary root)."""
+    directory = Path(tempfile.mkdtemp(prefix="meshq-outside-"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+# -- case 3: data paths only from allowed roots ----------------------------------------------------
+def test_case3_datasets_and_checkpoints_only_from_data_roots(worker_factory, tiny_model_dir: Path,
+                                                             outside_dir: Path, tmp_path: Path) -> None:
+    creds = outside_dir / "creds.csv"
+    creds.write_text("user,password\nroot,hunter2-secret\n")
+    inside = tmp_path / "data"
+    inside.mkdir()
+    (inside / "link.csv").symlink_to(creds)  # a link inside a root to a file outside it
+    (inside / "prompts.csv").write_text("question,secret_header_name\nhi,x\n")
+    worker = worker_factory(worker_id="roots")
+
+    def dataset(path: Path, column: str = "password") -> dict[str, Any]:
+        return inference_spec(str(tiny_model_dir), data={"type": "dataset", "path": str(path), "column": column})
+
+    for path in (creds, inside / "link.csv", outside_dir / "missing.csv"):
+        error = failure_of(send_to_worker(dataset(path)))
+        assert "spec.data.path" in error and "outside the directories" in error, error
+        assert "hunter2" not in error and "user" not in error.split("outside")[0].replace(str(path), "")
+    # A wrong column of an allowed file names the column, not the file's header row.
+    error = failure_of(send_to_worker(dataset(inside / "prompts.csv", column="nope")))
+    assert "spec.data.column" in error and "'nope'" in error and "secret_header_name" not in error, error
+    # Checkpoints too: a local checkpoint directory outside the roots is refused.
+    load = {"checkpoint": {"load": {"type": "local", "path": str(outside_dir)}}}
+    error = failure_of(send_to_worker(inference_spec(str(tiny_model_dir), **load)))
+    assert "spec.checkpoint.load.path" in error and "outside the directories" in error, error
+    # MESHQ_DATA_DIRS adds a root: the same file is read by a worker that allows its directory.
+    worker_still_serves(worker)
+    worker.terminate()
+    reader = worker_factory(worker_id="reader", env={"MESHQ_DATA_DIRS": str(outside_dir)})
+    result = send_to_worker(dataset(creds)).get(timeout=120)
+    assert result["worker_id"] == reader.worker_id
+
+
+# -- case 2: no code from artifacts ----------------------------------------------------------------
+EVIL_CODE = """
+import pathlib
+pathlib.Path({marker!r}).write_text("ran")
+from transformers import LlamaConfig
+
+
+class EvilConfig(LlamaConfig):
+    model_type = "llama"
+"""
+
+
+def evil_checkpoint(tiny_model_dir: Path, directory: Path, marker: Path) -> Path:
+    """The tiny model whose ``config.json`` maps its classes to a ``.py`` file beside it."""
+    shutil.copytree(tiny_model_dir, directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig"}
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "evil.py").write_text(EVIL_CODE.format(marker=str(marker)))
+    return directory
+
+
+def test_case2_trust_remote_code_never_runs_code_from_artifacts(worker_factory, server_factory,
+                                                                tiny_model_dir: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    checkpoint = evil_checkpoint(tiny_model_dir, tmp_path / "evil-model", marker)
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for file in checkpoint.iterdir():
+            zf.write(file, f"final_model/{file.name}")
+    server = server_factory(token=TOKEN)
+    with open(archive, "rb") as fh:
+        reply = requests.post(f"{server.base_url}/api/v1/results/uploader/files", headers=server.headers(),
+                              files={"file": ("evil.zip", fh)}, timeout=30)
+    assert reply.status_code == 201, reply.text
+    url = reply.json()["url"]
+    spec = inference_spec(str(tiny_model_dir), checkpoint={"load": {"type": "http", "url": url}})
+    spec["model"]["transformers"] = {"trust_remote_code": True}
+
+    # Over HTTP: refused at submission, naming the field.
+    refused = requests.post(f"{server.base_url}/api/v1/tasks", headers=server.headers(), json={"spec": spec},
+                            timeout=30)
+    assert refused.status_code == 422 and "trust_remote_code" in refused.json()["detail"], refused.text
+    # Straight to a worker that even allows remote code: a downloaded checkpoint is still refused.
+    worker = worker_factory(worker_id="remote-ok", env={"MESHQ_ALLOW_REMOTE_CODE": "1",
+                                                        "ORCHESTRATOR_TOKEN": TOKEN})
+    error = failure_of(send_to_worker(spec))
+    assert "spec.model" in error and "trust_remote_code is never allowed" in error, error
+    # The same archive as a local file: unpacked into the worker's cache, still never trusted.
+    local_archive = inference_spec(str(tiny_model_dir), checkpoint={"load": {"type": "local", "path": str(archive)}})
+    local_archive["model"]["transformers"] = {"trust_remote_code": True}
+    error = failure_of(send_to_worker(local_archive))
+    assert "trust_remote_code" in error and "downloaded or uploaded" in error, error
+    # A local directory with code, on a worker that does not allow remote code (the default).
+    local = inference_spec(str(checkpoint))
+    local["model"]["transformers"] = {"trust_remote_code": True}
+    worker.terminate()
+    plain = worker_factory(worker_id="remote-off")
+    error = failure_of(send_to_worker(local))
+    assert "MESHQ_ALLOW_REMOTE_CODE" in error, error
+    assert not marker.exists(), "the checkpoint's code ran on the worker"
+    worker_still_serves(plain)
+
+
+# -- case 4: names end at the very end -------------------------------------------------------------
+def test_case4_names_with_a_trailing_newline_are_refused(server_factory, tmp_path: Path) -> None:
+    from app.names import check_name
+
+    for bad in ("nl\n", "f.txt\n"):
+        with pytest.raises(ValueError):
+            check_name(bad)
+    server = server_factory(token=TOKEN)
+    reply = requests.post(f"{server.base_url}/api/v1/results/nl%0a/files", headers=server.headers(),
+                          files={"file": ("f.txt", b"x")}, timeout=30)
+    assert reply.status_code == 400 and reply.json()["field"] == "task_id", reply.text
+    reply = requests.post(f"{server.base_url}/api/v1/results/ok/files", headers=server.headers(),
+                          files={"file": ("f.txt\n", b"x")}, timeout=30)
+    assert reply.status_code == 400 and reply.json()["field"] == "filename", reply.text
+    assert not list(server.results_dir.glob("**/*\n*"))
+    reply = requests.get(f"{server.base_url}/api/v1/tasks/nl%0a", headers=server.headers(), timeout=30)
+    assert reply.status_code == 400, reply.text
+
+
+# -- case 1: a poison message fails its task, never the worker ------------------------------------
+def nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {"leaf": 1}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
+def test_case1_deep_spec_fails_its_task_and_the_worker_goes_on(worker_factory, server_factory,
+                                                               redis_client) -> None:
+    worker = worker_factory(worker_id="poison")
+    server = server_factory(token=TOKEN)
+    deep_spec = {"taskType": "echo", "data": nested(480)}
+    # Over HTTP: refused before anything is queued, naming the limit.
+    reply = requests.post(f"{server.base_url}/api/v1/tasks",
+                          headers={**server.headers(), "Content-Type": "application/json"},
+                          data=json.dumps({"spec": deep_spec}), timeout=30)
+    assert reply.status_code == 413 and "MAX_NESTING_DEPTH" in reply.json()["detail"], reply.text
+    for depth in (480, 300, 70):
+        # Straight to the broker (no server): twice, so a message put back would be seen again.
+        results = [send_to_worker({"taskType": "echo", "data": nested(depth)}, "echo") for _ in range(2)]
+        for result in results:
+            error = failure_of(result)
+            assert "LimitExceeded" in error and "MAX_NESTING_DEPTH" in error, error
+            view = requests.get(f"{server.base_url}/api/v1/tasks/{result.id}", headers=server.headers(), timeout=30)
+            assert view.status_code == 200 and view.json()["state"] == "FAILURE", view.text
+        worker_still_serves(worker)
+    # Nothing was put back on the queue for another worker to die of.
+    assert redis_client.llen("tasks") == 0
+    # Exactly at the limit is fine.
+    from tasks import echo
+
+    assert echo.apply_async(args=[{"taskType": "echo", "data": nested(60)}]).get(timeout=60)["worker_id"] == "poison"
+
+
+def unread_bytes(client: socket.socket) -> int:
+    """Bytes of this loopback connection not yet read by the server process: our send queue
+    plus the server socket's receive queue (``/proc/net/tcp``)."""
+    local_port = client.getsockname()[1]
+    server_port = client.getpeername()[1]
+    total = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, queues = fields[1], fields[2], fields[4]
+        tx, rx = (int(part, 16) for part in queues.split(":"))
+        ports = (int(local.split(":")[1], 16), int(remote.split(":")[1], 16))
+        if ports == (local_port, server_port):
+            total += tx
+        elif ports == (server_port, local_port):
+            total += rx
+    return total
+
+
+# -- case 10: bounded in bytes and shape, parsed off the event loop --------------------------------
+def test_case10_documents_are_bounded_and_parsed_off_the_event_loop(worker_factory, server_factory) -> None:
+    server = server_factory(token=TOKEN)
+    yaml_headers = {**server.headers(), "Content-Type": "application/yaml"}
+
+    def post(body: bytes | str, headers: dict[str, str] = yaml_headers) -> requests.Response:
+        return requests.post(f"{server.base_url}/api/v1/tasks", headers=headers, data=body, timeout=120)
+
+    # An anchor on a 1 MB string referenced 600 times: 600 MB once expanded.
+    bomb = "spec:\n  taskType: echo\n  data:\n    s: &s " + "x" * 1_000_000 + "\n    refs: [" + \
+           ", ".join(["*s"] * 600) + "]\n"
+    reply = post(bomb)
+    assert reply.status_code == 413 and "MAX_EXPANDED_BYTES" in reply.json()["detail"], reply.text
+    # Nested aliases (a "billion laughs"): many values from a few lines.
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(6))
+    reply = post("spec:\n  taskType: echo\n  data:\n" + "".join("    " + line + "\n" for line in laughs.splitlines()))
+    assert reply.status_code == 413 and "MAX_VALUES" in reply.json()["detail"], reply.text
+    # A body past the document size.
+    reply = post(b"spec: {taskType: echo}\n#" + b"x" * (9 * 1024 * 1024))
+    assert reply.status_code == 413 and "MAX_DOCUMENT_BYTES" in reply.json()["detail"], reply.text
+    # One string past its limit, and too many stages.
+    reply = post(json.dumps({"spec": {"taskType": "echo", "data": {"s": "y" * (5 * 1024 * 1024)}}}),
+                 {**server.headers(), "Content-Type": "application/json"})
+    assert reply.status_code == 413 and "MAX_STRING_BYTES" in reply.json()["detail"], reply.text
+    stages = [{"name": f"s{i}", "spec": {}} for i in range(800)]
+    reply = post(json.dumps({"spec": {"taskType": "echo", "stages": stages}}),
+                 {**server.headers(), "Content-Type": "application/json"})
+    assert reply.status_code == 413 and "MAX_STAGES" in reply.json()["detail"], reply.text
+
+    # A large YAML document (just under the limits) is parsed in a thread: /healthz answers meanwhile.
+    big = ("spec:\n  taskType: not-a-type\n  data:\n    items:\n" +
+           "".join(f"    - prompt number {i} {'z' * 40}\n" for i in range(100_000)) +
+           "---\nsecond: document\n").encode()  # refused by the parser itself, once it has read it all
+    with socket.create_connection(("127.0.0.1", server.port), timeout=120) as raw:
+        raw.sendall(b"POST /api/v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/yaml\r\n"
+                    b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: " +
+                    str(len(big)).encode() + b"\r\n\r\n" + big)
+        wait_for(lambda: unread_bytes(raw) == 0, 60, message="the server reading the whole body")
+        health = requests.get(f"{server.base_url}/healthz", timeout=30)
+        still_parsing = not select.select([raw], [], [], 0)[0]
+        answer = raw.makefile("rb").readline()
+    assert health.status_code == 200 and b" 400 " in answer, answer
+    assert still_parsing, "the document was answered before /healthz could be asked"
+
+    # The same limits on the worker, for a message that never passed the server.
+    worker = worker_factory(worker_id="bounded")
+    huge = {"taskType": "echo", "data": {"parts": ["w" * (3 * 1024 * 1024)] * 6}}
+    error = failure_of(send_to_worker(huge, "echo"))
+    assert "MAX_MESSAGE_BYTES" in error, error
+    worker_still_serves(worker)
+
+
+# -- case 9: the HTTP front door bounds headers and slow clients ------------------------------------
+def read_reply(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    sock.settimeout(60)
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
+
+
+def test_case9_header_limits_and_slow_connections_closed(server_factory) -> None:
+    from app.limits import BODY_IDLE_TIMEOUT_S, HEADER_TIMEOUT_S
+
+    server = server_factory(token=TOKEN)
+    address = ("127.0.0.1", server.port)
+    # Slow and silent clients, all at once: nothing, headers a byte every second, a stalled body.
+    silent = socket.create_connection(address)
+    dripping = socket.create_connection(address)
+    stalled = socket.create_connection(address)
+    stalled.sendall(b"POST /api/v1/tasks HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() +
+                    b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"spec\":")
+
+    # No token needed to try: a header over the limit is refused at once, the connection closed.
+    with socket.create_connection(address) as big:
+        big.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+        reply = read_reply(big)
+    assert reply.startswith(b"HTTP/1.1 431") and b"MAX_HEADER_BYTES" in reply, reply[:200]
+    # A 50 MB header is not read to its end: the server stops reading and closes.
+    with socket.create_connection(address) as flood:
+        flood.settimeout(60)
+        with pytest.raises(OSError):  # BrokenPipe / ConnectionReset once the server has closed
+            flood.sendall(b"GET /healthz HTTP/1.1\r\nX-Flood: " + b"b" * 50_000_000)
+    assert requests.get(f"{server.base_url}/healthz", timeout=10).status_code == 200
+
+    dripping.sendall(b"GET /healthz HTTP/1.1\r\n")
+    dripping.setblocking(False)
+    drip_reply = b""
+    deadline_s = HEADER_TIMEOUT_S + 30
+    import time
+
+    started = time.monotonic()
+    while time.monotonic() - started < deadline_s:
+        try:
+            dripping.sendall(b"X")
+        except OSError:
+            pass
+        if select.select([dripping], [], [], 1)[0]:
+            drip_reply = read_reply(dripping)
+            break
+    assert drip_reply.startswith(b"HTTP/1.1 408") and b"HEADER_TIMEOUT_S" in drip_reply, drip_reply[:300]
+    assert read_reply(silent) == b""  # closed without a word
+    stall_reply = read_reply(stalled)
+    assert stall_reply.startswith(b"HTTP/1.1 408") and b"connection: close" in stall_reply.lower(), stall_reply
+    assert b"BODY_IDLE_TIMEOUT_S" in stall_reply, stall_reply
+    for sock in (silent, dripping, stalled):
+        sock.close()
+    assert BODY_IDLE_TIMEOUT_S > HEADER_TIMEOUT_S
+    assert requests.get(f"{server.base_url}/healthz", timeout=10).status_code == 200
