@@ -24,6 +24,7 @@ from app import keys
 from app.celery import PROGRESS_STATE
 from app.events import publish_task_event
 from app.redis_client import get_redis
+from app.worker.lease import TaskLease
 from tasks.executors.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ class CeleryProgress(Progress):
         self.min_interval_s = min_interval_s
         self._last_sent = 0.0
         self.last: dict[str, Any] = {}
+        # The run's lease, once it holds it: every check is also the fence of the run
+        # (``LeaseLost`` when another worker took the task over) and its sign of life.
+        self.lease: TaskLease | None = None
 
     def __call__(self, force: bool = False, **fields: Any) -> None:
         self.last = fields
@@ -53,6 +57,7 @@ class CeleryProgress(Progress):
         if not force and now - self._last_sent < self.min_interval_s:
             return
         self._last_sent = now
+        self.cancelled()  # the fence: a run that lost its lease reports nothing more
         meta = {**fields, "worker_id": self.worker_id, "taskType": self.task_type}
         try:
             self.task.update_state(state=PROGRESS_STATE, meta=meta)
@@ -66,7 +71,10 @@ class CeleryProgress(Progress):
                            **fields)
 
     def cancelled(self) -> bool:
+        """Whether the user cancelled the task; raises ``LeaseLost`` when this run lost it."""
         try:
+            if self.lease is not None:
+                return self.lease.check(self.cancel_keys)
             return bool(get_redis().exists(*self.cancel_keys))
         except redis.RedisError:
             return False  # cannot tell: keep working rather than stop on a network blip

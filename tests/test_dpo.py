@@ -152,6 +152,3 @@ def test_a_preference_row_without_rejected_names_the_field(tiny_model_dir: Path,
     with pytest.raises(SpecError, match=r"spec\.data\.jsonl\.rejected_field: row 1 has no 'rejected'"):
         DPOExecutor().run(spec, tmp_path / "t", RecordingProgress())
     assert not (tmp_path / "t" / "final_model").exists()
-    spec = parse_task_spec(dpo_spec(tiny_model_dir, data={"prompts": ["only a prompt"]}))
-    with pytest.raises(SpecError, match=r"spec\.data\.prompts: dpo trains on preference pairs"):
-        DPOExecutor().run(spec, tmp_path / "t", RecordingProgress())

@@ -374,6 +374,13 @@ class TrainingOptions(Strict):
             data = one_spelling(data, *names)
         return data
 
+    @model_validator(mode="after")
+    def _mini_batch(self) -> TrainingOptions:
+        if self.mini_batch_size is not None and self.mini_batch_size > self.batch_size:
+            raise ValueError(f"mini_batch_size: {self.mini_batch_size} is larger than batch_size "
+                             f"{self.batch_size} (a ppo mini-batch is a part of one rollout batch)")
+        return self
+
 
 DPO_TRAINING_FIELDS = ("beta",)
 PPO_TRAINING_FIELDS = ("mini_batch_size", "ppo_epochs", "target_kl", "early_stopping", "optimize_cuda_cache")
@@ -612,6 +619,11 @@ class TaskSpec(Strict):
             raise ValueError("reward_model: required for taskType 'ppo'")
         if self.training is not None:
             given = self.training.model_fields_set
+            if kind in ("dpo", "ppo") and self.training.packing:
+                raise ValueError(f"training: packing concatenates sft examples; it has no meaning for {kind!r}")
+            if kind == "ppo" and (self.training.bf16 or self.training.fp16):
+                raise ValueError("training: bf16/fp16 mixed precision is not implemented for ppo "
+                                 "(it trains in the weights' dtype, model.transformers.dtype)")
             if kind != "dpo" and "beta" in given:
                 raise ValueError(f"training: beta is a dpo setting, not for taskType {kind!r}")
             ppo_only = [name for name in PPO_TRAINING_FIELDS if name in given]
@@ -650,6 +662,23 @@ class TaskSpec(Strict):
         if self.parallel is not None and self.parallel.enabled:
             return self.parallel.max_shards
         return self.resources.replicas if self.resources is not None else 1
+
+
+def training_data_problem(kind: str, data: TrainingData) -> tuple[str, str] | None:
+    """``(field under data, message)`` when ``data`` is not what task type ``kind`` trains on."""
+    if kind in ("sft", "lora_sft") and data.preferences:
+        return "preferences", f"preference pairs are dpo data; {kind} trains on prompts, a table or a jsonl file"
+    if kind == "dpo":
+        if data.prompts:
+            return "prompts", ("dpo trains on preference pairs {prompt, chosen, rejected}: give "
+                               "data.preferences, a jsonl file or a table with those columns")
+        if data.text_field or (data.jsonl is not None and data.jsonl.text_field):
+            where = "text_field" if data.text_field else "jsonl.text_field"
+            return where, "dpo trains on preference pairs, not plain text"
+    if kind == "ppo" and data.preferences:
+        return "preferences", ("ppo generates from prompts: give data.prompts, a jsonl file (query_field) "
+                               "or a table (query_column)")
+    return None
 
 
 DATA_MODELS: dict[str, type[Strict]] = {

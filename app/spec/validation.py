@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.errors import SpecError
-from app.spec.schema import DATA_MODELS, TaskSpec
+from app.spec.schema import DATA_MODELS, TaskSpec, TrainingData, training_data_problem
 
 
 def _loc_to_path(prefix: str, loc: tuple[Any, ...]) -> str:
@@ -73,7 +73,11 @@ def parse_task_spec(raw: Any, prefix: str = "spec") -> TaskSpec:
     data_model = DATA_MODELS.get(spec.taskType)
     if data_model is not None:
         try:
-            data_model.model_validate(spec.data or {})
+            data = data_model.model_validate(spec.data or {})
         except ValidationError as exc:
             raise spec_error_from(exc, f"{prefix}.data") from None
+        if isinstance(data, TrainingData):
+            problem = training_data_problem(spec.taskType, data)
+            if problem is not None:
+                raise SpecError(f"{prefix}.data.{problem[0]}", problem[1])
     return spec

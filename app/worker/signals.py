@@ -27,6 +27,7 @@ from app.worker.invisibility import MessageKeeper
 from app.worker.lease import lease_ttl_s, record_last_error, refresh_leases
 from app.worker.registry import IDLE, RUNNING, WorkerRegistry, set_worker_status
 from app.worker.status_writer import StatusWriter
+from app.worker.watchdog import StuckTaskWatchdog
 
 log = logging.getLogger("meshq.worker")
 
@@ -81,6 +82,7 @@ def configure_worker(sender: str, instance: Any, conf: Any, options: dict, **_: 
         return (lambda replies: keeper.replies(tags, replies)) if tags else None
 
     add_beat_hook(keep_messages_invisible)
+    add_beat_hook(StuckTaskWatchdog(settings.stuck_task_s).add_to_beat)  # kills a child that stopped progressing
     if settings.visibility_timeout_s < 3 * settings.heartbeat_interval_s:
         log.warning("MESHQ_VISIBILITY_TIMEOUT_S=%s is under three heartbeats (HEARTBEAT_INTERVAL_SEC=%s): "
                     "a late heartbeat lets the broker hand a running task to another worker",

@@ -1,0 +1,91 @@
+"""Bad dpo/ppo input: refused at submission (the HTTP server, ``parse_task_spec``) or by the worker
+(a preference file row without ``rejected``), each error naming the field; the worker goes on."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from app.errors import SpecError
+from app.spec import parse_task_spec
+
+MODEL = {"source": {"identifier": "/models/tiny"}}
+PAIR = {"prompt": "p", "chosen": "c", "rejected": "r"}
+
+
+def dpo(**sections: Any) -> dict[str, Any]:
+    return {"taskType": "dpo", "model": MODEL, "data": {"preferences": [PAIR]}, **sections}
+
+
+def ppo(**sections: Any) -> dict[str, Any]:
+    return {"taskType": "ppo", "model": MODEL, "reward_model": {"identifier": "/models/reward"},
+            "data": {"prompts": ["q"]}, **sections}
+
+
+BAD_SPECS: list[tuple[str, dict[str, Any], str, str]] = [
+    ("preference row without rejected", dpo(data={"preferences": [{"prompt": "p", "chosen": "c"}]}),
+     "spec.data.preferences.0.rejected", "Field required"),
+    ("negative beta", dpo(training={"beta": -1}), "spec.training.beta", "greater than 0"),
+    ("ppo without a reward model", {k: v for k, v in ppo().items() if k != "reward_model"},
+     "spec.reward_model", "required for taskType 'ppo'"),
+    ("dpo on plain prompts", dpo(data={"prompts": ["q"]}), "spec.data.prompts", "dpo trains on preference pairs"),
+    ("ppo on preference pairs", ppo(data={"preferences": [PAIR]}), "spec.data.preferences",
+     "ppo generates from prompts"),
+    ("sft on preference pairs", {**dpo(), "taskType": "sft"}, "spec.data.preferences", "dpo data"),
+    ("mini-batch larger than the batch", ppo(training={"batch_size": 2, "mini_batch_size": 4}),
+     "spec.training.mini_batch_size", "larger than batch_size 2"),
+    ("beta on ppo", ppo(training={"beta": 0.1}), "spec.training", "beta is a dpo setting"),
+    ("ppo epochs on dpo", dpo(training={"ppo_epochs": 2}), "spec.training", "ppo_epochs is a ppo setting"),
+    ("zero ppo epochs", ppo(training={"ppo_epochs": 0}), "spec.training.ppo_epochs", "greater than or equal to 1"),
+    ("negative target_kl", ppo(training={"target_kl": -0.1}), "spec.training.target_kl", "greater than 0"),
+    ("generation on dpo", dpo(generation={"max_new_tokens": 4}), "spec.generation", "only allowed for taskType 'ppo'"),
+    ("zero new tokens", ppo(generation={"max_new_tokens": 0}), "spec.generation.max_new_tokens",
+     "greater than or equal to 1"),
+    ("reward model without identifier", ppo(reward_model={"type": "sentiment"}), "spec.reward_model.identifier",
+     "Field required"),
+    ("unknown reward model type", ppo(reward_model={"identifier": "/rm", "type": "toxicity"}),
+     "spec.reward_model.type", "'sentiment'"),
+    ("packing on dpo", dpo(training={"packing": True}), "spec.training", "packing concatenates sft examples"),
+    ("mixed precision on ppo", ppo(training={"bf16": True}), "spec.training", "not implemented for ppo"),
+]
+
+
+@pytest.mark.parametrize(("label", "raw", "field", "message"), BAD_SPECS, ids=[case[0] for case in BAD_SPECS])
+def test_bad_specs_name_the_field(label: str, raw: dict[str, Any], field: str, message: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_task_spec(raw)
+    assert caught.value.field == field, f"{label}: {caught.value}"
+    assert message in str(caught.value), f"{label}: {caught.value}"
+
+
+def test_the_server_refuses_them_at_submission(server_factory) -> None:
+    server = server_factory()
+    for label, raw, field, message in BAD_SPECS[:3]:
+        reply = requests.post(f"{server.base_url}/api/v1/tasks", json={"spec": raw}, timeout=30)
+        assert reply.status_code == 422, f"{label}: {reply.status_code} {reply.text}"
+        # Documents name list items as in YAML paths: preferences[0].rejected
+        assert reply.json()["field"] == re.sub(r"\.(\d+)\.", r"[\1].", field), f"{label}: {reply.text}"
+        assert message in reply.json()["detail"], f"{label}: {reply.text}"
+
+
+@pytest.mark.slow
+def test_a_preference_file_row_without_rejected_fails_on_the_worker(worker_factory, tiny_model_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    from tasks import dpo as dpo_task
+    from tasks import echo
+
+    worker = worker_factory()
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps(PAIR) + "\n" + json.dumps({"prompt": "p2", "chosen": "c2"}) + "\n")
+    spec = dpo(model={"source": {"identifier": str(tiny_model_dir)}}, data={"jsonl": {"path": str(pairs)}})
+    handle = dpo_task.apply_async(args=[spec])
+    with pytest.raises(SpecError) as caught:
+        handle.get(timeout=120)
+    assert "spec.data.jsonl.rejected_field: row 1 has no 'rejected'" in str(caught.value)
+    assert not (worker.results_dir / handle.id / "final_model").exists()
+    assert echo.apply_async(args=[{"taskType": "echo", "data": {}}]).get(timeout=60)["worker_id"] == worker.worker_id
