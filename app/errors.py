@@ -79,6 +79,19 @@ class TaskCancelled(MeshqError):
         return f"task {self.task_id} cancelled{(' ' + self.where) if self.where else ''}"
 
 
+class LeaseLost(MeshqError):
+    """This run of a task lost its lease to another worker (it was paused or cut off past
+    the lease's expiry and the task started again elsewhere): it must stop and write nothing."""
+
+    def __init__(self, task_id: str, holder: str) -> None:
+        super().__init__(task_id, holder)
+        self.task_id = task_id
+        self.holder = holder
+
+    def __str__(self) -> str:
+        return f"task {self.task_id} is now run by worker {self.holder}; this run stops"
+
+
 class PipelineError(MeshqError):
     """A pipeline failed, was cancelled, timed out or is unknown; ``stage`` names the stage."""
 

@@ -30,6 +30,11 @@ def task_cancel(task_id: str) -> str:
     return f"meshq:task:{task_id}:cancel"
 
 
+def task_alive(task_id: str) -> str:
+    """Time (epoch seconds) of the running task's last step/batch/progress report."""
+    return f"meshq:task:{task_id}:alive"
+
+
 def task_sent(task_id: str) -> str:
     """Set when a meshq task is published (its queue): a queued task is known, not unknown."""
     return f"meshq:task:{task_id}:sent"

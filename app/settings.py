@@ -29,6 +29,9 @@ DEFAULT_LOG_FILE = "worker-{worker_id}.log"  # one file per worker, also when se
 # than three missed beats, and a killed worker's task starts again in under 2 minutes.
 DEFAULT_VISIBILITY_TIMEOUT_S = 100
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024**3
+# A running task with no step, batch or progress report for this long has its pool
+# process killed and runs again (app.worker.watchdog); 0 turns the watchdog off.
+DEFAULT_STUCK_TASK_S = 3600
 # Artifact uploads/downloads: retries after the first attempt, first backoff (doubles each time).
 DEFAULT_UPLOAD_RETRIES = 5
 DEFAULT_UPLOAD_BACKOFF_S = 1.0
@@ -63,6 +66,7 @@ class Settings:
     fake_hardware: dict[str, Any] | None = None
     # A module of extra Celery settings applied after celeryconfig (MESHQ_CELERY_CONFIG).
     celery_config_module: str = ""
+    stuck_task_s: int = DEFAULT_STUCK_TASK_S
     # Directories (besides RESULTS_DIR) a spec may read local datasets and checkpoints from
     # (MESHQ_DATA_DIRS, os.pathsep-separated: a shared-storage mount, a datasets folder).
     data_dirs: tuple[str, ...] = ()
@@ -237,6 +241,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         upload_backoff_s=_positive_float(env, "MESHQ_UPLOAD_BACKOFF_S", DEFAULT_UPLOAD_BACKOFF_S),
         fake_hardware=parse_fake_hardware(env.get("MESHQ_FAKE_HARDWARE", "")),
         celery_config_module=celery_config,
+        stuck_task_s=_non_negative_int(env, "MESHQ_STUCK_TASK_S", DEFAULT_STUCK_TASK_S),
         data_dirs=parse_data_dirs(env.get("MESHQ_DATA_DIRS", "")),
         allow_remote_code=_flag(env, "MESHQ_ALLOW_REMOTE_CODE"),
     )

@@ -15,14 +15,15 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import redis
 from celery import Task, states
 from celery.exceptions import Ignore
 
 from app.artifacts.delivery import deliver_result
 from app.artifacts.manifest import write_task_outputs
-from app.errors import ExecutorError, SpecError, TaskCancelled
+from app.errors import ExecutorError, LeaseLost, SpecError, TaskCancelled
 from app.events import utc_now_iso
 from app.names import check_name
 from app.redis_client import get_redis
@@ -99,6 +100,15 @@ def finish_result(task_id: str, spec: TaskSpec, out_dir: Path, result: dict[str,
     return delivered
 
 
+def still_ours(lease: TaskLease) -> None:
+    """Raise ``LeaseLost`` if another worker took the task over; a Redis that cannot be
+    asked right now does not stop a finished run (its result writes retry)."""
+    try:
+        lease.check([])
+    except redis.RedisError as exc:
+        log.warning("could not check the lease of task %s (%s); keeping the run's result", lease.task_id, exc)
+
+
 class MeshqTask(Task):
     """Base of every meshq task; subclasses only set ``task_type``."""
 
@@ -157,19 +167,36 @@ class MeshqTask(Task):
             raise ExecutorError(f"task {task_id} was started {runs - 1} times and its worker died each time; "
                                 f"giving up (MESHQ_MAX_TASK_RUNS={max_task_runs()}); last error: "
                                 f"{last_error or 'none recorded (the worker process was killed)'}")
-        if shard is None:
-            self.split(spec, raw_spec, out_dir, progress, pipeline)  # replaces the task when it shards
-        executor = get_executor(self.task_type)
+        # From here on every step, batch and progress report checks the lease (the fence):
+        # a run that lost the task to another worker stops and writes nothing more.
+        progress.lease = lease
         try:
-            result = executor.run(spec, out_dir, progress, **self.executor_options(shard))
-        except TaskCancelled as exc:
-            self._end_cancelled(exc, out_dir, progress, parent=shard.get("parent") if shard else None)
-        # Wall-clock start and end on the worker: they show which tasks overlapped.
-        result = {"task_id": task_id, "taskType": self.task_type,
-                  "worker_id": settings.worker_id, "started_at": started_at, "finished_at": utc_now_iso(),
-                  **result}
-        return finish_result(task_id, spec, out_dir, result, time.monotonic() - started,
-                             walk=getattr(executor, "writes_files", True))
+            if shard is None:
+                self.split(spec, raw_spec, out_dir, progress, pipeline)  # replaces the task when it shards
+            executor = get_executor(self.task_type)
+            try:
+                result = executor.run(spec, out_dir, progress, **self.executor_options(shard))
+            except TaskCancelled as exc:
+                self._end_cancelled(exc, out_dir, progress, parent=shard.get("parent") if shard else None)
+            # Wall-clock start and end on the worker: they show which tasks overlapped.
+            result = {"task_id": task_id, "taskType": self.task_type,
+                      "worker_id": settings.worker_id, "started_at": started_at, "finished_at": utc_now_iso(),
+                      **result}
+            still_ours(lease)  # before anything is written or delivered
+            delivered = finish_result(task_id, spec, out_dir, result, time.monotonic() - started,
+                                      walk=getattr(executor, "writes_files", True))
+            still_ours(lease)  # and before Celery stores it as the task's result
+            return delivered
+        except LeaseLost as exc:
+            self._abandon(exc)
+
+    def _abandon(self, exc: LeaseLost) -> NoReturn:
+        """This run lost its lease (its worker was paused or cut off and the task started
+        again elsewhere): stop, and store, send and publish nothing — the other run's
+        result is the task's. Acknowledged, so the broker does not hand it out again."""
+        log.warning("%s (its worker was paused or cut off past the lease); nothing of it is kept", exc)
+        self.request.meshq_abandoned = True
+        raise Ignore()
 
     def split(self, spec: TaskSpec, raw_spec: Any, out_dir: Path, progress: CeleryProgress,
               pipeline: dict[str, Any] | None) -> None:

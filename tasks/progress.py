@@ -24,11 +24,13 @@ from app import keys
 from app.celery import PROGRESS_STATE
 from app.events import publish_task_event
 from app.redis_client import get_redis
+from app.worker.lease import TaskLease
 from tasks.executors.progress import Progress
 
 log = logging.getLogger(__name__)
 
 MIN_PROGRESS_INTERVAL_S = 1.0
+EVENT_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 
 
 class CeleryProgress(Progress):
@@ -46,6 +48,9 @@ class CeleryProgress(Progress):
         self.min_interval_s = min_interval_s
         self._last_sent = 0.0
         self.last: dict[str, Any] = {}
+        # The run's lease, once it holds it: every check is also the fence of the run
+        # (``LeaseLost`` when another worker took the task over) and its sign of life.
+        self.lease: TaskLease | None = None
 
     def __call__(self, force: bool = False, **fields: Any) -> None:
         self.last = fields
@@ -53,20 +58,26 @@ class CeleryProgress(Progress):
         if not force and now - self._last_sent < self.min_interval_s:
             return
         self._last_sent = now
+        self.cancelled()  # the fence: a run that lost its lease reports nothing more
         meta = {**fields, "worker_id": self.worker_id, "taskType": self.task_type}
         try:
             self.task.update_state(state=PROGRESS_STATE, meta=meta)
         except Exception as exc:  # the backend being briefly away must not kill the task
             log.warning("could not store progress of %s: %s", self.task_id, exc)
         try:
-            self.task.send_event("task-progress", result=saferepr(fields), **meta)
+            # A few quick tries: a progress event is not worth holding the task up for
+            # (Celery's default retries for ever while the broker is away).
+            self.task.send_event("task-progress", retry_policy=EVENT_RETRY_POLICY, result=saferepr(fields), **meta)
         except Exception as exc:
             log.warning("could not send task-progress event for %s: %s", self.task_id, exc)
         publish_task_event("TASK_PROGRESS", self.worker_id, self.task_id, taskType=self.task_type,
                            **fields)
 
     def cancelled(self) -> bool:
+        """Whether the user cancelled the task; raises ``LeaseLost`` when this run lost it."""
         try:
+            if self.lease is not None:
+                return self.lease.check(self.cancel_keys)
             return bool(get_redis().exists(*self.cancel_keys))
         except redis.RedisError:
             return False  # cannot tell: keep working rather than stop on a network blip

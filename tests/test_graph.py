@@ -153,3 +153,32 @@ def test_cancel_stops_every_running_node_over_http(server_factory, worker_factor
         "a": "SUCCESS", "b": "REVOKED", "c": "REVOKED", "d": "SKIPPED"}
     assert {ended["stages"]["b"]["worker_id"], ended["stages"]["c"]["worker_id"]} <= {"c1", "c2", None}
     assert requests.get(f"{server.base_url}/api/v1/pipelines/nope", timeout=10).status_code == 404
+
+
+def test_tags_and_run_on_per_node(worker_factory, redis_client) -> None:
+    worker_factory("a", worker_id="ra")
+    worker_factory("b", worker_id="rb")
+    document = {"spec": {"taskType": "echo", "graph": {"nodes": [
+        {"name": "first", "tags": ["a"], "spec": {"data": {"n": 1}}},
+        {"name": "left", "dependsOn": ["first"], "tags": ["b"], "spec": {"data": {"n": "${first.result.echo.data.n}"}}},
+        {"name": "right", "dependsOn": ["first"], "tags": ["b"], "spec": {}},
+        # runOn wins over tags: the worker of "first" has no tag "b" but runs this node.
+        {"name": "last", "dependsOn": ["left", "right"], "tags": ["b"], "runOn": {"node": "first"},
+         "spec": {"data": {"where": "${first.result.worker_id}"}}}]}}}
+    results = Pipeline.from_dict(document).submit().wait(timeout=120)
+    assert {name: result["worker_id"] for name, result in results.items()} == {
+        "first": "ra", "left": "rb", "right": "rb", "last": "ra"}
+    assert results["last"]["echo"]["data"] == {"where": "ra"}
+
+
+def test_the_graph_example_runs(worker_factory, redis_client, tiny_model_dir: Path) -> None:
+    from pipelines import EXAMPLES_DIR
+
+    worker_factory(worker_id="e1", env=WORKER_ENV)
+    worker_factory(worker_id="e2", env=WORKER_ENV)
+    pipeline = Pipeline.from_yaml(EXAMPLES_DIR / "graph_briefing.yaml", env={"MESHQ_MODEL": str(tiny_model_dir)})
+    results = pipeline.submit().wait(timeout=300)
+    assert len(results["optimist"]["shards"]) == 2
+    prompts = [item["prompt"] for item in results["synthesis"]["items"]]
+    assert len(prompts) == 4 and all(p.startswith("Weigh both sides") for p in prompts)
+    assert results["optimist"]["items"][3]["output"].strip().replace("\n", "\n  ") in prompts[3]

@@ -115,6 +115,10 @@ def bad(mutate: Any) -> dict[str, Any]:
     (bad(lambda s: s["graph"]["nodes"][2].update(runOn={"node": "b"})), "spec.graph.nodes[2].runOn.node",
      "not an ancestor"),
     (bad(lambda s: s["graph"]["nodes"][2].update(after=["b"])), "spec.graph.nodes[2].after", "unknown field"),
+    (bad(lambda s: s["graph"]["nodes"][1]["spec"].update(taskType="inference", parallel={"max_shards": 0})),
+     "spec.graph.nodes[1].spec.parallel.max_shards", "greater than or equal to 1"),
+    (bad(lambda s: s["graph"]["nodes"][1]["spec"].update(resources={"replicas": 0})),
+     "spec.graph.nodes[1].spec.resources.replicas", "greater than or equal to 1"),
     (bad(lambda s: s["graph"]["nodes"][2]["spec"].update(echo={"sleep_s": -1})),
      "spec.graph.nodes[2].spec.echo.sleep_s", "greater than or equal"),
 ])

@@ -6,6 +6,7 @@ Real worker and server processes, real Redis; each test names the issue's case i
 from __future__ import annotations
 
 import json
+import os
 import select
 import shutil
 import socket
@@ -19,6 +20,7 @@ import pytest
 import requests
 
 from tests.conftest import wait_for
+from tests.test_disk_full import small_disk  # noqa: F401  (fixture)
 
 TOKEN = "hostile-token"
 GOOD_ECHO = {"taskType": "echo", "data": {"ok": True}}
@@ -297,8 +299,6 @@ def read_reply(sock: socket.socket) -> bytes:
 
 
 def test_case9_header_limits_and_slow_connections_closed(server_factory) -> None:
-    from app.limits import BODY_IDLE_TIMEOUT_S, HEADER_TIMEOUT_S
-
     server = server_factory(token=TOKEN)
     address = ("127.0.0.1", server.port)
     # Slow and silent clients, all at once: nothing, headers a byte every second, a stalled body.
@@ -307,6 +307,12 @@ def test_case9_header_limits_and_slow_connections_closed(server_factory) -> None
     stalled = socket.create_connection(address)
     stalled.sendall(b"POST /api/v1/tasks HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() +
                     b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"spec\":")
+    stalled_upload = socket.create_connection(address)  # an upload that stops: its partial file goes at once
+    stalled_upload.sendall(b"POST /api/v1/results/stalled/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " +
+                           TOKEN.encode() + b"\r\nContent-Type: multipart/form-data; boundary=b0\r\n"
+                           b"Content-Length: 10000000\r\n\r\n--b0\r\nContent-Disposition: form-data; name=\"file\"; "
+                           b"filename=\"s.bin\"\r\n\r\n" + b"s" * 5_000_000)
+    wait_for(lambda: list(server.results_dir.rglob("*.partial~")), 30, message="the stalled upload's partial file")
 
     # No token needed to try: a header over the limit is refused at once, the connection closed.
     with socket.create_connection(address) as big:
@@ -323,7 +329,7 @@ def test_case9_header_limits_and_slow_connections_closed(server_factory) -> None
     dripping.sendall(b"GET /healthz HTTP/1.1\r\n")
     dripping.setblocking(False)
     drip_reply = b""
-    deadline_s = HEADER_TIMEOUT_S + 30
+    deadline_s = 60  # well past HEADER_TIMEOUT_S (app.limits: 10 s)
     import time
 
     started = time.monotonic()
@@ -340,7 +346,111 @@ def test_case9_header_limits_and_slow_connections_closed(server_factory) -> None
     stall_reply = read_reply(stalled)
     assert stall_reply.startswith(b"HTTP/1.1 408") and b"connection: close" in stall_reply.lower(), stall_reply
     assert b"BODY_IDLE_TIMEOUT_S" in stall_reply, stall_reply
-    for sock in (silent, dripping, stalled):
+    upload_reply = read_reply(stalled_upload)
+    assert upload_reply.startswith(b"HTTP/1.1 408"), upload_reply[:300]
+    assert not list(server.results_dir.rglob("*.partial~")) and not (server.results_dir / "stalled").exists()
+    for sock in (silent, dripping, stalled, stalled_upload):
         sock.close()
-    assert BODY_IDLE_TIMEOUT_S > HEADER_TIMEOUT_S
     assert requests.get(f"{server.base_url}/healthz", timeout=10).status_code == 200
+
+
+# -- case 7: uploads of one name are atomic as a pair ----------------------------------------------
+def check_served(server: Any, task_id: str, name: str) -> tuple[str, str]:
+    """(sha256 of the bytes served, the checksum the server claims) for one artifact."""
+    import hashlib
+
+    reply = requests.get(f"{server.base_url}/api/v1/results/{task_id}/files/{name}", headers=server.headers(),
+                         timeout=30)
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["ETag"] == f'"{reply.headers["X-Checksum-Sha256"]}"'
+    return hashlib.sha256(reply.content).hexdigest(), reply.headers["X-Checksum-Sha256"]
+
+
+def test_case7_same_name_uploads_keep_file_and_checksum_together(server_factory) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = server_factory(token=TOKEN)
+    rounds, uploaders = 40, 8
+    with ThreadPoolExecutor(uploaders) as pool:
+        for round_no in range(rounds):
+            bodies = [os.urandom(64 * 1024) for _ in range(uploaders)]  # one size: only the bytes differ
+            url = f"{server.base_url}/api/v1/results/round-{round_no}/files"
+            replies = list(pool.map(lambda body, url=url: requests.post(
+                url, headers=server.headers(), files={"file": ("same.bin", body)}, timeout=60), bodies))
+            assert all(r.status_code == 201 for r in replies), [r.text for r in replies]
+            served, claimed = check_served(server, f"round-{round_no}", "same.bin")
+            assert served == claimed, f"round {round_no}: bytes of one upload, checksum of another"
+            assert claimed in {r.json()["sha256"] for r in replies}
+    server.stop()
+    server.start()
+    for round_no in range(rounds):
+        served, claimed = check_served(server, f"round-{round_no}", "same.bin")
+        assert served == claimed, f"after the restart, round {round_no}: wrong checksum"
+    # Only the current upload of each name is kept.
+    kept = [p for p in server.results_dir.rglob("*")
+            if p.is_file() and not p.is_symlink() and not p.name.endswith("~")]
+    assert len(kept) == rounds, kept
+
+
+# -- case 11: nothing of a dead upload stays, and a full disk is 507 -------------------------------
+def test_case11_dead_uploads_are_swept_at_start_and_a_full_disk_is_507(
+        server_factory, small_disk: Path) -> None:  # noqa: F811  (the fixture imported above)
+    import signal
+
+    server = server_factory(token=TOKEN)
+    # A server killed in the middle of an upload leaves a partial file ...
+    with socket.create_connection(("127.0.0.1", server.port)) as raw:
+        boundary = b"xyzzy"
+        head = (b"--" + boundary + b"\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\n\r\n")
+        raw.sendall(b"POST /api/v1/results/dying/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " +
+                    TOKEN.encode() + b"\r\nContent-Type: multipart/form-data; boundary=" + boundary +
+                    b"\r\nContent-Length: 100000000\r\n\r\n" + head + b"z" * 8 * 1024 * 1024)
+        wait_for(lambda: list(server.results_dir.rglob("*.partial~")), 30, message="a partial file")
+        assert server.process is not None
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait()
+    assert list(server.results_dir.rglob("*.partial~"))
+    # ... removed when the server starts again, not a day later.
+    server.start()
+    assert not list(server.results_dir.rglob("*.partial~"))
+    assert not [p for p in (server.results_dir / "dying" / "artifacts").iterdir()] \
+        if (server.results_dir / "dying" / "artifacts").exists() else True
+    server.stop()
+
+    # A full disk: 507 on every write, with nothing left behind.
+    disk = small_disk / "results"
+    full = server_factory(token=TOKEN, results_dir=disk)
+    filler = small_disk / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            fh.write(b"\0" * (512 * 1024))
+        except OSError:
+            pass
+    before = sorted(str(p) for p in disk.rglob("*"))
+    envelope = {"task_id": "full-1", "worker_id": "w", "result": {"blob": "x" * 300_000}}
+    reply = requests.post(f"{full.base_url}/api/v1/results", headers=full.headers(), json=envelope, timeout=30)
+    assert reply.status_code == 507 and reply.json()["field"] == "result", reply.text
+    reply = requests.post(f"{full.base_url}/api/v1/results/full-2/files", headers=full.headers(),
+                          files={"file": ("big.bin", b"y" * 300_000)}, timeout=30)
+    assert reply.status_code == 507 and reply.json()["field"] == "file", reply.text
+    assert sorted(str(p) for p in disk.rglob("*")) == before
+    os.remove(filler)
+    reply = requests.post(f"{full.base_url}/api/v1/results", headers=full.headers(), json=envelope, timeout=30)
+    assert reply.status_code == 201, reply.text
+
+
+def test_case1_anything_failing_on_the_way_to_the_pool_fails_only_its_task(worker_factory, server_factory) -> None:
+    """The safety net behind the limits: a message whose own headers break ``pickle`` on the
+    way to the pool (no limit looks at headers) still fails only its task."""
+    from tasks import echo
+
+    worker = worker_factory(worker_id="net")
+    server = server_factory(token=TOKEN)
+    results = [echo.apply_async(args=[GOOD_ECHO], headers={"poison": nested(480)}) for _ in range(2)]
+    for result in results:
+        error = failure_of(result)
+        assert "could not be handed to the pool" in error and "RecursionError" in error, error
+        view = requests.get(f"{server.base_url}/api/v1/tasks/{result.id}", headers=server.headers(), timeout=30)
+        assert view.status_code == 200 and view.json()["state"] == "FAILURE", view.text
+    for _ in range(3):  # the pool slot and the reservation were given back: the next tasks run
+        worker_still_serves(worker)

@@ -6,6 +6,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -25,6 +26,19 @@ def files_under(root: Path) -> list[str]:
     if not root.exists():
         return []
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
+
+
+def artifact_layout(root: Path) -> list[str]:
+    """``files_under`` with each upload's random directory name written ``<upload>``."""
+    return sorted(re.sub(r"\.[0-9a-f]{12}~", ".<upload>~", name) for name in files_under(root))
+
+
+def artifact_files(task_id: str, name: str) -> list[str]:
+    """What one stored upload is on disk (app.server.result_store): the name (a link), the
+    upload's directory with the file and its checksum, the name's commit lock."""
+    base = f"{task_id}/artifacts"
+    return sorted([f"{base}/{name}", f"{base}/.{name}.<upload>~/{name}", f"{base}/.{name}.<upload>~/.meta~",
+                   f"{base}/.{name}.lock~"])
 
 
 def upload(server: ServerProcess, task_id: str, name: str, data: bytes, *,
@@ -83,7 +97,7 @@ def test_upload_then_download_identical_with_range_head_and_checksums(server_fac
     body = reply.json()
     assert body == {"task_id": "task-1", "filename": "model.zip", "bytes": len(data), "sha256": sha,
                     "url": f"{server.base_url}/api/v1/results/task-1/files/model.zip"}
-    assert files_under(server.results_dir) == ["task-1/artifacts/.model.zip.meta~", "task-1/artifacts/model.zip"]
+    assert artifact_layout(server.results_dir) == artifact_files("task-1", "model.zip")
     assert (server.results_dir / "task-1" / "artifacts" / "model.zip").read_bytes() == data
 
     got = requests.get(body["url"], timeout=30)
@@ -252,7 +266,7 @@ def test_oversize_uploads_are_413_and_leave_nothing(server_factory) -> None:
     reply = requests.post(f"{server.base_url}/api/v1/results/big/files", headers=headers,
                           data=(body[i:i + 4096] for i in range(0, len(body), 4096)), timeout=30)
     assert reply.status_code == 413
-    assert files_under(server.results_dir) == ["t/artifacts/.exact.bin.meta~", "t/artifacts/exact.bin"]
+    assert artifact_layout(server.results_dir) == artifact_files("t", "exact.bin")
 
 
 def test_client_disconnect_mid_upload_leaves_no_file(server_factory) -> None:

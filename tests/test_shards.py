@@ -145,3 +145,22 @@ def test_shard_progress_and_cancel_of_a_sharded_task(worker_factory, redis_clien
     states = {i: AsyncResult(f"{run.id}-shard{i}").state for i in range(2)}
     assert states == {0: "REVOKED", 1: states[1]} and states[1] in ("REVOKED", "PENDING")
     assert not (worker.results_dir / f"{run.id}-shard1" / "responses.json").exists() or states[1] == "REVOKED"
+
+
+def test_a_shard_whose_worker_dies_is_redelivered(worker_factory, redis_client, tiny_model_dir: Path) -> None:
+    """The worker running shard 0 is SIGKILLed; the other worker runs shard 0 again, the task completes."""
+    env = {**WORKER_ENV, "MESHQ_VISIBILITY_TIMEOUT_S": "4"}
+    workers = {w.worker_id: w for w in (worker_factory(worker_id="k1", env=env), worker_factory(worker_id="k2", env=env))}
+    slow = spec(tiny_model_dir, PROMPTS[:32], parallel={"enabled": True, "max_shards": 2})
+    slow["inference"].update(max_new_tokens=64, batch_size=1)
+    run = Pipeline.from_dict(slow).submit()
+    shards = [AsyncResult(f"{run.id}-shard{i}") for i in range(2)]
+    wait_for(lambda: all(s.state == "PROGRESS" for s in shards), 120, interval_s=0.1, message="both shards to run")
+    victim_id = shards[0].info["worker_id"]
+    heir_id = next(w for w in workers if w != victim_id)
+    workers[victim_id].kill()
+    result = run.wait(timeout=300)["inference"]
+    assert [item["index"] for item in result["items"]] == list(range(32))
+    assert [s["worker_id"] for s in result["shards"]] == [heir_id, heir_id] and result["worker_id"] == heir_id
+    assert redis_client.get(f"meshq:task:{run.id}-shard0:runs") == "2"  # the killed run and the one that ended
+    assert workers[heir_id].alive()

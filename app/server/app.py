@@ -5,8 +5,13 @@ checksums and ranges), result envelopes, task submission and state, the worker
 registry. ``create_app`` builds it; ``serve`` runs it with uvicorn.
 
 Uploads and downloads stream (``app.server.transfer``); files live in a ``ResultStore``
-(``app.server.result_store``): an upload is renamed into place only when complete and
-verified, so a broken one never leaves a partial file under the real name.
+(``app.server.result_store``): an upload is made current only when complete and
+verified, together with its checksum, so a broken one never leaves a partial file under
+the real name and a reader never sees one upload's bytes with another's checksum.
+
+Every limit on what a client may send is in ``app.limits``; the connection-level ones
+(header bytes, header and body timeouts) are applied by ``app.server.front_guard`` and
+the ``Gatekeeper``.
 
 Authentication: with ``ORCHESTRATOR_TOKEN`` set, every path but ``/healthz`` —
 ``/openapi.json`` and ``/docs`` included — needs ``Authorization: Bearer <token>``
@@ -472,7 +477,7 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, results_dir: Path 
     app = create_app(results_dir, settings)
     store: ResultStore = app.state.store
     store.root.mkdir(parents=True, exist_ok=True)
-    store.sweep_partials()
+    store.sweep_dead_uploads()  # partial files of uploads that died with a killed server
     log.info("meshq server on http://%s:%d, results in %s, token %s, uploads up to %d bytes",
              host, port, store.root, "required" if settings.orchestrator_token else "not required",
              settings.max_upload_bytes)

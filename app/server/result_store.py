@@ -2,11 +2,24 @@
 
 Layout under the server's results directory::
 
-    <task_id>/artifacts/<filename>          uploaded artifacts (atomic rename when complete)
-    <task_id>/artifacts/.<filename>.meta~   sidecar: sha256, size and mtime of the artifact
-    <task_id>/artifacts/.<filename>.<hex>.partial~   an upload in progress
+    <task_id>/artifacts/<filename>          a symbolic link to the current upload's file:
+    <task_id>/artifacts/.<filename>.<hex>~/<filename>   an upload, in its own directory with
+    <task_id>/artifacts/.<filename>.<hex>~/.meta~       its checksum (sha256, size)
+    <task_id>/artifacts/.<filename>.<hex>~/<filename>.partial~   an upload in progress
+    <task_id>/artifacts/.<filename>.lock~   serialises the commits of uploads of one name
     <task_id>/result.json                   the result envelope a worker posted
     <task_id>/<filename>                    other files (``responses.json``, ``manifest.json``)
+
+Uploads of one name are atomic as a pair: each is written, with its checksum, into a
+directory of its own that nothing else ever writes, and becomes current by one atomic
+replacement of the symbolic link. A reader follows the link once and reads the file and
+its checksum from that one directory, so it never sees one upload's bytes with another's
+checksum — also after a restart. (Artifacts stored by earlier versions as a plain file
+with a ``.<filename>.meta~`` sidecar are still served.)
+
+An upload in progress holds a lock on its partial file: an upload whose server died is
+recognised by its free lock and removed at start-up (``sweep_dead_uploads``); one that
+fails or is abandoned is removed at once.
 
 Every name that becomes a path goes through ``check_name``; the store's own
 bookkeeping files carry a ``~``, which ``check_name`` refuses, so no client can
@@ -15,14 +28,17 @@ read, overwrite or collide with them.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import secrets
+import shutil
 import stat
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +53,12 @@ ARTIFACTS_DIR_NAME = "artifacts"
 ENVELOPE_NAME = "result.json"
 PARTIAL_SUFFIX = ".partial~"
 META_SUFFIX = ".meta~"
+VERSION_META_NAME = ".meta~"
+LOCK_SUFFIX = ".lock~"
+LINK_SUFFIX = ".link~"
+VERSION_RE = re.compile(r"^\.(?P<name>.+)\.(?P<hex>[0-9a-f]{12})~\Z")
+OPEN_RETRIES = 5  # a commit may remove the version a reader's link pointed to: read the link again
 IOV_MAX = 1024  # buffers per writev call (Linux's limit)
-STALE_PARTIAL_AGE_S = 24 * 3600  # partial uploads untouched this long are debris of a crash
 SHA_CACHE_ENTRIES = 4096
 
 
@@ -68,14 +88,15 @@ class OpenFile:
     mtime: float
     mtime_ns: int
     ino: int
+    sha256: str | None = None  # from the upload's own checksum record, when it has one
 
 
 class UploadSink:
-    """A temporary file beside the final name; ``commit`` renames it into place.
+    """One upload: a directory of its own beside the final name; ``commit`` makes it current.
 
     ``hash`` and ``write`` take the same batch in two worker threads at once (both
     release the GIL), so an upload runs at the slower of the two, not their sum.
-    ``abort`` removes the temporary file and the directories this upload created,
+    ``abort`` removes the upload's directory and the directories this upload created,
     so a failed upload leaves nothing behind.
     """
 
@@ -87,8 +108,14 @@ class UploadSink:
         self.digest = hashlib.sha256()
         self.bytes = 0
         self.created_dirs: list[Path] = []
-        self.temp_path = self._open_temp()
+        self.version_dir = self.final_path.parent / f".{filename}.{secrets.token_hex(6)}~"
         self.done = False
+        self.fd = -1
+        try:
+            self.temp_path = self._open_temp()
+        except BaseException:  # a full disk already: leave no empty directories either
+            self.abort()
+            raise
 
     def _open_temp(self) -> Path:
         directory = self.final_path.parent
@@ -99,12 +126,18 @@ class UploadSink:
                     self.created_dirs.append(parent)
                 except FileExistsError:
                     pass
-            temp = directory / f".{self.filename}.{secrets.token_hex(6)}{PARTIAL_SUFFIX}"
             try:
-                self.fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-                return temp
+                self.version_dir.mkdir()
             except FileNotFoundError:  # a failed upload removed the empty directory meanwhile
                 continue
+            temp = self.version_dir / f"{self.filename}{PARTIAL_SUFFIX}"
+            try:
+                self.fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            except BaseException:
+                shutil.rmtree(self.version_dir, ignore_errors=True)
+                raise
+            fcntl.flock(self.fd, fcntl.LOCK_EX)  # alive: held until the upload ends (or its process dies)
+            return temp
         raise OSError(f"could not create a temporary file in {directory}")
 
     def hash(self, pieces: list[memoryview]) -> None:
@@ -130,20 +163,31 @@ class UploadSink:
                 pending[0] = pending[0][written:]
 
     def commit(self) -> tuple[int, str]:
-        """Close, record the checksum sidecar, rename into place; returns (bytes, sha256)."""
-        os.close(self.fd)
-        self.fd = -1
+        """Record the checksum beside the file, then point the name at this upload (one
+        atomic replacement of the link); returns (bytes, sha256).
+
+        Commits of one name take turns (a lock file), so removing the versions they
+        replace never removes one that another commit is about to make current.
+        """
         sha256 = self.digest.hexdigest()
-        st = os.stat(self.temp_path)
-        meta_path = self.store.meta_path(self.final_path)
-        self.store.write_meta(meta_path, sha256, st)
-        try:
-            os.replace(self.temp_path, self.final_path)
-        except OSError:
-            _unlink(meta_path)
-            raise
-        self.done = True
-        self.store.remember_sha(self.final_path, st, sha256)
+        data_path = self.version_dir / self.filename
+        with self.store.name_lock(self.final_path):
+            os.rename(self.temp_path, data_path)
+            self.temp_path = data_path
+            st = os.fstat(self.fd)
+            self.store.write_meta(self.version_dir / VERSION_META_NAME, sha256, st)
+            link = self.final_path.parent / f".{self.filename}.{secrets.token_hex(6)}{LINK_SUFFIX}"
+            os.symlink(f"{self.version_dir.name}/{self.filename}", link)
+            try:
+                os.replace(link, self.final_path)  # readers now get this upload, with its checksum
+            except BaseException:
+                _unlink(link)
+                raise
+            self.done = True
+            os.close(self.fd)
+            self.fd = -1
+            self.store.remove_replaced(self.final_path, keep=self.version_dir.name)
+        self.store.remember_sha(data_path, st, sha256)
         return self.bytes, sha256
 
     def abort(self) -> None:
@@ -153,12 +197,44 @@ class UploadSink:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        _unlink(self.temp_path)
+        shutil.rmtree(self.version_dir, ignore_errors=True)
         for directory in reversed(self.created_dirs):
             try:
                 directory.rmdir()  # only if still empty: another upload may be using it
             except OSError:
                 break
+
+
+class _NameLock:
+    """An exclusive ``flock`` on ``.<filename>.lock~`` while a commit or the sweep runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = -1
+
+    def __enter__(self) -> _NameLock:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)  # releases the lock
+        self.fd = -1
+
+
+def _lock_is_held(path: Path) -> bool:
+    """Does a live process hold the lock of an upload's partial file?"""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+    finally:
+        os.close(fd)
+    return False
 
 
 def _unlink(path: Path) -> None:
@@ -192,31 +268,96 @@ class ResultStore:
         self.root.mkdir(parents=True, exist_ok=True)
         return UploadSink(self, task_id, filename)
 
-    def sweep_partials(self, older_than_s: float = STALE_PARTIAL_AGE_S) -> int:
-        """Remove temporary files of uploads that died with a killed server; returns the count."""
+    def name_lock(self, final_path: Path) -> _NameLock:
+        return _NameLock(final_path.with_name(f".{final_path.name}{LOCK_SUFFIX}"))
+
+    @staticmethod
+    def current_version(final_path: Path) -> str | None:
+        """The name of the upload directory ``final_path`` links to, if it is such a link."""
+        try:
+            target = os.readlink(final_path)
+        except OSError:
+            return None
+        version, sep, name = target.partition("/")
+        match = VERSION_RE.match(version)
+        if not sep or name != final_path.name or match is None or match.group("name") != name:
+            return None
+        return version
+
+    def remove_replaced(self, final_path: Path, keep: str) -> None:
+        """Remove the committed uploads of ``final_path``'s name other than ``keep`` (call
+        under the name's lock); uploads still in progress stay."""
+        name = final_path.name
+        try:
+            entries = list(os.scandir(final_path.parent))
+        except OSError:
+            return
+        for entry in entries:
+            match = VERSION_RE.match(entry.name)
+            if (match is None or match.group("name") != name or entry.name == keep
+                    or not entry.is_dir(follow_symlinks=False)):
+                continue
+            # Only committed ones (they have their checksum record, never a partial file): a
+            # directory just made by an upload that has not opened its file yet is empty.
+            if not os.path.lexists(os.path.join(entry.path, VERSION_META_NAME)) \
+                    or os.path.lexists(os.path.join(entry.path, f"{name}{PARTIAL_SUFFIX}")):
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+        legacy_meta = self.meta_path(final_path)
+        _unlink(legacy_meta)  # the sidecar of a plain file this upload replaced
+
+    def sweep_dead_uploads(self) -> int:
+        """Remove what uploads left behind when their server died: partial files whose lock is
+        free, upload directories no name links to, stray links; returns how many."""
         removed = 0
-        cutoff = time.time() - older_than_s
         if not self.root.is_dir():
             return 0
         for task in os.scandir(self.root):
             artifacts = Path(task.path) / ARTIFACTS_DIR_NAME
             if not task.is_dir(follow_symlinks=False) or not artifacts.is_dir():
                 continue
-            for entry in os.scandir(artifacts):
-                if entry.name.endswith(PARTIAL_SUFFIX) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                    _unlink(Path(entry.path))
+            for entry in list(os.scandir(artifacts)):
+                path = Path(entry.path)
+                if entry.name.endswith((PARTIAL_SUFFIX, LINK_SUFFIX)) and not entry.is_dir(follow_symlinks=False):
+                    _unlink(path)  # an older version's partial file, or a link never put in place
                     removed += 1
+                    continue
+                match = VERSION_RE.match(entry.name)
+                if match is None or not entry.is_dir(follow_symlinks=False):
+                    continue
+                name = match.group("name")
+                partial = path / f"{name}{PARTIAL_SUFFIX}"
+                if partial.exists() or not (path / VERSION_META_NAME).exists():
+                    if _lock_is_held(partial):
+                        continue  # another live server's upload
+                    shutil.rmtree(path, ignore_errors=True)  # an upload that died
+                    removed += 1
+                    continue
+                with self.name_lock(artifacts / name):  # committed: is it the current one?
+                    if self.current_version(artifacts / name) != entry.name:
+                        shutil.rmtree(path, ignore_errors=True)
+                        removed += 1
         if removed:
-            log.info("removed %d stale partial upload(s) under %s", removed, self.root)
+            log.info("removed %d partial or replaced upload(s) under %s", removed, self.root)
         return removed
 
     # -- downloads ------------------------------------------------------------
     def open_file(self, task_id: str, filename: str) -> OpenFile | None:
         """Open ``<task>/artifacts/<filename>``, else ``<task>/<filename>``; None if neither.
 
-        Only regular files are served: symbolic links, directories and FIFOs are not.
+        An artifact is read through its link, file and checksum from the one upload
+        directory it names. Only regular files are served: other symbolic links,
+        directories and FIFOs are not.
         """
         artifact = self.artifact_path(task_id, filename)
+        for _attempt in range(OPEN_RETRIES):
+            version = self.current_version(artifact)
+            if version is None:
+                break
+            opened = self._open_version(artifact.parent / version, filename)
+            if opened is not None:
+                return opened
+            # replaced and removed between reading the link and opening: read it again
         for path in (artifact, artifact.parent.parent / artifact.name):
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -227,6 +368,34 @@ class ResultStore:
                 return OpenFile(fd, path, st.st_size, st.st_mtime, st.st_mtime_ns, st.st_ino)
             os.close(fd)
         return None
+
+    @staticmethod
+    def _open_version(directory: Path, filename: str) -> OpenFile | None:
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fd = os.open(filename, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+            except FileNotFoundError:
+                return None
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                return None
+            sha256 = None
+            try:
+                meta_fd = os.open(VERSION_META_NAME, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+                with os.fdopen(meta_fd, encoding="utf-8") as fh:
+                    meta = json.load(fh)
+                if meta.get("bytes") == st.st_size:
+                    sha256 = str(meta["sha256"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # hashed from the open file instead
+            return OpenFile(fd, directory / filename, st.st_size, st.st_mtime, st.st_mtime_ns, st.st_ino, sha256)
+        finally:
+            os.close(dir_fd)
 
     def list_artifacts(self, task_id: str) -> list[dict[str, Any]]:
         directory = self.task_dir(task_id) / ARTIFACTS_DIR_NAME
@@ -240,7 +409,12 @@ class ResultStore:
                 check_name(entry.name)
             except ValueError:
                 continue  # our own bookkeeping files
-            if entry.is_file(follow_symlinks=False):
+            if entry.is_symlink() and self.current_version(Path(entry.path)) is not None:
+                try:
+                    files.append({"filename": entry.name, "bytes": entry.stat().st_size})
+                except FileNotFoundError:
+                    continue  # replaced meanwhile
+            elif entry.is_file(follow_symlinks=False):
                 files.append({"filename": entry.name, "bytes": entry.stat(follow_symlinks=False).st_size})
         return files
 
@@ -261,7 +435,10 @@ class ResultStore:
                 self._sha_cache.popitem(last=False)
 
     def sha256_of(self, opened: OpenFile) -> str:
-        """The file's sha256: from memory, from its sidecar, or hashed once (blocking)."""
+        """The file's sha256: its upload's record, from memory, from its sidecar, or hashed
+        once (blocking)."""
+        if opened.sha256:
+            return opened.sha256
         key = (str(opened.path), opened.ino, opened.size, opened.mtime_ns)
         with self._sha_lock:
             cached = self._sha_cache.get(key)
@@ -295,6 +472,7 @@ class ResultStore:
     # -- result envelopes -----------------------------------------------------
     def save_envelope(self, task_id: str, envelope: dict[str, Any]) -> Path:
         directory = self.task_dir(task_id)
+        created = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / ENVELOPE_NAME
         temp = directory / f".{ENVELOPE_NAME}.{secrets.token_hex(6)}~"
@@ -304,6 +482,11 @@ class ResultStore:
             os.replace(temp, path)
         except BaseException:  # a full disk: no half-written temporary file stays behind
             _unlink(temp)
+            if created:
+                try:
+                    directory.rmdir()
+                except OSError:
+                    pass
             raise
         return path
 

@@ -9,13 +9,13 @@ timeout is handed to another worker while it still runs, and that copy sits wait
 on the task's lease, taking a worker out of the fleet.
 
 So the heartbeat of the worker's main process — the same round trip that refreshes
-the task's lease — moves the delivery time of each message it holds to "now": the
-message is redelivered only when the worker really stopped beating (killed, paused,
-cut off) for a whole visibility timeout. The script leaves alone a message whose task
-already ended, or whose lease another worker holds (that worker's run owns the
-message now). If this worker holds the lease and the message left the index — a late
-run of a paused worker acknowledged the same delivery tag — it is put back, so the run
-that goes on stays recoverable should its worker die in turn.
+the task's lease — moves the delivery time of each message it holds (running, or
+waiting on a lease after a pause) to "now": the message is redelivered only when the
+worker really stopped beating (killed, paused, cut off) for a whole visibility timeout.
+A message and its copies share one delivery tag, so a late run of a paused worker that
+acknowledges its copy removes the entry of the run that took over: when this worker
+holds the lease and the task has not ended, the message is put back, so the run that
+goes on stays recoverable should its worker die in turn.
 """
 
 from __future__ import annotations
@@ -41,13 +41,11 @@ if meta then
     if status == 'SUCCESS' or status == 'FAILURE' or status == 'REVOKED' then return 0 end
   end
 end
-local holder = redis.call('get', KEYS[3])
-if holder and holder ~= ARGV[3] then return 0 end
 if redis.call('hexists', KEYS[2], ARGV[1]) == 1 then
   redis.call('zadd', KEYS[1], ARGV[2], ARGV[1])
   return 1
 end
-if holder ~= ARGV[3] then return 0 end
+if redis.call('get', KEYS[3]) ~= ARGV[3] then return 0 end
 if ARGV[4] == '' then return -1 end
 redis.call('hset', KEYS[2], ARGV[1], ARGV[4])
 redis.call('zadd', KEYS[1], ARGV[2], ARGV[1])

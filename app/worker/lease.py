@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from app import keys
-from app.errors import ConfigError, TaskCancelled
+from app.errors import ConfigError, LeaseLost, TaskCancelled
 from app.settings import unacked_restore_interval_s
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,15 @@ MIN_LEASE_TTL_S = 10
 LEASE_POLL_S = 2.0  # how often a redelivered copy looks whether the lease it waits for is free
 DEFAULT_MAX_TASK_RUNS = 3
 
-# Compare-and-act scripts: only the holder may refresh or release its lease.
-_REFRESH = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+# Compare-and-act scripts: only the holder may refresh or release its lease. A refresh
+# takes back a lease that expired while Redis was away (or lost its data), so a task that
+# goes on running is not taken over by a copy the moment Redis returns.
+_REFRESH = """
+local holder = redis.call('get', KEYS[1])
+if holder == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+if not holder then return redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX') and 1 or 0 end
+return 0
+"""
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 # Take the lease when it is free or ours (an earlier life of this same worker id held
 # it); optionally count the run in the same round trip. Returns runs so far, or:
@@ -65,6 +72,24 @@ if ARGV[4] ~= '' then
 end
 if ARGV[3] == '1' then return redis.call('incr', KEYS[2]) end
 return tonumber(redis.call('get', KEYS[2]) or '0')
+"""
+
+
+# The fence of a running task, checked at each step/batch/progress report: returns
+# [cancelled (0/1), holder] where holder is the lease's owner after the check. A lease
+# that expired while nobody took it (this worker was slow to beat) is taken back; one
+# another worker holds means this run lost the task. KEYS: lease, alive, cancel flags...
+# ARGV: owner, ttl s, now (the run's last sign of life, read by the stuck-task watchdog).
+_FENCE = """
+local holder = redis.call('get', KEYS[1])
+if not holder then
+  redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  holder = ARGV[1]
+end
+if holder == ARGV[1] then redis.call('set', KEYS[2], ARGV[3], 'EX', 7 * 24 * 3600) end
+local cancelled = 0
+for i = 3, #KEYS do if redis.call('exists', KEYS[i]) == 1 then cancelled = 1 end end
+return {cancelled, holder}
 """
 
 
@@ -191,6 +216,17 @@ class TaskLease:
         except redis.RedisError:
             return None
         return None if value is None else (value.decode() if isinstance(value, bytes) else str(value))
+
+    def check(self, cancel_keys: list[str]) -> bool:
+        """The fence: ``True`` if the task was cancelled; raises ``LeaseLost`` when another
+        worker holds the lease now. Also records this run's last sign of life."""
+        cancelled, holder = self.client.eval(_FENCE, 2 + len(cancel_keys), self.key,
+                                             keys.task_alive(self.task_id), *cancel_keys,
+                                             self.owner, self.ttl_s, repr(time.time()))
+        holder = holder.decode() if isinstance(holder, bytes) else str(holder)
+        if holder != self.owner:
+            raise LeaseLost(self.task_id, holder)
+        return bool(cancelled)
 
     def count_run(self) -> int:
         """Record one real start of the task; return how many there have been."""

@@ -89,13 +89,29 @@ def engine_version() -> str:
     return str(vllm.__version__)
 
 
-def lora_rank_for(adapter_dir: Path) -> int:
-    """The smallest rank vLLM supports that holds this adapter's ``r``."""
+def _adapter_config(adapter_dir: Path) -> dict[str, Any]:
     try:
-        rank = int(json.loads((adapter_dir / "adapter_config.json").read_text()).get("r") or 8)
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
     except (OSError, ValueError) as exc:
         raise SpecError(CHECKPOINT_FIELD, f"cannot read {str(adapter_dir / 'adapter_config.json')!r}: "
                                           f"{exc}") from None
+    return config if isinstance(config, dict) else {}
+
+
+def check_adapter_served(adapter_dir: Path) -> None:
+    """``EngineUnavailable`` for an adapter vLLM's LoRA cannot serve: one that also trained whole
+    modules (``modules_to_save``, e.g. the norms) or is not a LoRA."""
+    config = _adapter_config(adapter_dir)
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise EngineUnavailable(f"the adapter is {config.get('peft_type')}, vLLM serves LoRA adapters only")
+    if config.get("modules_to_save"):
+        raise EngineUnavailable(f"the adapter also trains whole modules (modules_to_save: "
+                                f"{', '.join(map(str, config['modules_to_save']))}), which vLLM's LoRA does not serve")
+
+
+def lora_rank_for(adapter_dir: Path) -> int:
+    """The smallest rank vLLM supports that holds this adapter's ``r``."""
+    rank = int(_adapter_config(adapter_dir).get("r") or 8)
     fitting = [r for r in LORA_RANKS if r >= rank]
     if not fitting:
         raise SpecError(CHECKPOINT_FIELD, f"adapter rank {rank} exceeds vLLM's largest LoRA rank {LORA_RANKS[-1]}")
@@ -157,7 +173,9 @@ class VllmEngineCache:
         base_dir = resolve_model_dir(spec.model.source.identifier, spec.model.source.revision)
         weights_dir = check_model_dir(model_dir, CHECKPOINT_FIELD) if model_dir else base_dir
         tokenizer_dir = weights_dir if has_tokenizer(weights_dir) else base_dir
-        rank = lora_rank_for(check_adapter_dir(adapter_dir)) if adapter_dir else 0
+        if adapter_dir:
+            check_adapter_served(check_adapter_dir(adapter_dir))
+        rank = lora_rank_for(adapter_dir) if adapter_dir else 0
         remote_code = options.trust_remote_code or bool(vllm_options and vllm_options.trust_remote_code)
         check_remote_code(remote_code, from_artifact=under_results(weights_dir) or under_results(tokenizer_dir),
                           field=CHECKPOINT_FIELD if model_dir else "spec.model.source.identifier")

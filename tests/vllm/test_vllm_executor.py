@@ -118,3 +118,42 @@ def test_a_shard_runs_on_vllm_with_the_whole_task_numbering(executor, model_dir,
     shard = executor.run(parse_task_spec(raw), tmp_path, RecordingProgress(), shard=PromptRange(1, 3, 3, 6))
     assert shard["backend"] == "vllm" and shard["shard"] == {"index": 1, "count": 3, "start": 3, "stop": 6}
     assert shard["items"] == whole["items"][3:6]
+
+
+def test_an_adapter_vllm_cannot_serve_falls_back_under_auto_and_fails_when_vllm_is_required(
+        executor, model_dir, tmp_path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from app.errors import ExecutorError
+
+    adapter = tmp_path / "adapter-with-norms"
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                                LoraConfig(r=8, target_modules=["q_proj", "v_proj"], modules_to_save=["norm"]))
+    peft_model.save_pretrained(adapter)
+    checkpoint = {"load": {"type": "local", "path": str(adapter)}}
+    auto = run(executor, {**inference_spec(model_dir, mixed_prompts(2), "auto"), "checkpoint": checkpoint}, tmp_path)
+    assert auto["backend"] == "transformers"
+    assert any("modules_to_save: norm" in note and note.endswith("the task ran on transformers")
+               for note in auto["notes"])
+    with pytest.raises(ExecutorError) as err:
+        run(executor, {**inference_spec(model_dir, mixed_prompts(2), "vllm"), "checkpoint": checkpoint}, tmp_path)
+    assert "spec.inference.backend: vllm is required but" in str(err.value)
+
+
+def test_the_benchmark_script_compares_both_backends_on_the_same_prompts(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tests.vllm.helpers import ROOT
+
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "vllm.py"), "--prompts", "8", "--max-new-tokens",
+                           "4", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "vLLM / transformers tokens/s:" in done.stdout
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [row["backend"] for row in report["rows"]] == ["transformers", "vllm"]
+    assert all(row["completion_tokens"] == 32 and row["tokens_per_s"] > 0 for row in report["rows"])
+    assert report["rows"][0]["prompt_tokens"] == report["rows"][1]["prompt_tokens"]
+    assert report["size"] == "vllm" and report["dtype"] == "float32" and report["ratio"] > 0
