@@ -437,3 +437,20 @@ def test_case11_dead_uploads_are_swept_at_start_and_a_full_disk_is_507(
     os.remove(filler)
     reply = requests.post(f"{full.base_url}/api/v1/results", headers=full.headers(), json=envelope, timeout=30)
     assert reply.status_code == 201, reply.text
+
+
+def test_case1_anything_failing_on_the_way_to_the_pool_fails_only_its_task(worker_factory, server_factory) -> None:
+    """The safety net behind the limits: a message whose own headers break ``pickle`` on the
+    way to the pool (no limit looks at headers) still fails only its task."""
+    from tasks import echo
+
+    worker = worker_factory(worker_id="net")
+    server = server_factory(token=TOKEN)
+    results = [echo.apply_async(args=[GOOD_ECHO], headers={"poison": nested(480)}) for _ in range(2)]
+    for result in results:
+        error = failure_of(result)
+        assert "could not be handed to the pool" in error and "RecursionError" in error, error
+        view = requests.get(f"{server.base_url}/api/v1/tasks/{result.id}", headers=server.headers(), timeout=30)
+        assert view.status_code == 200 and view.json()["state"] == "FAILURE", view.text
+    for _ in range(3):  # the pool slot and the reservation were given back: the next tasks run
+        worker_still_serves(worker)
