@@ -44,8 +44,8 @@ install-vllm: $(VLLM_STAMP)
 test: install
 	$(BIN)/python -m pytest
 
-# The vLLM backend's tests (tests/vllm), in .venv-vllm with real workers started from it.
-test-vllm: install-vllm
+# The vLLM backend's tests (tests/vllm) in .venv-vllm, with real workers from it and from .venv.
+test-vllm: install install-vllm
 	$(VLLM_BIN)/python -m pytest tests/vllm
 
 test-fast: install

@@ -17,14 +17,20 @@ The task itself still receives its real arguments.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
+from celery import states
 from celery.app.amqp import AMQP
 from celery.backends.redis import RedisBackend
 from celery.utils.saferepr import saferepr
 from celery.worker.request import Request
 
 from app.redaction import redact_secrets
+from app.worker.outage import REDIS_OUTAGE_S, RETRY_INTERVAL_S
+
+log = logging.getLogger(__name__)
 
 
 class RedactingAMQP(AMQP):
@@ -44,7 +50,27 @@ class RedactingAMQP(AMQP):
 
 
 class RedactingRedisBackend(RedisBackend):
-    """Celery's Redis result backend, storing the extended ``args``/``kwargs`` redacted."""
+    """Celery's Redis result backend, storing the extended ``args``/``kwargs`` redacted.
+
+    A task's final state (its result, its failure) is stored through a Redis outage of
+    up to ``REDIS_OUTAGE_S`` (``app.worker.outage``): a finished task is not lost, nor run
+    again, because Redis restarted as it ended. Other states (PROGRESS) keep the short
+    retry of ``result_backend_transport_options`` so a running task is not held up.
+    """
+
+    def store_result(self, task_id: Any, result: Any, state: str, *args: Any, **kwargs: Any) -> Any:
+        if state not in states.READY_STATES:
+            return super().store_result(task_id, result, state, *args, **kwargs)
+        deadline = time.monotonic() + REDIS_OUTAGE_S
+        while True:
+            try:
+                return super().store_result(task_id, result, state, *args, **kwargs)
+            except Exception as exc:
+                if not self.exception_safe_to_retry(exc) or time.monotonic() > deadline:
+                    raise
+                log.warning("storing the %s result of task %s failed (%s); retrying for up to %.0fs",
+                            state, task_id, exc, max(deadline - time.monotonic(), 0))
+                time.sleep(RETRY_INTERVAL_S)
 
     def _get_result_meta(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         meta: dict[str, Any] = super()._get_result_meta(*args, **kwargs)

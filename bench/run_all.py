@@ -27,7 +27,12 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("shards.py", []),
     ("transfer.py", []),
     ("training.py", ["--steps", "30", "--repeat", "2"]),
+    ("vllm.py", []),
 ]
+
+# Benchmarks that need another environment's interpreter; skipped (saying so) where it is absent.
+INTERPRETERS = {"vllm.py": BENCH_DIR.parent / ".venv-vllm" / "bin" / "python"}
+SKIP_REASONS = {"vllm.py": "no .venv-vllm here (make install-vllm builds it)"}
 
 
 # The benchmarks that can run on a Redis the user names (the others always start their own).
@@ -47,8 +52,12 @@ def main(argv: list[str]) -> int:
         if options.redis_url and script in TAKES_REDIS_URL:
             args = [*args, "--redis-url", options.redis_url]
         print(f"\n=== {script} {' '.join(args)}".rstrip(), flush=True)
+        python = INTERPRETERS.get(script, Path(sys.executable))
+        if not python.exists():
+            print(f"=== {script}: skipped: {SKIP_REASONS[script]}", flush=True)
+            continue
         started = time.monotonic()
-        code = subprocess.call([sys.executable, str(BENCH_DIR / script), *args], cwd=BENCH_DIR.parent)
+        code = subprocess.call([str(python), str(BENCH_DIR / script), *args], cwd=BENCH_DIR.parent)
         print(f"=== {script}: exit {code} after {time.monotonic() - started:.0f}s", flush=True)
         if code != 0:
             failed.append(script)

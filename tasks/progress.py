@@ -30,6 +30,7 @@ from tasks.executors.progress import Progress
 log = logging.getLogger(__name__)
 
 MIN_PROGRESS_INTERVAL_S = 1.0
+EVENT_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 
 
 class CeleryProgress(Progress):
@@ -64,7 +65,9 @@ class CeleryProgress(Progress):
         except Exception as exc:  # the backend being briefly away must not kill the task
             log.warning("could not store progress of %s: %s", self.task_id, exc)
         try:
-            self.task.send_event("task-progress", result=saferepr(fields), **meta)
+            # A few quick tries: a progress event is not worth holding the task up for
+            # (Celery's default retries for ever while the broker is away).
+            self.task.send_event("task-progress", retry_policy=EVENT_RETRY_POLICY, result=saferepr(fields), **meta)
         except Exception as exc:
             log.warning("could not send task-progress event for %s: %s", self.task_id, exc)
         publish_task_event("TASK_PROGRESS", self.worker_id, self.task_id, taskType=self.task_type,

@@ -7,12 +7,18 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
+import pytest
+import redis
 
-from tests.conftest import wait_for
+from tests.conftest import ROOT, PrivateRedis, WorkerProcess, wait_for
 from tests.test_delivery import count_started
 
 
@@ -85,3 +91,120 @@ def test_a_stuck_pool_child_is_killed_and_its_task_runs_again(worker_factory, re
     log = worker.log_path.with_name("worker.log").read_text()
     assert "StuckTask: no progress for" in log and "MESHQ_STUCK_TASK_S=5" in log
     assert worker.alive()
+
+
+class PersistentRedis(PrivateRedis):
+    """A private Redis with AOF in a directory of its own: stopped and started again on its
+    port, it comes back with its data, as a production Redis restart or failover does."""
+
+    def __init__(self, data_dir: Path) -> None:
+        from app.cli.embedded_redis import EmbeddedRedis, free_port
+
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.server = EmbeddedRedis(port=self.port, data_dir=data_dir).start()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.client = redis.Redis.from_url(self.url, decode_responses=True)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def start(self) -> None:
+        from app.cli.embedded_redis import EmbeddedRedis
+
+        self.server = EmbeddedRedis(port=self.port, data_dir=self.data_dir).start()
+
+
+@pytest.fixture
+def persistent_redis(tmp_path: Path) -> Iterator[PersistentRedis]:
+    server = PersistentRedis(tmp_path / "redis-data")
+    yield server
+    server.close()
+
+
+def run_python(code: str, env: dict[str, str]) -> str:
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def stored(client: redis.Redis, task_id: str) -> dict | None:
+    raw = client.get(f"celery-task-meta-{task_id}")
+    return json.loads(raw) if raw else None
+
+
+OUTAGE_ENV = {"MESHQ_VISIBILITY_TIMEOUT_S": "4"}
+
+
+def test_a_redis_outage_across_the_end_of_a_task_loses_nothing(persistent_redis: PersistentRedis,
+                                                              tmp_path: Path) -> None:
+    """Redis stopped while a task runs and started again 20 s later, after the task ended: the
+    result is stored when Redis is back, the end of the task is recorded, and the task never
+    runs again (not even once its unacknowledged message comes back)."""
+    client = persistent_redis.client
+    env = {**os.environ, "REDIS_URL": persistent_redis.url, "WORKER_ID": "outlasting", "HEARTBEAT_INTERVAL_SEC": "1",
+           "RESULTS_DIR": str(tmp_path / "results"), "MESHQ_LOG_FILE": str(tmp_path / "worker.log"), **OUTAGE_ENV}
+    worker = WorkerProcess("outlasting", env, ROOT, tmp_path / "stdout.log", [])
+    try:
+        worker.wait_ready(client)
+        task_id = run_python("import tasks; print(tasks.echo.apply_async(args=[{'taskType': 'echo', 'data': "
+                             "{'v': 'kept'}, 'echo': {'sleep_s': 4, 'steps': 8}}]).id)", worker.env)
+        wait_for(lambda: client.exists(f"meshq:task:{task_id}:alive"), 30, message="the task to run")
+        persistent_redis.stop()
+        wait_for(lambda: (tmp_path / "results" / task_id / "responses.json").is_file(), 60,
+                 message="the task to finish while Redis is down")
+        time.sleep(20 - 4)
+        persistent_redis.start()
+        meta = wait_for(lambda: (m := stored(client, task_id)) and m["status"] == "SUCCESS" and m, 60,
+                        message="the result stored once Redis is back")
+        assert meta["result"]["echo"]["data"] == {"v": "kept"}
+        wait_for(lambda: client.hget("worker:outlasting", "status") == "IDLE"
+                 and client.hget("worker:outlasting", "last_task") == task_id, 30, message="the end recorded")
+        wait_for(lambda: not client.exists(f"meshq:task:{task_id}:lease"), 30, message="the lease released")
+        # Any copy of the message handed out again finds the result and is dropped.
+        wait_for(lambda: client.zcard("unacked_index") == 0 and client.llen("tasks") == 0, 60,
+                 message="no message of the task left")
+        assert client.get(f"meshq:task:{task_id}:runs") == "1"
+        assert stored(client, task_id)["status"] == "SUCCESS"
+        assert worker.alive()
+    finally:
+        worker.close()
+
+
+def test_a_redis_outage_across_the_end_of_a_pipeline_stage(persistent_redis: PersistentRedis,
+                                                           tmp_path: Path) -> None:
+    """Stage 1 ends while Redis is down for 20 s: sending stage 2 and storing stage 1's
+    result wait for Redis; the pipeline succeeds, each stage run once."""
+    client = persistent_redis.client
+    env = {**os.environ, "REDIS_URL": persistent_redis.url, "WORKER_ID": "stager", "HEARTBEAT_INTERVAL_SEC": "1",
+           "RESULTS_DIR": str(tmp_path / "results"), "MESHQ_LOG_FILE": str(tmp_path / "worker.log"), **OUTAGE_ENV}
+    worker = WorkerProcess("stager", env, ROOT, tmp_path / "stdout.log", [])
+    try:
+        worker.wait_ready(client)
+        document = {"apiVersion": "meshq/v1", "kind": "Pipeline", "metadata": {"name": "outage"},
+                    "spec": {"stages": [
+                        {"name": "one", "spec": {"taskType": "echo", "data": {"n": 1},
+                                                 "echo": {"sleep_s": 4, "steps": 8}}},
+                        {"name": "two", "spec": {"taskType": "echo", "data": {"n": 2}}}]}}
+        pipeline_id = run_python("import json, sys; from pipelines import Pipeline; "
+                                 f"print(Pipeline.from_dict(json.loads({json.dumps(document)!r})).submit().id)", env)
+        stages = json.loads(client.hget(f"meshq:pipeline:{pipeline_id}", "stages_json"))
+        one, two = stages[0]["task_id"], stages[1]["task_id"]
+        wait_for(lambda: client.exists(f"meshq:task:{one}:alive"), 30, message="stage one to run")
+        persistent_redis.stop()
+        wait_for(lambda: (tmp_path / "results" / one / "responses.json").is_file(), 60,
+                 message="stage one to finish while Redis is down")
+        time.sleep(20 - 4)
+        persistent_redis.start()
+        wait_for(lambda: (m := stored(client, two)) and m["status"] == "SUCCESS", 90,
+                 message="stage two to run once Redis is back")
+        assert stored(client, one)["status"] == "SUCCESS"
+        status = json.loads(run_python("import json; from pipelines.run import PipelineRun; "
+                                       f"print(json.dumps(PipelineRun.get({pipeline_id!r}).status()))", env))
+        assert status["state"] == "SUCCESS", status
+        wait_for(lambda: client.zcard("unacked_index") == 0, 60, message="no message left")
+        assert client.get(f"meshq:task:{one}:runs") == "1" and client.get(f"meshq:task:{two}:runs") == "1"
+        assert worker.alive()
+    finally:
+        worker.close()

@@ -151,3 +151,10 @@ def test_a_worker_without_vllm_never_takes_a_vllm_task(worker_factory, redis_cli
 
     assert waiting.queue not in json.loads(redis_client.hget("worker:plain", "queues_json"))
     assert app.AsyncResult(waiting.task_id).state == "PENDING" and redis_client.llen(waiting.queue) == 1
+
+
+@pytest.mark.skipif(vllm_installed(), reason="checks the message where vLLM is absent")
+def test_the_vllm_benchmark_says_how_to_get_vllm_where_it_is_absent() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "vllm.py")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "make install-vllm" in done.stderr

@@ -28,8 +28,15 @@ MIN_LEASE_TTL_S = 10
 LEASE_POLL_S = 2.0  # how often a redelivered copy looks whether the lease it waits for is free
 DEFAULT_MAX_TASK_RUNS = 3
 
-# Compare-and-act scripts: only the holder may refresh or release its lease.
-_REFRESH = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+# Compare-and-act scripts: only the holder may refresh or release its lease. A refresh
+# takes back a lease that expired while Redis was away (or lost its data), so a task that
+# goes on running is not taken over by a copy the moment Redis returns.
+_REFRESH = """
+local holder = redis.call('get', KEYS[1])
+if holder == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+if not holder then return redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX') and 1 or 0 end
+return 0
+"""
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 # Take the lease when it is free or ours (an earlier life of this same worker id held
 # it); optionally count the run in the same round trip. Returns runs so far, or:

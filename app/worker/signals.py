@@ -25,6 +25,7 @@ from app.settings import MAX_CAPABILITY_QUEUES, get_settings
 from app.worker.capability_queues import CapabilityQueues
 from app.worker.invisibility import MessageKeeper
 from app.worker.lease import lease_ttl_s, record_last_error, refresh_leases
+from app.worker.outage import PUBLISH_RETRY_POLICY, write_with_retry
 from app.worker.registry import IDLE, RUNNING, WorkerRegistry, set_worker_status
 from app.worker.status_writer import StatusWriter
 from app.worker.watchdog import StuckTaskWatchdog
@@ -82,6 +83,8 @@ def configure_worker(sender: str, instance: Any, conf: Any, options: dict, **_: 
         return (lambda replies: keeper.replies(tags, replies)) if tags else None
 
     add_beat_hook(keep_messages_invisible)
+    # A finished task's next chain step is sent through a Redis outage (app.worker.outage).
+    instance.app.conf.task_publish_retry_policy = PUBLISH_RETRY_POLICY
     add_beat_hook(StuckTaskWatchdog(settings.stuck_task_s).add_to_beat)  # kills a child that stopped progressing
     if settings.visibility_timeout_s < 3 * settings.heartbeat_interval_s:
         log.warning("MESHQ_VISIBILITY_TIMEOUT_S=%s is under three heartbeats (HEARTBEAT_INTERVAL_SEC=%s): "
@@ -219,7 +222,9 @@ def on_task_end(task_id: str, task: Any, retval: Any = None, state: str | None =
         if last_error:  # named by the run cap's message, should the task's worker die later
             record_last_error(pipe, task_id, last_error)
 
-    _status_writer.submit(set_worker_status, worker_id, IDLE, last_task=task_id, task_event=event, extra=extra)
+    # Retried through a Redis outage (app.worker.outage): the task's end event is not lost.
+    _status_writer.submit(write_with_retry, set_worker_status, worker_id, IDLE, last_task=task_id,
+                          task_event=event, extra=extra, what=f"task-end status write of {task_id}")
 
 
 def _error_text(retval: Any) -> str | None:

@@ -13,7 +13,13 @@ The model comes from the worker's ``ModelCache`` (``tasks/executors/models.py``)
 task on the same model skips loading; ``model_cache`` in the result says whether
 it was a hit, how long loading took and how many loads the process has done.
 
-torch and transformers are imported inside functions only: the worker's parent
+The same entry runs a task (or one shard of it) on vLLM where the worker has it and
+the spec asks for it (``select_backend``: ``inference.backend``, ``model.vllm``):
+prompts are rendered and tokenized here exactly as for transformers and
+``tasks/executors/vllm_engine.py`` generates from the token ids; the result has the
+same shape, with ``backend`` saying which engine ran.
+
+torch, transformers and vLLM are imported inside functions only: the worker's parent
 process imports this module and must never import them.
 """
 

@@ -139,3 +139,21 @@ def test_an_adapter_vllm_cannot_serve_falls_back_under_auto_and_fails_when_vllm_
     with pytest.raises(ExecutorError) as err:
         run(executor, {**inference_spec(model_dir, mixed_prompts(2), "vllm"), "checkpoint": checkpoint}, tmp_path)
     assert "spec.inference.backend: vllm is required but" in str(err.value)
+
+
+def test_the_benchmark_script_compares_both_backends_on_the_same_prompts(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tests.vllm.helpers import ROOT
+
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "vllm.py"), "--prompts", "8", "--max-new-tokens",
+                           "4", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "vLLM / transformers tokens/s:" in done.stdout
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [row["backend"] for row in report["rows"]] == ["transformers", "vllm"]
+    assert all(row["completion_tokens"] == 32 and row["tokens_per_s"] > 0 for row in report["rows"])
+    assert report["rows"][0]["prompt_tokens"] == report["rows"][1]["prompt_tokens"]
+    assert report["size"] == "vllm" and report["dtype"] == "float32" and report["ratio"] > 0

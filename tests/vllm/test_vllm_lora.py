@@ -35,7 +35,7 @@ def inference(model_dir: Path, **extra: Any) -> dict[str, Any]:
 
 def test_an_adapter_trained_by_lora_sft_changes_vllm_outputs_to_the_trained_answers(worker_factory,
                                                                                      tiny_model_dir) -> None:
-    worker_factory()
+    worker = worker_factory()
     base = run(inference(tiny_model_dir))
     assert base["backend"] == "vllm" and [i["output"] for i in base["items"]] != ANSWERS
 
@@ -46,6 +46,9 @@ def test_an_adapter_trained_by_lora_sft_changes_vllm_outputs_to_the_trained_answ
                                 "batch_size": 3, "save_steps": 1000},
                    "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}})
     archive, digest = trained["final_lora_archive"], trained["final_lora_archive_sha256"]
+    # The training task needed the memory: the worker released its warm engine first.
+    worker_log = Path(worker.env["MESHQ_LOG_FILE"]).read_text()
+    assert "releasing vLLM engine" in worker_log
 
     adapted = run(inference(tiny_model_dir, checkpoint={"load": {"type": "local", "path": archive,
                                                                  "sha256": digest}}))

@@ -78,3 +78,34 @@ def test_a_vllm_task_waits_for_a_vllm_worker_and_the_plain_worker_never_takes_it
     result = app.AsyncResult(waiting.task_id).get(timeout=600)
     assert result["worker_id"] == engine_worker.worker_id and result["backend"] == "vllm"
     assert "notes" not in result
+
+
+def test_progress_while_vllm_runs_and_cancel_between_chunks_keeps_the_engine_warm(worker_factory, model_dir) -> None:
+    import time
+
+    from app.celery import app
+    from tasks.control import cancel_task
+    from tasks.submit import submit_task
+    from tests.conftest import wait_for
+
+    worker_factory()
+    warm = run(inference_spec(model_dir, mixed_prompts(2), max_new_tokens=2))
+    assert warm["model_cache"]["hit"] is False
+    # One prompt per chunk: many chunks, progress after each, a cancel seen between two.
+    handle = app.AsyncResult(submit_task(inference_spec(model_dir, mixed_prompts(400, seed=5),
+                                                        batch_size=1, max_new_tokens=24)).task_id)
+
+    def running() -> dict[str, Any] | None:
+        meta = app.backend.get_task_meta(handle.id)  # state and info in one read
+        info = meta["result"]
+        if meta["status"] == "PROGRESS" and isinstance(info, dict) and 0 < info.get("done", 0) < 400:
+            return info
+        return None
+
+    info = wait_for(running, 300, interval_s=0.05, message="PROGRESS with some prompts done")
+    assert info["total"] == 400 and info["tokens_per_s"] > 0 and info["batches"] == 400
+    cancel_task(handle.id)
+    wait_for(lambda: app.backend.get_task_meta(handle.id)["status"] == "REVOKED", 120, message="REVOKED")
+    started = time.monotonic()
+    after = run(inference_spec(model_dir, mixed_prompts(2), max_new_tokens=2))
+    assert after["model_cache"]["hit"] is True and after["model_cache"]["loads"] == 1, time.monotonic() - started
