@@ -1,8 +1,11 @@
 """Dispatch overhead: N echo tasks through meshq vs N no-op tasks of a bare Celery app.
 
 Same Redis, same worker settings (prefork, concurrency 1, prefetch 1, late acks,
-JSON, events on). Prints throughput of each, the ratio, and p50/p99 submit→start
-latency. Target: meshq ≥ 0.7× bare Celery.
+JSON, events on), the same log level (WARNING) on both sides. Two meshq paths: a plain
+``echo.apply_async`` and the public Python API (``Pipeline.from_dict(...).submit()``
+for every task, then ``.wait()`` on every run). Prints throughput of each, the ratio to
+bare Celery per round and its median, and p50/p99 submit→start latency. Target: both
+meshq paths ≥ 0.7× bare Celery.
 
 The Redis is a private embedded one, whatever ``REDIS_URL`` says, unless ``--redis-url``
 names one explicitly; the bench flushes only the database it created itself, and its
@@ -38,6 +41,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.cli.embedded_redis import EmbeddedRedis  # noqa: E402
+
+# The two ways users send work: Celery's own apply_async of a meshq task, and the public
+# Python API (Pipeline.from_dict(...).submit() then .wait() on every run).
+PATHS = ("apply_async", "pipeline")
+LABELS = {"apply_async": "meshq apply_async", "pipeline": "meshq Pipeline.submit"}
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -124,7 +132,8 @@ def listen_for_starts(url: str, ready: Any, stop: Any, out: Any) -> None:
     out.put(started)
 
 
-def run_meshq(n: int, env: dict[str, str], workdir: Path, results_dir: Path) -> dict[str, float]:
+def run_meshq(n: int, env: dict[str, str], workdir: Path, results_dir: Path,
+              path: str = "apply_async") -> dict[str, float]:
     worker_id = f"{env['TASK_TOPIC']}-w"
     worker_env = {**env, "WORKER_ID": worker_id, "RESULTS_DIR": str(results_dir),
                   "MESHQ_LOG_FILE": str(workdir / "meshq-worker.log"), "LOG_LEVEL": "WARNING"}
@@ -139,20 +148,31 @@ def run_meshq(n: int, env: dict[str, str], workdir: Path, results_dir: Path) -> 
     ready.wait(10)
     try:
         from app.celery import app
+        from pipelines import Pipeline
         from tasks import echo
 
         while client.hget(f"worker:{worker_id}", "status") != "IDLE":
             time.sleep(0.1)
         submitted: dict[str, float] = {}
         t0 = time.perf_counter()
-        results = []
-        for i in range(n):
-            submitted_at = time.time()
-            r = echo.apply_async(args=[{"taskType": "echo", "data": {"i": i}}])
-            submitted[r.id] = submitted_at
-            results.append(r)
-        for r in results:
-            r.get(timeout=600)
+        if path == "pipeline":  # the user's path: the public Python API, submit then wait
+            runs = []
+            for i in range(n):
+                submitted_at = time.time()
+                run = Pipeline.from_dict({"taskType": "echo", "data": {"i": i}}).submit()
+                submitted[run.stages[0]["task_id"]] = submitted_at
+                runs.append(run)
+            for run in runs:
+                run.wait(timeout=600)
+        else:
+            results = []
+            for i in range(n):
+                submitted_at = time.time()
+                r = echo.apply_async(args=[{"taskType": "echo", "data": {"i": i}}])
+                submitted[r.id] = submitted_at
+                results.append(r)
+            for r in results:
+                r.get(timeout=600)
         elapsed = time.perf_counter() - t0
         time.sleep(0.5)
         stop_flag.set()
@@ -204,27 +224,30 @@ def main() -> int:
                 # Alternating rounds, and which side goes first: a noisy neighbour or a
                 # disk that slows down during the run then costs both sides alike.
                 sides: dict[str, dict[str, float]] = {}
-                for side in ("bare", "meshq") if round_no % 2 == 0 else ("meshq", "bare"):
+                order = ("bare", *PATHS) if round_no % 2 == 0 else (*reversed(PATHS), "bare")
+                for side in order:
                     if server is not None:  # only a database this bench created is flushed
                         redis.Redis.from_url(server.url).flushdb()
                     sides[side] = (run_bare(args.tasks, env, workdir) if side == "bare"
-                                   else run_meshq(args.tasks, env, workdir, Path(results) / f"round{round_no}"))
-                bare, meshq = sides["bare"], sides["meshq"]
-                rounds.append((meshq["tasks_per_s"] / bare["tasks_per_s"], bare, meshq))
+                                   else run_meshq(args.tasks, env, workdir,
+                                                  Path(results) / f"round{round_no}-{side}", path=side))
+                rounds.append(sides)
     finally:
         if server is not None:
             server.stop()
     print(f"\ndispatch: {args.tasks} tasks, 1 worker (prefork, concurrency 1, prefetch 1, acks_late); "
           f"echo outputs on {results_fs}")
-    print(f"{'round':<7}{'':<14}{'tasks/s':>10}{'p50 submit→start ms':>22}{'p99 ms':>10}{'elapsed s':>11}")
-    for i, (_, bare, meshq) in enumerate(rounds, 1):
-        for name, row in (("bare celery", bare), ("meshq echo", meshq)):
-            print(f"{i:<7}{name:<14}{row['tasks_per_s']:>10.1f}{row['p50_ms']:>22.1f}{row['p99_ms']:>10.1f}"
+    print(f"{'round':<7}{'':<22}{'tasks/s':>10}{'p50 submit→start ms':>22}{'p99 ms':>10}{'elapsed s':>11}")
+    for i, sides in enumerate(rounds, 1):
+        for side, name in (("bare", "bare celery"), *((p, LABELS[p]) for p in PATHS)):
+            row = sides[side]
+            print(f"{i:<7}{name:<22}{row['tasks_per_s']:>10.1f}{row['p50_ms']:>22.1f}{row['p99_ms']:>10.1f}"
                   f"{row['elapsed_s']:>11.1f}")
-    ratios = sorted(r for r, _, _ in rounds)
-    ratio = statistics.median(ratios)
-    print(f"ratio meshq/bare throughput per round: {', '.join(f'{r:.2f}' for r, _, _ in rounds)}")
-    print(f"median ratio: {ratio:.2f}  (target ≥ 0.70: {'met' if ratio >= 0.7 else 'NOT met'})")
+    for path in PATHS:
+        ratios = [sides[path]["tasks_per_s"] / sides["bare"]["tasks_per_s"] for sides in rounds]
+        ratio = statistics.median(ratios)
+        print(f"{LABELS[path]}: ratio to bare Celery per round {', '.join(f'{r:.2f}' for r in ratios)}; "
+              f"median {ratio:.2f}  (target ≥ 0.70: {'met' if ratio >= 0.7 else 'NOT met'})")
     return 0
 
 

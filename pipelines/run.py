@@ -16,6 +16,7 @@ from typing import IO, Any
 
 import redis
 from celery import states
+from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from app import keys
 from app.celery import app as celery_app
@@ -31,6 +32,9 @@ from tasks.shards import read_plan
 from tasks.status import task_status
 
 DEFAULT_POLL_INTERVAL_S = 0.5
+# Without a progress display, how long one wait on a stage's end lasts before the
+# status (cancellation, a stage started) is read again.
+STAGE_WAIT_S = 2.0
 
 
 @dataclass
@@ -161,10 +165,28 @@ class PipelineRun:
                 if deadline is not None and time.monotonic() > deadline:
                     summary = ", ".join(f"{n}={s['state']}" for n, s in report["stages"].items())
                     raise TimeoutError(f"pipeline {self.id} did not finish within {timeout}s ({summary})")
-                time.sleep(interval_s)
+                wait_s = interval_s if display is not None else max(interval_s, STAGE_WAIT_S)
+                if deadline is not None:
+                    wait_s = max(min(wait_s, deadline - time.monotonic()), 0.01)
+                self._wait_for_a_stage(report, wait_s)
         finally:
             if display is not None:
                 display.close()
+
+    @staticmethod
+    def _wait_for_a_stage(report: dict[str, Any], wait_s: float) -> None:
+        """Block until the first unfinished stage ends or ``wait_s`` passed: the result
+        backend's notification (Redis pub/sub), not a poll, wakes the waiter as soon as
+        the stage ends; waiting on many runs in turn costs each finished one a single read."""
+        pending = next((s["task_id"] for s in report["stages"].values()
+                        if s["state"] not in states.READY_STATES and s["state"] != "SKIPPED"), None)
+        if pending is None:
+            time.sleep(wait_s)
+            return
+        try:
+            celery_app.AsyncResult(pending).get(timeout=wait_s, propagate=False, disable_sync_subtasks=False)
+        except CeleryTimeoutError:
+            pass
 
     def results_of(self, report: dict[str, Any]) -> dict[str, Any]:
         if report["state"] == "SUCCESS":

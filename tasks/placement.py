@@ -15,8 +15,8 @@ API through pipelines, and a plain ``apply_async`` through the Celery router
 
 from __future__ import annotations
 
-import json
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,20 +62,37 @@ def record_queue(queue: str, spec: TaskSpec | Mapping[str, Any], client: redis.R
             log.warning("could not broadcast %s: %s", SYNC_QUEUES_COMMAND, exc)
 
 
-def live_queues(client: redis.Redis | None = None) -> set[str]:
+# The live workers, read at most once a second per process for a submission that finds
+# its queue served: reading every worker's hash on each submit halved the throughput of
+# a loop of submissions. A warning is never given from that cache: "no live worker" is
+# always checked afresh (a worker that just started is seen at once).
+LIVE_WORKERS_CACHE_S = 1.0
+_live_workers: tuple[float, list[dict[str, Any]]] | None = None
+
+
+def live_workers(client: redis.Redis | None = None, *, cached: bool = False) -> list[dict[str, Any]]:
+    """The workers whose heartbeat key is alive (``list_workers``); ``cached``: a read
+    of up to ``LIVE_WORKERS_CACHE_S`` ago will do."""
+    global _live_workers
+    now = time.monotonic()
+    if cached and _live_workers is not None and now - _live_workers[0] < LIVE_WORKERS_CACHE_S:
+        return _live_workers[1]
+    workers = [w for w in list_workers(client or get_redis()) if w["alive"]]
+    _live_workers = (now, workers)
+    return workers
+
+
+def live_queues(client: redis.Redis | None = None, *, cached: bool = False) -> set[str]:
     """Every queue consumed by a worker whose heartbeat key is alive."""
-    client = client or get_redis()
-    queues: set[str] = set()
-    for worker_id in map(str, client.smembers(keys.WORKERS_SET)):
-        if client.exists(keys.worker_heartbeat(worker_id)):
-            raw = client.hget(keys.worker_hash(worker_id), "queues_json")
-            queues.update(json.loads(raw) if raw else [])
-    return queues
+    return {queue for worker in live_workers(client, cached=cached) for queue in worker.get("queues") or []}
 
 
 def capability_warning(need: Requirement, queue: str, client: redis.Redis | None = None) -> str | None:
     """A message when no live worker has what ``need`` asks for, with what each lacks."""
-    workers = [w for w in list_workers(client or get_redis()) if w["alive"]]
+    if any(not Capabilities.from_dict(w.get("capabilities") or {}).unmet(need)
+           for w in live_workers(client, cached=True)):
+        return None
+    workers = live_workers(client)
     lacking = []
     for worker in workers:
         capabilities = Capabilities.from_dict(worker.get("capabilities") or {})
@@ -93,7 +110,7 @@ def queue_warning(queue: str, spec: TaskSpec | Mapping[str, Any] | None = None) 
     try:
         if spec is not None and routing.is_capability_queue(get_settings().task_topic, queue):
             return capability_warning(requirement_for(spec), queue)
-        if queue in live_queues():
+        if queue in live_queues(cached=True) or queue in live_queues():
             return None
     except redis.RedisError as exc:
         return f"could not check live workers: {exc}"

@@ -77,8 +77,9 @@ return tonumber(redis.call('get', KEYS[2]) or '0')
 
 # The fence of a running task, checked at each step/batch/progress report: returns
 # [cancelled (0/1), holder] where holder is the lease's owner after the check. A lease
-# that expired while nobody took it (this worker was slow to beat) is taken back; one
-# another worker holds means this run lost the task. KEYS: lease, alive, cancel flags...
+# that expired while nobody took it (this worker was slow to beat) is taken back, and a
+# lease held is extended by its whole TTL; one another worker holds means this run lost
+# the task. KEYS: lease, alive, cancel flags...
 # ARGV: owner, ttl s, now (the run's last sign of life, read by the stuck-task watchdog).
 _FENCE = """
 local holder = redis.call('get', KEYS[1])
@@ -86,7 +87,10 @@ if not holder then
   redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
   holder = ARGV[1]
 end
-if holder == ARGV[1] then redis.call('set', KEYS[2], ARGV[3], 'EX', 7 * 24 * 3600) end
+if holder == ARGV[1] then
+  redis.call('expire', KEYS[1], ARGV[2])
+  redis.call('set', KEYS[2], ARGV[3], 'EX', 7 * 24 * 3600)
+end
 local cancelled = 0
 for i = 3, #KEYS do if redis.call('exists', KEYS[i]) == 1 then cancelled = 1 end end
 return {cancelled, holder}
@@ -153,6 +157,7 @@ class TaskLease:
         self.key = keys.task_lease(task_id)
         self.owner = owner
         self.ttl_s = ttl_s
+        self.held_since: float | None = None  # when the lease was last taken or extended (monotonic)
 
     def _acquire_args(self, count_run: bool) -> tuple[Any, ...]:
         return (_ACQUIRE, 5, self.key, keys.task_runs(self.task_id), keys.task_cancel(self.task_id),
@@ -172,7 +177,10 @@ class TaskLease:
         ``TaskCancelled`` when the task was cancelled before it could start and
         ``AlreadyFinished`` when it already ended.
         """
+        asked_at = time.monotonic()
         runs = int(self.client.eval(*self._acquire_args(count_run)) if reply is None else reply)
+        if runs >= 0:
+            self.held_since = asked_at  # set with its whole TTL by the script
         if runs == _CANCELLED:
             raise TaskCancelled(self.task_id, "before it started")
         if runs in (_SUCCEEDED, _FAILED):
@@ -226,7 +234,13 @@ class TaskLease:
         holder = holder.decode() if isinstance(holder, bytes) else str(holder)
         if holder != self.owner:
             raise LeaseLost(self.task_id, holder)
+        self.held_since = time.monotonic()
         return bool(cancelled)
+
+    def surely_held(self) -> bool:
+        """Whether the lease is certainly still this run's without asking Redis: it was
+        taken or extended by its whole TTL less than half a TTL ago."""
+        return self.held_since is not None and time.monotonic() - self.held_since < self.ttl_s / 2
 
     def count_run(self) -> int:
         """Record one real start of the task; return how many there have been."""
