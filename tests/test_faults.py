@@ -27,7 +27,7 @@ def long_echo(seconds: float, steps: int, **data: object) -> dict:
 
 
 def test_a_worker_paused_past_its_lease_stops_its_late_run(worker_factory, redis_client) -> None:
-    """The whole worker SIGSTOPped while it runs a task: another worker takes the task over
+    """The whole worker SIGSTOPped while it runs a task (40 s: time to start the second worker): another worker takes the task over
     and finishes it; on SIGCONT the paused run sees the lease is gone at its next step and
     stops, storing, writing and publishing nothing. The message stays recoverable."""
     from tasks import echo
@@ -38,7 +38,7 @@ def test_a_worker_paused_past_its_lease_stops_its_late_run(worker_factory, redis
     listener = count_started(redis_client, stop, events)
     time.sleep(0.3)
     try:
-        handle = echo.apply_async(args=[long_echo(24, 48, n=1)])
+        handle = echo.apply_async(args=[long_echo(40, 80, n=1)])
         wait_for(lambda: any(e["type"] == "TASK_STARTED" and e["task_id"] == handle.id for e in events), 30,
                  message="the task to start")
         second = worker_factory(worker_id="taker", env=env)  # started once the first one runs the task
