@@ -208,3 +208,26 @@ def test_a_redis_outage_across_the_end_of_a_pipeline_stage(persistent_redis: Per
         assert worker.alive()
     finally:
         worker.close()
+
+
+def test_result_envelopes_are_keyed_by_run(server_factory) -> None:
+    """The orchestrator keeps a later run's result: an envelope from an earlier run (a late
+    run of a paused worker) is refused with 409 and the stored result.json is left alone."""
+    import requests
+
+    server = server_factory()
+    url = f"{server.base_url}/api/v1/results"
+
+    def post(run: int, worker: str) -> requests.Response:
+        return requests.post(url, json={"task_id": "keyed-task", "result": {"by": worker}, "worker_id": worker,
+                                        "run": run}, timeout=10)
+
+    assert post(2, "taker").status_code == 201
+    late = post(1, "paused")
+    assert late.status_code == 409 and "older than the stored result's run 2" in late.text
+    stored = requests.get(f"{url}/keyed-task", timeout=10).json()
+    assert stored["worker_id"] == "taker" and stored["run"] == 2
+    assert post(3, "third").status_code == 201  # a still later run replaces it
+    assert requests.get(f"{url}/keyed-task", timeout=10).json()["worker_id"] == "third"
+    envelope = json.loads((server.results_dir / "keyed-task" / "result.json").read_text())
+    assert envelope["run"] == 3 and envelope["result"] == {"by": "third"}
