@@ -1,15 +1,17 @@
-"""``Pipeline``: a validated template that becomes one Celery chain when submitted.
+"""``Pipeline``: a validated template that becomes one Celery canvas when submitted.
 
 Pipelines are data until submitted: ``Pipeline.from_yaml(path)`` validates,
-``.chain()`` builds the Celery canvas without touching a broker, ``.submit()``
-records the pipeline in Redis and sends the chain.
+``.chain()`` (stages) or ``.graph()`` (a DAG of nodes, ``pipelines.graph``) builds
+the Celery canvas without touching a broker, ``.submit()`` records the pipeline in
+Redis and sends the canvas.
 
-Each stage is the per-type task (``meshq.<taskType>``) with the stage's merged
-spec and a ``pipeline`` kwarg (pipeline id, stage name and index, every stage's
-task id, ``runOn``), sent to the queue of the stage's own tags. Task ids are
-generated here, before anything is sent, so every stage can be looked up by id
-from the moment ``submit`` returns. A one-stage pipeline (a plain task spec)
-uses its task id as the pipeline id.
+Each stage (or node) is the per-type task (``meshq.<taskType>``) with the stage's
+merged spec and a ``pipeline`` kwarg (pipeline id, stage name and index, every
+stage's task id, ``runOn``; for a node also ``graph``, ``depends_on`` and
+``ancestors``), sent to the queue of the stage's own tags. Task ids are generated
+here, before anything is sent, so every stage can be looked up by id from the
+moment ``submit`` returns. A one-stage pipeline (a plain task spec) uses its task id
+as the pipeline id.
 """
 
 from __future__ import annotations

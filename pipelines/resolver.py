@@ -24,6 +24,7 @@ A plain Celery chain (no ``pipeline`` kwarg) gets ``${stage.result...}`` only.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import redis
@@ -42,6 +43,7 @@ from tasks.base import SPEC_RESOLVERS
 log = logging.getLogger(__name__)
 
 MAX_RUN_ON_FORWARDS = 3  # a runOn stage bouncing between workers more often than this fails
+RESULT_STORE_WAIT_S = 30.0  # longest wait for a dependency's result to be stored (see node_result)
 
 
 def node_result(task: Any, info: dict[str, Any], name: str) -> Any:
@@ -51,10 +53,19 @@ def node_result(task: Any, info: dict[str, Any], name: str) -> Any:
     if name not in (info.get("ancestors") or []):
         raise LookupError(f"node {name!r} is not an ancestor of {info['stage']!r}")
     task_id = next(s["task_id"] for s in info["stages"] if s["name"] == name)
-    meta = task.app.backend.get_task_meta(task_id)
-    if meta.get("status") != states.SUCCESS:
-        raise LookupError(f"node {name!r} (task {task_id}) has no result: its state is {meta.get('status')}")
-    return meta.get("result")
+    # Celery sends the next task of a chain (and a chord's body) just before it stores the
+    # finished task's result, so a dependency may still read STARTED for a moment.
+    deadline = time.monotonic() + RESULT_STORE_WAIT_S
+    delay_s = 0.02
+    while True:
+        meta = task.app.backend.get_task_meta(task_id)
+        state = meta.get("status")
+        if state == states.SUCCESS:
+            return meta.get("result")
+        if state in states.READY_STATES or time.monotonic() > deadline:
+            raise LookupError(f"node {name!r} (task {task_id}) has no result: its state is {state}")
+        time.sleep(delay_s)
+        delay_s = min(delay_s * 2, 0.5)
 
 
 def stage_result(task: Any, info: dict[str, Any], name: str, previous: Any) -> Any:

@@ -1,14 +1,18 @@
 """Pipeline templates (pure): a document → validated stages, ready to become a chain.
 
 A document is ``{apiVersion, kind, metadata, spec}`` (DESIGN §5) or a bare task
-spec. ``spec.stages: [{name, spec, tags?, runOn?}]`` lists the stages; each
-stage's ``spec`` is merged over the shared ``spec`` (everything but ``stages``)
-as a JSON Merge Patch (RFC 7386: mappings merge key by key, anything else
-replaces, ``null`` removes the shared field). A spec without ``stages`` is a
-one-stage pipeline whose stage is named after its ``taskType``.
+spec. ``spec.stages: [{name, spec, tags?, runOn?}]`` lists the stages, or
+``spec.graph.nodes: [{name, dependsOn, spec, tags?, runOn?}]`` the nodes of a DAG
+(``pipelines.graph``: dependencies, cycles, ancestors; the nodes are kept in
+dependency order). Each stage's or node's ``spec`` is merged over the shared ``spec``
+(everything but ``stages``/``graph``) as a JSON Merge Patch (RFC 7386: mappings
+merge key by key, anything else replaces, ``null`` removes the shared field). A
+spec without ``stages`` or ``graph`` is a one-stage pipeline whose stage is named
+after its ``taskType``.
 
 Validation happens here, before anything is sent: stage names, ``runOn``,
-``${...}`` references (unknown or later stages) and every merged stage spec
+``${...}`` references (unknown or later stages; for a node, anything but an
+ancestor), ``graph_template`` columns and every merged stage spec
 (``app.spec``). A field whose value holds a stage reference cannot be
 type-checked until the worker resolves it, so errors at such fields are left to
 the worker's own check; every other field is checked now.

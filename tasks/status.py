@@ -4,7 +4,9 @@
 by state, ``result`` (SUCCESS), ``progress`` (PROGRESS: the executor's fields) or
 ``error`` (``"ExcType: message"``, with ``error_type`` and, for a bad spec,
 ``error_field``). ``meshq status``, ``PipelineRun.status()`` (each stage) and
-``GET /api/v1/tasks/{id}`` all show this shape.
+``GET /api/v1/tasks/{id}`` all show this shape. A sharded inference task
+(``tasks.shards``) adds its shards' progress while they run (one more read) and,
+when a shard failed, that shard and its own error.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def _failed_shard(app: Any, task_id: str) -> dict[str, Any] | None:
 
 
 def task_status(app: Any, task_id: str) -> dict[str, Any]:
-    """The status of ``task_id`` in the shape described above (one backend read)."""
+    """The status of ``task_id`` in the shape described above (one backend read; a sharded
+    task's shards are read too while it runs)."""
     meta = app.backend.get_task_meta(task_id)
     state = str(meta.get("status") or states.PENDING)
     result = meta.get("result")

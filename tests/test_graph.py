@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import requests
+from celery.result import AsyncResult
 
 from app.errors import PipelineError
 from pipelines import Pipeline, PipelineRun
@@ -64,15 +65,20 @@ def test_diamond_runs_b_and_c_at_once_on_two_workers(worker_factory, redis_clien
 def test_a_failing_node_skips_its_dependants_and_running_nodes_finish(worker_factory, redis_client) -> None:
     w1 = worker_factory(worker_id="f1")
     w2 = worker_factory(worker_id="f2")
-    # C fails at once (a field of A's result that does not exist); B is still running then.
-    c_spec = {"data": {"x": "${a.result.echo.data.nope}"}}
-    run = Pipeline.from_dict(diamond(c_spec, b_sleep_s=4.0)).submit()
+    # C fails at once (a field of A's result that does not exist), once "slow" ended: B runs by then.
+    document = {"spec": {"taskType": "echo", "graph": {"nodes": [
+        node("a", data={"question": "why?"}),
+        node("b", "a", data={"answer": "b says ${a.result.echo.data.question}"}, echo={"sleep_s": 6, "steps": 6}),
+        node("slow", "a", echo={"sleep_s": 2, "steps": 2}),
+        node("c", "slow", data={"x": "${a.result.echo.data.nope}"}),
+        node("d", "b", "c", data={"b": "${b.result.echo.data}", "c": "${c.result.echo.data}"})]}}}
+    run = Pipeline.from_dict(document).submit()
     with pytest.raises(PipelineError) as info:
         run.wait(timeout=120)
-    assert info.value.stage == "c" and "nope" in str(info.value), run.status()
     status = run.status()
+    assert info.value.stage == "c" and "nope" in str(info.value), status
     assert status["state"] == "FAILURE" and status["failed_stage"] == "c"
-    assert status["stages"]["c"]["error_field"] == "spec.graph.nodes[2].spec.data.x"
+    assert status["stages"]["c"]["error_field"] == "spec.graph.nodes[3].spec.data.x"
     # B finishes and keeps its result; D never runs.
     final = wait_for(lambda: (s := run.status())["stages"]["b"]["state"] == "SUCCESS" and s, 60,
                      message="b to finish")
@@ -82,6 +88,24 @@ def test_a_failing_node_skips_its_dependants_and_running_nodes_finish(worker_fac
     assert d["state"] == "SKIPPED" and d["worker_id"] is None and "error" not in d
     for worker in (w1, w2):
         assert not (worker.results_dir / d["task_id"]).exists()
+
+
+def test_a_node_not_started_when_another_failed_is_skipped(worker_factory, redis_client) -> None:
+    """One worker: C fails while B waits in the queue; B then never runs (SKIPPED)."""
+    worker = worker_factory(worker_id="one")
+    # c is sent before b (document order), so the one worker takes c first.
+    document = {"spec": {"taskType": "echo", "graph": {"nodes": [
+        node("a"), node("c", "a", data={"x": "${a.result.nope}"}), node("b", "a"), node("d", "b", "c")]}}}
+    run = Pipeline.from_dict(document).submit()
+    with pytest.raises(PipelineError):
+        run.wait(timeout=60)
+    b_id = next(s["task_id"] for s in run.stages if s["name"] == "b")
+    # The worker took b after c failed, and b stopped itself before doing anything.
+    wait_for(lambda: AsyncResult(b_id).state == "SKIPPED", 30, message="b to skip itself")
+    final = run.status()
+    assert final["state"] == "FAILURE" and final["failed_stage"] == "c"
+    assert final["stages"]["b"]["state"] == final["stages"]["d"]["state"] == "SKIPPED"
+    assert not (worker.results_dir / b_id / "responses.json").exists()
 
 
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -136,7 +160,11 @@ def test_cancel_stops_every_running_node_over_http(server_factory, worker_factor
     long = {"echo": {"sleep_s": 60, "steps": 120}}
     document = {"spec": {"taskType": "echo", "graph": {"nodes": [
         node("a"), node("b", "a", **long), node("c", "a", **long), node("d", "b", "c")]}}}
-    run = Pipeline.from_dict(document).submit()
+    reply = requests.post(f"{server.base_url}/api/v1/tasks", json=document, timeout=30)
+    assert reply.status_code == 202, reply.text
+    submitted = reply.json()
+    assert submitted["kind"] == "pipeline" and submitted["stages"]["d"]["depends_on"] == ["b", "c"]
+    run = PipelineRun.get(submitted["id"])
     url = f"{server.base_url}/api/v1/pipelines/{run.id}"
     running = wait_for(lambda: (s := requests.get(url, timeout=10).json())["stages"]["b"]["state"] == "PROGRESS"
                        and s["stages"]["c"]["state"] == "PROGRESS" and s, 60, message="b and c to run")

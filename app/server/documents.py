@@ -81,7 +81,8 @@ def submit_document(document: Any) -> dict[str, Any]:
     run = Pipeline.from_dict(document, expand_environment=False).submit()
     return {"id": run.id, "kind": "pipeline" if len(run.stages) > 1 else "task",
             "task_ids": [stage["task_id"] for stage in run.stages],
-            "stages": {stage["name"]: {"task_id": stage["task_id"], "queue": stage["queue"]}
+            "stages": {stage["name"]: {"task_id": stage["task_id"], "queue": stage["queue"],
+                                       **({"depends_on": stage["depends_on"]} if "depends_on" in stage else {})}
                        for stage in run.stages},
             "queue": run.stages[0]["queue"], "warnings": run.warnings}
 

@@ -248,6 +248,7 @@ class PPOExecutor(TrainingExecutor):
             if options.save_model:
                 save_weights = policy.save_pretrained
                 final_dir = save_final(lambda tmp: save_weights(str(tmp)), tokenizer, out_dir, kind)
+                del save_weights  # holds the policy: let the finally below free it
             total_params = sum(p.numel() for p in policy.parameters())
             trainable_params = sum(p.numel() for p in trainable)
         finally:
