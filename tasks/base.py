@@ -86,7 +86,7 @@ SPEC_RESOLVERS: list[Callable[[Any, Any, dict[str, Any] | None], Any]] = []
 
 
 def finish_result(task_id: str, spec: TaskSpec, out_dir: Path, result: dict[str, Any], runtime_s: float,
-                  *, walk: bool = True) -> dict[str, Any]:
+                  *, walk: bool = True, run: int | None = None) -> dict[str, Any]:
     """Annotate a result, write ``responses.json`` + ``manifest.json`` and deliver it (http)."""
     result = annotate(result, spec, out_dir, runtime_s)
     try:
@@ -94,7 +94,7 @@ def finish_result(task_id: str, spec: TaskSpec, out_dir: Path, result: dict[str,
     except OSError as exc:  # disk full, read-only mount...: say where, keep the worker
         raise ExecutorError(f"could not write the results to {out_dir}: {exc}", path=str(out_dir)) from exc
     # An http destination: upload the archives, POST the envelope, add the archive URLs.
-    delivered = deliver_result(task_id, spec.output.destination, result)
+    delivered = deliver_result(task_id, spec.output.destination, result, run=run)
     if delivered != result:  # URLs were added: keep responses.json equal to the result
         write_task_outputs(out_dir, delivered, reuse=manifest)
     return delivered
@@ -187,7 +187,7 @@ class MeshqTask(Task):
                       **result}
             still_ours(lease)  # before anything is written or delivered
             delivered = finish_result(task_id, spec, out_dir, result, time.monotonic() - started,
-                                      walk=getattr(executor, "writes_files", True))
+                                      walk=getattr(executor, "writes_files", True), run=runs)
             still_ours(lease)  # and before Celery stores it as the task's result
             return delivered
         except LeaseLost as exc:

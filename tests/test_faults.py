@@ -27,7 +27,7 @@ def long_echo(seconds: float, steps: int, **data: object) -> dict:
 
 
 def test_a_worker_paused_past_its_lease_stops_its_late_run(worker_factory, redis_client) -> None:
-    """The whole worker SIGSTOPped while it runs a task: another worker takes the task over
+    """The whole worker SIGSTOPped while it runs a task (40 s: time to start the second worker): another worker takes the task over
     and finishes it; on SIGCONT the paused run sees the lease is gone at its next step and
     stops, storing, writing and publishing nothing. The message stays recoverable."""
     from tasks import echo
@@ -38,7 +38,7 @@ def test_a_worker_paused_past_its_lease_stops_its_late_run(worker_factory, redis
     listener = count_started(redis_client, stop, events)
     time.sleep(0.3)
     try:
-        handle = echo.apply_async(args=[long_echo(24, 48, n=1)])
+        handle = echo.apply_async(args=[long_echo(40, 80, n=1)])
         wait_for(lambda: any(e["type"] == "TASK_STARTED" and e["task_id"] == handle.id for e in events), 30,
                  message="the task to start")
         second = worker_factory(worker_id="taker", env=env)  # started once the first one runs the task
@@ -208,3 +208,26 @@ def test_a_redis_outage_across_the_end_of_a_pipeline_stage(persistent_redis: Per
         assert worker.alive()
     finally:
         worker.close()
+
+
+def test_result_envelopes_are_keyed_by_run(server_factory) -> None:
+    """The orchestrator keeps a later run's result: an envelope from an earlier run (a late
+    run of a paused worker) is refused with 409 and the stored result.json is left alone."""
+    import requests
+
+    server = server_factory()
+    url = f"{server.base_url}/api/v1/results"
+
+    def post(run: int, worker: str) -> requests.Response:
+        return requests.post(url, json={"task_id": "keyed-task", "result": {"by": worker}, "worker_id": worker,
+                                        "run": run}, timeout=10)
+
+    assert post(2, "taker").status_code == 201
+    late = post(1, "paused")
+    assert late.status_code == 409 and "older than the stored result's run 2" in late.text
+    stored = requests.get(f"{url}/keyed-task", timeout=10).json()
+    assert stored["worker_id"] == "taker" and stored["run"] == 2
+    assert post(3, "third").status_code == 201  # a still later run replaces it
+    assert requests.get(f"{url}/keyed-task", timeout=10).json()["worker_id"] == "third"
+    envelope = json.loads((server.results_dir / "keyed-task" / "result.json").read_text())
+    assert envelope["run"] == 3 and envelope["result"] == {"by": "third"}

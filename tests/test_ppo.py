@@ -172,3 +172,19 @@ def test_reward_model_problems_name_the_field(tiny_model_dir: Path, reward_model
     with pytest.raises(SpecError, match=r"spec\.reward_model: required for taskType 'ppo'"):
         parse_task_spec({k: v for k, v in ppo_spec(tiny_model_dir, reward_model_dir).items()
                          if k != "reward_model"})
+
+
+def test_ppo_starts_from_an_earlier_stage_and_uses_it_as_the_reference(tiny_model_dir: Path,
+                                                                        reward_model_dir: Path,
+                                                                        tmp_path: Path) -> None:
+    raw = ppo_spec(tiny_model_dir, reward_model_dir)
+    raw["training"].update({"steps": 2, "learning_rate": 5e-3})
+    first = PPOExecutor().run(parse_task_spec(raw), tmp_path / "first", RecordingProgress())
+    assert first["kl_history"][1][1] != pytest.approx(0.0, abs=1e-6)  # the policy moved off the base model
+
+    raw["checkpoint"] = {"load": {"type": "local", "path": first["final_model_path"]}}
+    raw["training"]["steps"] = 1
+    second = PPOExecutor().run(parse_task_spec(raw), tmp_path / "second", RecordingProgress())
+    assert second["init_checkpoint"] == first["final_model_path"]
+    # The first rollout's KL is measured against the loaded weights, not the base model.
+    assert second["kl_history"] == [[1, pytest.approx(0.0, abs=1e-4)]]

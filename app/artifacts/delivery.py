@@ -19,7 +19,7 @@ from typing import Any
 from app.artifacts.auth import token_for
 from app.artifacts.retry import RetryPolicy
 from app.artifacts.upload import post_json, upload_file
-from app.errors import ArtifactError, SpecError
+from app.errors import ArtifactError, LeaseLost, SpecError
 from app.redaction import redact
 from app.settings import get_settings
 from app.spec import Destination
@@ -45,7 +45,7 @@ def results_url(destination: Destination) -> str:
 
 
 def deliver_result(task_id: str, destination: Destination, result: dict[str, Any],
-                   policy: RetryPolicy | None = None) -> dict[str, Any]:
+                   policy: RetryPolicy | None = None, run: int | None = None) -> dict[str, Any]:
     """Upload the result's archives and POST its envelope; return the result with the URLs.
 
     A failure after the last retry raises ``ArtifactError`` naming the URL; the
@@ -79,7 +79,15 @@ def deliver_result(task_id: str, destination: Destination, result: dict[str, Any
                                   f"{base}/{task_id}/files/{Path(export['path']).name}"}
         log.info("uploaded %s (%s rows) to %s", Path(export["path"]).name, export.get("rows"),
                  redact(result["jsonl_export"]["url"]))
-    post_json(base, {"task_id": task_id, "result": result, "worker_id": result.get("worker_id")},
-              token=token, headers=destination.headers, timeout_s=destination.timeoutSec, policy=policy,
-              method=destination.method)
+    # ``run`` keys the envelope: the server keeps a later run's result over an earlier one's
+    # (409 for the earlier), so a late run of a paused worker never replaces the accepted one.
+    envelope = {"task_id": task_id, "result": result, "worker_id": result.get("worker_id"),
+                **({"run": run} if run is not None else {})}
+    try:
+        post_json(base, envelope, token=token, headers=destination.headers, timeout_s=destination.timeoutSec,
+                  policy=policy, method=destination.method)
+    except ArtifactError as exc:
+        if exc.status == 409 and run is not None:
+            raise LeaseLost(task_id, "a later run (the server holds its result)") from None
+        raise
     return result

@@ -57,7 +57,7 @@ from app.server.openapi import (
     ResultEnvelope,
     customize_openapi,
 )
-from app.server.result_store import BadName, ResultStore, checked
+from app.server.result_store import BadName, ResultStore, StaleRun, checked
 from app.server.transfer import (
     MULTIPART_ALLOWANCE_BYTES,
     ApiError,
@@ -314,6 +314,8 @@ def create_app(results_dir: Path | str | None = None, settings: Settings | None 
         data = {**envelope.model_dump(mode="json"), "received_at": time.time()}
         try:
             await run_in_threadpool(store.save_envelope, task_id, data)
+        except StaleRun as exc:  # a late run of a paused worker: the later run's result stays
+            raise ApiError(409, str(exc), "run") from None
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # save_envelope left nothing behind
                 raise ApiError(507, f"result: no space left to store it ({exc.strerror})", "result") from None

@@ -244,6 +244,18 @@ def _unlink(path: Path) -> None:
         pass
 
 
+class StaleRun(Exception):
+    """A result envelope from an earlier run than the one already stored."""
+
+    def __init__(self, task_id: str, run: int, stored_run: int) -> None:
+        super().__init__(task_id, run, stored_run)
+        self.task_id, self.run, self.stored_run = task_id, run, stored_run
+
+    def __str__(self) -> str:
+        return (f"run {self.run} of task {self.task_id} is older than the stored result's run "
+                f"{self.stored_run}; not stored")
+
+
 class ResultStore:
     """Paths, artifacts, checksums and result envelopes under one results directory."""
 
@@ -251,6 +263,7 @@ class ResultStore:
         self.root = Path(root).resolve()
         self._sha_cache: OrderedDict[tuple[str, int, int, int], str] = OrderedDict()
         self._sha_lock = threading.Lock()
+        self._envelope_lock = threading.Lock()  # compare runs and replace as one step
 
     # -- paths ----------------------------------------------------------------
     def task_dir(self, task_id: str) -> Path:
@@ -471,6 +484,17 @@ class ResultStore:
 
     # -- result envelopes -----------------------------------------------------
     def save_envelope(self, task_id: str, envelope: dict[str, Any]) -> Path:
+        """Store a task's result envelope. Envelopes are keyed by run (``run``: the worker's
+        count of real starts of the task): one from an earlier run than the stored one (a
+        late run of a paused worker) raises ``StaleRun`` and changes nothing."""
+        with self._envelope_lock:
+            stored = self.load_envelope(task_id)
+            run, stored_run = envelope.get("run"), (stored or {}).get("run")
+            if isinstance(run, int) and isinstance(stored_run, int) and run < stored_run:
+                raise StaleRun(task_id, run, stored_run)
+            return self._write_envelope(task_id, envelope)
+
+    def _write_envelope(self, task_id: str, envelope: dict[str, Any]) -> Path:
         directory = self.task_dir(task_id)
         created = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
