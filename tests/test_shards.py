@@ -181,3 +181,25 @@ def test_shards_and_merge_route_like_the_task(worker_factory, redis_client, tiny
         result = run.wait(timeout=300)["inference"]
         assert [s["worker_id"] for s in result["shards"]] == ["large"] * 3 and result["worker_id"] == "large"
     assert redis_client.hget("worker:small", "last_task") in (None, "")
+
+
+def test_a_sharded_task_delivers_once_to_an_http_destination(server_factory, worker_factory, redis_client,
+                                                             tiny_model_dir: Path) -> None:
+    """The merge uploads the export and posts the merged result; the shards deliver nothing."""
+    import requests
+
+    server = server_factory()
+    env = {**WORKER_ENV, "ORCHESTRATOR_BASE_URL": server.base_url}
+    worker_factory(worker_id="h1", env=env)
+    worker_factory(worker_id="h2", env=env)
+    export = {"jsonl_export": {"path": "all.jsonl", "fields": {"completion": {"from": "output"}}}}
+    run = Pipeline.from_dict(spec(tiny_model_dir, PROMPTS[:8], parallel={"enabled": True, "max_shards": 2},
+                                  postprocess=export, output={"destination": {"type": "http"}})).submit()
+    result = run.wait(timeout=300)["inference"]
+    assert result["jsonl_export"]["url"] == f"{server.base_url}/api/v1/results/{run.id}/files/all.jsonl"
+    posted = requests.get(f"{server.base_url}/api/v1/results/{run.id}", timeout=10).json()
+    assert posted["source"] == "envelope" and len(posted["result"]["shards"]) == 2
+    assert [i["index"] for i in posted["result"]["items"]] == list(range(8))
+    for shard in result["shards"]:
+        assert requests.get(f"{server.base_url}/api/v1/results/{shard['task_id']}", timeout=10).json()[
+            "source"] == "celery"  # no envelope: a shard delivers nothing
