@@ -85,7 +85,8 @@ def split_inference(task: Any, spec: TaskSpec, raw_spec: dict[str, Any], out_dir
     merge = task.app.tasks[MERGE_TASK_NAME]
     shards = [inference.si(shard_spec(raw_spec), shard={**r.as_dict(), "parent": task_id})
               .set(task_id=shard_task_id(task_id, r.index), queue=queue) for r in ranges]
-    body = merge.s(spec=raw_spec, task_id=task_id, started_at=utc_now_iso(), started_s=time.time())
+    # The merge goes where the task may run too (it writes the task's outputs and delivers them).
+    body = merge.s(spec=raw_spec, task_id=task_id, started_at=utc_now_iso(), started_s=time.time()).set(queue=queue)
     task.update_state(state=PROGRESS_STATE, meta={
         "shards_done": 0, "shards_total": len(ranges), "total": total,
         "worker_id": get_settings().worker_id, "taskType": "inference"})

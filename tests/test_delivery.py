@@ -124,9 +124,19 @@ def test_duplicate_message_of_a_finished_task_is_dropped(worker_factory, redis_c
 
     worker = worker_factory(worker_id="dedup")
     task_id = str(uuid.uuid4())
-    first = echo.apply_async(args=[{"taskType": "echo", "data": {"n": 1}}], task_id=task_id).get(timeout=60)
-    echo.apply_async(args=[{"taskType": "echo", "data": {"n": 2}}], task_id=task_id)
-    follow_up = echo.apply_async(args=[{"taskType": "echo"}]).get(timeout=60)  # FIFO: the duplicate went first
+    stop, events = threading.Event(), []
+    listener = count_started(redis_client, stop, events)
+    time.sleep(0.3)
+    try:
+        first = echo.apply_async(args=[{"taskType": "echo", "data": {"n": 1}}], task_id=task_id).get(timeout=60)
+        echo.apply_async(args=[{"taskType": "echo", "data": {"n": 2}}], task_id=task_id)
+        follow_up = echo.apply_async(args=[{"taskType": "echo"}]).get(timeout=60)  # FIFO: the duplicate went first
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        listener.join()
+    # The dropped duplicate published nothing: one TASK_STARTED, one outcome.
+    assert [e["type"] for e in events if e["task_id"] == task_id] == ["TASK_STARTED", "TASK_SUCCEEDED"]
     assert follow_up["worker_id"] == "dedup"
     assert redis_client.get(f"meshq:task:{task_id}:runs") == "1"
     assert echo.AsyncResult(task_id).get(timeout=10) == first

@@ -164,3 +164,42 @@ def test_a_shard_whose_worker_dies_is_redelivered(worker_factory, redis_client, 
     assert [s["worker_id"] for s in result["shards"]] == [heir_id, heir_id] and result["worker_id"] == heir_id
     assert redis_client.get(f"meshq:task:{run.id}-shard0:runs") == "2"  # the killed run and the one that ended
     assert workers[heir_id].alive()
+
+
+def test_shards_and_merge_route_like_the_task(worker_factory, redis_client, tiny_model_dir: Path) -> None:
+    """A task that needs a tag, or hardware (a capability queue ``tasks.need.*``): its shards and
+    its merge run only on the worker that has it."""
+    gib = 1024**3
+    a100 = {"gpus": [{"name": "NVIDIA A100-SXM4-80GB", "memory_total_bytes": 80 * gib}], "cpu_count": 16}
+    worker_factory("", worker_id="small", env=WORKER_ENV)
+    worker_factory("big", worker_id="large", env={**WORKER_ENV, "MESHQ_FAKE_HARDWARE": json.dumps(a100)})
+    tagged = spec(tiny_model_dir, PROMPTS[:9], tags=["big"], parallel={"enabled": True, "max_shards": 3})
+    needs_gpu = spec(tiny_model_dir, PROMPTS[:9], resources={"replicas": 3, "hardware": {"gpu": {
+        "count": 1, "type": "nvidia-a100-80gb"}}})
+    for document in (tagged, needs_gpu):
+        run = Pipeline.from_dict(document).submit()
+        result = run.wait(timeout=300)["inference"]
+        assert [s["worker_id"] for s in result["shards"]] == ["large"] * 3 and result["worker_id"] == "large"
+    assert redis_client.hget("worker:small", "last_task") in (None, "")
+
+
+def test_a_sharded_task_delivers_once_to_an_http_destination(server_factory, worker_factory, redis_client,
+                                                             tiny_model_dir: Path) -> None:
+    """The merge uploads the export and posts the merged result; the shards deliver nothing."""
+    import requests
+
+    server = server_factory()
+    env = {**WORKER_ENV, "ORCHESTRATOR_BASE_URL": server.base_url}
+    worker_factory(worker_id="h1", env=env)
+    worker_factory(worker_id="h2", env=env)
+    export = {"jsonl_export": {"path": "all.jsonl", "fields": {"completion": {"from": "output"}}}}
+    run = Pipeline.from_dict(spec(tiny_model_dir, PROMPTS[:8], parallel={"enabled": True, "max_shards": 2},
+                                  postprocess=export, output={"destination": {"type": "http"}})).submit()
+    result = run.wait(timeout=300)["inference"]
+    assert result["jsonl_export"]["url"] == f"{server.base_url}/api/v1/results/{run.id}/files/all.jsonl"
+    posted = requests.get(f"{server.base_url}/api/v1/results/{run.id}", timeout=10).json()
+    assert posted["source"] == "envelope" and len(posted["result"]["shards"]) == 2
+    assert [i["index"] for i in posted["result"]["items"]] == list(range(8))
+    for shard in result["shards"]:
+        assert requests.get(f"{server.base_url}/api/v1/results/{shard['task_id']}", timeout=10).json()[
+            "source"] == "celery"  # no envelope: a shard delivers nothing
