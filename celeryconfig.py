@@ -16,6 +16,7 @@ Only settings are exported: every other name here starts with ``_`` (Celery and
 a module named by ``MESHQ_CELERY_CONFIG`` (applied after these, see ``app/celery.py``).
 """
 
+from app.settings import UNACKED_MUTEX_EXPIRE_S as _UNACKED_MUTEX_EXPIRE_S
 from app.settings import get_settings as _get_settings
 from app.settings import unacked_restore_interval_s as _unacked_restore_interval_s
 
@@ -33,7 +34,9 @@ broker_connection_retry_on_startup = True
 _restore_interval_s = _unacked_restore_interval_s(_settings.visibility_timeout_s)
 broker_transport_options = {"visibility_timeout": _settings.visibility_timeout_s,
                             "unacked_restore_interval": _restore_interval_s,
-                            "unacked_restore_throttle": 1}
+                            "unacked_restore_throttle": 1,
+                            # a dead sweeper's lock must not stop redelivery for 300 s
+                            "unacked_mutex_expire": _UNACKED_MUTEX_EXPIRE_S}
 result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout_s,
                                     "retry_policy": {"timeout": 5.0}}
 

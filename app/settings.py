@@ -78,6 +78,14 @@ class Settings:
         return heartbeat_ttl_s(self.heartbeat_interval_s)
 
 
+# Kombu's Redis transport sweeps abandoned messages back under a Redis lock
+# (``unacked_mutex``) whose expiry defaults to 300 s: a worker SIGKILLed while it holds
+# the lock stops every redelivery in the fleet for five minutes. A sweep holds it for
+# milliseconds, and a second sweeper cannot restore a message twice (kombu restores in
+# a transaction that watches the unacked hash), so a short expiry is safe.
+UNACKED_MUTEX_EXPIRE_S = 5
+
+
 def unacked_restore_interval_s(visibility_timeout_s: int) -> int:
     """How often a worker's consumer hands back abandoned messages (kombu's
     ``unacked_restore_interval``): a quarter of the timeout, between 1 and 10 s."""

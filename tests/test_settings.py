@@ -69,3 +69,16 @@ def test_a_killed_workers_task_starts_again_within_two_minutes_by_default() -> N
     assert recovery_bound_s(DEFAULT_VISIBILITY_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S) <= 120
     # Three heartbeats fit in the timeout: one late beat never hands a running task out.
     assert DEFAULT_VISIBILITY_TIMEOUT_S > 3 * DEFAULT_HEARTBEAT_INTERVAL_S
+
+
+def test_a_dead_sweepers_lock_delays_redelivery_seconds_not_minutes(redis_url: str) -> None:
+    """Kombu sweeps abandoned messages back under a Redis lock that expires after 300 s by
+    default: a worker SIGKILLed mid-sweep (seen in a test run) stopped every redelivery for
+    five minutes. The broker channel meshq's workers use holds it for seconds only."""
+    from app.celery import app
+    from app.settings import UNACKED_MUTEX_EXPIRE_S
+
+    with app.connection_for_read() as connection:
+        channel = connection.default_channel
+        assert channel.unacked_mutex_expire == UNACKED_MUTEX_EXPIRE_S <= 10
+        assert channel.qos.unacked_mutex_expire == UNACKED_MUTEX_EXPIRE_S

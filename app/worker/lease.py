@@ -20,7 +20,7 @@ import redis
 
 from app import keys
 from app.errors import ConfigError, LeaseLost, TaskCancelled
-from app.settings import unacked_restore_interval_s
+from app.settings import UNACKED_MUTEX_EXPIRE_S, unacked_restore_interval_s
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +115,11 @@ def recovery_bound_s(visibility_timeout_s: int, heartbeat_interval_s: float) -> 
     """Longest wait before the task of a worker killed mid-run starts again elsewhere: its
     message comes back after the visibility timeout (plus one sweep of abandoned messages),
     and the heir takes over once the dead worker's lease expired (polled every
-    ``LEASE_POLL_S`` at most)."""
+    ``LEASE_POLL_S`` at most). A worker killed in the middle of a sweep leaves kombu's sweep
+    lock behind, which delays the next sweep by up to ``UNACKED_MUTEX_EXPIRE_S``."""
     return max(visibility_timeout_s, lease_ttl_s(heartbeat_interval_s)) \
-        + unacked_restore_interval_s(visibility_timeout_s) + min(LEASE_POLL_S, heartbeat_interval_s)
+        + unacked_restore_interval_s(visibility_timeout_s) + min(LEASE_POLL_S, heartbeat_interval_s) \
+        + UNACKED_MUTEX_EXPIRE_S
 
 
 def max_task_runs() -> int:
