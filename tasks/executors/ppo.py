@@ -50,7 +50,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.artifacts.archive import make_archive
 from app.artifacts.checkpoints import download_file
 from app.data_roots import check_remote_code, under_results
 from app.errors import ExecutorError, SpecError, TaskCancelled
@@ -63,6 +62,7 @@ from tasks.executors.training import (
     CHECKPOINTS_DIRNAME,
     TRAINING_LOG,
     TrainingExecutor,
+    final_weights_fields,
     last_checkpoint,
     multi_gpu_note,
     sample_history,
@@ -262,17 +262,7 @@ class PPOExecutor(TrainingExecutor):
         rewards = [(int(h["step"]), float(h["reward_mean"])) for h in state.history]
         kls = [(int(h["step"]), float(h["kl"])) for h in state.history]
         result: dict[str, Any] = {}
-        if final_dir is not None:
-            archive = make_archive(final_dir, spec.output.archive_format)
-            result.update({
-                f"final_{kind}_path": str(final_dir),
-                f"final_{kind}_archive": str(archive.path),
-                f"final_{kind}_archive_sha256": archive.sha256,
-                f"final_{kind}_archive_bytes": archive.bytes,
-                f"final_{kind}_archive_format": archive.format,
-            })
-        else:
-            notes.append(f"training.save_model: false; no final_{kind}/ was kept (metrics only)")
+        result.update(final_weights_fields(final_dir, kind, spec.output.archive_format, notes))
         run_steps = state.step - resumed_from_step
         result.update({
             "reward_first": rewards[0][1] if rewards else None,

@@ -295,17 +295,7 @@ class TrainingExecutor:
         train_runtime = float(output.metrics.get("train_runtime", 0.0))
         run_steps = steps - resumed_from_step
         result: dict[str, Any] = {}
-        if final_dir is not None:
-            archive = make_archive(final_dir, spec.output.archive_format)
-            result.update({
-                f"final_{kind}_path": str(final_dir),
-                f"final_{kind}_archive": str(archive.path),
-                f"final_{kind}_archive_sha256": archive.sha256,
-                f"final_{kind}_archive_bytes": archive.bytes,
-                f"final_{kind}_archive_format": archive.format,
-            })
-        else:
-            notes.append(f"training.save_model: false; no final_{kind}/ was kept (metrics only)")
+        result.update(final_weights_fields(final_dir, kind, spec.output.archive_format, notes))
         result.update({
             "train_loss": round(float(output.training_loss), 6),
             "loss_first": losses[0][1] if losses else None,
@@ -456,6 +446,23 @@ def save_final(save_weights: Callable[[Path], None], tokenizer: Any, out_dir: Pa
         shutil.rmtree(final_dir)
     tmp.rename(final_dir)
     return final_dir
+
+
+def final_weights_fields(final_dir: Path | None, kind: str, archive_format: str,
+                         notes: list[str]) -> dict[str, Any]:
+    """The result fields of a training task's ``final_<kind>/`` (its path and archive), or a note
+    when ``training.save_model: false`` kept none. Shared by every training executor."""
+    if final_dir is None:
+        notes.append(f"training.save_model: false; no final_{kind}/ was kept (metrics only)")
+        return {}
+    archive = make_archive(final_dir, archive_format)
+    return {
+        f"final_{kind}_path": str(final_dir),
+        f"final_{kind}_archive": str(archive.path),
+        f"final_{kind}_archive_sha256": archive.sha256,
+        f"final_{kind}_archive_bytes": archive.bytes,
+        f"final_{kind}_archive_format": archive.format,
+    }
 
 
 def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
