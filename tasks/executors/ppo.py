@@ -182,13 +182,7 @@ class PPOExecutor(TrainingExecutor):
         kind = self.output_kind(spec)
         queries = load_queries(spec.training_data(), lambda url: str(download_file(url, out_dir / "inputs")))
 
-        base_dir = models.resolve_model_dir(spec.model.source.identifier, spec.model.source.revision)
-        init_dir, init_kind = self._initial_checkpoint(spec, out_dir)
-        tokenizer_dir = init_dir if init_dir is not None and models.has_tokenizer(init_dir) else base_dir
-        tokenizer = models.load_tokenizer(tokenizer_dir, trust_remote_code=spec.model.transformers.trust_remote_code)
-        if tokenizer.pad_token_id is None:
-            raise ExecutorError(f"{tokenizer_dir}: the tokenizer has neither a pad nor an eos token",
-                                path=str(tokenizer_dir))
+        base_dir, init_dir, init_kind, tokenizer = self.load_starting_point(spec, out_dir)
         query_ids = [list(tokenizer(q)["input_ids"])[-options.max_seq_length:] for q in queries]
 
         torch.manual_seed(options.seed)

@@ -248,13 +248,7 @@ class TrainingExecutor:
         kind = self.output_kind(spec)
         data = self.load_data(spec, out_dir)
 
-        base_dir = models.resolve_model_dir(spec.model.source.identifier, spec.model.source.revision)
-        init_dir, init_kind = self._initial_checkpoint(spec, out_dir)
-        tokenizer_dir = init_dir if init_dir is not None and models.has_tokenizer(init_dir) else base_dir
-        tokenizer = models.load_tokenizer(tokenizer_dir, trust_remote_code=spec.model.transformers.trust_remote_code)
-        if tokenizer.pad_token_id is None:
-            raise ExecutorError(f"{tokenizer_dir}: the tokenizer has neither a pad nor an eos token",
-                                path=str(tokenizer_dir))
+        base_dir, init_dir, init_kind, tokenizer = self.load_starting_point(spec, out_dir)
         rows = self.prepare_rows(data, tokenizer, options)
 
         if device == "cuda":
@@ -354,6 +348,19 @@ class TrainingExecutor:
     @staticmethod
     def _device(spec: TaskSpec, options: TrainingOptions) -> str:
         return models.training_device(models.device_map_for(spec))
+
+    def load_starting_point(self, spec: TaskSpec, out_dir: Path) -> tuple[Path, Path | None, str | None, Any]:
+        """The base model's directory, the ``checkpoint.load`` weights to start from (directory and
+        kind, or None) and the tokenizer: the checkpoint's own when it has one, else the base's."""
+        assert spec.model is not None  # training specs require a model (validated at submission)
+        base_dir = models.resolve_model_dir(spec.model.source.identifier, spec.model.source.revision)
+        init_dir, init_kind = self._initial_checkpoint(spec, out_dir)
+        tokenizer_dir = init_dir if init_dir is not None and models.has_tokenizer(init_dir) else base_dir
+        tokenizer = models.load_tokenizer(tokenizer_dir, trust_remote_code=spec.model.transformers.trust_remote_code)
+        if tokenizer.pad_token_id is None:
+            raise ExecutorError(f"{tokenizer_dir}: the tokenizer has neither a pad nor an eos token",
+                                path=str(tokenizer_dir))
+        return base_dir, init_dir, init_kind, tokenizer
 
     @staticmethod
     def _initial_checkpoint(spec: TaskSpec, out_dir: Path) -> tuple[Path | None, str | None]:
