@@ -231,3 +231,102 @@ def test_result_envelopes_are_keyed_by_run(server_factory) -> None:
     assert requests.get(f"{url}/keyed-task", timeout=10).json()["worker_id"] == "third"
     envelope = json.loads((server.results_dir / "keyed-task" / "result.json").read_text())
     assert envelope["run"] == 3 and envelope["result"] == {"by": "third"}
+
+
+def _upload(server, task_id: str, body: bytes, run: int | None, name: str = "model.zip"):  # type: ignore[no-untyped-def]
+    import requests
+
+    headers = {"X-Meshq-Run": str(run)} if run is not None else {}
+    return requests.post(f"{server.base_url}/api/v1/results/{task_id}/files", files={"file": (name, body)},
+                         headers=headers, timeout=30)
+
+
+def _download(server, task_id: str, name: str = "model.zip"):  # type: ignore[no-untyped-def]
+    import requests
+
+    reply = requests.get(f"{server.base_url}/api/v1/results/{task_id}/files/{name}", timeout=30)
+    assert reply.status_code == 200, reply.text
+    return reply
+
+
+def test_uploads_are_keyed_by_run_with_the_envelope_and_across_a_restart(server_factory) -> None:
+    """A late run's upload (X-Meshq-Run earlier than the task's stored run) is refused with 409
+    and the stored file and checksum stay the later run's; the run record is shared with the
+    result envelope and survives a server restart. Same run again (a retry) and a later run
+    are accepted; an upload without the header behaves as before; a bad header is 400."""
+    import hashlib
+
+    import requests
+
+    server = server_factory()
+    two, one = b"run two " * 4096, b"run one " * 1000
+    assert _upload(server, "keyed-up", two, 2).status_code == 201
+    late = _upload(server, "keyed-up", one, 1)
+    assert late.status_code == 409, late.text
+    assert late.json()["field"] == "X-Meshq-Run" and "run 2" in late.json()["detail"]
+    got = _download(server, "keyed-up")
+    assert got.content == two and got.headers["X-Checksum-Sha256"] == hashlib.sha256(two).hexdigest()
+    assert not [p for p in (server.results_dir / "keyed-up" / "artifacts").iterdir() if p.name.endswith("partial~")]
+    assert _upload(server, "keyed-up", two, 2).status_code == 201  # a retry of the same run
+    # An earlier run's envelope after the later run's file: the record is one per task.
+    envelope = {"task_id": "keyed-up", "result": {"by": "paused"}, "worker_id": "paused", "run": 1}
+    refused = requests.post(f"{server.base_url}/api/v1/results", json=envelope, timeout=10)
+    assert refused.status_code == 409 and "run 2" in refused.text
+    assert not (server.results_dir / "keyed-up" / "result.json").exists()
+
+    server.stop()
+    server.start()
+    assert _upload(server, "keyed-up", one, 1).status_code == 409  # the record survived the restart
+    assert _download(server, "keyed-up").content == two
+    three = b"run three " * 100
+    assert _upload(server, "keyed-up", three, 3).status_code == 201  # a later run replaces
+    assert _download(server, "keyed-up").content == three
+    assert requests.post(f"{server.base_url}/api/v1/results", json={**envelope, "run": 2},
+                         timeout=10).status_code == 409
+    assert _upload(server, "keyed-up", b"by hand", None).status_code == 201  # no header: as before
+    assert _download(server, "keyed-up").content == b"by hand"
+    for bad in ("0", "-1", "abc", "1.5", "1e3", "1234567890", "", "2, 3"):
+        reply = requests.post(f"{server.base_url}/api/v1/results/keyed-bad/files", files={"file": ("f", b"x")},
+                              headers={"X-Meshq-Run": bad}, timeout=10)
+        assert reply.status_code == 400 and reply.json()["field"] == "X-Meshq-Run", (bad, reply.text)
+    assert not (server.results_dir / "keyed-bad").exists()
+    assert server.alive()
+
+
+def test_a_later_runs_upload_replaces_an_earlier_runs(server_factory) -> None:
+    """Run 1 uploads, then run 2 (the run that took the task over): run 2's file and checksum
+    are served; run 1 uploading again afterwards is refused."""
+    import hashlib
+
+    server = server_factory()
+    one, two = b"first run " * 500, b"second run " * 700
+    assert _upload(server, "keyed-order", one, 1).status_code == 201
+    stored = _upload(server, "keyed-order", two, 2)
+    assert stored.status_code == 201 and stored.json()["sha256"] == hashlib.sha256(two).hexdigest()
+    got = _download(server, "keyed-order")
+    assert got.content == two and got.headers["X-Checksum-Sha256"] == hashlib.sha256(two).hexdigest()
+    assert _upload(server, "keyed-order", one, 1).status_code == 409
+    assert _download(server, "keyed-order").content == two
+
+
+def test_a_late_runs_delivery_is_refused_and_stops_the_run(server_factory, tmp_path: Path) -> None:
+    """The worker side: a run whose upload the orchestrator refuses (a later run stored the
+    task's outputs) stops with LeaseLost, and the stored artifact stays the later run's."""
+    from app.artifacts.delivery import deliver_result
+    from app.errors import LeaseLost
+    from app.spec.schema import Destination
+
+    server = server_factory()
+    destination = Destination(type="http", url=f"{server.base_url}/api/v1/results")
+    archive = tmp_path / "final_model.zip"
+    archive.write_bytes(b"the late run's weights")
+    later = b"the later run's weights"
+    assert _upload(server, "keyed-delivery", later, 2, name="final_model.zip").status_code == 201
+    with pytest.raises(LeaseLost):
+        deliver_result("keyed-delivery", destination, {"final_model_archive": str(archive)}, run=1)
+    assert _download(server, "keyed-delivery", "final_model.zip").content == later
+    assert not (server.results_dir / "keyed-delivery" / "result.json").exists()
+    # The later run itself delivers (a retry of run 2 after its upload).
+    archive.write_bytes(later)
+    delivered = deliver_result("keyed-delivery", destination, {"final_model_archive": str(archive)}, run=2)
+    assert delivered["final_model_archive_url"].endswith("/keyed-delivery/files/final_model.zip")

@@ -49,20 +49,31 @@ def deliver_result(task_id: str, destination: Destination, result: dict[str, Any
     """Upload the result's archives and POST its envelope; return the result with the URLs.
 
     A failure after the last retry raises ``ArtifactError`` naming the URL; the
-    local archives stay where they are.
+    local archives stay where they are. Uploads and the envelope carry ``run``: the
+    server answers 409 when it holds a later run's outputs, and this run then stops
+    (``LeaseLost``).
     """
     if destination.type != "http":
         return result
     base = results_url(destination)
     token = token_for(base)  # never hand the orchestrator's token to another host
     result = dict(result)
+
+    def upload(path: str, sha256: str | None) -> dict[str, Any]:
+        try:
+            return upload_file(f"{base}/{task_id}/files", path, sha256=sha256, token=token,
+                               headers=destination.headers, timeout_s=destination.timeoutSec, policy=policy,
+                               run=run)
+        except ArtifactError as exc:
+            if exc.status == 409 and run is not None:
+                raise LeaseLost(task_id, "a later run (the server holds its uploads)") from None
+            raise
+
     for kind in ARCHIVE_KINDS:
         archive = result.get(f"final_{kind}_archive")
         if not archive:
             continue
-        reply = upload_file(f"{base}/{task_id}/files", archive, sha256=result.get(f"final_{kind}_archive_sha256"),
-                            token=token, headers=destination.headers, timeout_s=destination.timeoutSec,
-                            policy=policy)
+        reply = upload(archive, result.get(f"final_{kind}_archive_sha256"))
         expected = result.get(f"final_{kind}_archive_sha256")
         if expected and reply.get("sha256") and reply["sha256"] != expected:
             raise ArtifactError(f"upload of {archive} to {redact(base)}: the server stored sha256 "
@@ -73,8 +84,7 @@ def deliver_result(task_id: str, destination: Destination, result: dict[str, Any
                  redact(url))
     export = result.get("jsonl_export")
     if isinstance(export, dict) and export.get("path"):
-        reply = upload_file(f"{base}/{task_id}/files", export["path"], sha256=export.get("sha256"), token=token,
-                            headers=destination.headers, timeout_s=destination.timeoutSec, policy=policy)
+        reply = upload(export["path"], export.get("sha256"))
         result["jsonl_export"] = {**export, "url": reply.get("url") or
                                   f"{base}/{task_id}/files/{Path(export['path']).name}"}
         log.info("uploaded %s (%s rows) to %s", Path(export["path"]).name, export.get("rows"),

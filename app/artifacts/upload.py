@@ -4,7 +4,8 @@ The multipart body is produced from the open file as the socket asks for it
 (``MultipartFileBody``, in 1 MiB reads), so a 20 GiB archive costs about 1 MiB of
 memory. The expected sha256 travels as form field ``sha256`` and
 header ``X-Checksum-Sha256`` so the server can refuse a corrupted upload. The
-token goes in ``Authorization: Bearer`` and never into a log line.
+uploading run of the task goes in ``X-Meshq-Run``. The token goes in
+``Authorization: Bearer`` and never into a log line.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from app.redaction import redact
 CONNECT_TIMEOUT_S = 10.0
 DEFAULT_TIMEOUT_S = 300.0
 CHECKSUM_HEADER = "X-Checksum-Sha256"
+RUN_HEADER = "X-Meshq-Run"  # the uploading run of the task: the server refuses an earlier run's (409)
 BODY_EXCERPT_CHARS = 300
 
 
@@ -94,10 +96,13 @@ class MultipartFileBody:
 
 def upload_file(url: str, path: str | os.PathLike[str], *, sha256: str | None = None, token: str = "",
                 headers: dict[str, str] | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                policy: RetryPolicy | None = None, filename: str | None = None) -> dict[str, Any]:
+                policy: RetryPolicy | None = None, filename: str | None = None,
+                run: int | None = None) -> dict[str, Any]:
     """POST ``path`` as multipart field ``file`` to ``url``; return the server's JSON reply.
 
-    The reply's ``url`` (if any) is made absolute against ``url``.
+    The reply's ``url`` (if any) is made absolute against ``url``. ``run`` (the task's run
+    doing the upload) goes in ``X-Meshq-Run``: the orchestrator answers 409 to a run
+    earlier than the one it stored for the task.
     """
     file = Path(path)
     name = filename or file.name
@@ -112,6 +117,8 @@ def upload_file(url: str, path: str | os.PathLike[str], *, sha256: str | None = 
             request_headers["Content-Type"] = body.content_type
             if sha256:
                 request_headers[CHECKSUM_HEADER] = sha256
+            if run is not None:
+                request_headers[RUN_HEADER] = str(run)
             try:
                 reply = requests.post(url, data=body, headers=request_headers,
                                       timeout=(CONNECT_TIMEOUT_S, timeout_s))

@@ -53,6 +53,7 @@ from app.server.openapi import (
     DOCUMENT_OPENAPI,
     ENVELOPE_OPENAPI,
     ERRORS_OPENAPI,
+    RUN_HEADER,
     UPLOAD_OPENAPI,
     ResultEnvelope,
     customize_openapi,
@@ -85,6 +86,7 @@ RESULTS_DIR_ENV = "MESHQ_SERVER_RESULTS_DIR"  # default of --results-dir
 
 SHUTDOWN_GRACE_S = 10
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}\Z")
+RUN_RE = re.compile(r"^[1-9][0-9]{0,8}\Z", re.ASCII)  # X-Meshq-Run: 1 .. MAX_RUN
 # Redis or the broker being away: the routes answer 503, never 500.
 BACKEND_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, ConnectionError, OSError, TimeoutError,
                                                    OperationalError)
@@ -169,12 +171,16 @@ def create_app(results_dir: Path | str | None = None, settings: Settings | None 
     @app.post("/api/v1/results/{task_id}/files", status_code=201, tags=["artifacts"],
               openapi_extra=UPLOAD_OPENAPI,
               responses={413: {"description": "larger than MESHQ_MAX_UPLOAD_BYTES"},
+                         409: {"description": "X-Meshq-Run is earlier than the task's stored run"},
                          415: {"description": "not multipart/form-data"},
                          422: {"description": "checksum mismatch"}})
     async def upload_file(task_id: str, request: Request) -> Response:
         """Upload one artifact (multipart field ``file``), streamed to disk and renamed
-        into place when complete; returns its name, size, sha256 and download URL."""
+        into place when complete; returns its name, size, sha256 and download URL.
+        A worker names its run in ``X-Meshq-Run``: an upload from an earlier run than the
+        task's stored one (a late run of a paused worker) is refused with 409."""
         checked(task_id, "task_id")
+        run = upload_run(request)
         kind, params = parse_options_header(request.headers.get("content-type"))
         boundary = params.get(b"boundary")
         if kind != b"multipart/form-data" or not boundary:
@@ -188,8 +194,14 @@ def create_app(results_dir: Path | str | None = None, settings: Settings | None 
         if any(not SHA256_RE.match(e) for e in expected):
             raise ApiError(422, f"{CHECKSUM_HEADER}: must be 64 hexadecimal digits", CHECKSUM_HEADER, close=True)
 
+        if run is not None:
+            try:
+                await run_in_threadpool(store.check_run, task_id, run)  # before receiving the body
+            except StaleRun as exc:
+                raise ApiError(409, str(exc), RUN_HEADER, close=True) from None
+
         started = time.perf_counter()
-        upload = MultipartUpload(store, task_id, boundary, max_upload)
+        upload = MultipartUpload(store, task_id, boundary, max_upload, run)
         received = 0
         try:
             async for chunk in request.stream():
@@ -214,6 +226,9 @@ def create_app(results_dir: Path | str | None = None, settings: Settings | None 
                     raise ApiError(422, f"sha256: the upload's checksum is {actual}, expected {want}; "
                                         "nothing was kept", "sha256")
             size, sha256 = await upload.commit()
+        except StaleRun as exc:  # a later run stored the task's outputs while this one was received
+            upload.abort()
+            raise ApiError(409, str(exc), RUN_HEADER) from None
         except ClientDisconnect:
             upload.abort()
             log.info("upload %s/%s abandoned by the client after %d bytes", task_id,
@@ -449,6 +464,18 @@ def create_app(results_dir: Path | str | None = None, settings: Settings | None 
     customize_openapi(app, bearer=bool(settings.orchestrator_token))
     app.add_middleware(Gatekeeper, token=settings.orchestrator_token)
     return app
+
+
+def upload_run(request: Request) -> int | None:
+    """The uploading worker's run from ``X-Meshq-Run`` (None without the header); 400 unless
+    it is a positive integer of at most nine digits."""
+    value = request.headers.get(RUN_HEADER)
+    if value is None:
+        return None
+    if not RUN_RE.match(value.strip()):
+        raise ApiError(400, f"{RUN_HEADER}: must be a positive integer of at most 9 digits", RUN_HEADER,
+                       close=True)
+    return int(value.strip())
 
 
 def configure_logging(level: str) -> None:

@@ -12,6 +12,8 @@ from app.settings import TAG_RE
 from app.spec import TASK_TYPES, TaskSpec
 
 CHECKSUM_HEADER = "X-Checksum-Sha256"
+RUN_HEADER = "X-Meshq-Run"  # app.artifacts.upload sends it
+MAX_RUN = 999_999_999
 
 
 class ResultEnvelope(BaseModel):
@@ -26,7 +28,11 @@ class ResultEnvelope(BaseModel):
 UPLOAD_OPENAPI: dict[str, Any] = {
     "parameters": [{"name": CHECKSUM_HEADER, "in": "header", "required": False,
                     "description": "expected sha256 of the file (hex); mismatch → 422",
-                    "schema": {"type": "string"}}],
+                    "schema": {"type": "string"}},
+                   {"name": RUN_HEADER, "in": "header", "required": False,
+                    "description": "the uploading worker's run of the task (a positive integer); an upload "
+                                   "from an earlier run than the task's stored run → 409, nothing stored",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_RUN}}],
     "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["file"],
         "properties": {"file": {"type": "string", "format": "binary"},

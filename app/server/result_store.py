@@ -8,6 +8,8 @@ Layout under the server's results directory::
     <task_id>/artifacts/.<filename>.<hex>~/<filename>.partial~   an upload in progress
     <task_id>/artifacts/.<filename>.lock~   serialises the commits of uploads of one name
     <task_id>/result.json                   the result envelope a worker posted
+    <task_id>/.run~                         the highest run of the task that stored anything here
+    <task_id>/.run.lock~                    serialises the run checks and commits of one task
     <task_id>/<filename>                    other files (``responses.json``, ``manifest.json``)
 
 Uploads of one name are atomic as a pair: each is written, with its checksum, into a
@@ -20,6 +22,13 @@ with a ``.<filename>.meta~`` sidecar are still served.)
 An upload in progress holds a lock on its partial file: an upload whose server died is
 recognised by its free lock and removed at start-up (``sweep_dead_uploads``); one that
 fails or is abandoned is removed at once.
+
+Uploads and envelopes from a worker are keyed by run (the worker's count of real starts
+of the task): the task's highest run is recorded in ``.run~`` (written atomically, so it
+survives a restart). Under the task's run lock, an upload or envelope from an earlier run
+than the recorded one raises ``StaleRun`` (HTTP 409) and stores nothing; one from the same
+or a later run records its run and is committed. Uploads without a run (plain users) are
+not keyed.
 
 Every name that becomes a path goes through ``check_name``; the store's own
 bookkeeping files carry a ``~``, which ``check_name`` refuses, so no client can
@@ -40,6 +49,8 @@ import shutil
 import stat
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +67,8 @@ META_SUFFIX = ".meta~"
 VERSION_META_NAME = ".meta~"
 LOCK_SUFFIX = ".lock~"
 LINK_SUFFIX = ".link~"
+RUN_RECORD_NAME = ".run~"
+RUN_LOCK_NAME = ".run.lock~"
 VERSION_RE = re.compile(r"^\.(?P<name>.+)\.(?P<hex>[0-9a-f]{12})~\Z")
 OPEN_RETRIES = 5  # a commit may remove the version a reader's link pointed to: read the link again
 IOV_MAX = 1024  # buffers per writev call (Linux's limit)
@@ -100,10 +113,11 @@ class UploadSink:
     so a failed upload leaves nothing behind.
     """
 
-    def __init__(self, store: ResultStore, task_id: str, filename: str) -> None:
+    def __init__(self, store: ResultStore, task_id: str, filename: str, run: int | None = None) -> None:
         self.store = store
         self.task_id = task_id
         self.filename = filename
+        self.run = run  # the uploading worker's run: an earlier run than the stored one is refused
         self.final_path = store.artifact_path(task_id, filename)
         self.digest = hashlib.sha256()
         self.bytes = 0
@@ -167,11 +181,14 @@ class UploadSink:
         atomic replacement of the link); returns (bytes, sha256).
 
         Commits of one name take turns (a lock file), so removing the versions they
-        replace never removes one that another commit is about to make current.
+        replace never removes one that another commit is about to make current. An upload
+        from a run (``run``) commits under the task's run lock: one from an earlier run than
+        the task's recorded one raises ``StaleRun`` and becomes nothing.
         """
         sha256 = self.digest.hexdigest()
         data_path = self.version_dir / self.filename
-        with self.store.name_lock(self.final_path):
+        claim = self.store.claim_run(self.task_id, self.run) if self.run is not None else nullcontext()
+        with claim, self.store.name_lock(self.final_path):
             os.rename(self.temp_path, data_path)
             self.temp_path = data_path
             st = os.fstat(self.fd)
@@ -206,7 +223,8 @@ class UploadSink:
 
 
 class _NameLock:
-    """An exclusive ``flock`` on ``.<filename>.lock~`` while a commit or the sweep runs."""
+    """An exclusive ``flock`` on a lock file (``.<filename>.lock~`` while a commit or the
+    sweep runs, ``<task>/.run.lock~`` while a run is checked and committed)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -245,7 +263,7 @@ def _unlink(path: Path) -> None:
 
 
 class StaleRun(Exception):
-    """A result envelope from an earlier run than the one already stored."""
+    """An upload or result envelope from an earlier run than the one already stored."""
 
     def __init__(self, task_id: str, run: int, stored_run: int) -> None:
         super().__init__(task_id, run, stored_run)
@@ -263,7 +281,6 @@ class ResultStore:
         self.root = Path(root).resolve()
         self._sha_cache: OrderedDict[tuple[str, int, int, int], str] = OrderedDict()
         self._sha_lock = threading.Lock()
-        self._envelope_lock = threading.Lock()  # compare runs and replace as one step
 
     # -- paths ----------------------------------------------------------------
     def task_dir(self, task_id: str) -> Path:
@@ -277,9 +294,9 @@ class ResultStore:
         return path.with_name(f".{path.name}{META_SUFFIX}")
 
     # -- uploads --------------------------------------------------------------
-    def new_upload(self, task_id: str, filename: str) -> UploadSink:
+    def new_upload(self, task_id: str, filename: str, run: int | None = None) -> UploadSink:
         self.root.mkdir(parents=True, exist_ok=True)
-        return UploadSink(self, task_id, filename)
+        return UploadSink(self, task_id, filename, run)
 
     def name_lock(self, final_path: Path) -> _NameLock:
         return _NameLock(final_path.with_name(f".{final_path.name}{LOCK_SUFFIX}"))
@@ -482,17 +499,63 @@ class ResultStore:
                 log.warning("could not write checksum sidecar %s: %s", meta_path, exc)
         return sha256
 
+    # -- runs -------------------------------------------------------------------
+    def stored_run(self, task_id: str) -> int | None:
+        """The highest run that stored an upload or envelope of the task (``.run~``; for a
+        task stored before runs were recorded there, the envelope's ``run``)."""
+        directory = self.task_dir(task_id)
+        try:
+            run = json.loads((directory / RUN_RECORD_NAME).read_text(encoding="utf-8")).get("run")
+        except (FileNotFoundError, NotADirectoryError):
+            run = (self.load_envelope(task_id) or {}).get("run")
+        except (OSError, ValueError, AttributeError):
+            run = None
+        return run if isinstance(run, int) and not isinstance(run, bool) else None
+
+    def check_run(self, task_id: str, run: int) -> None:
+        """Raise ``StaleRun`` if ``run`` is earlier than the task's stored run (a quick
+        check before an upload is received; ``claim_run`` decides at the commit)."""
+        stored = self.stored_run(task_id)
+        if stored is not None and run < stored:
+            raise StaleRun(task_id, run, stored)
+
+    @contextmanager
+    def claim_run(self, task_id: str, run: int) -> Iterator[None]:
+        """Hold the task's run lock; raise ``StaleRun`` if ``run`` is earlier than the stored
+        run, else record ``run`` (when later) and let the caller commit under the lock."""
+        directory = self.task_dir(task_id)
+        self.root.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(exist_ok=True)
+        with _NameLock(directory / RUN_LOCK_NAME):
+            stored = self.stored_run(task_id)
+            if stored is not None and run < stored:
+                raise StaleRun(task_id, run, stored)
+            if stored is None or run > stored:
+                self._write_atomic(directory / RUN_RECORD_NAME, {"run": run})
+            yield
+
+    @staticmethod
+    def _write_atomic(path: Path, data: dict[str, Any]) -> None:
+        temp = path.with_name(f"{path.name}.{secrets.token_hex(6)}~")
+        try:
+            with open(temp, "w", encoding="utf-8") as fh:
+                json.dump(data, fh, sort_keys=True)
+            os.replace(temp, path)
+        except BaseException:  # a full disk: no half-written temporary file stays behind
+            _unlink(temp)
+            raise
+
     # -- result envelopes -----------------------------------------------------
     def save_envelope(self, task_id: str, envelope: dict[str, Any]) -> Path:
         """Store a task's result envelope. Envelopes are keyed by run (``run``: the worker's
-        count of real starts of the task): one from an earlier run than the stored one (a
-        late run of a paused worker) raises ``StaleRun`` and changes nothing."""
-        with self._envelope_lock:
-            stored = self.load_envelope(task_id)
-            run, stored_run = envelope.get("run"), (stored or {}).get("run")
-            if isinstance(run, int) and isinstance(stored_run, int) and run < stored_run:
-                raise StaleRun(task_id, run, stored_run)
-            return self._write_envelope(task_id, envelope)
+        count of real starts of the task), like uploads: one from an earlier run than the
+        task's stored run (a late run of a paused worker) raises ``StaleRun`` and changes
+        nothing."""
+        run = envelope.get("run")
+        if isinstance(run, int) and not isinstance(run, bool):
+            with self.claim_run(task_id, run):
+                return self._write_envelope(task_id, envelope)
+        return self._write_envelope(task_id, envelope)
 
     def _write_envelope(self, task_id: str, envelope: dict[str, Any]) -> Path:
         directory = self.task_dir(task_id)

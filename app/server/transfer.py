@@ -92,9 +92,11 @@ class MultipartUpload:
     file bytes is being hashed and written (in two threads) while the next is parsed.
     """
 
-    def __init__(self, store: ResultStore, task_id: str, boundary: bytes, max_file_bytes: int) -> None:
+    def __init__(self, store: ResultStore, task_id: str, boundary: bytes, max_file_bytes: int,
+                 run: int | None = None) -> None:
         self.store = store
         self.task_id = task_id
+        self.run = run  # the uploading worker's run (``X-Meshq-Run``), None for a plain upload
         self.max_file_bytes = max_file_bytes
         self.sink: UploadSink | None = None
         self.fields: dict[str, bytearray] = {}
@@ -165,7 +167,7 @@ class MultipartUpload:
             filename = params[b"filename"].decode("utf-8")
         except UnicodeDecodeError:
             raise ApiError(400, "filename: not valid UTF-8", "filename", close=True) from None
-        self.sink = self.store.new_upload(self.task_id, checked(filename, "filename"))
+        self.sink = self.store.new_upload(self.task_id, checked(filename, "filename"), self.run)
         self._part = "file"
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
