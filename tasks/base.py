@@ -23,6 +23,7 @@ from celery.exceptions import Ignore
 
 from app.artifacts.delivery import deliver_result
 from app.artifacts.manifest import write_task_outputs
+from app.artifacts.run_fence import fenced
 from app.errors import ExecutorError, LeaseLost, SpecError, TaskCancelled
 from app.events import utc_now_iso
 from app.names import check_name
@@ -87,16 +88,22 @@ SPEC_RESOLVERS: list[Callable[[Any, Any, dict[str, Any] | None], Any]] = []
 
 def finish_result(task_id: str, spec: TaskSpec, out_dir: Path, result: dict[str, Any], runtime_s: float,
                   *, walk: bool = True, run: int | None = None) -> dict[str, Any]:
-    """Annotate a result, write ``responses.json`` + ``manifest.json`` and deliver it (http)."""
+    """Annotate a result, write ``responses.json`` + ``manifest.json`` and deliver it (http).
+
+    Written under the run fence (``app.artifacts.run_fence``): when a later run of the
+    task committed its outputs to the same directory (a shared ``RESULTS_DIR``), this run
+    raises ``LeaseLost`` and writes nothing."""
     result = annotate(result, spec, out_dir, runtime_s)
     try:
-        manifest = write_task_outputs(out_dir, result, known_sha256=archive_digests(result, out_dir), walk=walk)
+        with fenced(out_dir, run):
+            manifest = write_task_outputs(out_dir, result, known_sha256=archive_digests(result, out_dir), walk=walk)
     except OSError as exc:  # disk full, read-only mount...: say where, keep the worker
         raise ExecutorError(f"could not write the results to {out_dir}: {exc}", path=str(out_dir)) from exc
     # An http destination: upload the archives, POST the envelope, add the archive URLs.
     delivered = deliver_result(task_id, spec.output.destination, result, run=run)
     if delivered != result:  # URLs were added: keep responses.json equal to the result
-        write_task_outputs(out_dir, delivered, reuse=manifest)
+        with fenced(out_dir, run):
+            write_task_outputs(out_dir, delivered, reuse=manifest)
     return delivered
 
 
@@ -173,6 +180,7 @@ class MeshqTask(Task):
         # From here on every step, batch and progress report checks the lease (the fence):
         # a run that lost the task to another worker stops and writes nothing more.
         progress.lease = lease
+        progress.run = runs  # the run fence of the executors' final outputs (app.artifacts.run_fence)
         try:
             if shard is None:
                 self.split(spec, raw_spec, out_dir, progress, pipeline)  # replaces the task when it shards

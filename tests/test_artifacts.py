@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import json
 import logging
 import os
 import stat
@@ -485,3 +486,111 @@ def test_token_goes_only_to_the_orchestrator(monkeypatch: pytest.MonkeyPatch) ->
     assert auth_headers("tok", {"authorization": "Basic abc"}) == {"authorization": "Basic abc"}
     assert auth_headers("tok") == {"Authorization": "Bearer tok"}
     assert redact("https://u:p@store.example/a.zip?X-Amz-Signature=secret") == "https://store.example/a.zip?…"
+
+
+# -- the run fence of a task directory (app.artifacts.run_fence) ---------------------------
+FENCE_SCRIPT = """
+import pathlib, sys, time
+from app.artifacts.run_fence import fenced
+from app.errors import LeaseLost
+task_dir, run, hold = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+try:
+    with fenced(task_dir, run):
+        print("inside", flush=True)
+        while hold != "-" and not pathlib.Path(hold).exists():
+            time.sleep(0.05)
+        (task_dir / "out.txt").write_text(f"run {run}")
+except LeaseLost as exc:
+    print(f"lost: {exc}", flush=True)
+    sys.exit(3)
+"""
+
+
+def _fence_process(task_dir: Path, run: int, hold: Path | None = None):  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    return subprocess.Popen([sys.executable, "-c", FENCE_SCRIPT, str(task_dir), str(run), str(hold or "-")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_the_run_fence_lets_a_later_run_win_between_processes(tmp_path: Path) -> None:
+    """Two processes share a task directory (a shared RESULTS_DIR). Run 1 is inside the fence
+    (paused there): run 2 waits for it, then commits over it. Run 1 coming back afterwards
+    (a late run paused before the fence) gets LeaseLost and writes nothing; run 2 again (a
+    retry of the same run) is let in."""
+    task_dir = tmp_path / "task"
+    go = tmp_path / "go"
+    first = _fence_process(task_dir, 1, hold=go)
+    assert first.stdout is not None and first.stdout.readline().strip() == "inside"
+    second = _fence_process(task_dir, 2)
+    time.sleep(1.5)
+    assert second.poll() is None and not (task_dir / "out.txt").exists()  # waits on run 1's lock
+    go.touch()
+    assert first.wait(timeout=30) == 0
+    assert second.wait(timeout=30) == 0, second.communicate()[0]
+    assert (task_dir / "out.txt").read_text() == "run 2"
+    late = _fence_process(task_dir, 1)
+    output = late.communicate(timeout=30)[0]
+    assert late.returncode == 3 and "lost:" in output and "this run stops" in output, output
+    assert (task_dir / "out.txt").read_text() == "run 2"
+    retry = _fence_process(task_dir, 2)
+    assert retry.wait(timeout=30) == 0
+    from app.artifacts.run_fence import recorded_run
+
+    assert recorded_run(task_dir) == 2
+
+
+def test_a_late_runs_final_outputs_never_replace_a_later_runs(tmp_path: Path) -> None:
+    """The commits that use the fence: ``finish_result`` (responses.json + manifest.json), a
+    training run's final_<kind>/ + archive, and the jsonl export. After run 2 committed, run 1
+    raises LeaseLost at each and the files stay run 2's; the manifest leaves the fence's
+    bookkeeping out; a run without a number (tests, scripts) is not fenced."""
+    from app.artifacts.run_fence import FENCE_DIR, staging_dir
+    from app.errors import LeaseLost
+    from app.spec import parse_task_spec
+    from app.spec.schema import JsonlExport
+    from tasks.base import finish_result
+    from tasks.executors.jsonl_export import write_export
+    from tasks.executors.training import final_weights_fields
+
+    out = tmp_path / "task-1"
+    out.mkdir()
+    spec = parse_task_spec({"taskType": "echo", "data": {"n": 1}})
+
+    def staged_weights(text: str) -> Path:
+        staged = staging_dir(out) / "final_model"
+        staged.mkdir()
+        (staged / "weights.bin").write_text(text)
+        return staged
+
+    fields = final_weights_fields(staged_weights("two"), "model", "zip", [], out, 2)
+    assert (out / "final_model" / "weights.bin").read_text() == "two"
+    assert fields["final_model_archive"] == str(out / "final_model.zip")
+    with zipfile.ZipFile(out / "final_model.zip") as zf:
+        assert zf.read("final_model/weights.bin") == b"two"
+    export = JsonlExport.model_validate({"path": "rows.jsonl", "fields": {"text": {"from": "output"}}})
+    write_export([{"output": "two"}], export, out, 2)
+    finish_result("task-1", spec, out, {"by": "run two", **fields}, 0.1, run=2)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not [f for f in manifest["files"] if f["path"].startswith(FENCE_DIR)]
+    assert {"responses.json", "final_model.zip", "final_model/weights.bin", "rows.jsonl"} <= \
+        {f["path"] for f in manifest["files"]}
+
+    late = staged_weights("one")
+    with pytest.raises(LeaseLost):
+        final_weights_fields(late, "model", "zip", [], out, 1)
+    assert not late.parent.exists()  # its staging removed
+    with pytest.raises(LeaseLost):
+        write_export([{"output": "one"}], export, out, 1)
+    with pytest.raises(LeaseLost):
+        finish_result("task-1", spec, out, {"by": "run one"}, 0.1, run=1)
+    assert json.loads((out / "responses.json").read_text())["by"] == "run two"
+    assert (out / "final_model" / "weights.bin").read_text() == "two"
+    assert (out / "rows.jsonl").read_text() == '{"text": "two"}\n'
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert not list((out / FENCE_DIR / "staging").iterdir())
+    finish_result("task-1", spec, out, {"by": "no run"}, 0.1)  # no run number: no fence
+    assert json.loads((out / "responses.json").read_text())["by"] == "no run"

@@ -433,6 +433,13 @@ def test_case11_dead_uploads_are_swept_at_start_and_a_full_disk_is_507(
     reply = requests.post(f"{full.base_url}/api/v1/results/full-2/files", headers=full.headers(),
                           files={"file": ("big.bin", b"y" * 300_000)}, timeout=30)
     assert reply.status_code == 507 and reply.json()["field"] == "file", reply.text
+    # The same from a worker's run (keyed by run: the task's run record is not left behind either).
+    reply = requests.post(f"{full.base_url}/api/v1/results", headers=full.headers(),
+                          json={**envelope, "task_id": "full-3", "run": 2}, timeout=30)
+    assert reply.status_code == 507 and reply.json()["field"] == "result", reply.text
+    reply = requests.post(f"{full.base_url}/api/v1/results/full-4/files", headers={**full.headers(), "X-Meshq-Run": "2"},
+                          files={"file": ("big.bin", b"y" * 300_000)}, timeout=30)
+    assert reply.status_code == 507 and reply.json()["field"] == "file", reply.text
     assert sorted(str(p) for p in disk.rglob("*")) == before
     os.remove(filler)
     reply = requests.post(f"{full.base_url}/api/v1/results", headers=full.headers(), json=envelope, timeout=30)

@@ -10,7 +10,9 @@ from typing import Any
 CHUNK_BYTES = 1024 * 1024
 MANIFEST_NAME = "manifest.json"
 RESPONSES_NAME = "responses.json"
-SKIP_DIRS = ("checkpoints",)  # large, transient, and not part of the result
+# checkpoints: large, transient, and not part of the result; .meshq: the run fence's
+# bookkeeping (app.artifacts.run_fence)
+SKIP_DIRS = ("checkpoints", ".meshq")
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

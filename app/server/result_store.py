@@ -525,14 +525,28 @@ class ResultStore:
         run, else record ``run`` (when later) and let the caller commit under the lock."""
         directory = self.task_dir(task_id)
         self.root.mkdir(parents=True, exist_ok=True)
-        directory.mkdir(exist_ok=True)
-        with _NameLock(directory / RUN_LOCK_NAME):
-            stored = self.stored_run(task_id)
-            if stored is not None and run < stored:
-                raise StaleRun(task_id, run, stored)
-            if stored is None or run > stored:
-                self._write_atomic(directory / RUN_RECORD_NAME, {"run": run})
-            yield
+        try:
+            directory.mkdir()
+            created = True
+        except FileExistsError:
+            created = False
+        try:
+            with _NameLock(directory / RUN_LOCK_NAME):
+                stored = self.stored_run(task_id)
+                if stored is not None and run < stored:
+                    raise StaleRun(task_id, run, stored)
+                if stored is None or run > stored:
+                    self._write_atomic(directory / RUN_RECORD_NAME, {"run": run})
+                yield
+        except BaseException:
+            if created:  # the task's first write failed (a full disk): leave nothing behind
+                for name in (RUN_RECORD_NAME, RUN_LOCK_NAME):
+                    _unlink(directory / name)
+                try:
+                    directory.rmdir()
+                except OSError:
+                    pass
+            raise
 
     @staticmethod
     def _write_atomic(path: Path, data: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from app.artifacts.run_fence import fenced
 from app.spec.schema import JsonlExport, JsonlExportField
 
 
@@ -41,14 +42,17 @@ def export_rows(items: list[dict[str, Any]], export: JsonlExport) -> tuple[list[
     return rows, skipped
 
 
-def write_export(items: list[dict[str, Any]], export: JsonlExport, out_dir: Path) -> dict[str, Any]:
-    """Write the JSONL file in ``out_dir``; return ``{path, rows, skipped, bytes, sha256, fields}``."""
+def write_export(items: list[dict[str, Any]], export: JsonlExport, out_dir: Path,
+                 run: int | None = None) -> dict[str, Any]:
+    """Write the JSONL file in ``out_dir`` under the run fence of ``run`` (a later run's
+    file is never replaced: ``LeaseLost``); return ``{path, rows, skipped, bytes, sha256, fields}``."""
     rows, skipped = export_rows(items, export)
     path = out_dir / export.path
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    with fenced(out_dir, run):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
     return {"path": str(path), "rows": len(rows), "skipped": skipped, "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(), "fields": list(export.fields)}

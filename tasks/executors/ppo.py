@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from app.artifacts.checkpoints import download_file
+from app.artifacts.run_fence import fenced
 from app.data_roots import check_remote_code, under_results
 from app.errors import ExecutorError, SpecError, TaskCancelled
 from app.spec import TaskSpec, TrainingOptions
@@ -252,11 +253,13 @@ class PPOExecutor(TrainingExecutor):
             if device == "cuda":
                 torch.cuda.empty_cache()
 
-        _write_history(out_dir / TRAINING_LOG, state.history)
+        with fenced(out_dir, progress.run):
+            _write_history(out_dir / TRAINING_LOG, state.history)
         rewards = [(int(h["step"]), float(h["reward_mean"])) for h in state.history]
         kls = [(int(h["step"]), float(h["kl"])) for h in state.history]
         result: dict[str, Any] = {}
-        result.update(final_weights_fields(final_dir, kind, spec.output.archive_format, notes))
+        result.update(final_weights_fields(final_dir, kind, spec.output.archive_format, notes, out_dir,
+                                           progress.run))
         run_steps = state.step - resumed_from_step
         result.update({
             "reward_first": rewards[0][1] if rewards else None,

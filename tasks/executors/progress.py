@@ -18,6 +18,10 @@ class Progress:
     """What executors talk to. This base records nothing and is never cancelled."""
 
     task_id = "local"
+    # The task's run (its count of real starts) when a worker runs it: executors commit
+    # their final outputs under ``app.artifacts.run_fence.fenced(out_dir, progress.run)``.
+    # None (tests, scripts): no fence.
+    run: int | None = None
 
     def __call__(self, force: bool = False, **fields: Any) -> None:
         """Report progress; ``force`` bypasses rate limiting (first/last report)."""

@@ -47,6 +47,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -56,6 +57,7 @@ from typing import Any
 
 from app.artifacts.archive import make_archive
 from app.artifacts.checkpoints import checkpoint_kind, download_file, fetch_checkpoint
+from app.artifacts.run_fence import fenced, staging_dir
 from app.errors import ExecutorError, SpecError, TaskCancelled
 from app.spec import LoraOptions, TaskSpec, TrainingOptions
 from tasks.executors import models
@@ -284,12 +286,13 @@ class TrainingExecutor:
             if device == "cuda":
                 torch.cuda.empty_cache()
 
-        _write_log(out_dir / TRAINING_LOG, history)
+        write_training_log(out_dir, history, progress.run)
         losses = [(int(entry["step"]), float(entry["loss"])) for entry in history if "loss" in entry]
         train_runtime = float(output.metrics.get("train_runtime", 0.0))
         run_steps = steps - resumed_from_step
         result: dict[str, Any] = {}
-        result.update(final_weights_fields(final_dir, kind, spec.output.archive_format, notes))
+        result.update(final_weights_fields(final_dir, kind, spec.output.archive_format, notes, out_dir,
+                                           progress.run))
         result.update({
             "train_loss": round(float(output.training_loss), 6),
             "loss_first": losses[0][1] if losses else None,
@@ -425,7 +428,7 @@ class TrainingExecutor:
 
     @staticmethod
     def _save_final(trainer: Any, tokenizer: Any, out_dir: Path, kind: str) -> Path:
-        """Write ``final_<kind>/`` (weights + tokenizer) via a temporary directory and a rename."""
+        """Stage ``final_<kind>/`` (weights + tokenizer) for its fenced commit (``save_final``)."""
         return save_final(lambda tmp: trainer.save_model(str(tmp)), tokenizer, out_dir, kind)
 
 
@@ -442,34 +445,51 @@ class LoRASFTExecutor(TrainingExecutor):
 
 
 def save_final(save_weights: Callable[[Path], None], tokenizer: Any, out_dir: Path, kind: str) -> Path:
-    """``final_<kind>/``: ``save_weights(tmp)`` + the tokenizer in a temporary directory, then a rename."""
-    final_dir = out_dir / f"final_{kind}"
-    tmp = out_dir / f".final_{kind}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_weights(tmp)
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the result has the arguments
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    tmp.rename(final_dir)
-    return final_dir
+    """``final_<kind>/`` (``save_weights(dir)`` + the tokenizer) written into a staging
+    directory of this run's own (``app.artifacts.run_fence.staging_dir``), never where
+    another run of the task writes; ``final_weights_fields`` commits it into ``out_dir``."""
+    staged = staging_dir(out_dir) / f"final_{kind}"
+    save_weights(staged)
+    tokenizer.save_pretrained(str(staged))
+    (staged / "training_args.bin").unlink(missing_ok=True)  # a pickle; the result has the arguments
+    return staged
 
 
-def final_weights_fields(final_dir: Path | None, kind: str, archive_format: str,
-                         notes: list[str]) -> dict[str, Any]:
+def final_weights_fields(staged: Path | None, kind: str, archive_format: str, notes: list[str],
+                         out_dir: Path, run: int | None) -> dict[str, Any]:
     """The result fields of a training task's ``final_<kind>/`` (its path and archive), or a note
-    when ``training.save_model: false`` kept none. Shared by every training executor."""
-    if final_dir is None:
+    when ``training.save_model: false`` kept none. Shared by every training executor.
+
+    The staged ``final_<kind>/`` (``save_final``) is archived beside itself, then both are
+    renamed into ``out_dir`` under the run fence: a late run of the task (a paused worker's)
+    never replaces a later run's weights (``LeaseLost``, nothing written)."""
+    if staged is None:
         notes.append(f"training.save_model: false; no final_{kind}/ was kept (metrics only)")
         return {}
-    archive = make_archive(final_dir, archive_format)
+    final_dir = out_dir / staged.name
+    try:
+        archive = make_archive(staged, archive_format)
+        target = out_dir / archive.path.name
+        with fenced(out_dir, run):
+            if final_dir.exists():
+                shutil.rmtree(final_dir)
+            staged.rename(final_dir)
+            os.replace(archive.path, target)
+    finally:
+        shutil.rmtree(staged.parent, ignore_errors=True)
     return {
         f"final_{kind}_path": str(final_dir),
-        f"final_{kind}_archive": str(archive.path),
+        f"final_{kind}_archive": str(target),
         f"final_{kind}_archive_sha256": archive.sha256,
         f"final_{kind}_archive_bytes": archive.bytes,
         f"final_{kind}_archive_format": archive.format,
     }
+
+
+def write_training_log(out_dir: Path, history: list[dict[str, Any]], run: int | None) -> None:
+    """``logs/training_log.jsonl``, under the run fence like the weights."""
+    with fenced(out_dir, run):
+        _write_log(out_dir / TRAINING_LOG, history)
 
 
 def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
