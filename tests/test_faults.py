@@ -330,3 +330,94 @@ def test_a_late_runs_delivery_is_refused_and_stops_the_run(server_factory, tmp_p
     archive.write_bytes(later)
     delivered = deliver_result("keyed-delivery", destination, {"final_model_archive": str(archive)}, run=2)
     assert delivered["final_model_archive_url"].endswith("/keyed-delivery/files/final_model.zip")
+
+
+class HoldingProxy:
+    """A pass-through HTTP proxy to the orchestrator that holds the first upload it receives
+    until ``release`` is set (its worker stays in the middle of its delivery), and records
+    the server's answer to it."""
+
+    def __init__(self, target: str) -> None:
+        import http.server
+
+        import requests
+
+        self.held = threading.Event()
+        self.release = threading.Event()
+        self.held_status: int | None = None
+        self.held_headers: dict[str, str] = {}
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                hold = self.path.endswith("/files") and not proxy.held.is_set()
+                if hold:
+                    proxy.held_headers = headers
+                    proxy.held.set()
+                    proxy.release.wait(300)
+                reply = requests.post(target + self.path, data=body, headers=headers, timeout=60)
+                if hold:
+                    proxy.held_status = reply.status_code
+                self.send_response(reply.status_code)
+                self.send_header("Content-Type", reply.headers.get("Content-Type", "application/json"))
+                self.send_header("Content-Length", str(len(reply.content)))
+                self.end_headers()
+                self.wfile.write(reply.content)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.slow
+def test_a_worker_paused_in_its_upload_has_its_late_upload_refused(worker_factory, server_factory, redis_client,
+                                                                    tiny_model_dir) -> None:
+    """A LoRA task's worker is SIGSTOPped while its archive upload is in flight (held by a
+    proxy), past its lease: another worker takes the task over, trains again and uploads
+    its own archive. When the paused worker wakes and its upload arrives, the orchestrator
+    refuses it (409: an earlier run than the stored one); the paused run stops, and the
+    served archive stays the later run's."""
+    import hashlib
+
+    import requests
+
+    from tests.test_training_worker import lora_spec, submit
+
+    server = server_factory()
+    proxy = HoldingProxy(server.base_url)
+    env = {"MESHQ_VISIBILITY_TIMEOUT_S": "4", "ORCHESTRATOR_BASE_URL": proxy.url}
+    try:
+        first = worker_factory(worker_id="paused", env=env)
+        handle = submit(lora_spec(tiny_model_dir, http=True))
+        wait_for(proxy.held.is_set, 180, message="the first run's upload to arrive")
+        second = worker_factory(worker_id="taker", env=env)
+        os.killpg(first.process.pid, signal.SIGSTOP)
+        try:
+            result = handle.get(timeout=240)
+        finally:
+            os.killpg(first.process.pid, signal.SIGCONT)
+        proxy.release.set()
+        wait_for(lambda: "this run stops" in first.log_path.with_name("worker.log").read_text(), 60,
+                 message="the late run to stop")
+    finally:
+        proxy.close()
+    assert result["worker_id"] == "taker"
+    assert redis_client.get(f"meshq:task:{handle.id}:runs") == "2"
+    assert proxy.held_headers.get("X-Meshq-Run") == "1" and proxy.held_status == 409
+    served = requests.get(f"{server.base_url}/api/v1/results/{handle.id}/files/final_lora.zip", timeout=30)
+    assert hashlib.sha256(served.content).hexdigest() == result["final_lora_archive_sha256"]
+    assert served.headers["X-Checksum-Sha256"] == result["final_lora_archive_sha256"]
+    stored = requests.get(f"{server.base_url}/api/v1/results/{handle.id}", timeout=10).json()
+    assert stored["worker_id"] == "taker" and stored["run"] == 2
+    assert first.alive() and second.alive()
