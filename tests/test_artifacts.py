@@ -594,3 +594,37 @@ def test_a_late_runs_final_outputs_never_replace_a_later_runs(tmp_path: Path) ->
     assert not list((out / FENCE_DIR / "staging").iterdir())
     finish_result("task-1", spec, out, {"by": "no run"}, 0.1)  # no run number: no fence
     assert json.loads((out / "responses.json").read_text())["by"] == "no run"
+
+
+def test_the_run_fence_locks_a_file_where_a_directory_cannot_be_locked(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """NFS emulates flock with write locks, which a directory opened read-only cannot take
+    (EBADF): the fence then locks ``.meshq/lock`` — still exclusive, still run-keyed."""
+    import errno
+    import fcntl
+    import os
+    import stat
+
+    from app.artifacts.run_fence import FENCE_DIR, LOCK_FILE, fenced, recorded_run
+    from app.errors import LeaseLost
+
+    real_flock = fcntl.flock
+
+    def nfs_like_flock(fd: int, operation: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", nfs_like_flock)
+    task_dir = tmp_path / "task"
+    with fenced(task_dir, 2):
+        lock = task_dir / FENCE_DIR / LOCK_FILE
+        assert lock.is_file()
+        other = os.open(lock, os.O_RDWR)
+        try:  # another open file description cannot take the lock while the run commits
+            with pytest.raises(BlockingIOError):
+                real_flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+    assert recorded_run(task_dir) == 2
+    with pytest.raises(LeaseLost), fenced(task_dir, 1):
+        pass

@@ -6,10 +6,11 @@ same ``RESULTS_DIR/<task_id>/``. Every commit of a run's final outputs
 (``responses.json`` + ``manifest.json``, ``final_<kind>/`` and its archive, the
 ``jsonl_export`` file) happens inside ``fenced(task_dir, run)``:
 
-- an exclusive ``flock`` on ``<task_dir>/.meshq/lock`` (commits of one task take turns),
+- an exclusive ``flock`` on the task directory (``<task_dir>/.meshq/lock`` where the
+  filesystem cannot lock a directory: NFS) — commits of one task take turns,
 - under it, the task's highest run so far is read from ``<task_dir>/.meshq/run``: a run
-  earlier than that raises ``LeaseLost`` and writes nothing; otherwise its run is
-  recorded (atomically) and it commits.
+  earlier than that raises ``LeaseLost`` and writes nothing; otherwise a run after the
+  first is recorded (atomically) and it commits.
 
 A run paused before the lock is refused when it wakes; a run paused inside it only
 delays the later run, which then overwrites what it wrote. What a run prepares before
@@ -21,6 +22,7 @@ scripts) commits without the fence. The manifest leaves ``.meshq/`` out.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -53,16 +55,17 @@ def fenced(task_dir: str | os.PathLike[str], run: int | None) -> Iterator[None]:
     if run is None:
         yield
         return
-    directory = Path(task_dir) / FENCE_DIR
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    fd = _lock(Path(task_dir))
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         stored = recorded_run(task_dir)
         if stored is not None and run < stored:
             raise LeaseLost(Path(task_dir).name, f"of run {stored} (this is run {run}; {task_dir} holds "
                                                  "the later run's outputs)")
-        if stored is None or run > stored:
+        # Run 1 records nothing: no run is earlier than it, so no record means "no run
+        # after the first committed" — and a task's common case costs no file write.
+        if run > (stored or 1):
+            directory = Path(task_dir) / FENCE_DIR
+            directory.mkdir(exist_ok=True)
             temp = directory / f".{RUN_FILE}.{secrets.token_hex(6)}"
             try:
                 temp.write_text(json.dumps({"run": run}), encoding="utf-8")
@@ -73,6 +76,35 @@ def fenced(task_dir: str | os.PathLike[str], run: int | None) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _lock(task_dir: Path) -> int:
+    """A file descriptor holding an exclusive ``flock`` for the task's commits: on the task
+    directory itself where the filesystem allows it (local disks; nothing to create, which
+    keeps a short task's commit cheap), else on ``.meshq/lock`` (NFS emulates ``flock``
+    with write locks, which need a file opened for writing). Every process sharing a
+    directory sees the same filesystem, so all of them lock the same way."""
+    try:
+        fd = os.open(task_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:  # a commit into a task directory not made yet
+        task_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(task_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.EBADF, errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    directory = task_dir / FENCE_DIR
+    directory.mkdir(exist_ok=True)
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def staging_dir(task_dir: str | os.PathLike[str]) -> Path:
