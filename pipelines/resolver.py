@@ -35,6 +35,7 @@ from app import keys, routing
 from app.errors import SpecError
 from app.redis_client import get_redis
 from app.settings import get_settings
+from app.worker.lease import cancelled_at_start
 from pipelines.graph_template import expand_graph_template
 from pipelines.references import PREVIOUS_STAGE, resolve_stage_references
 from pipelines.status import SKIPPED
@@ -102,10 +103,14 @@ def _plain_results(previous: Any) -> Any:
 
 
 def _stop_if_cancelled(task: Any, info: dict[str, Any]) -> None:
-    try:
-        cancelled = get_redis().exists(keys.task_cancel(task.request.id))
-    except redis.RedisError:
-        return
+    reply = getattr(task.request, "meshq_lease_reply", None)
+    if reply is not None:  # the task-start round trip read the cancel flag a moment ago
+        cancelled = cancelled_at_start(reply)
+    else:
+        try:
+            cancelled = bool(get_redis().exists(keys.task_cancel(task.request.id)))
+        except redis.RedisError:
+            return
     if cancelled:
         log.info("stage %s of pipeline %s was cancelled before it started", info["stage"], info["id"])
         task.update_state(state=states.REVOKED, meta={

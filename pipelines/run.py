@@ -29,7 +29,7 @@ from pipelines.display import ProgressDisplay
 from pipelines.status import FINAL_PIPELINE_STATES, mark_skipped, mark_skipped_nodes, pipeline_state
 from tasks.control import request_cancel
 from tasks.shards import read_plan
-from tasks.status import task_status
+from tasks.status import stored_meta, task_status
 
 DEFAULT_POLL_INTERVAL_S = 0.5
 # Without a progress display, how long one wait on a stage's end lasts before the
@@ -105,12 +105,26 @@ class PipelineRun:
         return bool((client or get_redis()).hget(keys.pipeline(self.id), "cancelled_at"))
 
     # -- status ---------------------------------------------------------------
+    def _read_state(self) -> tuple[bool, list[dict[str, Any]]]:
+        """Whether the run was cancelled and every stage's stored meta, in one round trip:
+        one consistent view, and ``.wait()`` on many runs costs one read per run."""
+        backend = celery_app.backend
+        pipe = get_redis().pipeline(transaction=False)
+        if self.is_pipeline:
+            pipe.hget(keys.pipeline(self.id), "cancelled_at")
+        else:
+            pipe.exists(keys.task_cancel(self.id))
+        for stage in self.stages:
+            pipe.get(backend.get_key_for_task(stage["task_id"]))
+        cancelled, *raw = pipe.execute()
+        return bool(cancelled), [stored_meta(celery_app, value) for value in raw]
+
     def status(self) -> dict[str, Any]:
         """``{id, name, state, stages: {name: {state, task_id, worker_id, progress|result|error}}}``."""
-        cancelled = self.cancelled()
+        cancelled, metas = self._read_state()
         stages = []
-        for stage in self.stages:
-            info = task_status(celery_app, stage["task_id"])
+        for stage, meta in zip(self.stages, metas, strict=True):
+            info = task_status(celery_app, stage["task_id"], meta)
             info["taskType"] = stage.get("taskType")
             if self.is_graph:
                 info["depends_on"] = list(stage.get("depends_on") or [])

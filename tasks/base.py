@@ -258,7 +258,8 @@ class MeshqTask(Task):
         shard ends the task it was split from too (its merge will never run)."""
         info = {"task_id": exc.task_id, "taskType": self.task_type, "cancelled": True,
                 "message": str(exc), "progress": progress.last}
-        write_task_outputs(out_dir, info)
+        with fenced(out_dir, progress.run):  # a late run's cancel never replaces a later run's outputs
+            write_task_outputs(out_dir, info)
         self.request.meshq_cancelled = True
         self.update_state(state=states.REVOKED, meta={
             "exc_type": "TaskCancelled", "exc_module": "app.errors",

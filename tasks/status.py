@@ -75,10 +75,20 @@ def _failed_shard(app: Any, task_id: str) -> dict[str, Any] | None:
     return fields
 
 
-def task_status(app: Any, task_id: str) -> dict[str, Any]:
-    """The status of ``task_id`` in the shape described above (one backend read; a sharded
-    task's shards are read too while it runs)."""
-    meta = app.backend.get_task_meta(task_id)
+def stored_meta(app: Any, raw: Any) -> dict[str, Any]:
+    """Celery's meta from a raw value of its result key (read with others in one round
+    trip); what ``backend.get_task_meta`` gives for a task nothing was stored for yet."""
+    if not raw:
+        return {"status": states.PENDING, "result": None}
+    meta: dict[str, Any] = app.backend.decode_result(raw)
+    return meta
+
+
+def task_status(app: Any, task_id: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The status of ``task_id`` in the shape described above (one backend read, none when
+    ``meta`` was read already; a sharded task's shards are read too while it runs)."""
+    if meta is None:
+        meta = app.backend.get_task_meta(task_id)
     state = str(meta.get("status") or states.PENDING)
     result = meta.get("result")
     info: dict[str, Any] = {"task_id": task_id, "state": state, "worker_id": None}
