@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import chain
-from celery.canvas import Signature
+from celery.canvas import Signature, _chain
 
 from app.celery import app
 from app.errors import SpecError
@@ -169,5 +169,7 @@ class Pipeline:
                     for s, t in zip(self.stages, task_ids, strict=True)],
             is_graph=self.is_graph)
         run.record(get_redis(), int(app.conf.result_expires or 7 * 24 * 3600))
+        if isinstance(canvas, _chain) and len(canvas.tasks) == 1:
+            canvas = canvas.tasks[0]  # one task: the same message, without the chain's bookkeeping
         canvas.apply_async()
         return run

@@ -37,6 +37,16 @@ DEFAULT_POLL_INTERVAL_S = 0.5
 STAGE_WAIT_S = 2.0
 
 
+# KEYS[1] the pipeline's hash, KEYS[2..] each stage's task → pipeline key;
+# ARGV[1] ttl (s), ARGV[2] the pipeline id, ARGV[3..] the hash's field/value pairs.
+_RECORD = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[2], 'EX', ARGV[1]) end
+return 1
+"""
+
+
 @dataclass
 class PipelineRun:
     """Handle on a submitted pipeline (or, for a plain task id, a one-stage view of it)."""
@@ -52,15 +62,14 @@ class PipelineRun:
 
     # -- records --------------------------------------------------------------
     def record(self, client: redis.Redis, ttl_s: int) -> None:
-        pipe = client.pipeline(transaction=True)
-        pipe.hset(keys.pipeline(self.id), mapping={
-            "id": self.id, "name": self.name, "submitted_at": self.submitted_at,
-            "stages_json": json.dumps(self.stages), "document_json": json.dumps(redact_secrets(self.document)),
-            "warnings_json": json.dumps(self.warnings), "graph": "1" if self.is_graph else ""})
-        pipe.expire(keys.pipeline(self.id), ttl_s)
-        for stage in self.stages:
-            pipe.set(keys.task_pipeline(stage["task_id"]), self.id, ex=ttl_s)
-        pipe.execute()
+        """The pipeline's hash and each stage's task → pipeline key, atomically and in one
+        round trip (a script: no MULTI pipeline object to build on every submit)."""
+        fields = {"id": self.id, "name": self.name, "submitted_at": self.submitted_at,
+                  "stages_json": json.dumps(self.stages), "document_json": json.dumps(redact_secrets(self.document)),
+                  "warnings_json": json.dumps(self.warnings), "graph": "1" if self.is_graph else ""}
+        client.eval(_RECORD, 1 + len(self.stages), keys.pipeline(self.id),
+                    *(keys.task_pipeline(stage["task_id"]) for stage in self.stages),
+                    ttl_s, self.id, *(item for pair in fields.items() for item in pair))
 
     @classmethod
     def get(cls, pipeline_id: str, client: redis.Redis | None = None) -> PipelineRun:

@@ -576,13 +576,9 @@ class ResultStore:
         created = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / ENVELOPE_NAME
-        temp = directory / f".{ENVELOPE_NAME}.{secrets.token_hex(6)}~"
         try:
-            with open(temp, "w", encoding="utf-8") as fh:
-                json.dump(envelope, fh, sort_keys=True)
-            os.replace(temp, path)
-        except BaseException:  # a full disk: no half-written temporary file stays behind
-            _unlink(temp)
+            self._write_atomic(path, envelope)
+        except BaseException:  # a full disk: nor an empty task directory
             if created:
                 try:
                     directory.rmdir()
