@@ -12,7 +12,7 @@ from app.errors import SpecError
 from pipelines import EXAMPLES_DIR, Pipeline
 from pipelines.template import deep_merge
 
-ENV = {"MESHQ_MODEL": "/models/tiny"}
+ENV = {"MESHQ_MODEL": "/models/tiny", "MESHQ_QUESTIONS": "/data/questions.jsonl"}
 
 
 def lora_then_infer() -> dict[str, Any]:
