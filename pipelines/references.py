@@ -193,13 +193,18 @@ def expand_env(value: Any, env: Mapping[str, str] | None, location: str) -> Any:
 
 
 # -- stage references ---------------------------------------------------------------
+def refuse_unexpanded_env(ref: Reference, where: str) -> None:
+    """``${env:NAME}`` is expanded where the document is loaded; one left at submission is an error."""
+    if ref.is_env:
+        raise SpecError(where, f"{ref.text}: environment variable references must be expanded "
+                               "before submission")
+
+
 def check_stage_references(refs: list[tuple[FieldPath, str, Reference]], stage_names: list[str],
                            index: int) -> None:
     """Submission-time check of the references of stage ``index`` (pure)."""
     for _path, where, ref in refs:
-        if ref.is_env:
-            raise SpecError(where, f"{ref.text}: environment variable references must be expanded "
-                                   "before submission")
+        refuse_unexpanded_env(ref, where)
         if ref.stage == PREVIOUS_STAGE:
             if index == 0:
                 raise SpecError(where, f"{ref.text}: the first stage has no previous stage")

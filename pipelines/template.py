@@ -46,6 +46,7 @@ from pipelines.references import (
     expand_env,
     find_references,
     format_location,
+    refuse_unexpanded_env,
 )
 
 DOCUMENT_FIELDS = ("apiVersion", "kind", "metadata", "spec")
@@ -409,9 +410,7 @@ def check_node_references(refs: list[tuple[FieldPath, str, Reference]], names: l
                           node: StageTemplate) -> None:
     """A graph node may reference any ancestor; ``${stage.result...}`` is its only dependency."""
     for _path, where, ref in refs:
-        if ref.is_env:
-            raise SpecError(where, f"{ref.text}: environment variable references must be expanded "
-                                   "before submission")
+        refuse_unexpanded_env(ref, where)
         if ref.stage == PREVIOUS_STAGE:
             if len(node.depends_on) != 1:
                 raise SpecError(where, f"{ref.text}: ${{stage.result...}} means the one node this node depends "
