@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -105,6 +105,46 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     """``text`` up to the earliest stop string (excluded), and whether one was found."""
     cut = min((pos for pos in (text.find(s) for s in stops if s) if pos >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def generate_in_batches(batches: Sequence[list[int]],
+                        generate: Callable[[list[int]], Sequence[tuple[str, str, int]]],
+                        encoded: Sequence[Sequence[int]], data: Prompts, offset: int, progress: Progress,
+                        started: float) -> dict[str, Any]:
+    """Run ``generate`` (a backend's: prompt indices → ``(text, finish_reason, new tokens)``
+    each) over ``batches`` with a cancel check and a progress report per batch; the
+    result's ``items``, ``usage`` and speed fields, the same for every backend."""
+    total = len(data.texts)
+    items: list[dict[str, Any] | None] = [None] * total
+    prompt_tokens = completion_tokens = done = 0
+    generate_s = 0.0
+    progress(done=0, total=total, tokens_per_s=0.0, force=True)
+    for number, batch in enumerate(batches, 1):
+        progress.check_cancelled(f"after {done} of {total} prompts")
+        batch_started = time.monotonic()
+        outputs = generate(batch)
+        generate_s += time.monotonic() - batch_started
+        for index, (text, reason, n_new) in zip(batch, outputs, strict=True):
+            item: dict[str, Any] = {"index": offset + index, "prompt": data.texts[index], "output": text,
+                                    "finish_reason": reason}
+            if data.metadata is not None:
+                item["metadata"] = data.metadata[index]
+            items[index] = item
+            prompt_tokens += len(encoded[index])
+            completion_tokens += n_new
+        done += len(batch)
+        progress(done=done, total=total, tokens_per_s=round(completion_tokens / max(generate_s, 1e-9), 2),
+                 batch=number, batches=len(batches), force=number == len(batches))
+    return {
+        "items": items,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens, "num_requests": total,
+                  "latency_sec": round(time.monotonic() - started, 4)},
+        "tokens_per_s": round(completion_tokens / max(generate_s, 1e-9), 2),
+        "generate_sec": round(generate_s, 4),
+        "batches": len(batches),
+        "max_batch_size": max(len(b) for b in batches),
+    }
 
 
 def render_prompts(prompts: Sequence[str], options: InferenceOptions, tokenizer: Any,
@@ -387,7 +427,6 @@ class InferenceExecutor:
         self._check_lengths(encoded, options, getattr(loaded.model.config, "max_position_embeddings", None),
                             data_field, offset)
 
-        total = len(prompts)
         if options.batch_size is not None:
             batches = plan_batches([len(ids) for ids in encoded], options.max_new_tokens, options.batch_size)
         else:
@@ -399,39 +438,13 @@ class InferenceExecutor:
 
             torch.manual_seed(options.seed)
 
-        items: list[dict[str, Any] | None] = [None] * total
-        prompt_tokens = completion_tokens = done = 0
-        generate_s = 0.0
-        progress(done=0, total=total, tokens_per_s=0.0, force=True)
-        for number, batch in enumerate(batches, 1):
-            progress.check_cancelled(f"after {done} of {total} prompts")
-            batch_started = time.monotonic()
-            outputs = self._generate([encoded[i] for i in batch], options, loaded)
-            generate_s += time.monotonic() - batch_started
-            for index, (text, reason, n_new) in zip(batch, outputs, strict=True):
-                item: dict[str, Any] = {"index": offset + index, "prompt": prompts[index], "output": text,
-                                        "finish_reason": reason}
-                if data.metadata is not None:
-                    item["metadata"] = data.metadata[index]
-                items[index] = item
-                prompt_tokens += len(encoded[index])
-                completion_tokens += n_new
-            done += len(batch)
-            progress(done=done, total=total, tokens_per_s=round(completion_tokens / max(generate_s, 1e-9), 2),
-                     batch=number, batches=len(batches), force=number == len(batches))
-
-        latency_s = time.monotonic() - started
+        generated = generate_in_batches(batches, lambda batch: self._generate([encoded[i] for i in batch],
+                                                                             options, loaded),
+                                        encoded, data, offset, progress, started)
         device = loaded.model.device
         result: dict[str, Any] = {
             "backend": backend,
-            "items": items,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens, "num_requests": total,
-                      "latency_sec": round(latency_s, 4)},
-            "tokens_per_s": round(completion_tokens / max(generate_s, 1e-9), 2),
-            "generate_sec": round(generate_s, 4),
-            "batches": len(batches),
-            "max_batch_size": max(len(b) for b in batches),
+            **generated,
             "model": {"identifier": spec.model.source.identifier, "revision": spec.model.source.revision,
                       "path": key.weights_dir, "adapter": key.adapter_dir,
                       "adapter_merged": bool(key.adapter_dir and key.merge_adapter),
@@ -439,7 +452,7 @@ class InferenceExecutor:
             "model_cache": {"hit": hit, "load_sec": round(0.0 if hit else loaded.load_s, 4),
                             "loads": self.cache.stats.loads, "hits": self.cache.stats.hits},
         }
-        return self._finish(result, spec, items, notes, out_dir, shard, progress.run)
+        return self._finish(result, spec, result["items"], notes, out_dir, shard, progress.run)
 
     @staticmethod
     def _finish(result: dict[str, Any], spec: TaskSpec, items: Sequence[dict[str, Any] | None],
@@ -481,43 +494,23 @@ class InferenceExecutor:
         chunk = options.batch_size or (CPU_CHUNK if device == "cpu" else CUDA_CHUNK)
         chunks = [list(range(start, min(start + chunk, total))) for start in range(0, total, chunk)]
         stops = [s for s in options.stop if s]
-        items: list[dict[str, Any] | None] = [None] * total
-        prompt_tokens = completion_tokens = done = 0
-        generate_s = 0.0
-        progress(done=0, total=total, tokens_per_s=0.0, force=True)
-        for number, indices in enumerate(chunks, 1):
-            progress.check_cancelled(f"after {done} of {total} prompts")
-            chunk_started = time.monotonic()
+
+        def generate(indices: list[int]) -> list[tuple[str, str, int]]:
             completions = vllm_generate(engine, [encoded[i] for i in indices], [offset + i for i in indices],
                                         options, lora)
-            generate_s += time.monotonic() - chunk_started
-            for index, completion in zip(indices, completions, strict=True):
+            outputs = []
+            for completion in completions:
                 # Decoded and cut as the transformers backend does, so both give the same text
                 # for the same tokens.
                 text = engine.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
                 text, stopped = cut_at_stop(text, stops)
                 reason = "stop" if stopped or completion.finish_reason == "stop" else "length"
-                item: dict[str, Any] = {"index": offset + index, "prompt": prompts[index], "output": text,
-                                        "finish_reason": reason}
-                if data.metadata is not None:
-                    item["metadata"] = data.metadata[index]
-                items[index] = item
-                prompt_tokens += len(encoded[index])
-                completion_tokens += len(completion.token_ids)
-            done += len(indices)
-            progress(done=done, total=total, tokens_per_s=round(completion_tokens / max(generate_s, 1e-9), 2),
-                     batch=number, batches=len(chunks), force=number == len(chunks))
+                outputs.append((text, reason, len(completion.token_ids)))
+            return outputs
 
         result: dict[str, Any] = {
             "backend": "vllm",
-            "items": items,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens, "num_requests": total,
-                      "latency_sec": round(time.monotonic() - started, 4)},
-            "tokens_per_s": round(completion_tokens / max(generate_s, 1e-9), 2),
-            "generate_sec": round(generate_s, 4),
-            "batches": len(chunks),
-            "max_batch_size": max(len(c) for c in chunks),
+            **generate_in_batches(chunks, generate, encoded, data, offset, progress, started),
             "model": {"identifier": spec.model.source.identifier, "revision": spec.model.source.revision,
                       "path": key.weights_dir, "adapter": str(checkpoint.adapter_dir) if checkpoint.adapter_dir
                       else None, "adapter_merged": False, "dtype": engine.dtype, "device": device},
@@ -526,7 +519,7 @@ class InferenceExecutor:
             "engine": {"name": "vllm", "version": engine_version(), "max_model_len": engine.max_model_len,
                        "tensor_parallel_size": key.tensor_parallel_size, "lora_rank": engine.key.max_lora_rank},
         }
-        return self._finish(result, spec, items, notes, out_dir, shard, progress.run)
+        return self._finish(result, spec, result["items"], notes, out_dir, shard, progress.run)
 
     @staticmethod
     def _check_lengths(encoded: Sequence[Sequence[int]], options: InferenceOptions,
