@@ -111,8 +111,11 @@ class RedactingRedisBackend(RedisBackend):
         if self._store_script is None:
             self._store_script = self.client.register_script(STORE_UNLESS_SUCCESS)
         key = self.get_key_for_task(task_id)
-        # Given the current client on each call: Celery may replace it (after a fork).
-        self.ensure(lambda: self._store_script(keys=[key], args=[value, int(expires or 0)], client=self.client), ())
+        # Given the current client on each call: Celery may replace it (after a fork). Not
+        # wrapped in ``self.ensure``: like Celery's own read before the write, a Redis that is
+        # away fails the store at once — ``store_result`` above retries a final state through
+        # an outage, and a PROGRESS report is skipped rather than holding the task up.
+        self._store_script(keys=[key], args=[value, int(expires or 0)], client=self.client)
         return result
 
     def _get_result_meta(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
