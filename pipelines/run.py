@@ -109,9 +109,13 @@ class PipelineRun:
                             "run_on": None}])
 
     def cancelled(self, client: redis.Redis | None = None) -> bool:
+        return bool(self._ask_cancelled(client or get_redis()))
+
+    def _ask_cancelled(self, client: Any) -> Any:
+        """The read that says whether the run was cancelled, on a client or into a pipeline."""
         if not self.is_pipeline:
-            return bool((client or get_redis()).exists(keys.task_cancel(self.id)))
-        return bool((client or get_redis()).hget(keys.pipeline(self.id), "cancelled_at"))
+            return client.exists(keys.task_cancel(self.id))
+        return client.hget(keys.pipeline(self.id), "cancelled_at")
 
     # -- status ---------------------------------------------------------------
     def _read_state(self) -> tuple[bool, list[dict[str, Any]]]:
@@ -119,10 +123,7 @@ class PipelineRun:
         one consistent view, and ``.wait()`` on many runs costs one read per run."""
         backend = celery_app.backend
         pipe = get_redis().pipeline(transaction=False)
-        if self.is_pipeline:
-            pipe.hget(keys.pipeline(self.id), "cancelled_at")
-        else:
-            pipe.exists(keys.task_cancel(self.id))
+        self._ask_cancelled(pipe)
         for stage in self.stages:
             pipe.get(backend.get_key_for_task(stage["task_id"]))
         cancelled, *raw = pipe.execute()

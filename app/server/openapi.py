@@ -7,12 +7,11 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict
 
+from app.artifacts.upload import CHECKSUM_HEADER, RUN_HEADER
 from app.names import SAFE_NAME_RE
 from app.settings import TAG_RE
 from app.spec import TASK_TYPES, TaskSpec
 
-CHECKSUM_HEADER = "X-Checksum-Sha256"
-RUN_HEADER = "X-Meshq-Run"  # app.artifacts.upload sends it
 MAX_RUN = 999_999_999
 
 

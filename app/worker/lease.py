@@ -51,15 +51,6 @@ _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del
 # any) is published on KEYS[5] then too: once per real start, never for a dropped
 # duplicate or a copy that waits.
 _HELD, _CANCELLED, _SUCCEEDED, _FAILED = -1, -2, -3, -4
-
-
-def cancelled_at_start(reply: Any) -> bool:
-    """Whether the first lease attempt (made in the task-start round trip, its reply kept as
-    ``request.meshq_lease_reply``) found the task's cancel flag set."""
-    try:
-        return int(reply) == _CANCELLED
-    except (TypeError, ValueError):
-        return False
 _ACQUIRE = """
 local meta = redis.call('get', KEYS[4])
 if meta then
@@ -82,6 +73,15 @@ end
 if ARGV[3] == '1' then return redis.call('incr', KEYS[2]) end
 return tonumber(redis.call('get', KEYS[2]) or '0')
 """
+
+
+def cancelled_at_start(reply: Any) -> bool:
+    """Whether the first lease attempt (made in the task-start round trip, its reply kept as
+    ``request.meshq_lease_reply``) found the task's cancel flag set."""
+    try:
+        return int(reply) == _CANCELLED
+    except (TypeError, ValueError):
+        return False
 
 
 # The fence of a running task, checked at each step/batch/progress report: returns

@@ -452,17 +452,16 @@ class InferenceExecutor:
             "model_cache": {"hit": hit, "load_sec": round(0.0 if hit else loaded.load_s, 4),
                             "loads": self.cache.stats.loads, "hits": self.cache.stats.hits},
         }
-        return self._finish(result, spec, result["items"], notes, out_dir, shard, progress.run)
+        return self._finish(result, spec, notes, out_dir, shard, progress.run)
 
     @staticmethod
-    def _finish(result: dict[str, Any], spec: TaskSpec, items: Sequence[dict[str, Any] | None],
-                notes: list[str], out_dir: Path, shard: PromptRange | None,
-                run: int | None = None) -> dict[str, Any]:
+    def _finish(result: dict[str, Any], spec: TaskSpec, notes: list[str], out_dir: Path,
+                shard: PromptRange | None, run: int | None = None) -> dict[str, Any]:
         if shard is not None:
             result["shard"] = shard.as_dict()
         export = spec.postprocess.jsonl_export if spec.postprocess is not None else None
         if export is not None and shard is None:
-            result["jsonl_export"] = write_export([i for i in items if i is not None], export, out_dir, run)
+            result["jsonl_export"] = write_export([i for i in result["items"] if i is not None], export, out_dir, run)
         if notes:
             result["notes"] = notes
         return result
@@ -519,7 +518,7 @@ class InferenceExecutor:
             "engine": {"name": "vllm", "version": engine_version(), "max_model_len": engine.max_model_len,
                        "tensor_parallel_size": key.tensor_parallel_size, "lora_rank": engine.key.max_lora_rank},
         }
-        return self._finish(result, spec, result["items"], notes, out_dir, shard, progress.run)
+        return self._finish(result, spec, notes, out_dir, shard, progress.run)
 
     @staticmethod
     def _check_lengths(encoded: Sequence[Sequence[int]], options: InferenceOptions,
