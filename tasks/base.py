@@ -190,7 +190,8 @@ class MeshqTask(Task):
             except TaskCancelled as exc:
                 self._end_cancelled(exc, out_dir, progress, parent=shard.get("parent") if shard else None)
             # Wall-clock start and end on the worker: they show which tasks overlapped.
-            result = {"task_id": task_id, "taskType": self.task_type,
+            # output_dir: the task's own directory on its worker (a name later stages reference).
+            result = {"task_id": task_id, "taskType": self.task_type, "output_dir": str(out_dir),
                       "worker_id": settings.worker_id, "started_at": started_at, "finished_at": utc_now_iso(),
                       **result}
             still_ours(lease)  # before anything is written or delivered

@@ -142,7 +142,8 @@ class InferenceMergeTask(Task):
         export = parsed.postprocess.jsonl_export if parsed.postprocess is not None else None
         if export is not None:
             merged["jsonl_export"] = write_export(merged["items"], export, out_dir)
-        result = {"task_id": task_id, "taskType": "inference", "worker_id": settings.worker_id,
+        result = {"task_id": task_id, "taskType": "inference", "output_dir": str(out_dir),
+                  "worker_id": settings.worker_id,
                   "started_at": started_at, "finished_at": utc_now_iso(), **merged}
         return finish_result(task_id, parsed, out_dir, result, wall_s)
 

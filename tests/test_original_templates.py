@@ -74,11 +74,14 @@ def test_inference_and_echo_templates_run_on_a_worker(worker_factory, redis_clie
                                                       offline_hub: dict[str, str]) -> None:
     import datasets
 
-    worker_factory(worker_id="orig1", env=offline_hub)
+    worker = worker_factory(worker_id="orig1", env=offline_hub)
 
     echo_run = template("echo.yaml", tiny_model_dir).submit()
     assert echo_run.warnings == []  # cpu 1, memory 512Mi: this worker has that
     echo = echo_run.wait(timeout=60)["echo"]
+    # output_dir: the task's own directory on its worker, as the original results name it
+    assert echo["output_dir"] == str(worker.results_dir.resolve() / echo["task_id"])
+    assert (Path(echo["output_dir"]) / "responses.json").is_file()
     assert echo["echo"]["data"]["payload"] == {"hello": "world"}
     assert echo["slo"]["seconds"] == 60 and echo["slo"]["exceeded"] is False
     assert any("/ignored/by/current-worker" in note for note in echo["notes"])
@@ -88,6 +91,7 @@ def test_inference_and_echo_templates_run_on_a_worker(worker_factory, redis_clie
 
     listed = template("inference_list.yaml", tiny_model_dir).submit().wait(timeout=120)["inference"]
     assert len(listed["items"]) == 3 and listed["usage"]["completion_tokens"] <= 3 * 8
+    assert Path(listed["output_dir"]).name == listed["task_id"]
     assert "warnings" not in listed  # responses.json and manifest.json were there
 
     by_dataset = template("inference_dataset.yaml", tiny_model_dir).submit().wait(timeout=120)["inference"]

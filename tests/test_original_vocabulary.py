@@ -157,6 +157,32 @@ def test_required_fields_leave_out_incomplete_rows() -> None:
     assert rows == [{"p": "a", "o": "x", "id": 1}] and skipped == 3
 
 
+def test_a_literal_field_writes_its_value_in_every_row() -> None:
+    """``from: literal`` with any JSON value: a fixed column, e.g. a fixed rejected answer for dpo."""
+    export = parse_task_spec({"taskType": "inference", "model": {"source": {"identifier": "m"}},
+                              "data": {"type": "list", "items": ["a"]},
+                              "postprocess": {"jsonl_export": {
+                                  "fields": {"prompt": {"from": "prompt"}, "chosen": {"from": "output"},
+                                             "rejected": {"from": "literal", "value": "I don't know."},
+                                             "tags": {"from": "literal", "value": {"source": "gen", "n": [1]}},
+                                             "note": {"from": "literal", "value": None}},
+                                  "required_fields": ["chosen", "rejected"]}}}).postprocess
+    assert export is not None and export.jsonl_export is not None
+    rows, skipped = export_rows([{"prompt": "a", "output": "x"}, {"prompt": "b", "output": ""}],
+                                export.jsonl_export)
+    assert rows == [{"prompt": "a", "chosen": "x", "rejected": "I don't know.",
+                     "tags": {"source": "gen", "n": [1]}, "note": None}]
+    assert skipped == 1  # required_fields still apply to the generated columns
+
+
+def test_a_literal_field_needs_a_value() -> None:
+    with pytest.raises(SpecError, match=r"spec\.postprocess\.jsonl_export\.fields\.rejected.*value: required with "
+                                        r"from: literal"):
+        parse_task_spec({"taskType": "inference", "model": {"source": {"identifier": "m"}},
+                         "data": {"type": "list", "items": ["a"]},
+                         "postprocess": {"jsonl_export": {"fields": {"rejected": {"from": "literal"}}}}})
+
+
 # -- adapters -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:

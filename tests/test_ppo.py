@@ -174,6 +174,35 @@ def test_reward_model_problems_name_the_field(tiny_model_dir: Path, reward_model
                          if k != "reward_model"})
 
 
+@pytest.mark.parametrize("kind", ["classification", "sentiment", "sequence_classification"])
+def test_every_reward_model_type_scores_the_positive_or_last_label(kind: str, tiny_model_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """The original templates' ``type: classification`` (and ``sentiment``) read a multi-label
+    classifier's score as documented: the label named positive, else the last label."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from app.spec.schema import RewardModelSpec
+    from tasks.executors.ppo import RewardScorer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
+                         num_key_value_heads=1, intermediate_size=16, max_position_embeddings=64,
+                         pad_token_id=tokenizer.pad_token_id, num_labels=3,
+                         id2label={0: "bad", 1: "neutral", 2: "good"})
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "three")
+    scorer = RewardScorer(RewardModelSpec(identifier=str(tmp_path / "three"), type=kind), tokenizer, "cpu", False)
+    ids = torch.tensor([tokenizer("Tell me a story:")["input_ids"]])
+    logits = scorer.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert scorer.index == 2 and torch.equal(scorer(ids, torch.ones_like(ids)), logits[:, 2])
+
+    config.id2label = {0: "NEGATIVE", 1: "POSITIVE", 2: "other"}
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "named")
+    assert RewardScorer(RewardModelSpec(identifier=str(tmp_path / "named"), type=kind),
+                        tokenizer, "cpu", False).index == 1
+
+
 def test_ppo_starts_from_an_earlier_stage_and_uses_it_as_the_reference(tiny_model_dir: Path,
                                                                         reward_model_dir: Path,
                                                                         tmp_path: Path) -> None:

@@ -141,11 +141,13 @@ class ModelSpec(Strict):
 
 
 class RewardModelSpec(Strict):
-    """The reward model of a ``ppo`` task: a sequence classifier (``sentiment``: the
-    positive class's score)."""
+    """The reward model of a ``ppo`` task: a sequence classifier. Every type scores a
+    sequence the same way (the classifier's ``positive_label`` logit, else a label named
+    positive, else the last label; a one-label model's single logit): ``sentiment`` and
+    ``classification`` are the original templates' names, ``sequence_classification`` meshq's."""
 
     identifier: str = Field(min_length=1)
-    type: Literal["sentiment", "sequence_classification"] = "sequence_classification"
+    type: Literal["sentiment", "classification", "sequence_classification"] = "sequence_classification"
     revision: str | None = None
     positive_label: str | int | None = None
 
@@ -398,19 +400,26 @@ class LoraOptions(Strict):
 
 
 class JsonlExportField(Strict):
-    """One field of an exported row: the generation, a metadata column, the prompt, or a constant."""
+    """One field of an exported row: the generation, a metadata column, the prompt, or a
+    constant (``from: literal`` with ``value``, any JSON value; or ``value`` alone)."""
 
-    from_: Literal["output", "metadata", "prompt"] | None = Field(default=None, alias="from")
+    from_: Literal["output", "metadata", "prompt", "literal"] | None = Field(default=None, alias="from")
     key: str | None = None
     value: Any = None
 
     @model_validator(mode="after")
     def _what(self) -> JsonlExportField:
         if self.from_ is None and self.value is None:
-            raise ValueError("from: give from (output, metadata or prompt) or a constant value")
+            raise ValueError("from: give from (output, metadata, prompt or literal) or a constant value")
+        if self.from_ == "literal" and "value" not in self.model_fields_set:
+            raise ValueError("value: required with from: literal (the constant written in every row)")
         if self.from_ == "metadata" and not self.key:
             raise ValueError("key: required with from: metadata (the metadata column's name)")
         return self
+
+    @property
+    def is_constant(self) -> bool:
+        return self.from_ in (None, "literal")
 
 
 class JsonlExport(Strict):

@@ -3,7 +3,8 @@
 Each result item becomes one row whose fields are taken, as ``fields`` says, from the
 generation (``from: output``), the prompt (``from: prompt``, as given, before any
 system prompt or chat template), a metadata column (``from: metadata, key: <name>``,
-see ``data.metadata_columns``) or a constant (``value``). A row missing any of the
+see ``data.metadata_columns``) or a constant (``from: literal`` with ``value``, or
+``value`` alone: any JSON value, the same in every row). A row missing any of the
 ``required_fields`` (absent, null or an empty string) is left out and counted in
 ``skipped``; what is left is the dataset a next stage trains on
 (``data.jsonl.path: ${gen.result.jsonl_export.path}``). The file is written inside the
@@ -23,7 +24,7 @@ from app.spec.schema import JsonlExport, JsonlExportField
 
 
 def field_value(item: dict[str, Any], how: JsonlExportField) -> Any:
-    if how.from_ is None:
+    if how.is_constant:
         return how.value
     if how.from_ == "metadata":
         return (item.get("metadata") or {}).get(str(how.key))

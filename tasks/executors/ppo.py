@@ -10,7 +10,7 @@ N+ implementation details of RLHF with PPO", 2024). One step:
    ``generation`` settings; a response ends at its first eos;
 2. **score**: the reward model (``reward_model``, a sequence classifier) scores prompt +
    response: its single logit, or the logit of the positive class (``positive_label``;
-   for ``type: sentiment`` the label named positive, else the last one). A reward
+   else the label named positive, else the last one — for every ``type``). A reward
    model with the policy's vocabulary reads the token ids as they are (as TRL's PPO
    does); another one reads the decoded text through its own tokenizer;
 3. **advantages**: per-token rewards are the score on the last token minus
