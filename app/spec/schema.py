@@ -417,10 +417,6 @@ class JsonlExportField(Strict):
             raise ValueError("key: required with from: metadata (the metadata column's name)")
         return self
 
-    @property
-    def is_constant(self) -> bool:
-        return self.from_ in (None, "literal")
-
 
 class JsonlExport(Strict):
     path: str = "export.jsonl"

@@ -24,7 +24,7 @@ from app.spec.schema import JsonlExport, JsonlExportField
 
 
 def field_value(item: dict[str, Any], how: JsonlExportField) -> Any:
-    if how.is_constant:
+    if how.from_ is None or how.from_ == "literal":
         return how.value
     if how.from_ == "metadata":
         return (item.get("metadata") or {}).get(str(how.key))
