@@ -34,6 +34,7 @@ from app.worker.lease import LEASE_POLL_S, AlreadyFinished, TaskLease, lease_ttl
 from tasks.executors import EXECUTORS, Executor
 from tasks.outcome import annotate
 from tasks.progress import CeleryProgress, announce_revoked
+from tasks.sources import pick_sources
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +185,14 @@ class MeshqTask(Task):
         try:
             if shard is None:
                 self.split(spec, raw_spec, out_dir, progress, pipeline)  # replaces the task when it shards
+            # An input named several ways (path, url, taskId) is narrowed to the one that works here.
+            spec, sources = pick_sources(spec, out_dir)
             executor = get_executor(self.task_type)
             try:
                 result = executor.run(spec, out_dir, progress, **self.executor_options(shard))
             except TaskCancelled as exc:
                 self._end_cancelled(exc, out_dir, progress, parent=shard.get("parent") if shard else None)
+            sources.add_to(result)
             # Wall-clock start and end on the worker: they show which tasks overlapped.
             # output_dir: the task's own directory on its worker (a name later stages reference).
             result = {"task_id": task_id, "taskType": self.task_type, "output_dir": str(out_dir),

@@ -60,9 +60,9 @@ def template(name: str, model_dir: Path) -> Pipeline:
 
 
 def test_every_original_template_parses(tiny_model_dir: Path) -> None:
-    assert TEMPLATES == ["echo.yaml", "gpu_inference.yaml", "inference_dataset.yaml", "inference_export_sft.yaml",
-                         "inference_list.yaml", "inference_vllm.yaml", "lora_sft_two_stage.yaml",
-                         "sft_two_stage.yaml"]
+    assert TEMPLATES == ["echo.yaml", "gpu_inference.yaml", "inference_dataset.yaml", "inference_export_dpo.yaml",
+                         "inference_export_sft.yaml", "inference_list.yaml", "inference_vllm.yaml",
+                         "lora_sft_adapter_sources.yaml", "lora_sft_two_stage.yaml", "sft_two_stage.yaml"]
     for name in TEMPLATES:
         pipeline = template(name, tiny_model_dir)
         assert pipeline.document["apiVersion"] == "mloc/v1", name
@@ -186,3 +186,47 @@ def test_training_templates_run(worker_factory, server_factory, redis_client, ti
     rows = [json.loads(line) for line in Path(export["path"]).read_text().splitlines()]
     assert all(row["source"] == "self-distillation" and row["response"] for row in rows)
     assert chained["distil"]["samples"] == export["rows"] and "final_model_path" in chained["distil"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_several_sources_on_two_workers_that_share_nothing(worker_factory, server_factory, redis_client,
+                                                           tiny_model_dir: Path) -> None:
+    """Each stage's input is named several ways; the next stage runs on a worker with its own
+    RESULTS_DIR and data roots, so the earlier worker's path is not readable there and the
+    uploaded copy is used — the result says so."""
+    server = server_factory()
+    # Each worker reads only the model and its own RESULTS_DIR: the other's files are out of reach.
+    isolated = {"ORCHESTRATOR_BASE_URL": server.base_url, "MESHQ_DATA_DIRS": str(tiny_model_dir)}
+    generator = worker_factory("generate", worker_id="gen-box", env=isolated)
+    trainer = worker_factory("train", worker_id="train-box", env=isolated)
+    assert generator.results_dir != trainer.results_dir
+
+    pairs = template("inference_export_dpo.yaml", tiny_model_dir).submit().wait(timeout=600)
+    gen, prefer = pairs["gen"], pairs["prefer"]
+    assert (gen["worker_id"], prefer["worker_id"]) == ("gen-box", "train-box")
+    export = gen["jsonl_export"]
+    assert Path(export["path"]).is_relative_to(generator.results_dir.resolve())
+    assert export["url"].startswith(server.base_url)
+    rows = [json.loads(line) for line in Path(export["path"]).read_text().splitlines()]
+    assert rows and all(row["rejected"] == " I do not know." and row["chosen"] for row in rows)
+    assert prefer["sources"] == {"spec.data.jsonl": "url"}
+    assert any(note.startswith("spec.data.jsonl: used url (spec.data.jsonl.path") and "data roots" in note
+               for note in prefer["notes"])
+    assert prefer["samples"] == export["rows"] and "final_lora_path" in prefer
+
+    adapted = template("lora_sft_adapter_sources.yaml", tiny_model_dir).submit().wait(timeout=600)
+    lora, infer = adapted["lora"], adapted["infer"]
+    assert (lora["worker_id"], infer["worker_id"]) == ("train-box", "gen-box")
+    assert infer["sources"] == {"spec.model.adapters[0]": "url"}
+    assert infer["model"]["adapter_merged"] is True and len(infer["items"]) == 2
+    # The adapter came from the uploaded archive, unpacked in the inference worker's own cache.
+    assert Path(infer["model"]["adapter"]).is_relative_to(generator.results_dir.resolve() / ".cache")
+
+    # On the worker that trained it, the same adapter is read from its path.
+    same_box = template("lora_sft_adapter_sources.yaml", tiny_model_dir).document
+    same_box["spec"]["stages"][1]["tags"] = ["train"]
+    again = Pipeline.from_dict(same_box).submit().wait(timeout=600)
+    assert again["infer"]["worker_id"] == "train-box"
+    assert again["infer"]["sources"] == {"spec.model.adapters[0]": "path"}
+    assert again["infer"]["model"]["adapter"] == again["lora"]["final_lora_path"]

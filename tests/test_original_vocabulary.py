@@ -271,6 +271,58 @@ def test_task_id_without_filename_picks_that_tasks_archive(orchestrator_settings
                 checkpoint_url(CheckpointLoad(type="http", task_id=task_id), policy)
 
 
+def test_an_input_named_several_ways_takes_the_first_that_works(server_factory, tiny_model_dir: Path,
+                                                                adapter_dir: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """path (missing here) → url (404 on the orchestrator) → taskId (its archive): the taskId
+    wins, the notes say why the others were passed over; one source alone keeps its error."""
+    import shutil
+
+    import requests
+
+    from tasks.sources import pick_sources
+
+    server = server_factory()
+    archive = shutil.make_archive(str(tmp_path / "final_lora"), "zip", adapter_dir)
+    with open(archive, "rb") as body:
+        stored = requests.post(f"{server.base_url}/api/v1/results/trained-1/files",
+                               files={"file": ("final_lora.zip", body)}, timeout=30)
+    assert stored.status_code == 201, stored.text
+    monkeypatch.setenv("ORCHESTRATOR_BASE_URL", server.base_url)
+    monkeypatch.setenv("RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("MESHQ_UPLOAD_RETRIES", "0")
+    reset_settings()
+    try:
+        missing = tmp_path / "elsewhere" / "final_lora"  # inside the data roots, but not on this worker
+        raw = {"taskType": "inference", "model": {"source": {"identifier": str(tiny_model_dir)}, "adapters": [
+            {"type": "lora", "path": str(missing), "url": f"{server.base_url}/api/v1/results/trained-1/files/gone.zip",
+             "taskId": "trained-1", "apply": "merge"}]}, "data": {"type": "list", "items": ["a"]}}
+        out_dir = tmp_path / "results" / "task-1"
+        narrowed, used = pick_sources(parse_task_spec(raw), out_dir)
+        assert used.used == {"spec.model.adapters[0]": "taskId"}
+        [note] = used.notes
+        assert note.startswith("spec.model.adapters[0]: used taskId (spec.model.adapters[0].path ")
+        assert "does not exist on this worker" in note and "url could not be fetched" in note
+        adapter = narrowed.model.adapters[0]
+        assert (adapter.url, adapter.task_id) == (None, None)
+        assert (Path(adapter.path) / "adapter_config.json").is_file()
+
+        # A jsonl file named by path and url: the path where it can be read.
+        data = tmp_path / "pairs.jsonl"
+        data.write_text('{"prompt": "p", "response": "r"}\n')
+        sft = {"taskType": "sft", "model": {"source": {"identifier": str(tiny_model_dir)}},
+               "data": {"jsonl": {"path": str(data), "url": "http://127.0.0.1:9/never.jsonl"}}}
+        narrowed, used = pick_sources(parse_task_spec(sft), out_dir)
+        assert narrowed.data == {"jsonl": {"path": str(data)}} and used.used == {"spec.data.jsonl": "path"}
+
+        # One source alone is not picked from: it keeps its own error where it is used.
+        alone = {**raw, "model": {**raw["model"], "adapters": [{"type": "lora", "path": str(missing)}]}}
+        spec = parse_task_spec(alone)
+        assert pick_sources(spec, out_dir) == (spec, type(used)())
+    finally:
+        reset_settings()
+
+
 # -- destination, artifacts, slo ----------------------------------------------------------------
 class RecordingHandler(http.server.BaseHTTPRequestHandler):
     """Records method, path and headers; answers uploads as the orchestrator does."""

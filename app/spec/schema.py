@@ -86,7 +86,8 @@ class VllmOptions(Strict):
 class AdapterSpec(Strict):
     """A LoRA adapter applied at inference: a local path, an archive URL, or an
     archive the orchestrator holds for ``taskId`` (``filename``; by default that task's one
-    ``final_lora``/``final_model`` archive). ``merge`` merges it into the weights."""
+    ``final_lora``/``final_model`` archive) — or several of them, the first that works on the
+    worker wins (``tasks.sources``). ``merge`` merges it into the weights."""
 
     type: Literal["lora"] = "lora"
     path: str | None = None
@@ -104,9 +105,8 @@ class AdapterSpec(Strict):
 
     @model_validator(mode="after")
     def _where(self) -> AdapterSpec:
-        given = [name for name in ("path", "url", "task_id") if getattr(self, name)]
-        if len(given) != 1:
-            raise ValueError("path: give exactly one of path, url or taskId")
+        if not any((self.path, self.url, self.task_id)):
+            raise ValueError("path: give path, url or taskId (several: the first that works on the worker)")
         _check_names(self, ("task_id", "filename"))
         return self
 
@@ -224,7 +224,8 @@ class PreferencePair(Strict):
 
 
 class JsonlSource(Strict):
-    """A JSONL file (often an earlier stage's ``jsonl_export``) with named fields."""
+    """A JSONL file (often an earlier stage's ``jsonl_export``) with named fields: its
+    ``path``, its ``url``, or both (the path where the worker can read it, else the URL)."""
 
     path: str | None = None
     url: str | None = None
@@ -237,8 +238,8 @@ class JsonlSource(Strict):
 
     @model_validator(mode="after")
     def _where(self) -> JsonlSource:
-        if bool(self.path) == bool(self.url):
-            raise ValueError("path: give exactly one of path or url")
+        if not (self.path or self.url):
+            raise ValueError("path: give path or url (both: the path where the worker can read it, else the url)")
         return self
 
 
@@ -469,9 +470,12 @@ class CheckpointLoad(Strict):
 
     @model_validator(mode="after")
     def _where(self) -> CheckpointLoad:
-        if self.type == "local" and not self.path:
+        # One source must agree with ``type``; with several (path, url, taskId) the first that
+        # works on the worker wins whatever the type says (tasks.sources).
+        several = sum(1 for source in (self.path, self.url, self.task_id) if source) > 1
+        if self.type == "local" and not self.path and not several:
             raise ValueError("path: required when type is 'local'")
-        if self.type == "http" and not self.url and not self.task_id:
+        if self.type == "http" and not self.url and not self.task_id and not several:
             raise ValueError("url: required when type is 'http' (or taskId, with an optional filename)")
         _check_names(self, ("task_id", "filename"))
         return self
