@@ -4,7 +4,16 @@ A task or pipeline document is bounded in bytes and in shape: nesting depth, num
 values (after YAML aliases are expanded), size of one string, total size after
 expansion, number of pipeline stages. The server checks a document before submitting
 it; the worker checks every message again before it reaches the pool (a message sent
-with a plain ``apply_async`` never passed the server). The HTTP limits bound what a
+with a plain ``apply_async`` never passed the server).
+
+What a document becomes is bounded too, not only what was posted: the messages a
+pipeline sends (a chain's first message carries every later stage, so the stages
+together must fit ``MAX_MESSAGE_BYTES``, checked before anything is built), a spec
+once its ``${...}`` references are resolved on the worker (``MAX_MESSAGE_BYTES``
+again, counted while it is being built: ``ByteBudget``), and a task's stored result
+(over ``MAX_RESULT_BYTES`` it stays in its ``responses.json`` and the result backend
+holds a reference: ``tasks.oversize``). ``MESHQ_MAX_MESSAGE_BYTES`` and
+``MESHQ_MAX_RESULT_BYTES`` lower or raise those two (``app.settings``). The HTTP limits bound what a
 client may make the server hold: header bytes, and how long it may take to send its
 headers or the next piece of its body.
 
@@ -16,12 +25,15 @@ hands requests to its pool that way) and recursive JSON encoders.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from app.errors import LimitExceeded
 
 MAX_DOCUMENT_BYTES = 8 * 1024 * 1024  # a task/pipeline document as posted (JSON or YAML)
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a task message's body on the worker (spec + pipeline info)
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a task message's body; a pipeline's stages together; a resolved spec
+MAX_RESULT_BYTES = 16 * 1024 * 1024  # a task's result as stored in the result backend (more: kept as a file)
+RESULT_FILE = "result_file"  # the field of a stored result that says the whole result is kept as a file
 MAX_ENVELOPE_BYTES = 64 * 1024 * 1024  # a result envelope posted by a worker
 MAX_NESTING_DEPTH = 64  # levels of mappings/lists
 MAX_VALUES = 200_000  # values (keys, items, scalars) after YAML aliases are expanded
@@ -34,6 +46,11 @@ HEADER_TIMEOUT_S = 10.0  # from connecting (or the previous response) to the end
 BODY_IDLE_TIMEOUT_S = 30.0  # longest wait for the next piece of a request body
 
 SCALAR_BYTES = 8  # what a number, boolean or null counts towards MAX_EXPANDED_BYTES
+
+
+def json_bytes(value: Any) -> int:
+    """Bytes of ``value`` as JSON (how messages and results are encoded)."""
+    return len(json.dumps(value, separators=(",", ":")))
 
 
 def _string_bytes(value: str) -> int:
@@ -91,3 +108,19 @@ def check_size(size: int, limit: int, name: str, field: str = "body") -> None:
 def check_stages(count: int, field: str = "spec.stages") -> None:
     if count > MAX_STAGES:
         raise LimitExceeded(field, f"{count} stages, more than {MAX_STAGES} (MAX_STAGES={MAX_STAGES})")
+
+
+class ByteBudget:
+    """Bytes a value being built may grow to, spent piece by piece: the first piece past
+    ``limit`` raises ``LimitExceeded`` before anything bigger is built (``${...}``
+    references that copy a result 16 times, node after node)."""
+
+    def __init__(self, limit: int, name: str, field: str, what: str) -> None:
+        self.limit, self.name, self.field, self.what = limit, name, field, what
+        self.spent = 0
+
+    def spend(self, size: int, field: str | None = None) -> None:
+        self.spent += size
+        if self.spent > self.limit:
+            raise LimitExceeded(field or self.field, f"more than {self.limit} bytes {self.what} "
+                                                     f"({self.name}={self.limit})")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.errors import ConfigError
+from app.limits import MAX_MESSAGE_BYTES, MAX_RESULT_BYTES
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_RESULTS_DIR = "./results_workers"
@@ -72,6 +73,10 @@ class Settings:
     data_dirs: tuple[str, ...] = ()
     # May a spec's trust_remote_code run a model's own Python code on this worker? (off)
     allow_remote_code: bool = False
+    # app.limits: a message, a pipeline's stages together, a resolved spec (MESHQ_MAX_MESSAGE_BYTES);
+    # a result stored in the backend (MESHQ_MAX_RESULT_BYTES; a bigger one is kept as a file).
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_result_bytes: int = MAX_RESULT_BYTES
 
     @property
     def heartbeat_ttl_s(self) -> int:
@@ -252,6 +257,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         stuck_task_s=_non_negative_int(env, "MESHQ_STUCK_TASK_S", DEFAULT_STUCK_TASK_S),
         data_dirs=parse_data_dirs(env.get("MESHQ_DATA_DIRS", "")),
         allow_remote_code=_flag(env, "MESHQ_ALLOW_REMOTE_CODE"),
+        max_message_bytes=_positive_int(env, "MESHQ_MAX_MESSAGE_BYTES", MAX_MESSAGE_BYTES),
+        max_result_bytes=_positive_int(env, "MESHQ_MAX_RESULT_BYTES", MAX_RESULT_BYTES),
     )
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.errors import SpecError
+from app.limits import RESULT_FILE, ByteBudget, json_bytes
 
 PREVIOUS_STAGE = "stage"
 ENV_PREFIX = "env:"
@@ -128,30 +129,38 @@ KEEP: Any = object()
 Lookup = Callable[[Reference, str], Any]
 
 
-def substitute(value: Any, lookup: Lookup, location: str, *, final: bool) -> Any:
+def substitute(value: Any, lookup: Lookup, location: str, *, final: bool, budget: ByteBudget | None = None) -> Any:
     """A copy of ``value`` with every reference ``lookup`` resolves replaced.
 
-    ``final`` unescapes ``$${`` (only the last pass, on the worker, may do it).
+    ``final`` unescapes ``$${`` (only the last pass, on the worker, may do it). Each
+    resolved value is counted against ``budget`` before it is copied in.
     """
     if isinstance(value, str):
-        return _substitute_string(value, lookup, location, final)
+        return _substitute_string(value, lookup, location, final, budget)
     if isinstance(value, Mapping):
-        return {key: substitute(item, lookup, join_location(location, str(key)), final=final)
+        return {key: substitute(item, lookup, join_location(location, str(key)), final=final, budget=budget)
                 for key, item in value.items()}
     if isinstance(value, list):
-        return [substitute(item, lookup, join_location(location, i), final=final)
+        return [substitute(item, lookup, join_location(location, i), final=final, budget=budget)
                 for i, item in enumerate(value)]
     return value
 
 
-def _substitute_string(text: str, lookup: Lookup, location: str, final: bool) -> Any:
+def _looked_up(ref: Reference, lookup: Lookup, location: str, budget: ByteBudget | None) -> Any:
+    value = lookup(ref, location)
+    if budget is not None and value is not KEEP:
+        budget.spend(json_bytes(value), location)
+    return value
+
+
+def _substitute_string(text: str, lookup: Lookup, location: str, final: bool, budget: ByteBudget | None) -> Any:
     matches = list(_tokens(text))
     if not matches:
         return text
     only = matches[0]
     if len(matches) == 1 and only.start() == 0 and only.end() == len(text) and not only.group(1):
         ref = parse_reference(text, location)
-        value = lookup(ref, location)
+        value = _looked_up(ref, lookup, location, budget)
         return text if value is KEEP else copy.deepcopy(value)
     parts: list[str] = []
     position = 0
@@ -162,7 +171,7 @@ def _substitute_string(text: str, lookup: Lookup, location: str, final: bool) ->
             parts.append(match.group(0)[1:] if final else match.group(0))
             continue
         ref = parse_reference(match.group(0), location)
-        value = lookup(ref, location)
+        value = _looked_up(ref, lookup, location, budget)
         parts.append(match.group(0) if value is KEEP else format_value(value))
     parts.append(text[position:])
     return "".join(parts)
@@ -226,6 +235,10 @@ def lookup_path(result: Any, ref: Reference) -> Any:
     walked = f"{ref.stage}.result"
     for part in ref.path:
         if isinstance(value, Mapping):
+            if part not in value and value is result and isinstance(value.get(RESULT_FILE), Mapping):
+                kept = value[RESULT_FILE]
+                raise LookupError(f"{walked} has no field {part!r} in the result backend: {kept.get('reason')}; "
+                                  f"the whole result is {kept.get('path')} on worker {kept.get('worker_id')}")
             if part not in value:
                 fields = ", ".join(sorted(map(str, value))[:20])
                 raise LookupError(f"{walked} has no field {part!r} (fields: {fields or 'none'})")
@@ -248,8 +261,16 @@ def lookup_path(result: Any, ref: Reference) -> Any:
 StageResults = Callable[[str], Any]  # stage name (or PREVIOUS_STAGE) → result; KeyError if unknown
 
 
-def resolve_stage_references(spec: Any, results: StageResults, location: str) -> Any:
-    """Resolve every stage reference in ``spec`` (the worker's last step before parsing)."""
+def resolve_stage_references(spec: Any, results: StageResults, location: str, max_bytes: int) -> Any:
+    """Resolve every stage reference in ``spec`` (the worker's last step before parsing).
+
+    The resolved spec may hold at most ``max_bytes`` (``MAX_MESSAGE_BYTES``: it is what
+    the stage's message would have been, written out): the spec as sent plus every
+    value copied in, counted as each is copied, so a spec that references a result 16
+    times fails before 16 copies exist.
+    """
+    budget = ByteBudget(max_bytes, "MAX_MESSAGE_BYTES", location, "once its ${...} references are resolved")
+    budget.spend(json_bytes(spec))
 
     def lookup(ref: Reference, where: str) -> Any:
         if ref.is_env:
@@ -264,4 +285,4 @@ def resolve_stage_references(spec: Any, results: StageResults, location: str) ->
         except LookupError as exc:
             raise SpecError(where, f"{ref.text}: {exc.args[0]}") from None
 
-    return substitute(spec, lookup, location, final=True)
+    return substitute(spec, lookup, location, final=True, budget=budget)

@@ -33,6 +33,7 @@ from celery.exceptions import Ignore
 
 from app import keys, routing
 from app.errors import SpecError
+from app.limits import check_document, check_size, json_bytes
 from app.redis_client import get_redis
 from app.settings import get_settings
 from app.worker.lease import cancelled_at_start
@@ -204,8 +205,11 @@ def _route_next_stage(task: Any, info: dict[str, Any], previous: Any) -> None:
 def resolve_spec(raw_spec: Any, previous: Any, pipeline: dict[str, Any] | None) -> Any:
     """The ``SPEC_RESOLVERS`` hook: the spec this task really runs with."""
     task = current_task
+    max_bytes = get_settings().max_message_bytes
     if pipeline is None:
-        return resolve_stage_references(raw_spec, _plain_results(previous), "spec")
+        resolved = resolve_stage_references(raw_spec, _plain_results(previous), "spec", max_bytes)
+        check_document(resolved, "spec")
+        return resolved
     _stop_if_cancelled(task, pipeline)
     if pipeline.get("graph"):
         _skip_if_graph_failed(task, pipeline)
@@ -214,8 +218,12 @@ def resolve_spec(raw_spec: Any, previous: Any, pipeline: dict[str, Any] | None) 
     def results(name: str) -> Any:
         return stage_result(task, pipeline, name, previous)
 
-    resolved = resolve_stage_references(raw_spec, results, pipeline["location"])
-    resolved = expand_graph_template(resolved, results, pipeline["location"])
+    resolved = resolve_stage_references(raw_spec, results, pipeline["location"], max_bytes)
+    expanded = expand_graph_template(resolved, results, pipeline["location"])
+    if expanded is not resolved:  # prompts built from results: bounded like the references
+        check_size(json_bytes(expanded), max_bytes, "MAX_MESSAGE_BYTES", pipeline["location"])
+        resolved = expanded
+    check_document(resolved, pipeline["location"])  # the document limits: depth, values, strings
     if not pipeline.get("graph"):  # graph nodes forward themselves (_check_run_on)
         _route_next_stage(task, pipeline, previous)
     return resolved

@@ -31,9 +31,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from app.errors import SpecError
-from app.limits import check_document, check_stages
-from app.settings import NAME_RE
+from app.errors import LimitExceeded, SpecError
+from app.limits import check_document, check_stages, json_bytes
+from app.settings import NAME_RE, get_settings
 from app.spec import DATA_MODELS, TASK_TYPES, TaskSpec, error_messages, spec_error_from_messages
 from app.spec.schema import REFUSED_TASK_TYPES
 from pipelines.graph import ancestors_of, read_dependencies, topological_order
@@ -225,6 +225,7 @@ def _parse_pipeline(raw: Any, env: Mapping[str, str] | None, expand_environment:
             raise SpecError("spec.stages", "must be a non-empty list of stages")
         check_stages(len(stages_raw))
         names = _stage_names(stages_raw, prefix)
+    check_message_bytes(shared, stages_raw, names)  # before a copy of the shared spec is made per stage
     is_graph = "graph" in spec
     ancestors = ancestors_of(deps) if is_graph else {}
     stages = []
@@ -261,6 +262,34 @@ def _parse_pipeline(raw: Any, env: Mapping[str, str] | None, expand_environment:
         stages = [stages[names.index(name)] for name in order]
     metadata = document.get("metadata") or {}
     return PipelineTemplate(str(metadata.get("name") or names[0]), document, tuple(stages), is_graph)
+
+
+# What a stage's message holds besides its spec: task name, ids, routing, argsrepr/kwargsrepr,
+# and its ``pipeline`` kwarg, which lists every stage's name and task id.
+SIGNATURE_BYTES = 2048
+STAGE_ENTRY_BYTES = 64  # {"name": ..., "task_id": <uuid>} in each stage's pipeline kwarg, besides the name
+
+
+def check_message_bytes(shared: Mapping[str, Any], stages_raw: list[Any], names: list[str]) -> None:
+    """``LimitExceeded`` when the pipeline's messages could exceed ``MAX_MESSAGE_BYTES``.
+
+    A chain's first message carries every later stage (a chord's header, its body), so
+    every stage's spec — the shared spec merged with its own — must fit in one message
+    together. Counted from the parts, before any stage spec or signature is built.
+    """
+    limit = get_settings().max_message_bytes
+    count = len(stages_raw)
+    shared_bytes = json_bytes(shared)
+    own = sum(json_bytes(stage.get("spec")) + json_bytes(stage.get("tags")) for stage in stages_raw
+              if isinstance(stage, Mapping))
+    entries = count * sum(STAGE_ENTRY_BYTES + len(name) for name in names)
+    total = count * (shared_bytes + SIGNATURE_BYTES) + own + entries
+    if total > limit:
+        copies = f"; each of the {count} stages carries its own copy of the shared spec ({shared_bytes} bytes)" \
+            if count > 1 else ""
+        raise LimitExceeded("spec", f"its messages would hold {total} bytes, more than {limit} "
+                                    f"(MAX_MESSAGE_BYTES={limit}): a chain's first message carries every later "
+                                    f"stage{copies}")
 
 
 def _graph_nodes(graph: Any) -> list[Any]:

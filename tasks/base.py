@@ -33,6 +33,7 @@ from app.spec import TaskSpec, parse_task_spec
 from app.worker.lease import LEASE_POLL_S, AlreadyFinished, TaskLease, lease_ttl_s, max_task_runs
 from tasks.executors import EXECUTORS, Executor
 from tasks.outcome import annotate
+from tasks.oversize import stored_result
 from tasks.progress import CeleryProgress, announce_revoked
 from tasks.sources import pick_sources
 
@@ -88,8 +89,11 @@ SPEC_RESOLVERS: list[Callable[[Any, Any, dict[str, Any] | None], Any]] = []
 
 
 def finish_result(task_id: str, spec: TaskSpec, out_dir: Path, result: dict[str, Any], runtime_s: float,
-                  *, walk: bool = True, run: int | None = None) -> dict[str, Any]:
-    """Annotate a result, write ``responses.json`` + ``manifest.json`` and deliver it (http).
+                  *, walk: bool = True, run: int | None = None, inline: bool = False) -> dict[str, Any]:
+    """Annotate a result, write ``responses.json`` + ``manifest.json`` and deliver it (http);
+    return what the result backend stores: the result, or past ``MAX_RESULT_BYTES`` its
+    reference (``tasks.oversize``; ``inline``: always the result — a shard's, which its
+    merge reads).
 
     Written under the run fence (``app.artifacts.run_fence``): when a later run of the
     task committed its outputs to the same directory (a shared ``RESULTS_DIR``), this run
@@ -104,8 +108,8 @@ def finish_result(task_id: str, spec: TaskSpec, out_dir: Path, result: dict[str,
     delivered = deliver_result(task_id, spec.output.destination, result, run=run)
     if delivered != result:  # URLs were added: keep responses.json equal to the result
         with fenced(out_dir, run):
-            write_task_outputs(out_dir, delivered, reuse=manifest)
-    return delivered
+            manifest = write_task_outputs(out_dir, delivered, reuse=manifest)
+    return delivered if inline else stored_result(delivered, out_dir, manifest, get_settings().max_result_bytes)
 
 
 def still_ours(lease: TaskLease) -> None:
@@ -200,7 +204,8 @@ class MeshqTask(Task):
                       **result}
             still_ours(lease)  # before anything is written or delivered
             delivered = finish_result(task_id, spec, out_dir, result, time.monotonic() - started,
-                                      walk=getattr(executor, "writes_files", True), run=runs)
+                                      walk=getattr(executor, "writes_files", True), run=runs,
+                                      inline=shard is not None)
             still_ours(lease)  # and before Celery stores it as the task's result
             return delivered
         except LeaseLost as exc:

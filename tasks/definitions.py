@@ -30,7 +30,7 @@ class InferenceTask(MeshqTask):
         split_inference(self, spec, raw_spec, out_dir)  # parallel.max_shards / resources.replicas
 
     def executor_options(self, shard: dict[str, Any] | None) -> dict[str, Any]:
-        return {"shard": PromptRange.from_dict(shard)} if shard else {}
+        return {"shard": PromptRange.from_dict(shard), "metadata": shard.get("metadata")} if shard else {}
 
 
 class SFTTask(MeshqTask):

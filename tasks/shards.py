@@ -7,11 +7,17 @@ Once its spec is resolved it reads the prompts, plans up to N contiguous ranges
 with a chord:
 
 * one ``meshq.inference`` task per shard — id ``<task id>-shard<i>``, the resolved
-  spec, kwarg ``shard`` (the range and the parent's id) — sent to the task's own
-  queue (tags, capabilities: ``tasks.placement``), so any worker that could run the
-  task can run a shard; each is an ordinary task (lease, redelivery, cancel);
-* ``meshq.inference_merge`` as the chord body, under the task's own id, so the
-  chain or graph around the task goes on from its merged result.
+  spec with ``data`` replaced by the prompts of its range only (read, sliced and
+  shuffled once, here: a ``shuffle`` without ``seed`` gets one seed for the task,
+  ``tasks.executors.inference.shuffle_seed_for``, recorded as ``shuffle_seed``), kwarg
+  ``shard`` (the range, the parent's id, the range's ``metadata_columns`` values) —
+  sent to the task's own queue (tags, capabilities: ``tasks.placement``), so any
+  worker that could run the task can run a shard; each is an ordinary task (lease,
+  redelivery, cancel). A shard's message and stored result hold its slice, never the
+  whole prompt list;
+* ``meshq.inference_merge`` as the chord body, under the task's own id, with the
+  spec less its prompts (every shard's message carries the body), so the chain or
+  graph around the task goes on from its merged result.
 
 The merge concatenates the shards' items (in input order), sums ``usage``, writes
 ``postprocess.jsonl_export`` once from all items, writes ``responses.json`` and
@@ -55,9 +61,18 @@ def shard_task_id(task_id: str, index: int) -> str:
     return f"{task_id}-shard{index}"
 
 
-def shard_spec(raw_spec: dict[str, Any]) -> dict[str, Any]:
-    """What each shard runs: the resolved spec without what the merge does once."""
-    return {key: value for key, value in raw_spec.items() if key not in SHARD_SPEC_DROPPED}
+def shard_spec(raw_spec: dict[str, Any], prompts: list[str]) -> dict[str, Any]:
+    """What a shard runs: the resolved spec without what the merge does once, its ``prompts``
+    as the data (already sliced, shuffled and cut to ``max_samples``)."""
+    spec = {key: value for key, value in raw_spec.items() if key not in SHARD_SPEC_DROPPED}
+    spec["data"] = {"type": "list", "items": prompts}
+    return spec
+
+
+def merge_spec(raw_spec: dict[str, Any]) -> dict[str, Any]:
+    """What the merge gets: the resolved spec less the prompts (the shards had them)."""
+    data = raw_spec.get("data") or {}
+    return {**raw_spec, "data": {key: value for key, value in data.items() if key != "items"}}
 
 
 def record_plan(task_id: str, plan: list[dict[str, Any]], ttl_s: int, client: redis.Redis | None = None) -> None:
@@ -73,7 +88,8 @@ def split_inference(task: Any, spec: TaskSpec, raw_spec: dict[str, Any], out_dir
     """Replace ``task`` by a chord of shards + merge when its spec asks for shards (else return)."""
     if spec.shards <= 1:
         return
-    total = len(load_prompts(spec, out_dir).texts)
+    prompts = load_prompts(spec, out_dir)
+    total = len(prompts.texts)
     ranges = plan_shards(total, spec.shards)
     if len(ranges) <= 1:
         return
@@ -83,10 +99,13 @@ def split_inference(task: Any, spec: TaskSpec, raw_spec: dict[str, Any], out_dir
     record_plan(task_id, plan, int(task.app.conf.result_expires or 7 * 24 * 3600))
     inference = task.app.tasks["meshq.inference"]
     merge = task.app.tasks[MERGE_TASK_NAME]
-    shards = [inference.si(shard_spec(raw_spec), shard={**r.as_dict(), "parent": task_id})
+    shards = [inference.si(shard_spec(raw_spec, prompts.texts[r.start:r.stop]),
+                           shard={**r.as_dict(), "parent": task_id,
+                                  **({"metadata": prompts.metadata[r.start:r.stop]} if prompts.metadata else {})})
               .set(task_id=shard_task_id(task_id, r.index), queue=queue) for r in ranges]
     # The merge goes where the task may run too (it writes the task's outputs and delivers them).
-    body = merge.s(spec=raw_spec, task_id=task_id, started_at=utc_now_iso(), started_s=time.time()).set(queue=queue)
+    body = merge.s(spec=merge_spec(raw_spec), task_id=task_id, started_at=utc_now_iso(), started_s=time.time(),
+                   shuffle_seed=prompts.seed).set(queue=queue)
     task.update_state(state=PROGRESS_STATE, meta={
         "shards_done": 0, "shards_total": len(ranges), "total": total,
         "worker_id": get_settings().worker_id, "taskType": "inference"})
@@ -129,8 +148,8 @@ class InferenceMergeTask(Task):
     typing = False
 
     def run(self, results: list[dict[str, Any]], *, spec: dict[str, Any], task_id: str, started_at: str,
-            started_s: float, **_: Any) -> dict[str, Any]:
-        parsed = parse_task_spec(spec)
+            started_s: float, shuffle_seed: int | None = None, **_: Any) -> dict[str, Any]:
+        parsed = parse_task_spec(spec, check_data=False)  # checked by the task it was split from
         settings = get_settings()
         out_dir = results_root(settings.results_dir) / task_id
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -142,6 +161,8 @@ class InferenceMergeTask(Task):
         export = parsed.postprocess.jsonl_export if parsed.postprocess is not None else None
         if export is not None:
             merged["jsonl_export"] = write_export(merged["items"], export, out_dir)
+        if shuffle_seed is not None:
+            merged["shuffle_seed"] = shuffle_seed
         result = {"task_id": task_id, "taskType": "inference", "output_dir": str(out_dir),
                   "worker_id": settings.worker_id,
                   "started_at": started_at, "finished_at": utc_now_iso(), **merged}

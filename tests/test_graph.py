@@ -90,6 +90,29 @@ def test_a_failing_node_skips_its_dependants_and_running_nodes_finish(worker_fac
         assert not (worker.results_dir / d["task_id"]).exists()
 
 
+def test_references_that_multiply_results_fail_the_node_naming_the_limit(worker_factory, redis_client) -> None:
+    """Five echo nodes, each referencing the whole result of the one before 8 times: each result is 8
+    times the last. The node whose resolved spec would pass MAX_MESSAGE_BYTES (128 KiB here) fails
+    before it runs, naming the limit; its dependant is skipped; nothing that big is stored."""
+    limit = 128 * 1024
+    worker_factory(worker_id="mul", env={"MESHQ_MAX_MESSAGE_BYTES": str(limit)})
+    nodes = [node("n0", data={"text": "x" * 64})]
+    for i in range(1, 5):
+        nodes.append(node(f"n{i}", f"n{i - 1}", data={"copies": [f"${{n{i - 1}.result}}"] * 8}))
+    run = Pipeline.from_dict({"spec": {"taskType": "echo", "graph": {"nodes": nodes}}}).submit()
+    with pytest.raises(PipelineError) as info:
+        run.wait(timeout=120)
+    status = run.status()
+    assert info.value.stage == "n3", status
+    assert status["state"] == "FAILURE" and status["failed_stage"] == "n3"
+    failed = status["stages"]["n3"]
+    assert failed["error_type"] == "LimitExceeded" and f"MAX_MESSAGE_BYTES={limit}" in failed["error"]
+    assert failed["error_field"].startswith("spec.graph.nodes[3].spec.data.copies[")
+    assert status["stages"]["n2"]["state"] == "SUCCESS" and status["stages"]["n4"]["state"] == "SKIPPED"
+    stored = {key: redis_client.strlen(key) for key in redis_client.keys("celery-task-meta-*")}
+    assert stored and max(stored.values()) < limit, stored
+
+
 def test_a_node_not_started_when_another_failed_is_skipped(worker_factory, redis_client) -> None:
     """One worker: C fails while B waits in the queue; B then never runs (SKIPPED)."""
     worker = worker_factory(worker_id="one")

@@ -109,6 +109,33 @@ def pipeline_stage_signature(run: PipelineRun, name: str) -> Any:
                 if sig.kwargs["pipeline"]["stage"] == name)
 
 
+def test_a_result_over_the_limit_is_kept_as_a_file_and_referenced(worker_factory, redis_client) -> None:
+    """A result past MAX_RESULT_BYTES (16 KiB here) stays in its responses.json; the result backend
+    holds its small fields and where the file is. A later stage may reference the small fields; a
+    reference to what was left out fails naming the limit and the file."""
+    limit = 16 * 1024
+    worker = worker_factory(worker_id="big", env={"MESHQ_MAX_RESULT_BYTES": str(limit)})
+    blob = "y" * (48 * 1024)
+    run = Pipeline.from_dict(echo_stages(
+        {"name": "big", "spec": {"data": {"blob": blob}}},
+        {"name": "small", "spec": {"data": {"ran_on": "${big.result.worker_id}"}}},
+        {"name": "whole", "spec": {"data": {"blob": "${big.result.echo.data.blob}"}}})).submit()
+    with pytest.raises(PipelineError) as info:
+        run.wait(timeout=120)
+    assert info.value.stage == "whole"
+    status = run.status()
+    big = json.loads(redis_client.get(f"celery-task-meta-{status['stages']['big']['task_id']}"))
+    assert big["status"] == "SUCCESS" and len(json.dumps(big["result"])) < limit
+    kept = big["result"]["result_file"]
+    assert kept["path"] == str(worker.results_dir / big["task_id"] / "responses.json")
+    assert big["result"]["worker_id"] == "big" and "echo" not in big["result"] and kept["omitted"] == ["echo"]
+    whole = json.loads(Path(kept["path"]).read_text())
+    assert whole["echo"]["data"]["blob"] == blob and kept["json_bytes"] > limit
+    assert status["stages"]["small"]["result"]["echo"]["data"] == {"ran_on": "big"}
+    error = status["stages"]["whole"]["error"]
+    assert f"MAX_RESULT_BYTES={limit}" in error and kept["path"] in error, error
+
+
 def test_failed_stage_stops_the_chain(worker_factory, redis_client) -> None:
     worker = worker_factory()
     events = TaskEvents(redis_client)

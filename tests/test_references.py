@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from app.errors import SpecError
+from app.limits import MAX_MESSAGE_BYTES
 from pipelines.references import expand_env, resolve_stage_references
 
 RESULTS: dict[str, Any] = {
@@ -31,7 +32,7 @@ def results(name: str) -> Any:
 
 
 def resolve(spec: Any) -> Any:
-    return resolve_stage_references(spec, results, "spec.stages[2].spec")
+    return resolve_stage_references(spec, results, "spec.stages[2].spec", MAX_MESSAGE_BYTES)
 
 
 @pytest.mark.parametrize(("value", "expected"), [

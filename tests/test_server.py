@@ -380,6 +380,25 @@ def test_invalid_task_documents_are_refused_naming_the_field(server_factory, red
     assert redis_client.llen("tasks") == 0  # nothing was enqueued
 
 
+def test_a_pipeline_whose_messages_would_pass_the_limit_is_refused_at_submission(server_factory,
+                                                                                    redis_client) -> None:
+    """A small document of 64 stages sharing 64 KiB of ``data``: every stage carries its own copy and a
+    chain's first message carries every stage, 4 MiB in all, over the server's MAX_MESSAGE_BYTES
+    (1 MiB here): 413 naming the limit, nothing recorded, nothing queued."""
+    server = server_factory(env={"MESHQ_MAX_MESSAGE_BYTES": str(1024 * 1024)})
+    shared = {"blob": "x" * (64 * 1024)}
+    document = {"spec": {"taskType": "echo", "data": shared,
+                         "stages": [{"name": f"s{i}", "spec": {"echo": {"message": i}}} for i in range(64)]}}
+    reply = requests.post(f"{server.base_url}/api/v1/tasks", json=document, timeout=60)
+    assert reply.status_code == 413, reply.text
+    assert reply.json()["field"] == "spec" and "MAX_MESSAGE_BYTES=1048576" in reply.json()["detail"]
+    assert "64 stages carries its own copy of the shared spec" in reply.json()["detail"]
+    assert redis_client.llen("tasks") == 0 and not redis_client.keys("meshq:pipeline:*")
+    # The same stages without the shared blob fit, and are accepted.
+    small = {"spec": {"taskType": "echo", "stages": document["spec"]["stages"]}}
+    assert requests.post(f"{server.base_url}/api/v1/tasks", json=small, timeout=60).status_code == 202
+
+
 def test_submit_echo_runs_on_a_real_worker_then_state_result_cancel(server_factory, worker_factory,
                                                                     redis_client) -> None:
     server = server_factory()

@@ -12,6 +12,7 @@ from celery.result import AsyncResult
 from app.errors import PipelineError
 from pipelines import Pipeline, PipelineRun
 from pipelines.display import describe_progress
+from tasks.executors.data import sample
 from tasks.executors.shards import PromptRange, plan_shards
 from tasks.shards import merge_results
 from tests.conftest import wait_for
@@ -87,6 +88,32 @@ def test_64_prompts_sharded_over_two_workers_equal_the_unsharded_run(worker_fact
     # replicas means the same.
     replicas = Pipeline.from_dict(spec(tiny_model_dir, PROMPTS[:6], resources={"replicas": 2})).submit()
     assert len(replicas.wait(timeout=300)["inference"]["shards"]) == 2
+
+
+def test_shuffled_shards_answer_each_prompt_once_and_carry_only_their_slice(worker_factory, redis_client,
+                                                                            tiny_model_dir: Path) -> None:
+    """``shuffle: true`` without a seed, in 4 shards: one seed for the whole task (recorded), so every
+    prompt is answered exactly once, in the shuffled order; each shard's message (its stored
+    arguments) and result hold its own prompts only, and the merge's none."""
+    worker_factory(worker_id="u1", env=WORKER_ENV)
+    prompts = PROMPTS[:20]
+    document = spec(tiny_model_dir, prompts, parallel={"enabled": True, "max_shards": 4})
+    document["data"]["shuffle"] = True
+    run = Pipeline.from_dict(document).submit()
+    result = run.wait(timeout=300)["inference"]
+    answered = [item["prompt"] for item in result["items"]]
+    assert sorted(answered) == sorted(prompts)
+    assert [item["index"] for item in result["items"]] == list(range(20))
+    assert answered == sample(prompts, shuffle=True, seed=result["shuffle_seed"]) != prompts
+    for shard in result["shards"]:
+        raw = redis_client.get(f"celery-task-meta-{shard['task_id']}")
+        stored = json.loads(raw)
+        mine = answered[shard["start"]:shard["stop"]]
+        assert stored["args"][0]["data"] == {"type": "list", "items": mine}
+        assert [item["prompt"] for item in stored["result"]["items"]] == mine
+        assert not [p for p in prompts if p not in mine and p in raw]
+    merge = json.loads(redis_client.get(f"celery-task-meta-{run.id}"))
+    assert "items" not in merge["kwargs"]["spec"]["data"] and merge["kwargs"]["spec"]["data"]["shuffle"] is True
 
 
 def test_a_failing_shard_fails_the_task_naming_the_shard(worker_factory, redis_client, tiny_model_dir: Path) -> None:

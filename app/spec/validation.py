@@ -62,15 +62,18 @@ def spec_error_from(exc: ValidationError, prefix: str) -> SpecError:
     return spec_error_from_messages(messages, prefix) if messages else SpecError(prefix, str(exc))
 
 
-def parse_task_spec(raw: Any, prefix: str = "spec") -> TaskSpec:
-    """Validate a task spec dict; raise ``SpecError`` naming the field on any problem."""
+def parse_task_spec(raw: Any, prefix: str = "spec", *, check_data: bool = True) -> TaskSpec:
+    """Validate a task spec dict; raise ``SpecError`` naming the field on any problem.
+
+    ``check_data=False`` leaves ``data`` unchecked (the merge of a sharded task: its shards had
+    the prompts, the task it was split from checked them)."""
     if not isinstance(raw, dict):
         raise SpecError(prefix, f"must be a mapping, got {type(raw).__name__}")
     try:
         spec = TaskSpec.model_validate(raw)
     except ValidationError as exc:
         raise spec_error_from(exc, prefix) from None
-    data_model = DATA_MODELS.get(spec.taskType)
+    data_model = DATA_MODELS.get(spec.taskType) if check_data else None
     if data_model is not None:
         try:
             data = data_model.model_validate(spec.data or {})

@@ -20,7 +20,8 @@ from celery.worker import state as worker_state
 from celery.worker.strategy import default as default_strategy
 
 from app.errors import LimitExceeded, SpecError
-from app.limits import MAX_MESSAGE_BYTES, check_document, check_size
+from app.limits import check_document, check_size
+from app.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,8 @@ def message_problem(message: Any, body: Any) -> Exception | None:
     """Why ``message`` must not reach the pool (an exception naming the limit), or None."""
     raw = message.body
     try:
-        check_size(len(raw) if isinstance(raw, bytes | str) else 0, MAX_MESSAGE_BYTES, "MAX_MESSAGE_BYTES",
-                   "message")
+        check_size(len(raw) if isinstance(raw, bytes | str) else 0, get_settings().max_message_bytes,
+                   "MAX_MESSAGE_BYTES", "message")
         if body is None and "args" not in message.payload:
             payload = message.decode()  # protocol 2: [args, kwargs, embed]
             args, kwargs = (payload[0], payload[1]) if isinstance(payload, list | tuple) else ((), {})

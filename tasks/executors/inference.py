@@ -25,6 +25,7 @@ process imports this module and must never import them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -144,6 +145,7 @@ def generate_in_batches(batches: Sequence[list[int]],
         "generate_sec": round(generate_s, 4),
         "batches": len(batches),
         "max_batch_size": max(len(b) for b in batches),
+        **({"shuffle_seed": data.seed} if data.seed is not None else {}),
     }
 
 
@@ -183,6 +185,13 @@ def render_prompts(prompts: Sequence[str], options: InferenceOptions, tokenizer:
 class Prompts:
     texts: list[str]
     metadata: list[dict[str, Any]] | None = None  # per prompt, from data.metadata_columns
+    seed: int | None = None  # the seed of data.shuffle (given, or chosen: shuffle_seed_for)
+
+
+def shuffle_seed_for(task_id: str) -> int:
+    """The seed of a ``shuffle: true`` given no ``seed``: derived from the task id, so every
+    run of the task, and every shard of it, sees the prompts in the same order."""
+    return int.from_bytes(hashlib.sha256(task_id.encode("utf-8")).digest()[:4], "big")
 
 
 def metadata_aliases(columns: dict[str, str] | list[str] | None) -> dict[str, str]:
@@ -200,15 +209,16 @@ def load_prompts(spec: TaskSpec, out_dir: Path) -> Prompts:
     if data.type == "graph_template":  # the pipeline's worker side builds these into a list
         raise SpecError("spec.data.type", "graph_template prompts are built from earlier nodes' results: "
                                           "submit the task as a node of a graph pipeline")
+    seed = (data.seed if data.seed is not None else shuffle_seed_for(out_dir.name)) if data.shuffle else None
     if data.type == "list":
-        return Prompts(sample(list(data.items or []), shuffle=data.shuffle, seed=data.seed,
-                              max_samples=data.max_samples))
+        return Prompts(sample(list(data.items or []), shuffle=data.shuffle, seed=seed,
+                              max_samples=data.max_samples), seed=seed)
     source = str(data.url or data.path)
     field = "spec.data.url" if data.url else "spec.data.path"
     if source.startswith(("http://", "https://")):
         source = str(download_file(source, out_dir / "inputs"))
     rows = read_records(source, field=field, split=data.split, name=data.name)
-    rows = sample(rows, shuffle=data.shuffle, seed=data.seed, max_samples=data.max_samples)
+    rows = sample(rows, shuffle=data.shuffle, seed=seed, max_samples=data.max_samples)
     if not rows:
         raise SpecError("spec.data.split", f"{data.split!r} of {source!r} has no rows")
     texts = column(rows, data.column, "spec.data.column")
@@ -218,7 +228,7 @@ def load_prompts(spec: TaskSpec, out_dir: Path) -> Prompts:
         raise SpecError("spec.data.metadata_columns", f"column {missing[0]!r} not found in the dataset "
                                                       f"({len(rows[0])} columns)")
     metadata = [{alias: row.get(name) for name, alias in aliases.items()} for row in rows] if aliases else None
-    return Prompts(texts, metadata)
+    return Prompts(texts, metadata, seed)
 
 
 # -- checkpoints -------------------------------------------------------------------------
@@ -380,9 +390,10 @@ class InferenceExecutor:
         self.vllm_cache = vllm_cache or VLLM_CACHE
 
     def run(self, spec: TaskSpec, out_dir: Path, progress: Progress,
-            shard: PromptRange | None = None) -> dict[str, Any]:
-        """Run every prompt, or with ``shard`` only its range (items keep their index in the
-        whole task; the postprocess export is left to whoever merges the shards)."""
+            shard: PromptRange | None = None, metadata: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Run every prompt, or with ``shard`` one shard: its spec's data is the prompts of its
+        range and ``metadata`` theirs (items keep their index in the whole task; the
+        postprocess export is left to whoever merges the shards)."""
         started = time.monotonic()
         if spec.model is None:
             raise SpecError("spec.model", "required for taskType 'inference'")
@@ -390,12 +401,11 @@ class InferenceExecutor:
         data = load_prompts(spec, out_dir)
         offset = 0
         if shard is not None:
-            if shard.stop > len(data.texts):
+            if len(data.texts) != shard.size or (metadata is not None and len(metadata) != shard.size):
                 raise SpecError("spec.data", f"shard {shard.index} covers prompts {shard.start}-{shard.stop - 1} "
-                                             f"but the data has {len(data.texts)} prompts")
+                                             f"but its message has {len(data.texts)} prompts")
             offset = shard.start
-            data = Prompts(data.texts[shard.start:shard.stop],
-                           data.metadata[shard.start:shard.stop] if data.metadata is not None else None)
+            data = Prompts(data.texts, metadata)
         prompts = data.texts
         data_field = "spec.data.items" if spec.inference_data().type == "list" else "spec.data.column"
         if not (options.system_prompt or options.chat_template):  # cheap checks before any loading
