@@ -32,7 +32,9 @@ from app.errors import LimitExceeded
 
 MAX_DOCUMENT_BYTES = 8 * 1024 * 1024  # a task/pipeline document as posted (JSON or YAML)
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a task message's body; a pipeline's stages together; a resolved spec
-MAX_RESULT_BYTES = 16 * 1024 * 1024  # a task's result as stored in the result backend (more: kept as a file)
+# A task's result as stored in the result backend (more: kept as a file). Half a message: a
+# chain hands a stage's result on inside the next stage's message.
+MAX_RESULT_BYTES = 8 * 1024 * 1024
 RESULT_FILE = "result_file"  # the field of a stored result that says the whole result is kept as a file
 MAX_ENVELOPE_BYTES = 64 * 1024 * 1024  # a result envelope posted by a worker
 MAX_NESTING_DEPTH = 64  # levels of mappings/lists

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.errors import SpecError
-from app.limits import RESULT_FILE, ByteBudget, json_bytes
+from app.limits import RESULT_FILE, ByteBudget, check_document, json_bytes
 
 PREVIOUS_STAGE = "stage"
 ENV_PREFIX = "env:"
@@ -267,12 +267,14 @@ def resolve_stage_references(spec: Any, results: StageResults, location: str, ma
     The resolved spec may hold at most ``max_bytes`` (``MAX_MESSAGE_BYTES``: it is what
     the stage's message would have been, written out): the spec as sent plus every
     value copied in, counted as each is copied, so a spec that references a result 16
-    times fails before 16 copies exist.
+    times fails before 16 copies exist. A spec that changed is then held to the
+    document limits too (depth, values, string bytes).
     """
     budget = ByteBudget(max_bytes, "MAX_MESSAGE_BYTES", location, "once its ${...} references are resolved")
-    budget.spend(json_bytes(spec))
 
     def lookup(ref: Reference, where: str) -> Any:
+        if not budget.spent:  # the spec itself, counted once it has a reference to resolve
+            budget.spend(json_bytes(spec))
         if ref.is_env:
             raise SpecError(where, f"{ref.text}: environment variable references must be expanded "
                                    "before submission")
@@ -285,4 +287,7 @@ def resolve_stage_references(spec: Any, results: StageResults, location: str, ma
         except LookupError as exc:
             raise SpecError(where, f"{ref.text}: {exc.args[0]}") from None
 
-    return substitute(spec, lookup, location, final=True, budget=budget)
+    resolved = substitute(spec, lookup, location, final=True, budget=budget)
+    if budget.spent:
+        check_document(resolved, location)
+    return resolved

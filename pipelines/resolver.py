@@ -207,9 +207,7 @@ def resolve_spec(raw_spec: Any, previous: Any, pipeline: dict[str, Any] | None) 
     task = current_task
     max_bytes = get_settings().max_message_bytes
     if pipeline is None:
-        resolved = resolve_stage_references(raw_spec, _plain_results(previous), "spec", max_bytes)
-        check_document(resolved, "spec")
-        return resolved
+        return resolve_stage_references(raw_spec, _plain_results(previous), "spec", max_bytes)
     _stop_if_cancelled(task, pipeline)
     if pipeline.get("graph"):
         _skip_if_graph_failed(task, pipeline)
@@ -222,8 +220,8 @@ def resolve_spec(raw_spec: Any, previous: Any, pipeline: dict[str, Any] | None) 
     expanded = expand_graph_template(resolved, results, pipeline["location"])
     if expanded is not resolved:  # prompts built from results: bounded like the references
         check_size(json_bytes(expanded), max_bytes, "MAX_MESSAGE_BYTES", pipeline["location"])
+        check_document(expanded, pipeline["location"])
         resolved = expanded
-    check_document(resolved, pipeline["location"])  # the document limits: depth, values, strings
     if not pipeline.get("graph"):  # graph nodes forward themselves (_check_run_on)
         _route_next_stage(task, pipeline, previous)
     return resolved

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from app.errors import SpecError
+from app.errors import LimitExceeded, SpecError
 from app.limits import MAX_MESSAGE_BYTES
 from pipelines.references import expand_env, resolve_stage_references
 
@@ -125,3 +125,21 @@ def test_missing_environment_variable_and_disabled_expansion() -> None:
         expand_env({"spec": {"model": {"source": {"identifier": "${env:MESHQ_MODEL}"}}}}, {}, "")
     with pytest.raises(SpecError, match="expanded only by the client"):
         expand_env({"spec": {"x": "${env:HOME}"}}, None, "")
+
+
+def test_a_spec_grown_by_its_references_fails_before_the_copies_exist() -> None:
+    """16 references to a 1 KiB result under an 8 KiB limit: LimitExceeded naming the limit and
+    the reference where it was passed, after at most 8 results were looked up."""
+    looked_up = []
+
+    def big(name: str) -> Any:
+        looked_up.append(name)
+        return {"text": "z" * 1024}
+
+    spec = {"taskType": "echo", "data": {"copies": ["${gen.result}"] * 16}}
+    with pytest.raises(LimitExceeded) as info:
+        resolve_stage_references(spec, big, "spec.stages[1].spec", 8 * 1024)
+    assert info.value.field.startswith("spec.stages[1].spec.data.copies[")
+    assert "(MAX_MESSAGE_BYTES=8192)" in str(info.value) and len(looked_up) <= 8
+    # The same spec under the default limit resolves.
+    assert len(resolve_stage_references(spec, big, "spec", MAX_MESSAGE_BYTES)["data"]["copies"]) == 16
