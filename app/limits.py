@@ -13,9 +13,10 @@ once its ``${...}`` references are resolved on the worker (``MAX_MESSAGE_BYTES``
 again, counted while it is being built: ``ByteBudget``), and a task's stored result
 (over ``MAX_RESULT_BYTES`` it stays in its ``responses.json`` and the result backend
 holds a reference: ``tasks.oversize``). ``MESHQ_MAX_MESSAGE_BYTES`` and
-``MESHQ_MAX_RESULT_BYTES`` lower or raise those two (``app.settings``). The HTTP limits bound what a
-client may make the server hold: header bytes, and how long it may take to send its
-headers or the next piece of its body.
+``MESHQ_MAX_RESULT_BYTES`` lower or raise those two (``app.settings``).
+
+The HTTP limits bound what a client may make the server hold: header bytes, and how
+long it may take to send its headers or the next piece of its body.
 
 Why these numbers: a real spec is a few KiB, nests fewer than 10 levels and names a
 handful of stages; prompt lists of tens of thousands of items stay well inside. A

@@ -21,12 +21,15 @@ SMALL_FIELD_BYTES = 1024  # a top-level field this small stays in the stored ref
 
 
 def stored_result(result: dict[str, Any], out_dir: Path, manifest: dict[str, Any], max_bytes: int) -> dict[str, Any]:
-    """``result`` itself when it fits ``max_bytes`` as JSON, else its reference."""
+    """``result`` itself when it fits ``max_bytes`` as JSON, else its reference. ``manifest``
+    lists the ``responses.json`` just written from it."""
+    entry: dict[str, Any] = next((f for f in manifest.get("files", []) if f.get("path") == RESPONSES_NAME), {})
+    if entry.get("bytes") is not None and int(entry["bytes"]) <= max_bytes:  # indented: never smaller
+        return result
     size = json_bytes(result)
     if size <= max_bytes:
         return result
     kept = {key: value for key, value in result.items() if json_bytes(value) <= SMALL_FIELD_BYTES}
-    entry: dict[str, Any] = next((f for f in manifest.get("files", []) if f.get("path") == RESPONSES_NAME), {})
     kept[RESULT_FILE] = {
         "path": str(out_dir / RESPONSES_NAME), "bytes": entry.get("bytes"), "sha256": entry.get("sha256"),
         "json_bytes": size, "worker_id": result.get("worker_id"),

@@ -115,7 +115,9 @@ def test_a_shard_runs_on_vllm_with_the_whole_task_numbering(executor, model_dir,
     prompts = mixed_prompts(9, seed=3)
     raw = inference_spec(model_dir, prompts)
     whole = run(executor, raw, tmp_path)
-    shard = executor.run(parse_task_spec(raw), tmp_path, RecordingProgress(), shard=PromptRange(1, 3, 3, 6))
+    # A shard's spec holds the prompts of its range only (tasks.shards.shard_spec).
+    shard = executor.run(parse_task_spec(inference_spec(model_dir, prompts[3:6])), tmp_path, RecordingProgress(),
+                         shard=PromptRange(1, 3, 3, 6))
     assert shard["backend"] == "vllm" and shard["shard"] == {"index": 1, "count": 3, "start": 3, "stop": 6}
     assert shard["items"] == whole["items"][3:6]
 
