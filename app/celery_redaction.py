@@ -8,7 +8,8 @@ each gets ``app.redaction.redact_secrets`` applied:
   and ``task-received`` events, Flower and the worker's log lines show;
 * the result backend's extended fields (``result_extended`` stores ``args``/``kwargs``
   with every state: STARTED, PROGRESS, SUCCESS, FAILURE, REVOKED):
-  ``RedactingRedisBackend``, installed by ``celeryconfig.result_backend``;
+  ``RedactingRedisBackend``, installed by ``celeryconfig.result_backend``; arguments
+  past ``MAX_RESULT_BYTES`` are not stored there at all (a note says how big they were);
 * ``celery inspect active/reserved/scheduled`` (Flower's worker page): ``RedactingRequest``
   answers with the redacted representation, as Celery's ``safe=True`` does.
 
@@ -29,7 +30,9 @@ from celery.utils.saferepr import saferepr
 from celery.worker.request import Request
 from kombu.utils.encoding import bytes_to_str
 
+from app.limits import json_bytes
 from app.redaction import redact_secrets
+from app.settings import get_settings
 from app.worker.outage import REDIS_OUTAGE_S, RETRY_INTERVAL_S
 
 log = logging.getLogger(__name__)
@@ -120,9 +123,14 @@ class RedactingRedisBackend(RedisBackend):
 
     def _get_result_meta(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         meta: dict[str, Any] = super()._get_result_meta(*args, **kwargs)
+        limit = get_settings().max_result_bytes
         for field in ("args", "kwargs"):
             if meta.get(field) is not None:
-                meta[field] = redact_secrets(meta[field])
+                value = redact_secrets(meta[field])
+                # Bounded like a result: a sharded task's merge is called with every shard's result.
+                size = json_bytes(value)
+                meta[field] = value if size <= limit else \
+                    f"<{size} bytes, not stored: more than MAX_RESULT_BYTES={limit}>"
         return meta
 
 

@@ -29,7 +29,13 @@ def stored_result(result: dict[str, Any], out_dir: Path, manifest: dict[str, Any
     size = json_bytes(result)
     if size <= max_bytes:
         return result
-    kept = {key: value for key, value in result.items() if json_bytes(value) <= SMALL_FIELD_BYTES}
+    kept: dict[str, Any] = {}
+    room = max_bytes // 2  # the reference stays well inside the limit it reports
+    for key, value in result.items():
+        field_bytes = json_bytes(value)
+        if field_bytes <= min(SMALL_FIELD_BYTES, room):
+            kept[key] = value
+            room -= field_bytes + len(key)
     kept[RESULT_FILE] = {
         "path": str(out_dir / RESPONSES_NAME), "bytes": entry.get("bytes"), "sha256": entry.get("sha256"),
         "json_bytes": size, "worker_id": result.get("worker_id"),

@@ -94,13 +94,19 @@ def test_shuffled_shards_answer_each_prompt_once_and_carry_only_their_slice(work
                                                                             tiny_model_dir: Path) -> None:
     """``shuffle: true`` without a seed, in 4 shards: one seed for the whole task (recorded), so every
     prompt is answered exactly once, in the shuffled order; each shard's message (its stored
-    arguments) and result hold its own prompts only, and the merge's none."""
-    worker_factory(worker_id="u1", env=WORKER_ENV)
+    arguments) and result hold its own prompts only, and the merge's none. Under a MAX_RESULT_BYTES
+    of 4 KiB the merged result is kept as a file, and the merge's arguments (every shard's
+    result) are not stored."""
+    limit = 4096
+    worker_factory(worker_id="u1", env={**WORKER_ENV, "MESHQ_MAX_RESULT_BYTES": str(limit)})
     prompts = PROMPTS[:20]
     document = spec(tiny_model_dir, prompts, parallel={"enabled": True, "max_shards": 4})
     document["data"]["shuffle"] = True
     run = Pipeline.from_dict(document).submit()
-    result = run.wait(timeout=300)["inference"]
+    reference = run.wait(timeout=300)["inference"]
+    assert "items" not in reference and "items" in reference["result_file"]["omitted"]
+    result = json.loads(Path(reference["result_file"]["path"]).read_text())
+    assert result["shuffle_seed"] == reference["shuffle_seed"]
     answered = [item["prompt"] for item in result["items"]]
     assert sorted(answered) == sorted(prompts)
     assert [item["index"] for item in result["items"]] == list(range(20))
@@ -114,6 +120,8 @@ def test_shuffled_shards_answer_each_prompt_once_and_carry_only_their_slice(work
         assert not [p for p in prompts if p not in mine and p in raw]
     merge = json.loads(redis_client.get(f"celery-task-meta-{run.id}"))
     assert "items" not in merge["kwargs"]["spec"]["data"] and merge["kwargs"]["spec"]["data"]["shuffle"] is True
+    assert merge["args"].endswith(f"not stored: more than MAX_RESULT_BYTES={limit}>"), merge["args"]
+    assert redis_client.strlen(f"celery-task-meta-{run.id}") < 2 * limit
 
 
 def test_a_failing_shard_fails_the_task_naming_the_shard(worker_factory, redis_client, tiny_model_dir: Path) -> None:
