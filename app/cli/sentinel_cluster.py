@@ -1,0 +1,148 @@
+"""A local Sentinel deployment: a master, a replica and three sentinels on loopback ports
+(``meshq redis --sentinel``, and the failover tests), all from the ``redis-server`` binary
+the embedded Redis uses.
+
+The sentinels watch the master under ``MASTER_NAME`` with a quorum of two: when the
+master stops answering for ``down_after_ms`` they promote the replica, and a master
+that comes back is made a replica of the new one. Point meshq at them with ``url``
+and ``MESHQ_REDIS_MASTER=meshq``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import redis
+
+from app.cli.embedded_redis import EmbeddedRedis, free_port, redis_server_binary
+from app.errors import ConfigError
+from app.redis_address import SENTINEL_SCHEME, SEPARATOR
+
+MASTER_NAME = "meshq"
+SENTINELS = 3
+QUORUM = 2
+DEFAULT_DOWN_AFTER_MS = 5000
+DEFAULT_FAILOVER_TIMEOUT_MS = 60000
+READY_TIMEOUT_S = 30.0
+
+
+class RedisNode(EmbeddedRedis):
+    """A data node: the master, or (``replica_of`` its port) a replica of it."""
+
+    def __init__(self, port: int | None, data_dir: Path | None, replica_of: int | None = None) -> None:
+        super().__init__(port=port, data_dir=data_dir)
+        self.replica_of = replica_of
+
+    def command(self) -> list[str]:
+        command = super().command()
+        if self.replica_of is not None:
+            command += ["--replicaof", "127.0.0.1", str(self.replica_of)]
+        return command
+
+
+class SentinelNode(EmbeddedRedis):
+    """A sentinel (``redis-server <conf> --sentinel``), watching the master at ``master_port``.
+    Its configuration file is its own to rewrite (sentinels record what they learn there)."""
+
+    def __init__(self, port: int | None, data_dir: Path | None, master_port: int, down_after_ms: int,
+                 failover_timeout_ms: int) -> None:
+        super().__init__(port=port, data_dir=data_dir)
+        self.master_port = master_port
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+
+    def command(self) -> list[str]:
+        directory = self.directory()
+        conf = directory / "sentinel.conf"
+        if not conf.exists():  # a restart keeps what the sentinel learnt (the current master)
+            conf.write_text(f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.master_port} {QUORUM}\n"
+                            f"sentinel down-after-milliseconds {MASTER_NAME} {self.down_after_ms}\n"
+                            f"sentinel failover-timeout {MASTER_NAME} {self.failover_timeout_ms}\n"
+                            f"sentinel parallel-syncs {MASTER_NAME} 1\n")
+        return [redis_server_binary(), str(conf), "--sentinel", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(directory), "--loglevel", "notice", "--logfile", self.server_log()]
+
+
+class SentinelCluster:
+    """``with SentinelCluster() as cluster: cluster.url``; the nodes are ``master``,
+    ``replica`` and ``sentinels`` (their roles as started: after a failover the replica
+    is the master)."""
+
+    def __init__(self, data_dir: str | Path | None = None, *, master_port: int | None = None,
+                 down_after_ms: int = DEFAULT_DOWN_AFTER_MS,
+                 failover_timeout_ms: int = DEFAULT_FAILOVER_TIMEOUT_MS) -> None:
+        base = Path(data_dir) if data_dir is not None else None
+        master_port = master_port or free_port()
+
+        def sub(name: str) -> Path | None:
+            return base / name if base is not None else None
+
+        self.master = RedisNode(master_port, sub("master"))
+        self.replica = RedisNode(free_port(), sub("replica"), replica_of=master_port)
+        self.sentinels = [SentinelNode(free_port(), sub(f"sentinel-{n + 1}"), master_port, down_after_ms,
+                                       failover_timeout_ms) for n in range(SENTINELS)]
+
+    @property
+    def url(self) -> str:
+        """``REDIS_URL`` for meshq: every sentinel, database 0."""
+        return SEPARATOR.join(f"{SENTINEL_SCHEME}127.0.0.1:{s.port}" for s in self.sentinels) + "/0"
+
+    @property
+    def master_name(self) -> str:
+        return MASTER_NAME
+
+    def start(self) -> SentinelCluster:
+        try:
+            self.master.start()
+            self.replica.start()
+            for sentinel in self.sentinels:
+                sentinel.start()
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self) -> None:
+        """Until the replica is in sync and every sentinel knows the replica and the others."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not self._ready():
+            if time.monotonic() > deadline:
+                raise ConfigError("REDIS_URL", f"the sentinels did not see master and replica within "
+                                               f"{READY_TIMEOUT_S:.0f}s")
+            time.sleep(0.2)
+
+    def _ready(self) -> bool:
+        try:
+            replica = redis.Redis(port=self.replica.port, socket_timeout=1)
+            if replica.info("replication").get("master_link_status") != "up":
+                return False
+            for sentinel in self.sentinels:
+                state = redis.Redis(port=sentinel.port, socket_timeout=1).sentinel_master(MASTER_NAME)
+                if int(state.get("num-slaves", 0)) < 1 or int(state.get("num-other-sentinels", 0)) < SENTINELS - 1:
+                    return False
+        except redis.RedisError:
+            return False
+        return True
+
+    def master_port(self) -> int | None:
+        """The port of the master the sentinels name now (None if none answers)."""
+        for sentinel in self.sentinels:
+            try:
+                _host, port = redis.Redis(port=sentinel.port, socket_timeout=1).sentinel_get_master_addr_by_name(
+                    MASTER_NAME)
+                return int(port)
+            except (redis.RedisError, TypeError):
+                continue
+        return None
+
+    def stop(self) -> None:
+        for node in [*self.sentinels, self.replica, self.master]:
+            node.stop()
+
+    def __enter__(self) -> SentinelCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,204 @@
+"""Redis Sentinel failover (issue 30) with real processes: a master, a replica and three
+sentinels (``app.cli.sentinel_cluster``, as ``meshq redis --sentinel`` starts them), two
+``celery -A app worker`` processes and ``meshq serve``, all given ``REDIS_URL=sentinel://...``.
+
+The long task is a stepped echo, not a training run: it holds a lease, beats, refreshes its
+message's invisibility and reports progress exactly as a training task does, in seconds of
+test time instead of minutes on a loaded CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+
+from app.cli.embedded_redis import free_port
+from app.cli.sentinel_cluster import SentinelCluster
+from app.errors import ConfigError
+from app.redis_client import new_client
+from app.settings import load_settings
+from tests.conftest import ROOT, ServerProcess, WorkerProcess, wait_for
+
+DOWN_AFTER_MS = 1000  # the master may be silent this long before the sentinels promote the replica
+FLEET_BACK_WITHIN_S = 30.0  # the issue's bound, from the kill to a new task done
+ECHOES = 50
+
+
+def test_a_sentinel_address_needs_the_masters_name() -> None:
+    url = "sentinel://127.0.0.1:26379;sentinel://127.0.0.1:26380/2"
+    settings = load_settings({"REDIS_URL": url, "MESHQ_REDIS_MASTER": "mymaster"})
+    assert settings.uses_sentinel and settings.redis_master == "mymaster"
+    with pytest.raises(ConfigError, match="MESHQ_REDIS_MASTER"):
+        load_settings({"REDIS_URL": url})
+    with pytest.raises(ConfigError, match="REDIS_URL"):
+        load_settings({"REDIS_URL": "sentinel://127.0.0.1:26379;redis://127.0.0.1:6379", "MESHQ_REDIS_MASTER": "m"})
+    assert not load_settings({"REDIS_URL": "redis://127.0.0.1:6379/0"}).uses_sentinel
+
+
+class Fleet:
+    """A Sentinel deployment with two workers and the server on it."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.cluster = SentinelCluster(down_after_ms=DOWN_AFTER_MS, failover_timeout_ms=5000).start()
+        self.env = {**os.environ, "REDIS_URL": self.cluster.url, "MESHQ_REDIS_MASTER": self.cluster.master_name,
+                    "HEARTBEAT_INTERVAL_SEC": "1", "MESHQ_VISIBILITY_TIMEOUT_S": "10", "PYTHONUNBUFFERED": "1"}
+        self.client = new_client(self.cluster.url, self.cluster.master_name)
+        self.workers: list[WorkerProcess] = []
+        for worker_id in ("sw1", "sw2"):
+            base = tmp_path / worker_id
+            base.mkdir()
+            env = {**self.env, "WORKER_ID": worker_id, "RESULTS_DIR": str(base / "results"),
+                   "MESHQ_LOG_FILE": str(base / "worker.log")}
+            self.workers.append(WorkerProcess(worker_id, env, ROOT, base / "stdout.log", []))
+        for worker in self.workers:
+            worker.wait_ready(self.client)
+        server_dir = tmp_path / "server"
+        server_dir.mkdir()
+        self.server = ServerProcess(free_port(), server_dir / "results",
+                                    {**self.env, "MESHQ_LOG_FILE": str(server_dir / "server.log")},
+                                    server_dir / "stdout.log", None).start()
+        self.pids = [(w.process.pid, pool_children(w)) for w in self.workers]
+
+    def submit(self, spec: dict) -> str:
+        document = {"apiVersion": "meshq/v1", "kind": "EchoTask", "metadata": {"name": "failover"}, "spec": spec}
+        reply = requests.post(f"{self.server.base_url}/api/v1/tasks", json=document, timeout=40)
+        assert reply.status_code == 202, reply.text
+        return str(reply.json()["id"])
+
+    def state(self, task_id: str) -> dict | None:
+        try:
+            reply = requests.get(f"{self.server.base_url}/api/v1/tasks/{task_id}", timeout=10)
+        except requests.RequestException:
+            return None
+        return reply.json() if reply.status_code == 200 else None
+
+    def cli_status(self, task_id: str) -> dict | None:
+        done = subprocess.run([sys.executable, "-m", "app.cli.main", "status", task_id, "--json"], cwd=ROOT,
+                              env=self.env, capture_output=True, text=True, timeout=60)
+        try:
+            return json.loads(done.stdout)
+        except ValueError:
+            return None
+
+    def runs_of(self, task_id: str) -> int:
+        """How many times the task's work ran to its end, from the workers' own logs (which no
+        Redis failover can lose)."""
+        pattern = re.compile(rf"Task meshq\.echo\[{re.escape(task_id)}\] succeeded in")
+        return sum(len(pattern.findall(w.log())) for w in self.workers)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.close()
+        self.server.stop()
+        for node in [self.cluster.master, self.cluster.replica]:
+            if node.process is not None and node.process.poll() is None:
+                os.kill(node.process.pid, signal.SIGCONT)
+        self.cluster.stop()
+
+
+def pool_children(worker: WorkerProcess) -> list[int]:
+    import psutil
+
+    return sorted(child.pid for child in psutil.Process(worker.process.pid).children())
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    fleet = Fleet(tmp_path)
+    try:
+        yield fleet
+    finally:
+        fleet.close()
+
+
+def long_echo(seconds: float, steps: int, **data: object) -> dict:
+    return {"taskType": "echo", "data": data, "echo": {"sleep_s": seconds, "steps": steps}}
+
+
+def start_work(fleet: Fleet) -> tuple[str, list[str]]:
+    """The long task running on one worker, then ``ECHOES`` short ones queued behind it."""
+    long_id = fleet.submit(long_echo(20, 40, kind="long"))
+    wait_for(lambda: (s := fleet.state(long_id)) and s["state"] == "PROGRESS", 60, message="the long task to run")
+    echoes = [fleet.submit(long_echo(0.1, 1, n=n)) for n in range(ECHOES)]
+    return long_id, echoes
+
+
+def finish_and_check(fleet: Fleet, long_id: str, echoes: list[str]) -> None:
+    """Every task succeeds, each ran exactly once, nothing was restarted."""
+    for task_id in [long_id, *echoes]:
+        wait_for(lambda t=task_id: (s := fleet.state(t)) and s["state"] == "SUCCESS", 120,
+                 message=f"task {task_id} to succeed")
+    time.sleep(3)  # a redelivered copy of any of them would have run by now (visibility timeout 10 s, sweeps)
+    runs = {task_id: fleet.runs_of(task_id) for task_id in [long_id, *echoes]}
+    assert {t: n for t, n in runs.items() if n != 1} == {}
+    long_state = fleet.state(long_id)
+    assert long_state is not None and long_state["result"]["echo"]["data"] == {"kind": "long"}
+    assert [fleet.state(t)["result"]["echo"]["data"]["n"] for t in echoes] == list(range(ECHOES))
+    assert fleet.client.get(f"meshq:task:{long_id}:runs") == "1"
+    assert [(w.process.pid, pool_children(w)) for w in fleet.workers if w.alive()] == fleet.pids
+
+
+def fleet_works_again(fleet: Fleet, since: float) -> None:
+    """Within ``FLEET_BACK_WITHIN_S`` of ``since``: the server takes a new task, a worker runs
+    it, and the server and ``meshq status`` answer."""
+    probe = fleet.submit({"taskType": "echo", "data": {"probe": True}})
+    left = FLEET_BACK_WITHIN_S - (time.monotonic() - since)
+    wait_for(lambda: (s := fleet.state(probe)) and s["state"] == "SUCCESS", max(left, 0.1),
+             message="a task sent after the failover to run")
+    status = fleet.cli_status(probe)
+    assert status is not None and status["state"] == "SUCCESS", status
+
+
+def test_killing_the_master_fails_over_without_losing_or_repeating_work(fleet: Fleet) -> None:
+    long_id, echoes = start_work(fleet)
+    old_master, replica = fleet.cluster.master, fleet.cluster.replica
+    assert fleet.cluster.master_port() == old_master.port
+    assert old_master.process is not None
+    killed_at = time.monotonic()
+    old_master.process.kill()
+    old_master.process.wait()
+    wait_for(lambda: fleet.cluster.master_port() == replica.port, FLEET_BACK_WITHIN_S,
+             message="the sentinels to promote the replica")
+    fleet_works_again(fleet, killed_at)
+    finish_and_check(fleet, long_id, echoes)
+    assert all(w.alive() for w in fleet.workers)
+
+
+def test_a_paused_master_comes_back_as_a_replica_and_overwrites_nothing(fleet: Fleet) -> None:
+    """Split brain: the master SIGSTOPped (12 s here, long enough for the sentinels to promote
+    the replica: the same mechanism as the issue's 40 s) while tasks run and wait, then
+    resumed. It becomes a replica of the new master and takes its data; no task ran twice and
+    no result is replaced by what the old master held."""
+    long_id, echoes = start_work(fleet)
+    old_master, replica = fleet.cluster.master, fleet.cluster.replica
+    assert old_master.process is not None
+    paused_at = time.monotonic()
+    os.kill(old_master.process.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: fleet.cluster.master_port() == replica.port, FLEET_BACK_WITHIN_S,
+                 message="the sentinels to promote the replica")
+        fleet_works_again(fleet, paused_at)
+        wait_for(lambda: time.monotonic() - paused_at > 12, 20, message="the pause to last 12 s")
+    finally:
+        os.kill(old_master.process.pid, signal.SIGCONT)
+    old = redis.Redis(port=old_master.port, decode_responses=True, socket_timeout=2)
+    wait_for(lambda: old.info("replication").get("role") == "slave"
+             and old.info("replication").get("master_link_status") == "up", 60,
+             message="the old master to become a replica of the new one")
+    finish_and_check(fleet, long_id, echoes)
+    # What the old master holds now is the new master's: every result as the fleet stored it.
+    wait_for(lambda: old.get(f"celery-task-meta-{long_id}") == fleet.client.get(f"celery-task-meta-{long_id}"), 30,
+             message="the old master to have the new master's data")
+    for task_id in [long_id, *echoes]:
+        assert json.loads(fleet.client.get(f"celery-task-meta-{task_id}"))["status"] == "SUCCESS"
