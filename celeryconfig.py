@@ -35,7 +35,7 @@ broker_connection_retry_on_startup = True
 # are swept back into their queue every few seconds, so recovery takes about the
 # visibility timeout, not 100 s more.
 _restore_interval_s = _unacked_restore_interval_s(_settings.visibility_timeout_s)
-broker_transport_options = {"visibility_timeout": _settings.visibility_timeout_s,
+broker_transport_options: dict = {"visibility_timeout": _settings.visibility_timeout_s,
                             "unacked_restore_interval": _restore_interval_s,
                             "unacked_restore_throttle": 1,
                             # a dead sweeper's lock must not stop redelivery for 300 s

@@ -112,11 +112,15 @@ def confirm_replicated(client: redis.Redis, replicas: Any, what: str) -> None:
         master = pool.get_master_address() if hasattr(pool, "get_master_address") else written_to
     except redis.ConnectionError:
         master = written_to
-    if written_to is not None and master != written_to:
-        raise StaleMaster(f"{what} went to {written_to[0]}:{written_to[1]}, no longer the master "
-                          f"({master[0]}:{master[1]} is)")
+    if written_to is not None and master is not None and master != written_to:
+        raise StaleMaster(f"{what} went to {_address(written_to)}, no longer the master ({_address(master)} is)")
     _no_replica_until = time.monotonic() + REPLICA_RECHECK_S
     log.warning("%s is not on a replica yet (%s within %d ms): a failover before it gets there "
                 "would lose it; not waiting for a replica for %.0f s", what,
                 replicas if isinstance(replicas, Exception) else "none answered", REPLICA_WAIT_MS,
                 REPLICA_RECHECK_S)
+
+
+def _address(address: Any) -> str:
+    host, port = address
+    return f"{host}:{port}"

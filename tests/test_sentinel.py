@@ -202,3 +202,31 @@ def test_a_paused_master_comes_back_as_a_replica_and_overwrites_nothing(fleet: F
              message="the old master to have the new master's data")
     for task_id in [long_id, *echoes]:
         assert json.loads(fleet.client.get(f"celery-task-meta-{task_id}"))["status"] == "SUCCESS"
+
+
+def test_meshq_redis_sentinel_starts_a_deployment_meshq_can_use(tmp_path: Path) -> None:
+    """``meshq redis --sentinel`` prints the REDIS_URL and MESHQ_REDIS_MASTER to use; a client
+    built from them writes to the master and the replica has it; Ctrl-C/SIGTERM stops all five."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "app.cli.main", "redis", "--sentinel", "--port", str(port),
+                                "--data-dir", str(tmp_path / "redis")], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline() for _ in range(3)]
+        exports = dict(re.findall(r"export (\w+)='?([^'\s]+)'?", "".join(lines)))
+        assert exports.get("MESHQ_REDIS_MASTER") == "meshq", lines
+        url = exports["REDIS_URL"]
+        assert url.startswith("sentinel://") and url.count("sentinel://") == 3
+        client = new_client(url, exports["MESHQ_REDIS_MASTER"])
+        client.set("hello", "world")
+        assert client.execute_command("WAIT", 1, 5000) == 1  # the replica has it
+        assert redis.Redis(port=port, decode_responses=True).get("hello") == "world"  # --port is the master
+        assert (tmp_path / "redis" / "master" / "appendonlydir").exists() or \
+            any((tmp_path / "redis" / "master").glob("appendonly*"))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    for stopped in [port, *(int(p) for p in re.findall(r":(\d+)", url))]:
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis(port=stopped, socket_connect_timeout=1).ping()

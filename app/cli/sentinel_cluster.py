@@ -11,11 +11,14 @@ and ``MESHQ_REDIS_MASTER=meshq``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any, TypeVar
 
 import redis
 
-from app.cli.embedded_redis import EmbeddedRedis, free_port, redis_server_binary
+from app.cli.embedded_redis import EmbeddedRedis, redis_server_binary
 from app.errors import ConfigError
 from app.redis_address import SENTINEL_SCHEME, SEPARATOR
 
@@ -25,6 +28,9 @@ QUORUM = 2
 DEFAULT_DOWN_AFTER_MS = 5000
 DEFAULT_FAILOVER_TIMEOUT_MS = 60000
 READY_TIMEOUT_S = 30.0
+PORT_ATTEMPTS = 5
+
+N = TypeVar("N", bound=EmbeddedRedis)
 
 
 class RedisNode(EmbeddedRedis):
@@ -72,16 +78,22 @@ class SentinelCluster:
     def __init__(self, data_dir: str | Path | None = None, *, master_port: int | None = None,
                  down_after_ms: int = DEFAULT_DOWN_AFTER_MS,
                  failover_timeout_ms: int = DEFAULT_FAILOVER_TIMEOUT_MS) -> None:
-        base = Path(data_dir) if data_dir is not None else None
-        master_port = master_port or free_port()
+        self.base = Path(data_dir) if data_dir is not None else None
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.master = RedisNode(master_port, self._sub("master"))
+        self.replica = self._replica()
+        self.sentinels = [self._sentinel(n) for n in range(SENTINELS)]
 
-        def sub(name: str) -> Path | None:
-            return base / name if base is not None else None
+    def _sub(self, name: str) -> Path | None:
+        return self.base / name if self.base is not None else None
 
-        self.master = RedisNode(master_port, sub("master"))
-        self.replica = RedisNode(free_port(), sub("replica"), replica_of=master_port)
-        self.sentinels = [SentinelNode(free_port(), sub(f"sentinel-{n + 1}"), master_port, down_after_ms,
-                                       failover_timeout_ms) for n in range(SENTINELS)]
+    def _replica(self) -> RedisNode:
+        return RedisNode(None, self._sub("replica"), replica_of=self.master.port)
+
+    def _sentinel(self, n: int) -> SentinelNode:
+        return SentinelNode(None, self._sub(f"sentinel-{n + 1}"), self.master.port, self.down_after_ms,
+                            self.failover_timeout_ms)
 
     @property
     def url(self) -> str:
@@ -95,14 +107,29 @@ class SentinelCluster:
     def start(self) -> SentinelCluster:
         try:
             self.master.start()
-            self.replica.start()
-            for sentinel in self.sentinels:
-                sentinel.start()
+            self.replica = self._start_on_a_free_port(self.replica, self._replica)
+            for n in range(SENTINELS):
+                self.sentinels[n] = self._start_on_a_free_port(self.sentinels[n], partial(self._sentinel, n))
             self.wait_ready()
         except BaseException:
             self.stop()
             raise
         return self
+
+    @staticmethod
+    def _start_on_a_free_port(node: N, again: Callable[[], N]) -> N:
+        """Start ``node``; on a port taken since it was chosen (the nodes' own connections
+        take ephemeral ports too), start a new one from ``again`` on another port."""
+        for _attempt in range(PORT_ATTEMPTS - 1):
+            try:
+                node.start()
+                return node
+            except ConfigError as exc:
+                if exc.variable != "port":
+                    raise
+                node = again()
+        node.start()
+        return node
 
     def wait_ready(self) -> None:
         """Until the replica is in sync and every sentinel knows the replica and the others."""
@@ -115,11 +142,11 @@ class SentinelCluster:
 
     def _ready(self) -> bool:
         try:
-            replica = redis.Redis(port=self.replica.port, socket_timeout=1)
-            if replica.info("replication").get("master_link_status") != "up":
+            replication: dict[str, Any] = _ask(self.replica.port).info("replication")
+            if replication.get("master_link_status") != "up":
                 return False
             for sentinel in self.sentinels:
-                state = redis.Redis(port=sentinel.port, socket_timeout=1).sentinel_master(MASTER_NAME)
+                state: dict[str, Any] = _ask(sentinel.port).sentinel_master(MASTER_NAME)  # type: ignore[assignment]
                 if int(state.get("num-slaves", 0)) < 1 or int(state.get("num-other-sentinels", 0)) < SENTINELS - 1:
                     return False
         except redis.RedisError:
@@ -130,9 +157,8 @@ class SentinelCluster:
         """The port of the master the sentinels name now (None if none answers)."""
         for sentinel in self.sentinels:
             try:
-                _host, port = redis.Redis(port=sentinel.port, socket_timeout=1).sentinel_get_master_addr_by_name(
-                    MASTER_NAME)
-                return int(port)
+                address: Any = _ask(sentinel.port).sentinel_get_master_addr_by_name(MASTER_NAME)
+                return int(address[1])
             except (redis.RedisError, TypeError):
                 continue
         return None
@@ -146,3 +172,8 @@ class SentinelCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _ask(port: int) -> redis.Redis:
+    """A short-lived client of a node on loopback (one question, then garbage)."""
+    return redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1, single_connection_client=True)
