@@ -117,7 +117,7 @@ class RedactingRedisBackend(RedisBackend):
         # away fails the store at once — ``store_result`` above retries a final state through
         # an outage, and a PROGRESS report is skipped rather than holding the task up.
         client = self.client
-        if state not in states.READY_STATES or not replicated_writes():
+        if state not in states.READY_STATES or not replicated_writes(client):
             self._store_script(keys=[key], args=[value, int(expires or 0)], client=client)
             return result
         # Behind Sentinel a final state waits (bounded) for a replica to have it, so a failover

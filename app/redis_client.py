@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import redis
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from app.redis_address import is_sentinel_url, parse_sentinel_url
 from app.settings import get_settings
@@ -69,10 +69,11 @@ def sentinel_connection_options() -> dict[str, Any]:
     return {"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S}
 
 
-def replicated_writes() -> bool:
-    """Do writes that matter wait for a replica? Only behind Sentinel: a lone server has
-    no replica to wait for."""
-    return get_settings().uses_sentinel
+def replicated_writes(client: Any) -> bool:
+    """Do writes that matter through ``client`` (or pipeline) wait for a replica? Only on a
+    master found through Sentinel (any such client: meshq's, Celery's result backend): a
+    lone server has no replica to wait for."""
+    return isinstance(getattr(client, "connection_pool", None), SentinelConnectionPool)
 
 
 _no_replica_until = 0.0  # monotonic time until which writes do not wait (see REPLICA_RECHECK_S)
@@ -82,7 +83,7 @@ def add_replica_wait(pipe: Any) -> None:
     """End a pipeline with ``WAIT 1 REPLICA_WAIT_MS`` (when ``replicated_writes``): its
     reply is how many replicas have everything written so far on that connection. Without
     the wait (a replica was missing a moment ago) the reply is ``None``: not checked."""
-    if not replicated_writes():
+    if not replicated_writes(pipe):
         return
     if time.monotonic() < _no_replica_until:
         pipe.execute_command("ECHO", "")  # keeps the reply's place: the caller reads the last reply
@@ -102,14 +103,13 @@ def confirm_replicated(client: redis.Redis, replicas: Any, what: str) -> None:
     (it reconnects to the new one); only warn when the master is the same (its replica is
     away: ``what`` is kept unless this master dies before a replica has it)."""
     global _no_replica_until
-    if not replicated_writes() or not isinstance(replicas, (int, Exception)) or \
+    if not replicated_writes(client) or not isinstance(replicas, (int, Exception)) or \
             (isinstance(replicas, int) and replicas >= 1):
         return  # replicated, or not waited for
-    pool = client.connection_pool
-    written_to = getattr(pool, "master_address", None)
+    pool: Any = client.connection_pool  # a SentinelConnectionPool (replicated_writes)
+    written_to = pool.master_address
     try:
-        # Also drops the pool's idle connections when the master changed (redis-py).
-        master = pool.get_master_address() if hasattr(pool, "get_master_address") else written_to
+        master = pool.get_master_address()  # also drops the pool's idle connections when it changed
     except redis.ConnectionError:
         master = written_to
     if written_to is not None and master is not None and master != written_to:

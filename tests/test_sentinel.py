@@ -230,3 +230,70 @@ def test_meshq_redis_sentinel_starts_a_deployment_meshq_can_use(tmp_path: Path) 
     for stopped in [port, *(int(p) for p in re.findall(r":(\d+)", url))]:
         with pytest.raises(redis.ConnectionError):
             redis.Redis(port=stopped, socket_connect_timeout=1).ping()
+
+
+def test_flower_reads_the_queues_through_the_sentinels(tmp_path: Path) -> None:
+    """``celery -A app flower`` with the Sentinel URL: its broker page reads the queue lengths
+    from the master the sentinels name (Flower needs Celery's ``master_name`` for that)."""
+    from tests.conftest import terminate_group
+
+    with SentinelCluster(down_after_ms=DOWN_AFTER_MS) as cluster:
+        client = new_client(cluster.url, cluster.master_name)
+        for n in range(3):
+            client.lpush("tasks", json.dumps({"n": n}))  # three messages waiting in the default queue
+        port = free_port()
+        env = {**os.environ, "REDIS_URL": cluster.url, "MESHQ_REDIS_MASTER": cluster.master_name,
+               "FLOWER_UNAUTHENTICATED_API": "1"}
+        with open(tmp_path / "flower.log", "wb") as log:
+            process = subprocess.Popen([sys.executable, "-m", "celery", "-A", "app", "flower", f"--port={port}",
+                                        "--address=127.0.0.1"], cwd=ROOT, env=env, stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            def lengths() -> dict | None:
+                if process.poll() is not None:
+                    pytest.fail("flower exited:\n" + (tmp_path / "flower.log").read_text())
+                try:
+                    reply = requests.get(f"http://127.0.0.1:{port}/api/queues/length", timeout=10)
+                except requests.RequestException:
+                    return None
+                return reply.json() if reply.status_code == 200 else None
+
+            queues = wait_for(lengths, 60, interval_s=0.5, message="flower's queue lengths")
+            assert {q["name"]: q["messages"] for q in queues["active_queues"]} == {"tasks": 3}
+        finally:
+            terminate_group(process)
+
+
+def test_a_result_written_to_a_master_that_was_replaced_is_written_again_on_the_new_one(caplog) -> None:
+    """The result backend's connection to the master stays open while the master is paused and
+    the sentinels promote the replica; the master resumes (briefly a second master, until the
+    sentinels demote it) and a task's SUCCESS is stored through that connection. It must end
+    up on the new master: kept there, it would be discarded when the old master is demoted."""
+    from celery import Celery
+
+    from app.celery_redaction import RedactingSentinelBackend
+
+    with SentinelCluster(down_after_ms=DOWN_AFTER_MS, failover_timeout_ms=5000) as cluster:
+        app = Celery(set_as_current=False)
+        app.conf.update(result_backend_transport_options={"master_name": cluster.master_name},
+                        result_serializer="json", result_accept_content=["json"], redis_socket_timeout=5)
+        backend = RedactingSentinelBackend(app=app, url=cluster.url)
+        backend.store_result("before", {"v": "before"}, "SUCCESS")  # connects to the master
+        old_master = cluster.master
+        assert old_master.process is not None
+        os.kill(old_master.process.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: cluster.master_port() == cluster.replica.port, 30,
+                     message="the sentinels to promote the replica")
+        finally:
+            os.kill(old_master.process.pid, signal.SIGCONT)
+        backend.store_result("after", {"v": "after"}, "SUCCESS")
+        new = redis.Redis(port=cluster.replica.port, decode_responses=True)
+        assert json.loads(new.get("celery-task-meta-after"))["result"] == {"v": "after"}
+        assert json.loads(new.get("celery-task-meta-before"))["result"] == {"v": "before"}
+        old = redis.Redis(port=old_master.port, decode_responses=True, socket_timeout=2)
+        wait_for(lambda: old.info("replication").get("role") == "slave"
+                 and old.info("replication").get("master_link_status") == "up", 60,
+                 message="the old master to become a replica of the new one")
+        wait_for(lambda: old.get("celery-task-meta-after") == new.get("celery-task-meta-after"), 30,
+                 message="the old master to hold the new master's result")
