@@ -36,10 +36,10 @@ broker_connection_retry_on_startup = True
 # visibility timeout, not 100 s more.
 _restore_interval_s = _unacked_restore_interval_s(_settings.visibility_timeout_s)
 broker_transport_options: dict = {"visibility_timeout": _settings.visibility_timeout_s,
-                            "unacked_restore_interval": _restore_interval_s,
-                            "unacked_restore_throttle": 1,
-                            # a dead sweeper's lock must not stop redelivery for 300 s
-                            "unacked_mutex_expire": _UNACKED_MUTEX_EXPIRE_S}
+                                  "unacked_restore_interval": _restore_interval_s,
+                                  "unacked_restore_throttle": 1,
+                                  # a dead sweeper's lock must not stop redelivery for 300 s
+                                  "unacked_mutex_expire": _UNACKED_MUTEX_EXPIRE_S}
 result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout_s,
                                     "retry_policy": {"timeout": 5.0}}
 if _settings.uses_sentinel:
