@@ -94,11 +94,18 @@ class Fleet:
         except ValueError:
             return None
 
-    def runs_of(self, task_id: str) -> int:
+    def runs_of(self, task_id: str, task_name: str = "meshq.echo") -> int:
         """How many times the task's work ran to its end, from the workers' own logs (which no
         Redis failover can lose)."""
-        pattern = re.compile(rf"Task meshq\.echo\[{re.escape(task_id)}\] succeeded in")
+        pattern = re.compile(rf"Task {re.escape(task_name)}\[{re.escape(task_id)}\] succeeded in")
         return sum(len(pattern.findall(w.log())) for w in self.workers)
+
+    def wait_broker_empty(self) -> None:
+        """Until no message is queued or unacknowledged: every copy a failover left behind (an
+        acknowledgement lost with the old master) has been handed out again and dealt with,
+        so no run of any task is still to come."""
+        wait_for(lambda: self.client.zcard("unacked_index") == 0 and self.client.llen("tasks") == 0, 90,
+                 interval_s=0.5, message="no message left in the broker")
 
     def close(self) -> None:
         for worker in self.workers:
@@ -142,7 +149,7 @@ def finish_and_check(fleet: Fleet, long_id: str, echoes: list[str]) -> None:
     for task_id in [long_id, *echoes]:
         wait_for(lambda t=task_id: (s := fleet.state(t)) and s["state"] == "SUCCESS", 120,
                  message=f"task {task_id} to succeed")
-    time.sleep(3)  # a redelivered copy of any of them would have run by now (visibility timeout 10 s, sweeps)
+    fleet.wait_broker_empty()
     runs = {task_id: fleet.runs_of(task_id) for task_id in [long_id, *echoes]}
     assert {t: n for t, n in runs.items() if n != 1} == {}
     long_state = fleet.state(long_id)
@@ -184,6 +191,34 @@ def test_killing_the_master_fails_over_without_losing_or_repeating_work(fleet: F
     fleet_works_again(fleet, killed_at)
     finish_and_check(fleet, long_id, echoes)
     assert all(w.alive() for w in fleet.workers)
+
+
+@pytest.mark.slow
+def test_a_training_task_runs_through_a_failover_once(fleet: Fleet, tiny_model_dir: Path) -> None:
+    """A LoRA training of the tiny model running while the master is SIGKILLed: it goes on on
+    its worker (no second run, nothing resumed from a checkpoint) and its result is stored on
+    the new master."""
+    from tests.test_reliability import lora_stage
+
+    task_id = fleet.submit(lora_stage(tiny_model_dir, max_steps=30, save_steps=10))
+    wait_for(lambda: (s := fleet.state(task_id)) and s["state"] == "PROGRESS", 240,
+             message="the training to report progress")
+    old_master, replica = fleet.cluster.master, fleet.cluster.replica
+    assert old_master.process is not None
+    old_master.process.kill()
+    old_master.process.wait()
+    wait_for(lambda: fleet.cluster.master_port() == replica.port, FLEET_BACK_WITHIN_S,
+             message="the sentinels to promote the replica")
+    state = wait_for(lambda: (s := fleet.state(task_id)) and s["state"] in ("SUCCESS", "FAILURE") and s, 300,
+                     message="the training to end")
+    assert state["state"] == "SUCCESS", state
+    assert state["result"]["steps"] == 30 and not state["result"].get("resumed_from_step"), state["result"]
+    # The worker logs the success once the result is stored: wait for the line, then count.
+    wait_for(lambda: fleet.runs_of(task_id, "meshq.lora_sft"), 30, message="the worker to log the success")
+    fleet.wait_broker_empty()
+    assert fleet.runs_of(task_id, "meshq.lora_sft") == 1
+    assert fleet.client.get(f"meshq:task:{task_id}:runs") == "1"
+    assert [(w.process.pid, pool_children(w)) for w in fleet.workers if w.alive()] == fleet.pids
 
 
 def test_a_paused_master_comes_back_as_a_replica_and_overwrites_nothing(fleet: Fleet) -> None:
