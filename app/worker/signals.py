@@ -145,7 +145,8 @@ def log_to_file(logger: logging.Logger, format: str, **_: Any) -> None:
     if not settings.redis_url_from_env:
         log.warning("REDIS_URL is not set: using %s", settings.redis_url)
     else:
-        log.info("Redis: %s", redact(settings.redis_url))
+        log.info("Redis: %s%s", redact(settings.redis_url),
+                 f" (master {settings.redis_master})" if settings.uses_sentinel else "")
 
 
 @signals.worker_ready.connect
