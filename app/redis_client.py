@@ -17,6 +17,8 @@ import time
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from app.redis_address import is_sentinel_url, parse_sentinel_url
@@ -26,6 +28,7 @@ from app.settings import get_settings
 SOCKET_TIMEOUT_S = 5.0
 # A sentinel that does not answer within this is skipped for the next one.
 SENTINEL_TIMEOUT_S = 1.0
+FAILOVER_RETRIES = 6  # 0.1, 0.2, 0.4, 0.8, 1, 1 s apart: about 3.5 s
 # Writes that must survive a failover (a task's final result, its lease when it starts) wait
 # this long for one replica to confirm them (Redis ``WAIT``). When none did, the master has
 # no replica to wait for (it is away, or was promoted from the replica and has none yet):
@@ -58,6 +61,9 @@ def new_client(url: str, master: str = "", **options: Any) -> redis.Redis:
     if not is_sentinel_url(url):
         return redis.Redis.from_url(url, **options)
     address = parse_sentinel_url(url)
+    # Just after a promotion the sentinels may for a moment name no master: a command retries
+    # for a few seconds (connection errors only) instead of failing at once.
+    options.setdefault("retry", Retry(ExponentialBackoff(cap=1.0, base=0.1), FAILOVER_RETRIES))
     sentinels = Sentinel(list(address.sentinels), sentinel_kwargs=sentinel_connection_options(),
                          db=address.db, username=address.username, password=address.password, **options)
     return sentinels.master_for(master)

@@ -250,32 +250,59 @@ def test_a_paused_master_comes_back_as_a_replica_and_overwrites_nothing(fleet: F
         assert json.loads(fleet.client.get(f"celery-task-meta-{task_id}"))["status"] == "SUCCESS"
 
 
+def start_meshq_redis_sentinel(port: int, data_dir: Path) -> tuple[subprocess.Popen[str], dict[str, str]]:
+    """``meshq redis --sentinel``, and the variables it tells to export."""
+    process = subprocess.Popen([sys.executable, "-m", "app.cli.main", "redis", "--sentinel", "--port", str(port),
+                                "--data-dir", str(data_dir), "--down-after-ms", str(DOWN_AFTER_MS)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    lines = [process.stdout.readline() for _ in range(3)]
+    exports = dict(re.findall(r"export (\w+)='?([^'\s]+)'?", "".join(lines)))
+    assert exports.get("MESHQ_REDIS_MASTER") == "meshq", lines
+    return process, exports
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+
+
 def test_meshq_redis_sentinel_starts_a_deployment_meshq_can_use(tmp_path: Path) -> None:
     """``meshq redis --sentinel`` prints the REDIS_URL and MESHQ_REDIS_MASTER to use; a client
-    built from them writes to the master and the replica has it; Ctrl-C/SIGTERM stops all five."""
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "app.cli.main", "redis", "--sentinel", "--port", str(port),
-                                "--data-dir", str(tmp_path / "redis")], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    built from them writes to the master (on ``--port``) and the replica has it; SIGTERM stops
+    all five. After a failover, a new start keeps the promoted node as the master: nothing
+    written before or after the failover is lost to a resynchronisation the wrong way round."""
+    port, data_dir = free_port(), tmp_path / "redis"
+    process, exports = start_meshq_redis_sentinel(port, data_dir)
+    url = exports["REDIS_URL"]
     try:
-        assert process.stdout is not None
-        lines = [process.stdout.readline() for _ in range(3)]
-        exports = dict(re.findall(r"export (\w+)='?([^'\s]+)'?", "".join(lines)))
-        assert exports.get("MESHQ_REDIS_MASTER") == "meshq", lines
-        url = exports["REDIS_URL"]
         assert url.startswith("sentinel://") and url.count("sentinel://") == 3
         client = new_client(url, exports["MESHQ_REDIS_MASTER"])
-        client.set("hello", "world")
+        client.set("before", "kept")
         assert client.execute_command("WAIT", 1, 5000) == 1  # the replica has it
-        assert redis.Redis(port=port, decode_responses=True).get("hello") == "world"  # --port is the master
-        assert (tmp_path / "redis" / "master" / "appendonlydir").exists() or \
-            any((tmp_path / "redis" / "master").glob("appendonly*"))
+        master = redis.Redis(port=port, decode_responses=True)
+        assert master.get("before") == "kept"
+        os.kill(int(master.info("server")["process_id"]), signal.SIGKILL)
+        wait_for(lambda: redis.Redis(port=port + 2).sentinel_get_master_addr_by_name("meshq")[1] == port + 1, 30,
+                 message="the replica to be promoted")
+        client.set("after", "kept too")  # on the promoted replica
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+        stop(process)
     for stopped in [port, *(int(p) for p in re.findall(r":(\d+)", url))]:
         with pytest.raises(redis.ConnectionError):
             redis.Redis(port=stopped, socket_connect_timeout=1).ping()
+
+    process, exports = start_meshq_redis_sentinel(port, data_dir)
+    try:
+        assert exports["REDIS_URL"] == url  # the same ports again
+        client = new_client(url, exports["MESHQ_REDIS_MASTER"])
+        assert (client.get("before"), client.get("after")) == ("kept", "kept too")
+        assert redis.Redis(port=port + 2).sentinel_get_master_addr_by_name("meshq")[1] == port + 1
+        first = redis.Redis(port=port, decode_responses=True)
+        wait_for(lambda: first.info("replication")["role"] == "slave" and first.get("after") == "kept too", 30,
+                 message="the first node to be the replica, with the data written after the failover")
+    finally:
+        stop(process)
 
 
 def test_flower_reads_the_queues_through_the_sentinels(tmp_path: Path) -> None:

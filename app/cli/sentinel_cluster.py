@@ -10,6 +10,7 @@ and ``MESHQ_REDIS_MASTER=meshq``.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from functools import partial
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from app.cli.embedded_redis import EmbeddedRedis, redis_server_binary
+from app.cli.embedded_redis import EmbeddedRedis, free_port, redis_server_binary
 from app.errors import ConfigError
 from app.redis_address import SENTINEL_SCHEME, SEPARATOR
 
@@ -73,7 +74,15 @@ class SentinelNode(EmbeddedRedis):
 class SentinelCluster:
     """``with SentinelCluster() as cluster: cluster.url``; the nodes are ``master``,
     ``replica`` and ``sentinels`` (their roles as started: after a failover the replica
-    is the master)."""
+    is the master).
+
+    Given a ``data_dir`` (``meshq redis --sentinel``), each node keeps its data (AOF) and
+    its port from one start to the next: the master on ``master_port``, the replica on the
+    port after it, the sentinels on the three after that. A start after a failover starts
+    the node the sentinels last named master as the master, so the other one takes its
+    data rather than the other way round. Without a ``data_dir`` (tests) every port is free
+    and chosen at start, and nothing is kept.
+    """
 
     def __init__(self, data_dir: str | Path | None = None, *, master_port: int | None = None,
                  down_after_ms: int = DEFAULT_DOWN_AFTER_MS,
@@ -81,19 +90,38 @@ class SentinelCluster:
         self.base = Path(data_dir) if data_dir is not None else None
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
-        self.master = RedisNode(master_port, self._sub("master"))
-        self.replica = self._replica()
+        first = master_port or (free_port() if self.base is not None else None)
+        self.ports = [first, first + 1, *(first + 2 + n for n in range(SENTINELS))] if first and self.base \
+            else [master_port, None, *(None for _ in range(SENTINELS))]
+        first_dir, second_dir = self._sub("master"), self._sub("replica")
+        if self.ports[1] is not None and self._recorded_master_port() == self.ports[1]:
+            # The replica was promoted last time: it is the master, the first node its replica.
+            self.master = RedisNode(self.ports[1], second_dir)
+            self.replica = RedisNode(self.ports[0], first_dir, replica_of=self.ports[1])
+        else:
+            self.master = RedisNode(self.ports[0], first_dir)
+            self.replica = RedisNode(self.ports[1], second_dir, replica_of=self.master.port)
         self.sentinels = [self._sentinel(n) for n in range(SENTINELS)]
 
     def _sub(self, name: str) -> Path | None:
         return self.base / name if self.base is not None else None
 
+    def _recorded_master_port(self) -> int | None:
+        """The master the sentinels named when they last ran (they rewrite their configuration)."""
+        conf = self._sub("sentinel-1")
+        try:
+            text = (conf / "sentinel.conf").read_text() if conf is not None else ""
+        except OSError:
+            return None
+        found = re.search(rf"^sentinel monitor {MASTER_NAME} \S+ (\d+)", text, re.MULTILINE)
+        return int(found.group(1)) if found else None
+
     def _replica(self) -> RedisNode:
         return RedisNode(None, self._sub("replica"), replica_of=self.master.port)
 
     def _sentinel(self, n: int) -> SentinelNode:
-        return SentinelNode(None, self._sub(f"sentinel-{n + 1}"), self.master.port, self.down_after_ms,
-                            self.failover_timeout_ms)
+        return SentinelNode(self.ports[2 + n], self._sub(f"sentinel-{n + 1}"), self.master.port,
+                            self.down_after_ms, self.failover_timeout_ms)
 
     @property
     def url(self) -> str:
@@ -116,10 +144,13 @@ class SentinelCluster:
             raise
         return self
 
-    @staticmethod
-    def _start_on_a_free_port(node: N, again: Callable[[], N]) -> N:
+    def _start_on_a_free_port(self, node: N, again: Callable[[], N]) -> N:
         """Start ``node``; on a port taken since it was chosen (the nodes' own connections
-        take ephemeral ports too), start a new one from ``again`` on another port."""
+        take ephemeral ports too), start a new one from ``again`` on another port. Ports
+        that are kept from one start to the next are not moved: their conflict is an error."""
+        if self.base is not None:
+            node.start()
+            return node
         for _attempt in range(PORT_ATTEMPTS - 1):
             try:
                 node.start()
