@@ -62,8 +62,10 @@ def new_client(url: str, master: str = "", **options: Any) -> redis.Redis:
         return redis.Redis.from_url(url, **options)
     address = parse_sentinel_url(url)
     # Just after a promotion the sentinels may for a moment name no master: a command retries
-    # for a few seconds (connection errors only) instead of failing at once.
-    options.setdefault("retry", Retry(ExponentialBackoff(cap=1.0, base=0.1), FAILOVER_RETRIES))
+    # for a few seconds instead of failing at once — on connection errors only: a server that
+    # does not answer (paused) already cost its timeout, and is not asked again.
+    options.setdefault("retry", Retry(ExponentialBackoff(cap=1.0, base=0.1), FAILOVER_RETRIES,
+                                      supported_errors=(redis.ConnectionError,)))
     sentinels = Sentinel(list(address.sentinels), sentinel_kwargs=sentinel_connection_options(),
                          db=address.db, username=address.username, password=address.password, **options)
     return sentinels.master_for(master)
