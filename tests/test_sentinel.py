@@ -46,6 +46,13 @@ def test_a_sentinel_address_needs_the_masters_name() -> None:
     assert not load_settings({"REDIS_URL": "redis://127.0.0.1:6379/0"}).uses_sentinel
 
 
+def test_a_sentinel_address_is_logged_without_its_password() -> None:
+    from app.redaction import redact
+
+    shown = redact("sentinel://:s3cret@10.0.0.1:26379;sentinel://:s3cret@10.0.0.2:26379/0")
+    assert shown == "sentinel://10.0.0.1:26379;sentinel://10.0.0.2:26379/0"
+
+
 class Fleet:
     """A Sentinel deployment with two workers and the server on it."""
 
