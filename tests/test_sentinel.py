@@ -2,9 +2,10 @@
 sentinels (``app.cli.sentinel_cluster``, as ``meshq redis --sentinel`` starts them), two
 ``celery -A app worker`` processes and ``meshq serve``, all given ``REDIS_URL=sentinel://...``.
 
-The long task is a stepped echo, not a training run: it holds a lease, beats, refreshes its
-message's invisibility and reports progress exactly as a training task does, in seconds of
-test time instead of minutes on a loaded CPU.
+In the tests with 50 echoes queued, the long task is a stepped echo: it holds a lease, beats,
+refreshes its message's invisibility and reports progress as a training task does, in seconds
+of test time; ``test_a_training_task_runs_through_a_failover_once`` (slow) runs a real LoRA
+training of the tiny model through a master kill.
 """
 
 from __future__ import annotations
