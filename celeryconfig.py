@@ -16,6 +16,8 @@ Only settings are exported: every other name here starts with ``_`` (Celery and
 a module named by ``MESHQ_CELERY_CONFIG`` (applied after these, see ``app/celery.py``).
 """
 
+from app.redis_client import SOCKET_TIMEOUT_S as _SOCKET_TIMEOUT_S
+from app.redis_client import sentinel_connection_options as _sentinel_connection_options
 from app.settings import UNACKED_MUTEX_EXPIRE_S as _UNACKED_MUTEX_EXPIRE_S
 from app.settings import get_settings as _get_settings
 from app.settings import unacked_restore_interval_s as _unacked_restore_interval_s
@@ -24,7 +26,8 @@ _settings = _get_settings()
 
 broker_url = _settings.redis_url
 # Celery's Redis backend, storing task arguments with secrets redacted (app.celery_redaction).
-result_backend = "app.celery_redaction:RedactingRedisBackend+" + _settings.redis_url
+result_backend = ("app.celery_redaction:RedactingSentinelBackend+" if _settings.uses_sentinel
+                  else "app.celery_redaction:RedactingRedisBackend+") + _settings.redis_url
 broker_connection_retry_on_startup = True
 # Tasks may run for hours: a running task's heartbeat keeps its message invisible
 # (app.worker.invisibility), so the visibility timeout only bounds how long the task of a
@@ -32,13 +35,31 @@ broker_connection_retry_on_startup = True
 # are swept back into their queue every few seconds, so recovery takes about the
 # visibility timeout, not 100 s more.
 _restore_interval_s = _unacked_restore_interval_s(_settings.visibility_timeout_s)
-broker_transport_options = {"visibility_timeout": _settings.visibility_timeout_s,
-                            "unacked_restore_interval": _restore_interval_s,
-                            "unacked_restore_throttle": 1,
-                            # a dead sweeper's lock must not stop redelivery for 300 s
-                            "unacked_mutex_expire": _UNACKED_MUTEX_EXPIRE_S}
+broker_transport_options: dict = {"visibility_timeout": _settings.visibility_timeout_s,
+                                  "unacked_restore_interval": _restore_interval_s,
+                                  "unacked_restore_throttle": 1,
+                                  # a dead sweeper's lock must not stop redelivery for 300 s
+                                  "unacked_mutex_expire": _UNACKED_MUTEX_EXPIRE_S}
 result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout_s,
                                     "retry_policy": {"timeout": 5.0}}
+if _settings.uses_sentinel:
+    # Behind Sentinel (REDIS_URL=sentinel://..., MESHQ_REDIS_MASTER): both find the master
+    # through the sentinels, and notice a master that died or stopped answering within
+    # seconds (kombu drops a BRPOP connection whose reply is overdue by the health check
+    # interval), then ask the sentinels again. A plain redis:// URL keeps the defaults.
+    _FAILOVER_OPTIONS = {"master_name": _settings.redis_master,
+                         "sentinel_kwargs": _sentinel_connection_options(),
+                         "socket_timeout": _SOCKET_TIMEOUT_S, "socket_connect_timeout": _SOCKET_TIMEOUT_S,
+                         "health_check_interval": int(_SOCKET_TIMEOUT_S)}
+    broker_transport_options.update(_FAILOVER_OPTIONS)
+    result_backend_transport_options.update(master_name=_settings.redis_master,
+                                            sentinel_kwargs=_sentinel_connection_options())
+    redis_socket_timeout = _SOCKET_TIMEOUT_S
+    redis_socket_connect_timeout = _SOCKET_TIMEOUT_S
+    redis_backend_health_check_interval = int(_SOCKET_TIMEOUT_S)
+    # A task sent while the sentinels promote a replica waits for the new master (about
+    # 30 s at most) instead of failing after Celery's default second of retries.
+    task_publish_retry_policy = {"max_retries": 30, "interval_start": 0, "interval_step": 1, "interval_max": 1}
 
 # JSON only: no pickle anywhere.
 task_serializer = "json"

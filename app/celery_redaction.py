@@ -24,7 +24,7 @@ from typing import Any
 
 from celery import states
 from celery.app.amqp import AMQP
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 from celery.exceptions import BackendStoreError
 from celery.utils.saferepr import saferepr
 from celery.worker.request import Request
@@ -32,6 +32,7 @@ from kombu.utils.encoding import bytes_to_str
 
 from app.limits import json_bytes
 from app.redaction import redact_secrets
+from app.redis_client import add_replica_wait, confirm_replicated, replicated_writes
 from app.settings import get_settings
 from app.worker.outage import REDIS_OUTAGE_S, RETRY_INTERVAL_S
 
@@ -118,7 +119,17 @@ class RedactingRedisBackend(RedisBackend):
         # wrapped in ``self.ensure``: like Celery's own read before the write, a Redis that is
         # away fails the store at once — ``store_result`` above retries a final state through
         # an outage, and a PROGRESS report is skipped rather than holding the task up.
-        self._store_script(keys=[key], args=[value, int(expires or 0)], client=self.client)
+        client = self.client
+        if state not in states.READY_STATES or not replicated_writes(client):
+            self._store_script(keys=[key], args=[value, int(expires or 0)], client=client)
+            return result
+        # Behind Sentinel a final state waits (bounded) for a replica to have it, so a failover
+        # right after does not lose it; one stored on a master that was replaced meanwhile is
+        # stored again (StaleMaster, retried by ``store_result``) on the new one.
+        pipe = client.pipeline(transaction=False)
+        self._store_script(keys=[key], args=[value, int(expires or 0)], client=pipe)
+        add_replica_wait(pipe)
+        confirm_replicated(client, pipe.execute()[-1], f"the {state} result of task {meta['task_id']}")
         return result
 
     def _get_result_meta(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -132,6 +143,10 @@ class RedactingRedisBackend(RedisBackend):
                 meta[field] = value if size <= limit else \
                     f"<{size} bytes, not stored: more than MAX_RESULT_BYTES={limit}>"
         return meta
+
+
+class RedactingSentinelBackend(RedactingRedisBackend, SentinelBackend):
+    """``RedactingRedisBackend`` on the master the sentinels name (``REDIS_URL=sentinel://...``)."""
 
 
 class RedactingRequest(Request):

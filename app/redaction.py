@@ -9,7 +9,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 def redact(url: str) -> str:
     """Drop credentials from a URL before it goes into a message or a log line:
-    user:password, and the query string (presigned URLs carry tokens there)."""
+    user:password, and the query string (presigned URLs carry tokens there). A Sentinel
+    address (``sentinel://h1:26379;sentinel://h2:26379/0``) is redacted part by part."""
+    if url.startswith("sentinel://") and ";" in url:
+        return ";".join(redact(part) for part in url.split(";"))
     parts = urlsplit(url)
     if parts.username or parts.password:
         host = parts.hostname or ""

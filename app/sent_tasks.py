@@ -17,7 +17,7 @@ import redis
 from celery import current_app, signals
 
 from app import keys
-from app.redis_client import get_redis
+from app.redis_client import StaleMaster, add_replica_wait, confirm_replicated, get_redis
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,15 @@ def record_sent(sender: Any = None, headers: dict[str, Any] | None = None, body:
     if isinstance(kwargs, dict) and kwargs.get("pipeline"):
         return  # a stage: its pipeline record (written before the chain was sent) knows it
     try:
-        get_redis().set(keys.task_sent(str(headers["id"])), routing_key or "", ex=_record_ttl_s())
+        client = get_redis()
+        pipe = client.pipeline(transaction=False)
+        pipe.set(keys.task_sent(str(headers["id"])), routing_key or "", ex=_record_ttl_s())
+        # Behind Sentinel: this write comes after the message's, so a replica that has it has
+        # the message too — a task the caller was told is queued survives a failover.
+        add_replica_wait(pipe)
+        confirm_replicated(client, pipe.execute()[-1], f"task {headers['id']} sent")
+    except StaleMaster as exc:  # its message is on that old master too, dropped when it becomes a replica
+        log.error("task %s may be lost: %s; send it again", headers["id"], exc)
     except redis.RedisError as exc:  # the task is queued all the same; only its lookup suffers
         log.warning("could not record that task %s was sent: %s", headers["id"], exc)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from app.errors import ConfigError
 from app.limits import MAX_MESSAGE_BYTES, MAX_RESULT_BYTES
+from app.redis_address import MASTER_VARIABLE, is_sentinel_url, parse_sentinel_url
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_RESULTS_DIR = "./results_workers"
@@ -77,6 +78,12 @@ class Settings:
     # a result stored in the backend (MESHQ_MAX_RESULT_BYTES; a bigger one is kept as a file).
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_result_bytes: int = MAX_RESULT_BYTES
+    # The master's name the sentinels know, when REDIS_URL is a sentinel:// address (MESHQ_REDIS_MASTER).
+    redis_master: str = ""
+
+    @property
+    def uses_sentinel(self) -> bool:
+        return is_sentinel_url(self.redis_url)
 
     @property
     def heartbeat_ttl_s(self) -> int:
@@ -205,8 +212,17 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every meshq variable; raises ``ConfigError``."""
     env = os.environ if env is None else env
     redis_url = env.get("REDIS_URL", "").strip()
-    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError("REDIS_URL", f"{redis_url!r} is not a redis://, rediss:// or unix:// URL")
+    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")) \
+            and not is_sentinel_url(redis_url):
+        raise ConfigError("REDIS_URL", f"{redis_url!r} is not a redis://, rediss://, unix:// or sentinel:// URL")
+    redis_master = env.get(MASTER_VARIABLE, "").strip()
+    if is_sentinel_url(redis_url):
+        parse_sentinel_url(redis_url)
+        if not redis_master:
+            raise ConfigError(MASTER_VARIABLE, "REDIS_URL is a sentinel:// address: set the name the sentinels "
+                                               "know the master by (like mymaster)")
+        if not NAME_RE.match(redis_master):
+            raise ConfigError(MASTER_VARIABLE, f"{redis_master!r} is not 1-64 characters of [A-Za-z0-9_-]")
 
     topic = env.get("TASK_TOPIC", "").strip() or DEFAULT_TASK_TOPIC
     if not NAME_RE.match(topic):
@@ -259,6 +275,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         allow_remote_code=_flag(env, "MESHQ_ALLOW_REMOTE_CODE"),
         max_message_bytes=_positive_int(env, "MESHQ_MAX_MESSAGE_BYTES", MAX_MESSAGE_BYTES),
         max_result_bytes=_positive_int(env, "MESHQ_MAX_RESULT_BYTES", MAX_RESULT_BYTES),
+        redis_master=redis_master if is_sentinel_url(redis_url) else "",
     )
 
 

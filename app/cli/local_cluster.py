@@ -13,11 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import redis
-
 from app import keys
 from app.cli.embedded_redis import EmbeddedRedis
 from app.errors import MeshqError
+from app.redis_address import MASTER_VARIABLE
+from app.redis_client import new_client
 
 READY_TIMEOUT_S = 120.0
 
@@ -101,7 +101,7 @@ class LocalCluster:
             time.sleep(0.2)
 
     def wait_worker(self, worker_id: str, process: subprocess.Popen[bytes]) -> None:
-        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        client = new_client(self.redis_url, os.environ.get(MASTER_VARIABLE, "").strip())
         deadline = time.monotonic() + READY_TIMEOUT_S
         try:
             while client.hget(keys.worker_hash(worker_id), "status") != "IDLE":

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from app.cli.sentinel_cluster import DEFAULT_DOWN_AFTER_MS
 from app.cli.tiny_model import SIZES
 from app.errors import MeshqError
 
@@ -92,6 +93,8 @@ def cmd_redis(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_stop)
     data_dir = Path(args.data_dir or default_redis_data_dir(args.port)).expanduser()
+    if args.sentinel:
+        return _run_sentinel_cluster(args, data_dir)
     with EmbeddedRedis(port=args.port, data_dir=data_dir) as server:
         print(f"embedded Redis running: export REDIS_URL={server.url}   (Ctrl-C to stop; "
               f"data kept in {data_dir}, AOF)", flush=True)
@@ -102,6 +105,27 @@ def cmd_redis(args: argparse.Namespace) -> int:
             return 0
         code = server.process.returncode if server.process is not None else None
     print(f"meshq: embedded redis-server stopped by itself (exit status {code})", file=sys.stderr)
+    return 1
+
+
+def _run_sentinel_cluster(args: argparse.Namespace, data_dir: Path) -> int:
+    """``meshq redis --sentinel``: master (``--port``), replica and three sentinels until Ctrl-C.
+    A node that dies is left dead (the others fail over around it), as on real machines."""
+    import time
+
+    from app.cli.sentinel_cluster import SentinelCluster
+
+    with SentinelCluster(data_dir, master_port=args.port, down_after_ms=args.down_after_ms) as cluster:
+        ports = ", ".join(str(s.port) for s in cluster.sentinels)
+        print(f"master 127.0.0.1:{cluster.master.port}, replica 127.0.0.1:{cluster.replica.port}, "
+              f"sentinels on {ports} (data kept in {data_dir}, AOF); Ctrl-C to stop all\n"
+              f"  export REDIS_URL='{cluster.url}'\n  export MESHQ_REDIS_MASTER={cluster.master_name}", flush=True)
+        try:
+            while any(s.process is not None and s.process.poll() is None for s in cluster.sentinels):
+                time.sleep(0.5)
+        except (KeyboardInterrupt, _Stop):
+            return 0
+    print("meshq: every sentinel stopped by itself", file=sys.stderr)
     return 1
 
 
@@ -229,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=6379)
     p.add_argument("--data-dir", default=None,
                    help="where the server keeps its data (AOF); default ~/.local/share/meshq/redis-<port>")
+    p.add_argument("--sentinel", action="store_true",
+                   help="a master (on --port), a replica and three sentinels on loopback, for failover "
+                        "(REDIS_URL=sentinel://..., MESHQ_REDIS_MASTER=meshq)")
+    p.add_argument("--down-after-ms", type=int, default=DEFAULT_DOWN_AFTER_MS,
+                   help="with --sentinel: how long the master may be silent before a replica is promoted")
     p.set_defaults(func=cmd_redis)
 
     p = sub.add_parser("tiny-model", help="build a tiny random Llama model + tokenizer locally")

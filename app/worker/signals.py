@@ -21,6 +21,7 @@ from celery.worker.control import control_command, ok
 from app import routing
 from app.events import task_event
 from app.redaction import redact
+from app.redis_client import StaleMaster, add_replica_wait, confirm_replicated, get_redis
 from app.settings import MAX_CAPABILITY_QUEUES, get_settings
 from app.worker.capability_queues import CapabilityQueues
 from app.worker.invisibility import MessageKeeper
@@ -144,7 +145,8 @@ def log_to_file(logger: logging.Logger, format: str, **_: Any) -> None:
     if not settings.redis_url_from_env:
         log.warning("REDIS_URL is not set: using %s", settings.redis_url)
     else:
-        log.info("Redis: %s", redact(settings.redis_url))
+        log.info("Redis: %s%s", redact(settings.redis_url),
+                 f" (master {settings.redis_master})" if settings.uses_sentinel else "")
 
 
 @signals.worker_ready.connect
@@ -190,11 +192,28 @@ def on_task_start(task_id: str, task: Any, **_: Any) -> None:
     lease = task.lease_for_current() if hasattr(task, "lease_for_current") else None
     if lease is not None:
         lease.started_event = started
+
+    def acquire(pipe: Any) -> None:
+        assert lease is not None
+        lease.acquire_in(pipe, task.counts_this_run())
+        add_replica_wait(pipe)  # behind Sentinel: the lease (and the message's delivery) on a replica
+
     replies = set_worker_status(
         worker_id, RUNNING, current_task=task_id, task_event=started if lease is None else None,
-        extra=(lambda pipe: lease.acquire_in(pipe, task.counts_this_run())) if lease is not None else None)
-    if lease is not None and replies and not isinstance(replies[0], Exception):
+        extra=acquire if lease is not None else None)
+    if lease is not None and replies and not isinstance(replies[0], Exception) and _replicated(replies, task_id):
         task.request.meshq_lease_reply = replies[0]
+
+
+def _replicated(replies: list[Any], task_id: str) -> bool:
+    """Whether the lease just taken counts: not if it went to a master that was replaced
+    meanwhile (the task then asks again, on the new master)."""
+    try:
+        confirm_replicated(get_redis(), replies[-1], f"the lease of task {task_id}")
+    except StaleMaster as exc:
+        log.warning("%s; asking for the lease again", exc)
+        return False
+    return True
 
 
 @signals.task_postrun.connect
