@@ -2,12 +2,12 @@
 
 A source (``data.url``, ``data.path``, ``data.dataset_name``) is, in this order:
 
-* a local ``.jsonl`` / ``.json`` / ``.csv`` file, or any existing file or directory: a
-  file is one split (its ``split`` name is not checked, its slice is applied); a
-  directory written by ``datasets.save_to_disk`` is read split by split from the arrow
-  files its ``state.json`` names; another directory is a folder of data files
-  (``.jsonl``, ``.json``, ``.csv``, ``.parquet``, ``.arrow``, ``.txt``), put into splits
-  by their names as ``datasets`` does (``train*.jsonl``, ``test/``...);
+* a local data file (``.jsonl``, ``.json``, ``.csv``, ``.parquet``, ``.arrow``, ``.txt``),
+  or any existing file or directory: a file is one split (its ``split`` name is not
+  checked, its slice is applied); a directory written by ``datasets.save_to_disk`` is
+  read split by split from the arrow files its ``state.json`` names; another directory
+  is a folder of such data files, put into splits by their names as ``datasets`` does
+  (``train*.jsonl``, ``test/``...);
 * otherwise a Hugging Face hub id (``name`` or ``org/name``), read from the local
   datasets cache (``HF_DATASETS_CACHE``) only. Workers run offline: a hub id that is
   not in the cache fails at once with a message saying so, never a download. The name
@@ -42,8 +42,7 @@ from typing import Any, TypeVar
 from app.data_roots import allowed_path, open_data_file
 from app.errors import SpecError
 
-TABLE_SUFFIXES = (".jsonl", ".json", ".csv")
-DATA_SUFFIXES = (*TABLE_SUFFIXES, ".parquet", ".arrow", ".txt")  # what a folder of data files may hold
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?\Z")
 GLOB_CHARACTERS = re.compile(r"[*?\[\]{}]")
 SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")  # written by Dataset(Dict).save_to_disk
@@ -60,7 +59,7 @@ def read_records(path: str, *, field: str = "spec.data.path", split: str = "trai
     """Rows of ``split`` (with slicing) of a local file or directory, or of a dataset in the
     local HF cache. ``field`` is the spec field the source came from, used in error messages."""
     file = Path(path).expanduser()
-    if file.suffix.lower() in TABLE_SUFFIXES or file.exists() or looks_local(path):
+    if file.suffix.lower() in DATA_SUFFIXES or file.exists() or looks_local(path):
         resolved = allowed_path(file, field)  # only under RESULTS_DIR or MESHQ_DATA_DIRS, links resolved
         if resolved.is_dir():
             if name:
@@ -96,7 +95,7 @@ def _read_data_file(file: Path, field: str) -> list[dict[str, Any]]:
     """The rows of one data file, opened (and checked against the data roots) here."""
     suffix = file.suffix.lower()
     if suffix not in DATA_SUFFIXES:
-        raise SpecError(field, f"{file}: unsupported file type {suffix!r} (use .jsonl, .json or .csv)")
+        raise SpecError(field, f"{file}: unsupported file type {suffix!r} (use {', '.join(DATA_SUFFIXES)})")
     with open_data_file(file, field) as raw:
         try:
             if suffix in (".parquet", ".arrow"):
