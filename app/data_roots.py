@@ -55,8 +55,12 @@ def _inside(resolved: Path, roots: list[Path]) -> bool:
 
 def _outside(path: str | os.PathLike[str], field: str, roots: list[Path]) -> SpecError:
     """The refusal names the spec's path, never where a link leads (nor whether it exists)."""
-    return SpecError(field, f"{os.fspath(path)!r} is outside the directories this worker reads data from "
-                            f"(RESULTS_DIR and {DATA_DIRS_VARIABLE}: {', '.join(map(str, roots))})")
+    return SpecError(field, f"{os.fspath(path)!r} is outside {_roots_named(roots)}")
+
+
+def _roots_named(roots: list[Path]) -> str:
+    return (f"the directories this worker reads data from "
+            f"(RESULTS_DIR and {DATA_DIRS_VARIABLE}: {', '.join(map(str, roots))})")
 
 
 def open_data_file(path: str | os.PathLike[str], field: str, settings: Settings | None = None) -> BinaryIO:
@@ -70,8 +74,6 @@ def open_data_file(path: str | os.PathLike[str], field: str, settings: Settings 
         fd = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise SpecError(field, f"file {os.fspath(path)!r} does not exist") from None
-    except IsADirectoryError:
-        raise SpecError(field, f"{os.fspath(path)!r} is a directory, not a file") from None
     try:
         if not _inside(_opened_path(fd, resolved), roots):
             raise _outside(path, field, roots)
@@ -105,9 +107,7 @@ def check_tree(directory: str | os.PathLike[str], field: str, settings: Settings
                 resolved = Path(entry.path).resolve()
                 if not _inside(resolved, roots):
                     raise SpecError(field, f"{os.fspath(directory)!r}: {os.path.relpath(entry.path, top)!r} "
-                                           "links outside the directories this worker reads data from "
-                                           f"(RESULTS_DIR and {DATA_DIRS_VARIABLE}: "
-                                           f"{', '.join(map(str, roots))})")
+                                           f"links outside {_roots_named(roots)}")
                 if resolved.is_dir() and resolved not in seen:
                     seen.add(resolved)
                     pending.append(resolved)
