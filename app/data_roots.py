@@ -7,6 +7,11 @@ under the worker's ``RESULTS_DIR`` or a directory of ``MESHQ_DATA_DIRS`` (a shar
 storage mount, a datasets folder). Anything else is a ``SpecError`` that names the
 field and the allowed roots, never the file's contents.
 
+The rule holds for every file read on a spec's behalf, not only for the path the spec
+names: ``open_data_file`` checks the file it actually opened (through the descriptor,
+so a link swapped in after the check changes nothing), and ``check_tree`` checks every
+file of a directory (a checkpoint) before a library reads it by name.
+
 ``trust_remote_code`` runs Python shipped with a model. It is refused for weights that
 came from a download, an upload or the worker's own results (an artifact anyone who can
 submit could have put there), and otherwise allowed only where the worker's operator
@@ -16,7 +21,9 @@ set ``MESHQ_ALLOW_REMOTE_CODE=1``.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from app.errors import SpecError
 from app.settings import Settings, get_settings
@@ -37,10 +44,74 @@ def allowed_path(path: str | os.PathLike[str], field: str, settings: Settings | 
     a ``SpecError`` naming ``field`` and the roots (not whether the file exists)."""
     resolved = Path(os.path.expanduser(os.fspath(path))).resolve()
     roots = allowed_roots(settings)
-    if any(resolved == root or resolved.is_relative_to(root) for root in roots):
+    if _inside(resolved, roots):
         return resolved
-    raise SpecError(field, f"{os.fspath(path)!r} is outside the directories this worker reads data from "
-                           f"(RESULTS_DIR and {DATA_DIRS_VARIABLE}: {', '.join(map(str, roots))})")
+    raise _outside(path, field, roots)
+
+
+def _inside(resolved: Path, roots: list[Path]) -> bool:
+    return any(resolved == root or resolved.is_relative_to(root) for root in roots)
+
+
+def _outside(path: str | os.PathLike[str], field: str, roots: list[Path]) -> SpecError:
+    """The refusal names the spec's path, never where a link leads (nor whether it exists)."""
+    return SpecError(field, f"{os.fspath(path)!r} is outside {_roots_named(roots)}")
+
+
+def _roots_named(roots: list[Path]) -> str:
+    return (f"the directories this worker reads data from "
+            f"(RESULTS_DIR and {DATA_DIRS_VARIABLE}: {', '.join(map(str, roots))})")
+
+
+def open_data_file(path: str | os.PathLike[str], field: str, settings: Settings | None = None) -> BinaryIO:
+    """``path`` opened for reading, if the file actually opened is a regular file under an
+    allowed root. The check is made on the open descriptor (``/proc/self/fd``), so a link
+    that appears between the resolution and the ``open`` is caught too; a FIFO or device
+    is refused without blocking on it."""
+    roots = allowed_roots(settings)
+    resolved = allowed_path(path, field, settings)
+    try:
+        fd = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SpecError(field, f"file {os.fspath(path)!r} does not exist") from None
+    try:
+        if not _inside(_opened_path(fd, resolved), roots):
+            raise _outside(path, field, roots)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SpecError(field, f"{os.fspath(path)!r} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _opened_path(fd: int, resolved: Path) -> Path:
+    """The file behind ``fd`` as the kernel names it (Linux); elsewhere ``resolved`` again."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return resolved.resolve()
+
+
+def check_tree(directory: str | os.PathLike[str], field: str, settings: Settings | None = None) -> Path:
+    """``directory`` resolved, if every file and link in it (at any depth, through linked
+    directories too) resolves under an allowed root: a library (transformers, peft,
+    safetensors) then opens its files by name."""
+    roots = allowed_roots(settings)
+    top = allowed_path(directory, field, settings)
+    pending, seen = [top], {top}
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                resolved = Path(entry.path).resolve()
+                if not _inside(resolved, roots):
+                    raise SpecError(field, f"{os.fspath(directory)!r}: {os.path.relpath(entry.path, top)!r} "
+                                           f"links outside {_roots_named(roots)}")
+                if resolved.is_dir() and resolved not in seen:
+                    seen.add(resolved)
+                    pending.append(resolved)
+    return top
 
 
 def under_results(path: str | os.PathLike[str], settings: Settings | None = None) -> bool:

@@ -96,6 +96,83 @@ def test_case3_datasets_and_checkpoints_only_from_data_roots(worker_factory, tin
     assert result["worker_id"] == reader.worker_id
 
 
+# -- issue 23, item 1: every file read is checked, whatever library reads it -----------------------
+SECRET_ROW = '{"q": "outside-secret-row"}\n'
+README_POINTING_OUTSIDE = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: {secret}
+---
+"""
+
+
+def prompts_of(result: dict[str, Any]) -> list[str]:
+    return [item["prompt"] for item in result["items"]]
+
+
+def test_issue23_dataset_directories_read_only_checked_files(worker_factory, tiny_model_dir: Path,
+                                                             outside_dir: Path, tmp_path: Path) -> None:
+    secret = outside_dir / "secret.jsonl"
+    secret.write_text(SECRET_ROW)
+    worker = worker_factory(worker_id="data-dirs")
+
+    def dataset(url: str) -> dict[str, Any]:
+        return inference_spec(str(tiny_model_dir), data={"type": "dataset", "url": url, "column": "q"})
+
+    # The issue's case: a zip whose README.md points datasets at an outside file, unpacked into
+    # RESULTS_DIR by a checkpoint.load (which fails, naming the directory), then used as data.
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("evil/README.md", README_POINTING_OUTSIDE.format(secret=secret))
+        zf.writestr("evil/train.jsonl", '{"q": "hello from the archive"}\n')
+    load = {"checkpoint": {"load": {"type": "local", "path": str(archive)}}}
+    error = failure_of(send_to_worker(inference_spec(str(tiny_model_dir), **load)))
+    unpacked = error.split("'")[1]
+    assert Path(unpacked).is_relative_to(worker.results_dir / ".cache" / "checkpoints"), error
+    result = send_to_worker(dataset(unpacked)).get(timeout=120)
+    assert prompts_of(result) == ["hello from the archive"]  # its own file, not the README's
+
+    # A README.md alone names no data: nothing is read.
+    only_readme = tmp_path / "only-readme"
+    only_readme.mkdir()
+    (only_readme / "README.md").write_text(README_POINTING_OUTSIDE.format(secret=secret))
+    error = failure_of(send_to_worker(dataset(str(only_readme))))
+    assert "spec.data.url" in error and "holds no data files" in error and "outside-secret" not in error, error
+
+    # A train.jsonl inside an allowed directory that links outside is refused when it is opened.
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "train.jsonl").symlink_to(secret)
+    error = failure_of(send_to_worker(dataset(str(linked))))
+    assert "spec.data.url" in error and "outside the directories" in error and "outside-secret" not in error, error
+    worker_still_serves(worker)
+
+
+def test_issue23_checkpoint_files_linking_outside_are_refused(worker_factory, tiny_model_dir: Path,
+                                                              outside_dir: Path, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_model_dir, checkpoint)
+    outside_config = outside_dir / "config.json"
+    shutil.move(checkpoint / "config.json", outside_config)
+    (checkpoint / "config.json").symlink_to(outside_config)  # transformers would open it by name
+    worker_factory(worker_id="ckpt-links")
+    load = {"checkpoint": {"load": {"type": "local", "path": str(checkpoint)}}}
+    error = failure_of(send_to_worker(inference_spec(str(tiny_model_dir), **load)))
+    assert "spec.checkpoint.load.path" in error and "'config.json' links outside the directories" in error, error
+
+
+# -- issue 23, item 2: a datasets file format is not a dataset ------------------------------------
+def test_issue23_builder_names_never_read_the_working_directory(worker_factory, tiny_model_dir: Path) -> None:
+    worker = worker_factory(worker_id="builders")
+    for name in ("text", "json", "csv"):
+        spec = inference_spec(str(tiny_model_dir), data={"type": "dataset", "url": name, "column": "text"})
+        error = failure_of(send_to_worker(spec))
+        assert f"spec.data.url: '{name}' is the name of a datasets file format, not a dataset" in error, error
+    worker_still_serves(worker)
+
+
 # -- case 2: no code from artifacts ----------------------------------------------------------------
 EVIL_CODE = """
 import pathlib

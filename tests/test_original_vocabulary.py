@@ -12,6 +12,9 @@ from __future__ import annotations
 import http.server
 import json
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -90,6 +93,26 @@ def test_a_saved_dataset_directory_and_its_splits(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="splits here: train, validation") as caught:
         read_records(str(tmp_path / "saved"), split="test")
     assert caught.value.field == "spec.data.split"
+
+
+def test_a_saved_dataset_reads_only_its_own_files(tmp_path: Path) -> None:
+    """Its ``state.json`` names the arrow files ``load_from_disk`` opens: a name that leads out
+    of the directory (here to a dataset outside the data roots) is refused, never read."""
+    import datasets
+
+    outside = Path(tempfile.mkdtemp(prefix="meshq-outside-"))
+    try:
+        datasets.Dataset.from_list([{"id": 99, "q": "outside-secret"}]).save_to_disk(outside / "other")
+        datasets.Dataset.from_list(ROWS).save_to_disk(tmp_path / "saved")
+        state = json.loads((tmp_path / "saved" / "state.json").read_text())
+        escape = os.path.relpath(next((outside / "other").glob("*.arrow")), tmp_path / "saved")
+        state["_data_files"] = [{"filename": escape}]
+        (tmp_path / "saved" / "state.json").write_text(json.dumps(state))
+        with pytest.raises(SpecError, match="not a saved dataset") as caught:
+            read_records(str(tmp_path / "saved"), field="spec.data.url")
+        assert caught.value.field == "spec.data.url" and "outside-secret" not in str(caught.value)
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)
 
 
 def test_a_hub_id_reads_the_local_cache_only(hub_cache: Path) -> None:

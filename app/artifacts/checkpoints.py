@@ -25,7 +25,7 @@ from app.artifacts.auth import auth_headers, token_for
 from app.artifacts.delivery import RESULTS_PATH
 from app.artifacts.manifest import sha256_file, write_json_atomic
 from app.artifacts.retry import Retryable, RetryPolicy, is_retryable_status, with_retries
-from app.data_roots import allowed_path
+from app.data_roots import allowed_path, check_tree
 from app.errors import ArtifactError, SpecError
 from app.redaction import redact
 from app.settings import get_settings
@@ -33,6 +33,7 @@ from app.spec import CheckpointLoad
 
 log = logging.getLogger(__name__)
 
+LOCAL_FIELD = "spec.checkpoint.load.path"
 CACHE_DIRNAME = ".cache"
 MODEL_MARKERS = ("config.json", "adapter_config.json")
 
@@ -147,20 +148,22 @@ def fetch_checkpoint(load: CheckpointLoad, dest_dir: Path, *, cache_dir: Path | 
     ``RESULTS_DIR/.cache/checkpoints`` unless ``cache_dir`` says otherwise. A
     directory given as ``local`` path is used in place (or its single top-level
     folder); an archive (local or http) is verified against ``load.sha256`` when
-    given, unpacked safely once per sha256, and the unpacked folder returned.
+    given, unpacked safely once per sha256, and the unpacked folder returned. Every file in
+    that folder must resolve under the data roots (``app.data_roots.check_tree``):
+    transformers and peft then open them by name.
     """
     cache = CheckpointCache(Path(cache_dir) if cache_dir is not None else default_cache_dir(Path(dest_dir)))
     if load.type == "local":
-        return _fetch_local(load, cache)
-    return _fetch_http(load, cache, policy)
+        return check_tree(_fetch_local(load, cache), LOCAL_FIELD)
+    return check_tree(_fetch_http(load, cache, policy), "spec.checkpoint.load")
 
 
 def _fetch_local(load: CheckpointLoad, cache: CheckpointCache) -> Path:
-    path = allowed_path(str(load.path), "spec.checkpoint.load.path")  # RESULTS_DIR or MESHQ_DATA_DIRS
+    path = allowed_path(str(load.path), LOCAL_FIELD)  # RESULTS_DIR or MESHQ_DATA_DIRS
     if path.is_dir():
         return _model_dir(path.resolve())
     if not path.is_file():
-        raise SpecError("spec.checkpoint.load.path", f"{path} does not exist")
+        raise SpecError(LOCAL_FIELD, f"{path} does not exist")
     detect_format(path, load.archive_format)  # fail early on something that is not an archive
     sha = sha256_file(path)
     if load.sha256 and sha != load.sha256.lower():
