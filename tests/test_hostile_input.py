@@ -112,7 +112,7 @@ def prompts_of(result: dict[str, Any]) -> list[str]:
     return [item["prompt"] for item in result["items"]]
 
 
-def test_issue23_dataset_directories_read_only_checked_files(worker_factory, tiny_model_dir: Path,
+def test_a_dataset_directory_reads_only_checked_files_never_its_readme_configs(worker_factory, tiny_model_dir: Path,
                                                              outside_dir: Path, tmp_path: Path) -> None:
     secret = outside_dir / "secret.jsonl"
     secret.write_text(SECRET_ROW)
@@ -150,7 +150,7 @@ def test_issue23_dataset_directories_read_only_checked_files(worker_factory, tin
     worker_still_serves(worker)
 
 
-def test_issue23_checkpoint_files_linking_outside_are_refused(worker_factory, tiny_model_dir: Path,
+def test_checkpoint_files_linking_outside_the_roots_are_refused(worker_factory, tiny_model_dir: Path,
                                                               outside_dir: Path, tmp_path: Path) -> None:
     checkpoint = tmp_path / "checkpoint"
     shutil.copytree(tiny_model_dir, checkpoint)
@@ -164,7 +164,7 @@ def test_issue23_checkpoint_files_linking_outside_are_refused(worker_factory, ti
 
 
 # -- issue 23, item 2: a datasets file format is not a dataset ------------------------------------
-def test_issue23_builder_names_never_read_the_working_directory(worker_factory, tiny_model_dir: Path) -> None:
+def test_datasets_format_names_never_read_the_working_directory(worker_factory, tiny_model_dir: Path) -> None:
     worker = worker_factory(worker_id="builders")
     for name in ("text", "json", "csv"):
         spec = inference_spec(str(tiny_model_dir), data={"type": "dataset", "url": name, "column": "text"})
