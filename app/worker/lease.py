@@ -273,7 +273,7 @@ class TaskLease:
     def superseded(self) -> bool:
         """Whether a later run of the task than this one was started (asked of Redis)."""
         latest = latest_run(self.client, self.task_id)
-        return bool(self.run) and latest is not None and latest > (self.run or 0)
+        return self.run is not None and latest is not None and latest > self.run
 
     def surely_held(self) -> bool:
         """Whether the lease is certainly still this run's without asking Redis: it was
