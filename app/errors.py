@@ -83,13 +83,34 @@ class LeaseLost(MeshqError):
     """This run of a task lost its lease to another worker (it was paused or cut off past
     the lease's expiry and the task started again elsewhere): it must stop and write nothing."""
 
-    def __init__(self, task_id: str, holder: str) -> None:
-        super().__init__(task_id, holder)
+    def __init__(self, task_id: str, holder: str, run: int | None = None, later_run: int | None = None) -> None:
+        super().__init__(task_id, holder, run, later_run)
         self.task_id = task_id
         self.holder = holder
+        self.run = run
+        self.later_run = later_run
 
     def __str__(self) -> str:
+        if self.later_run is not None:
+            by = f" (worker {self.holder})" if self.holder else ""
+            return (f"task {self.task_id} was started again as run {self.later_run}{by}; this was run "
+                    f"{self.run}, which never runs again; this run stops")
         return f"task {self.task_id} is now run by worker {self.holder}; this run stops"
+
+
+class RunRefused(LeaseLost):
+    """The orchestrator refused this run's upload or result (409: it holds another run's
+    outputs of the task, or cannot verify this run). ``detail`` is the server's reason.
+    The run stops if a later run of the task started; otherwise the task fails with it."""
+
+    def __init__(self, task_id: str, what: str, detail: str) -> None:
+        super().__init__(task_id, "a later run")
+        self.args = (task_id, what, detail)  # as Celery rebuilds it
+        self.what = what
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"the orchestrator refused the {self.what} of task {self.task_id}: {self.detail}"
 
 
 class PipelineError(MeshqError):

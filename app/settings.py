@@ -35,7 +35,7 @@ DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024**3
 # process killed and runs again (app.worker.watchdog); 0 turns the watchdog off.
 DEFAULT_STUCK_TASK_S = 3600
 # Artifact uploads/downloads: retries after the first attempt, first backoff (doubles each time).
-DEFAULT_UPLOAD_RETRIES = 5
+DEFAULT_UPLOAD_RETRIES = 10  # with the 1 s backoff: about 5 minutes of retries (an ordinary server restart)
 DEFAULT_UPLOAD_BACKOFF_S = 1.0
 MAX_WORKER_TAGS = 6  # 2**6 - 1 = 63 tag-subset queues per worker
 # Capability queues (docs/ROUTING.md) a worker consumes at most: with 6 tags, 65 + 64 queues.

@@ -21,10 +21,10 @@ import redis
 from celery import Task, states
 from celery.exceptions import Ignore
 
-from app.artifacts.delivery import deliver_result
+from app.artifacts.delivery import deliver_result, undelivered
 from app.artifacts.manifest import write_task_outputs
 from app.artifacts.run_fence import fenced
-from app.errors import ExecutorError, LeaseLost, SpecError, TaskCancelled
+from app.errors import ArtifactError, ExecutorError, LeaseLost, RunRefused, SpecError, TaskCancelled
 from app.events import utc_now_iso
 from app.names import check_name
 from app.redis_client import get_redis
@@ -105,7 +105,11 @@ def finish_result(task_id: str, spec: TaskSpec, out_dir: Path, result: dict[str,
     except OSError as exc:  # disk full, read-only mount...: say where, keep the worker
         raise ExecutorError(f"could not write the results to {out_dir}: {exc}", path=str(out_dir)) from exc
     # An http destination: upload the archives, POST the envelope, add the archive URLs.
-    delivered = deliver_result(task_id, spec.output.destination, result, run=run)
+    try:
+        delivered = deliver_result(task_id, spec.output.destination, result, run=run)
+    except ArtifactError as exc:  # the outputs stay; the error says how to deliver them later
+        raise undelivered(task_id, spec.output.destination, out_dir, run, str(result.get("worker_id", "?")),
+                          exc) from None
     if delivered != result:  # URLs were added: keep responses.json equal to the result
         with fenced(out_dir, run):
             manifest = write_task_outputs(out_dir, delivered, reuse=manifest)
@@ -177,6 +181,7 @@ class MeshqTask(Task):
             raise Ignore() from None
         if self.is_redelivery():  # the earlier run's worker is gone: one more real start
             runs = lease.count_run()
+        lease.run = runs  # the fence refuses this run for good once a later one started
         if runs > max_task_runs():
             last_error = lease.last_error()
             raise ExecutorError(f"task {task_id} was started {runs - 1} times and its worker died each time; "
@@ -208,8 +213,25 @@ class MeshqTask(Task):
                                       inline=shard is not None)
             still_ours(lease)  # and before Celery stores it as the task's result
             return delivered
+        except RunRefused as exc:
+            if self._superseded(lease):
+                self._abandon(exc)
+            # No later run started: the orchestrator holds a run meshq never issued (or cannot
+            # verify this one). End the task visibly rather than leave it running for ever.
+            raise ExecutorError(f"{exc}; no later run of the task was started (this is run {runs}, the "
+                                "latest), so this run's outputs are the task's: the task fails rather than "
+                                "stay unfinished") from None
         except LeaseLost as exc:
             self._abandon(exc)
+
+    @staticmethod
+    def _superseded(lease: TaskLease) -> bool:
+        """Whether a later run of the task started; a Redis that cannot say counts as no."""
+        try:
+            return lease.superseded()
+        except redis.RedisError as exc:
+            log.warning("could not ask whether task %s started again (%s)", lease.task_id, exc)
+            return False
 
     def _abandon(self, exc: LeaseLost) -> NoReturn:
         """This run lost its lease (its worker was paused or cut off and the task started

@@ -210,12 +210,13 @@ def test_a_redis_outage_across_the_end_of_a_pipeline_stage(persistent_redis: Per
         worker.close()
 
 
-def test_result_envelopes_are_keyed_by_run(server_factory) -> None:
+def test_result_envelopes_are_keyed_by_run(server_factory, redis_client) -> None:
     """The orchestrator keeps a later run's result: an envelope from an earlier run (a late
     run of a paused worker) is refused with 409 and the stored result.json is left alone."""
     import requests
 
     server = server_factory()
+    redis_client.set("meshq:task:keyed-task:runs", 3)  # three starts of the task: runs 1..3 were issued
     url = f"{server.base_url}/api/v1/results"
 
     def post(run: int, worker: str) -> requests.Response:
@@ -249,7 +250,7 @@ def _download(server, task_id: str, name: str = "model.zip"):  # type: ignore[no
     return reply
 
 
-def test_uploads_are_keyed_by_run_with_the_envelope_and_across_a_restart(server_factory) -> None:
+def test_uploads_are_keyed_by_run_with_the_envelope_and_across_a_restart(server_factory, redis_client) -> None:
     """A late run's upload (X-Meshq-Run earlier than the task's stored run) is refused with 409
     and the stored file and checksum stay the later run's; the run record is shared with the
     result envelope and survives a server restart. Same run again (a retry) and a later run
@@ -259,6 +260,7 @@ def test_uploads_are_keyed_by_run_with_the_envelope_and_across_a_restart(server_
     import requests
 
     server = server_factory()
+    redis_client.set("meshq:task:keyed-up:runs", 3)
     two, one = b"run two " * 4096, b"run one " * 1000
     assert _upload(server, "keyed-up", two, 2).status_code == 201
     late = _upload(server, "keyed-up", one, 1)
@@ -293,12 +295,13 @@ def test_uploads_are_keyed_by_run_with_the_envelope_and_across_a_restart(server_
     assert server.alive()
 
 
-def test_a_later_runs_upload_replaces_an_earlier_runs(server_factory) -> None:
+def test_a_later_runs_upload_replaces_an_earlier_runs(server_factory, redis_client) -> None:
     """Run 1 uploads, then run 2 (the run that took the task over): run 2's file and checksum
     are served; run 1 uploading again afterwards is refused."""
     import hashlib
 
     server = server_factory()
+    redis_client.set("meshq:task:keyed-order:runs", 2)
     one, two = b"first run " * 500, b"second run " * 700
     assert _upload(server, "keyed-order", one, 1).status_code == 201
     stored = _upload(server, "keyed-order", two, 2)
@@ -309,7 +312,7 @@ def test_a_later_runs_upload_replaces_an_earlier_runs(server_factory) -> None:
     assert _download(server, "keyed-order").content == two
 
 
-def test_a_late_runs_delivery_is_refused_and_stops_the_run(server_factory, tmp_path: Path) -> None:
+def test_a_late_runs_delivery_is_refused_and_stops_the_run(server_factory, redis_client, tmp_path: Path) -> None:
     """The worker side: a run whose upload the orchestrator refuses (a later run stored the
     task's outputs) stops with LeaseLost, and the stored artifact stays the later run's."""
     from app.artifacts.delivery import deliver_result
@@ -317,6 +320,7 @@ def test_a_late_runs_delivery_is_refused_and_stops_the_run(server_factory, tmp_p
     from app.spec.schema import Destination
 
     server = server_factory()
+    redis_client.set("meshq:task:keyed-delivery:runs", 2)
     destination = Destination(type="http", url=f"{server.base_url}/api/v1/results")
     archive = tmp_path / "final_model.zip"
     archive.write_bytes(b"the late run's weights")
@@ -330,6 +334,112 @@ def test_a_late_runs_delivery_is_refused_and_stops_the_run(server_factory, tmp_p
     archive.write_bytes(later)
     delivered = deliver_result("keyed-delivery", destination, {"final_model_archive": str(archive)}, run=2)
     assert delivered["final_model_archive_url"].endswith("/keyed-delivery/files/final_model.zip")
+
+
+FORGER_TOKEN = "t0ken-of-the-orchestrator"
+
+
+def test_a_forged_run_number_is_refused_and_the_real_run_finishes(worker_factory, server_factory) -> None:
+    """Issue 23 item 3: with the token, a result envelope or upload naming a run the system
+    never issued (run 999999999 of a running task) is refused (409, nothing stored); the
+    task's real run then delivers and the task ends SUCCESS with its own result served."""
+    import requests
+
+    from tasks import echo
+
+    server = server_factory(token=FORGER_TOKEN)
+    worker_factory(worker_id="honest", env={"ORCHESTRATOR_BASE_URL": server.base_url,
+                                            "ORCHESTRATOR_TOKEN": FORGER_TOKEN})
+    spec = {**long_echo(3, 6, n=3), "output": {"destination": {"type": "http"}}}
+    handle = echo.apply_async(args=[spec])
+    wait_for(lambda: handle.state == "PROGRESS", 60, message="the task to run")
+    forged = {"task_id": handle.id, "run": 999999999, "worker_id": "forger", "result": {"forged": True}}
+    reply = requests.post(f"{server.base_url}/api/v1/results", json=forged, headers=server.headers(), timeout=10)
+    assert reply.status_code == 409 and "never issued" in reply.json()["detail"], reply.text
+    upload = requests.post(f"{server.base_url}/api/v1/results/{handle.id}/files", files={"file": ("f.bin", b"x")},
+                           headers={**server.headers(), "X-Meshq-Run": "999999999"}, timeout=10)
+    assert upload.status_code == 409 and upload.json()["field"] == "X-Meshq-Run", upload.text
+    value = handle.get(timeout=120)
+    assert value["worker_id"] == "honest" and value["echo"]["data"] == {"n": 3}
+    stored = requests.get(f"{server.base_url}/api/v1/results/{handle.id}", headers=server.headers(),
+                          timeout=10).json()
+    assert stored["worker_id"] == "honest" and stored["run"] == 1 and stored["result"] == value
+    assert stored["artifacts"] == []
+    assert not (server.results_dir / handle.id / "artifacts").exists()
+
+
+def test_a_run_the_orchestrator_cannot_verify_fails_its_task_visibly(worker_factory, server_factory,
+                                                                     private_redis: PrivateRedis) -> None:
+    """A server that cannot verify a worker's run (here: it looks at another Redis, where
+    the task never started) refuses its result; the worker, whose own Redis says no later
+    run was started, ends the task FAILURE with a clear error instead of leaving it running."""
+    from app.errors import ExecutorError
+    from tasks import echo
+
+    server = server_factory(env={"REDIS_URL": private_redis.url})
+    worker_factory(worker_id="unverified", env={"ORCHESTRATOR_BASE_URL": server.base_url})
+    handle = echo.apply_async(args=[{"taskType": "echo", "data": {"n": 4},
+                                     "output": {"destination": {"type": "http"}}}])
+    with pytest.raises(ExecutorError) as err:
+        handle.get(timeout=60)
+    message = str(err.value)
+    assert "refused the result of run 1" in message and "never issued" in message, message
+    assert "no later run of the task was started" in message
+    assert handle.state == "FAILURE"
+
+
+def test_a_paused_workers_old_run_never_takes_its_task_back(worker_factory, redis_client) -> None:
+    """Issue 23 item 7: worker A is SIGSTOPped in the middle of stage one; B takes the task
+    over and finishes it, and stage two runs, all while A is stopped — the lease is free
+    again. On SIGCONT, A's old run is refused by the fence (a later run started) even though
+    the lease is free: it stops, writes no responses.json, and stage two's message is not
+    sent again."""
+    from pipelines import Pipeline
+
+    env = {"MESHQ_VISIBILITY_TIMEOUT_S": "4"}
+    workers = {w.worker_id: w for w in (worker_factory(worker_id="pa", env=env),
+                                        worker_factory(worker_id="pb", env=env))}
+    stop, events = threading.Event(), []
+    listener = count_started(redis_client, stop, events)
+    time.sleep(0.3)  # the subscription is in place
+    document = {"apiVersion": "meshq/v1", "kind": "Pipeline", "metadata": {"name": "paused-node"},
+                "spec": {"stages": [{"name": "one", "spec": long_echo(8, 16, n=1)},
+                                    {"name": "two", "spec": {"taskType": "echo", "data": {"n": 2}}}]}}
+    try:
+        run = Pipeline.from_dict(document).submit()
+        stages = json.loads(redis_client.hget(f"meshq:pipeline:{run.id}", "stages_json"))
+        one, two = stages[0]["task_id"], stages[1]["task_id"]
+
+        def started_by(task_id: str) -> list[str]:
+            return [e["worker_id"] for e in list(events) if e["type"] == "TASK_STARTED" and e["task_id"] == task_id]
+
+        wait_for(lambda: started_by(one) and redis_client.exists(f"meshq:task:{one}:alive"), 60,
+                 message="stage one to run")
+        paused = workers[started_by(one)[0]]
+        taker = next(w for w in workers.values() if w is not paused)
+        os.killpg(paused.process.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: (m := stored(redis_client, two)) and m["status"] == "SUCCESS", 120,
+                     message="the taker to finish stage one and stage two to run")
+            # The lease is free again: only the run numbers can stop A's old run now.
+            wait_for(lambda: not redis_client.exists(f"meshq:task:{one}:lease"), 30, message="the lease to be free")
+        finally:
+            os.killpg(paused.process.pid, signal.SIGCONT)
+        paused_log = paused.log_path.with_name("worker.log")
+        wait_for(lambda: "which never runs again; this run stops" in paused_log.read_text(), 60,
+                 message="the paused run to stop")
+    finally:
+        stop.set()
+        listener.join()
+    assert started_by(one) == [paused.worker_id, taker.worker_id] and started_by(two) == [taker.worker_id]
+    assert redis_client.get(f"meshq:task:{one}:runs") == "2" and redis_client.get(f"meshq:task:{two}:runs") == "1"
+    assert stored(redis_client, one)["result"]["worker_id"] == taker.worker_id
+    mine = [e for e in events if e["task_id"] == one and e.get("worker_id") == paused.worker_id]
+    assert not [e for e in mine if e["type"] in ("TASK_SUCCEEDED", "TASK_FAILED")]
+    assert not (paused.results_dir / one / "responses.json").exists()
+    for worker in workers.values():  # stage two was sent once: no copy of it was dropped as finished
+        assert f"task {two} already ended" not in worker.log_path.with_name("worker.log").read_text()
+    assert paused.alive() and taker.alive()
 
 
 class HoldingProxy:

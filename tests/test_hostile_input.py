@@ -471,7 +471,7 @@ def test_case7_same_name_uploads_keep_file_and_checksum_together(server_factory)
 
 # -- case 11: nothing of a dead upload stays, and a full disk is 507 -------------------------------
 def test_case11_dead_uploads_are_swept_at_start_and_a_full_disk_is_507(
-        server_factory, small_disk: Path) -> None:  # noqa: F811  (the fixture imported above)
+        server_factory, small_disk: Path, redis_client) -> None:  # noqa: F811  (the fixture imported above)
     import signal
 
     server = server_factory(token=TOKEN)
@@ -511,6 +511,8 @@ def test_case11_dead_uploads_are_swept_at_start_and_a_full_disk_is_507(
                           files={"file": ("big.bin", b"y" * 300_000)}, timeout=30)
     assert reply.status_code == 507 and reply.json()["field"] == "file", reply.text
     # The same from a worker's run (keyed by run: the task's run record is not left behind either).
+    redis_client.set("meshq:task:full-3:runs", 2)  # runs the system issued
+    redis_client.set("meshq:task:full-4:runs", 2)
     reply = requests.post(f"{full.base_url}/api/v1/results", headers=full.headers(),
                           json={**envelope, "task_id": "full-3", "run": 2}, timeout=30)
     assert reply.status_code == 507 and reply.json()["field"] == "result", reply.text

@@ -86,8 +86,35 @@ def test_upload_waits_for_a_restarted_server(worker_factory, server_factory, tin
     assert hashlib.sha256(body).hexdigest() == result["final_lora_archive_sha256"]
 
 
-def test_upload_to_a_server_that_stays_down_fails_clearly(worker_factory, server_factory, tiny_model_dir) -> None:
+def test_upload_outlasts_a_server_restart_with_the_default_retries(worker_factory, server_factory,
+                                                                   tiny_model_dir) -> None:
+    """Issue 23 item 9: the default number of retries (MESHQ_UPLOAD_RETRIES unset) outlasts
+    a server restart — here with the backoff scaled down to 0.1 s, the server comes back only
+    after a sixth retry, past what five retries (the old default) would have waited."""
+    server = server_factory(token=TOKEN)
+    env = orchestrator_env(server, retries=0, backoff_s=0.1)
+    del env["MESHQ_UPLOAD_RETRIES"]  # the default
+    worker = worker_factory(env=env)
+    server.stop()
+    handle = submit(lora_spec(tiny_model_dir, http=True))
+    wait_for(lambda: "retry 6/10" in worker.log(), 180, message="the worker to retry the upload a sixth time")
+    server.start()
+    result = handle.get(timeout=120)
+    body = requests.get(result["final_lora_archive_url"], headers=server.headers(), timeout=30).content
+    assert hashlib.sha256(body).hexdigest() == result["final_lora_archive_sha256"]
+
+
+def test_upload_to_a_server_that_stays_down_fails_clearly_and_meshq_deliver_retries_it(
+        worker_factory, server_factory, redis_client, tiny_model_dir) -> None:
+    """The upload fails for good: the task fails naming the URL, the attempts and how to
+    deliver without training again (``meshq deliver <task_id>`` on the worker's host). Once
+    the server is back, that command uploads the archive and posts the result as the run
+    that trained it; the task is not run again."""
+    import subprocess
+    import sys
+
     from app.errors import ArtifactError
+    from tests.conftest import ROOT
 
     server = server_factory(token=TOKEN)
     worker = worker_factory(env=orchestrator_env(server, retries=2, backoff_s=0.2))
@@ -98,11 +125,32 @@ def test_upload_to_a_server_that_stays_down_fails_clearly(worker_factory, server
     message = str(err.value)
     assert f"{server.base_url}/api/v1/results/{handle.id}/files" in message
     assert "failed after 3 attempt(s)" in message and "ConnectionError" in message
+    assert f"run `meshq deliver {handle.id}`" in message and str(worker.results_dir / handle.id) in message
     assert handle.state == "FAILURE"
     task_dir = worker.results_dir / handle.id
     assert (task_dir / "final_lora.zip").is_file()  # the local archive stays
-    assert "final_lora_archive_url" not in json.loads((task_dir / "responses.json").read_text())
+    trained = json.loads((task_dir / "responses.json").read_text())
+    assert "final_lora_archive_url" not in trained
     assert TOKEN not in worker.log()
+
+    server.start()
+    done = subprocess.run([sys.executable, "-m", "app.cli.main", "deliver", handle.id], cwd=ROOT,
+                          env=worker.env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert TOKEN not in done.stdout + done.stderr
+    url = f"{server.base_url}/api/v1/results/{handle.id}/files/final_lora.zip"
+    assert url in done.stdout
+    body = requests.get(url, headers=server.headers(), timeout=30).content
+    assert hashlib.sha256(body).hexdigest() == trained["final_lora_archive_sha256"]
+    envelope = requests.get(f"{server.base_url}/api/v1/results/{handle.id}", headers=server.headers(),
+                            timeout=10).json()
+    assert envelope["run"] == 1 and envelope["result"]["final_lora_archive_url"] == url
+    assert envelope["result"]["loss_last"] == trained["loss_last"]
+    assert json.loads((task_dir / "responses.json").read_text()) == {**trained, "final_lora_archive_url": url}
+    assert redis_client.get(f"meshq:task:{handle.id}:runs") == "1"  # delivered, not trained again
+    again = subprocess.run([sys.executable, "-m", "app.cli.main", "deliver", handle.id], cwd=ROOT,
+                           env=worker.env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "no failed delivery recorded" in again.stderr
 
 
 def test_training_resumes_on_another_worker_after_sigkill(worker_factory, redis_client, tiny_model_dir,

@@ -225,6 +225,35 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deliver(args: argparse.Namespace) -> int:
+    from app.artifacts.delivery import redeliver
+    from app.errors import ConfigError
+    from app.names import check_name
+    from app.settings import get_settings
+
+    try:
+        task_id = check_name(args.task_id, "task_id")
+    except ValueError as exc:
+        raise ConfigError("task_id", str(exc)) from None
+    headers = {}
+    for header in args.header or []:
+        name, sep, value = header.partition(":")
+        if not sep or not name.strip():
+            raise ConfigError("--header", "must be 'Name: value'")
+        headers[name.strip()] = value.strip()
+    results_dir = Path(args.results_dir or get_settings().results_dir).resolve()
+    delivered = redeliver(results_dir / task_id, headers)
+    urls = {key: value for key, value in delivered.items() if key.endswith("_archive_url")}
+    export = delivered.get("jsonl_export")
+    if isinstance(export, dict) and export.get("url"):
+        urls["jsonl_export"] = export["url"]
+    if args.json:
+        print(json.dumps({"task_id": task_id, "delivered": True, "urls": urls}, indent=2))
+    else:
+        print(f"delivered the outputs of task {task_id}" + "".join(f"\n  {k}: {v}" for k, v in urls.items()))
+    return 0
+
+
 # -- wiring ---------------------------------------------------------------------
 Command = Callable[[argparse.Namespace], int]
 
@@ -282,6 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", help="pipeline id, or a task id")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("deliver", help="deliver a finished task's outputs whose upload failed (on the worker's "
+                                       "host), without running the task again")
+    p.add_argument("task_id", help="the task whose delivery failed")
+    p.add_argument("--results-dir", default=None, help="the worker's results directory (default $RESULTS_DIR)")
+    p.add_argument("-H", "--header", action="append",
+                   help="'Name: value' of the destination's headers (their values are never recorded)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_deliver)
 
     p = sub.add_parser("demo", help="run the main job end to end on a private local deployment")
     p.add_argument("--workdir", help="where logs and results go (default: a new temporary directory)")

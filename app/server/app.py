@@ -72,6 +72,7 @@ from app.server.transfer import (
     tune_allocator_for_streaming,
 )
 from app.settings import Settings, load_settings
+from app.worker.lease import latest_run
 from app.worker.registry import list_workers
 from pipelines import PipelineRun
 from tasks.control import request_cancel
@@ -87,6 +88,7 @@ RESULTS_DIR_ENV = "MESHQ_SERVER_RESULTS_DIR"  # default of --results-dir
 SHUTDOWN_GRACE_S = 10
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}\Z")
 RUN_RE = re.compile(r"^[1-9][0-9]{0,8}\Z", re.ASCII)  # X-Meshq-Run: 1 .. MAX_RUN
+MAX_RUN = 999_999_999
 # Redis or the broker being away: the routes answer 503, never 500.
 BACKEND_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, ConnectionError, OSError, TimeoutError,
                                                    OperationalError)
@@ -158,6 +160,17 @@ def create_app(results_dir: Path | str | None = None, settings: Settings | None 
     async def _meshq_error(request: Request, exc: MeshqError) -> JSONResponse:
         return error_response(400, str(exc))
 
+    def verify_run(task_id: str, run: int, field: str) -> None:
+        """409 unless ``run`` is a run the system issued for the task: at most the task's
+        latest run in Redis (``app.worker.lease``); 503 while Redis cannot say."""
+        try:
+            latest = latest_run(get_redis(settings.redis_url), task_id)
+        except BACKEND_ERRORS as exc:
+            raise ApiError(503, f"Redis unavailable to verify the run: {exc}") from None
+        if latest is None or run > latest:
+            raise ApiError(409, f"run {run} of task {task_id} was never issued (the task has had "
+                                f"{latest or 0} run(s)); nothing stored", field, close=field == RUN_HEADER)
+
     def url_for(request: Request, task_id: str, filename: str) -> str:
         base = settings.orchestrator_base_url or str(request.base_url).rstrip("/")
         return f"{base}/api/v1/results/{quote(task_id)}/files/{quote(filename)}"
@@ -196,6 +209,7 @@ def create_app(results_dir: Path | str | None = None, settings: Settings | None 
 
         if run is not None:
             try:
+                await run_in_threadpool(verify_run, task_id, run, RUN_HEADER)
                 await run_in_threadpool(store.check_run, task_id, run)  # before receiving the body
             except StaleRun as exc:
                 raise ApiError(409, str(exc), RUN_HEADER, close=True) from None
@@ -327,6 +341,11 @@ def create_app(results_dir: Path | str | None = None, settings: Settings | None 
             raise ApiError(422, f"{field}: {err['msg']}", field) from None
         task_id = checked(envelope.task_id, "task_id")
         data = {**envelope.model_dump(mode="json"), "received_at": time.time()}
+        if data.get("run") is not None:
+            run = data["run"]
+            if not isinstance(run, int) or isinstance(run, bool) or not 1 <= run <= MAX_RUN:
+                raise ApiError(422, f"run: must be a positive integer of at most {len(str(MAX_RUN))} digits", "run")
+            await run_in_threadpool(verify_run, task_id, run, "run")
         try:
             await run_in_threadpool(store.save_envelope, task_id, data)
         except StaleRun as exc:  # a late run of a paused worker: the later run's result stays

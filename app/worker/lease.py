@@ -7,6 +7,12 @@ lease and waits instead of starting a second run. When the lease disappears the
 copy either finds the stored result (the first run finished) or takes over (the
 first worker died: the lease expired). A run counter caps tasks that kill their
 worker every time.
+
+The run counter (``meshq:task:<id>:runs``) is also where run numbers come from: each
+real start of a task takes the next number from it, here and nowhere else, so a run
+number is one the system issued exactly when it is at most the counter. A run older than
+the counter's value was superseded by a later start: the fence refuses it for ever, even
+once the later run has finished and left the lease free (``LeaseLost``).
 """
 
 from __future__ import annotations
@@ -85,12 +91,26 @@ def cancelled_at_start(reply: Any) -> bool:
 
 
 # The fence of a running task, checked at each step/batch/progress report: returns
-# [cancelled (0/1), holder] where holder is the lease's owner after the check. A lease
-# that expired while nobody took it (this worker was slow to beat) is taken back, and a
-# lease held is extended by its whole TTL; one another worker holds means this run lost
-# the task. KEYS: lease, alive, cancel flags...
-# ARGV: owner, ttl s, now (the run's last sign of life, read by the stuck-task watchdog).
+# [cancelled (0/1), holder, latest run] where holder is the lease's owner after the
+# check. A run older than the task's latest run (a later start superseded it: a paused
+# worker's run) touches nothing — also when the later run has finished and left the
+# lease free. Otherwise a lease that expired while nobody took it
+# (this worker was slow to beat) is taken back, and a lease held is extended by its
+# whole TTL; one another worker holds means this run lost the task. A run counter that
+# Redis lost is restored from the running run, so the orchestrator can verify it again.
+# KEYS: lease, alive, runs, cancel flags...
+# ARGV: owner, ttl s, now (the run's last sign of life, read by the stuck-task watchdog),
+#       this run's number (0: not known).
 _FENCE = """
+local latest = tonumber(redis.call('get', KEYS[3]) or '0')
+local run = tonumber(ARGV[4])
+if latest == 0 and run > 0 then  -- Redis lost its data: this running run is the latest issued
+  redis.call('set', KEYS[3], run)
+  latest = run
+end
+local cancelled = 0
+for i = 4, #KEYS do if redis.call('exists', KEYS[i]) == 1 then cancelled = 1 end end
+if run > 0 and latest > run then return {cancelled, redis.call('get', KEYS[1]) or '', latest} end
 local holder = redis.call('get', KEYS[1])
 if not holder then
   redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
@@ -100,9 +120,7 @@ if holder == ARGV[1] then
   redis.call('expire', KEYS[1], ARGV[2])
   redis.call('set', KEYS[2], ARGV[3], 'EX', 7 * 24 * 3600)
 end
-local cancelled = 0
-for i = 3, #KEYS do if redis.call('exists', KEYS[i]) == 1 then cancelled = 1 end end
-return {cancelled, holder}
+return {cancelled, holder, latest}
 """
 
 
@@ -169,6 +187,7 @@ class TaskLease:
         self.owner = owner
         self.ttl_s = ttl_s
         self.held_since: float | None = None  # when the lease was last taken or extended (monotonic)
+        self.run: int | None = None  # this run's number (set by the task once counted): the fence compares it
 
     def _acquire_args(self, count_run: bool) -> tuple[Any, ...]:
         return (_ACQUIRE, 5, self.key, keys.task_runs(self.task_id), keys.task_cancel(self.task_id),
@@ -238,15 +257,23 @@ class TaskLease:
 
     def check(self, cancel_keys: list[str]) -> bool:
         """The fence: ``True`` if the task was cancelled; raises ``LeaseLost`` when another
-        worker holds the lease now. Also records this run's last sign of life."""
-        cancelled, holder = self.client.eval(_FENCE, 2 + len(cancel_keys), self.key,
-                                             keys.task_alive(self.task_id), *cancel_keys,
-                                             self.owner, self.ttl_s, repr(time.time()))
+        worker holds the lease now or a later run of the task started (this run never
+        runs again). Also records this run's last sign of life."""
+        cancelled, holder, latest = self.client.eval(
+            _FENCE, 3 + len(cancel_keys), self.key, keys.task_alive(self.task_id), keys.task_runs(self.task_id),
+            *cancel_keys, self.owner, self.ttl_s, repr(time.time()), self.run or 0)
         holder = holder.decode() if isinstance(holder, bytes) else str(holder)
+        if self.run and int(latest) > self.run:
+            raise LeaseLost(self.task_id, holder, run=self.run, later_run=int(latest))
         if holder != self.owner:
             raise LeaseLost(self.task_id, holder)
         self.held_since = time.monotonic()
         return bool(cancelled)
+
+    def superseded(self) -> bool:
+        """Whether a later run of the task than this one was started (asked of Redis)."""
+        latest = latest_run(self.client, self.task_id)
+        return self.run is not None and latest is not None and latest > self.run
 
     def surely_held(self) -> bool:
         """Whether the lease is certainly still this run's without asking Redis: it was
@@ -254,5 +281,17 @@ class TaskLease:
         return self.held_since is not None and time.monotonic() - self.held_since < self.ttl_s / 2
 
     def count_run(self) -> int:
-        """Record one real start of the task; return how many there have been."""
-        return int(self.client.incr(keys.task_runs(self.task_id)))
+        """Record one real start of the task; return how many there have been (this run's
+        number)."""
+        self.run = int(self.client.incr(keys.task_runs(self.task_id)))
+        return self.run
+
+
+def latest_run(client: redis.Redis, task_id: str) -> int | None:
+    """The number of the task's latest run (None: it never started). Every run number up to
+    it was issued by a start of the task; none above it was."""
+    value = client.get(keys.task_runs(task_id))
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
