@@ -72,6 +72,8 @@ class Settings:
     data_dirs: tuple[str, ...] = ()
     # May a spec's trust_remote_code run a model's own Python code on this worker? (off)
     allow_remote_code: bool = False
+    # How many ranks a training task with allow_multi_gpu runs on a CPU worker (MESHQ_CPU_RANKS).
+    cpu_ranks: int = 1
 
     @property
     def heartbeat_ttl_s(self) -> int:
@@ -252,6 +254,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         stuck_task_s=_non_negative_int(env, "MESHQ_STUCK_TASK_S", DEFAULT_STUCK_TASK_S),
         data_dirs=parse_data_dirs(env.get("MESHQ_DATA_DIRS", "")),
         allow_remote_code=_flag(env, "MESHQ_ALLOW_REMOTE_CODE"),
+        cpu_ranks=_positive_int(env, "MESHQ_CPU_RANKS", 1),
     )
 
 
