@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from app.engines import VLLM
+from app.engines import DEEPSPEED, VLLM
 from app.settings import TAG_RE
 from app.spec.schema import ResourcesSpec, TaskSpec
 from app.spec.sizes import format_size_exact
@@ -129,8 +129,20 @@ def requirement_of(spec: TaskSpec) -> Requirement:
     """The requirement of a validated task spec."""
     backend = spec.inference.backend if spec.inference is not None else None
     vllm = spec.model.vllm if spec.model is not None else None
-    return _requirement(spec.tags, spec.resources, _engine_features(backend),
+    training = spec.training
+    features = _engine_features(backend) + _training_features(
+        training.deepspeed if training is not None else None,
+        training.auto_deepspeed_stage if training is not None else None)
+    return _requirement(spec.tags, spec.resources, features,
                         _tensor_parallel_gpus(backend, vllm.tensor_parallel_size if vllm is not None else None))
+
+
+def _training_features(deepspeed: Mapping[str, Any] | None, auto_stage: int | None) -> tuple[str, ...]:
+    """ZeRO-3 shards the model itself over the ranks (a model that fits no single device): only
+    a worker with DeepSpeed can run it. Stages 1-2 train with plain DDP where DeepSpeed is
+    missing (a note says so), so they route anywhere."""
+    stage = (deepspeed.get("zero_optimization") or {}).get("stage") if deepspeed else auto_stage
+    return (DEEPSPEED,) if stage == 3 else ()
 
 
 def _tensor_parallel_gpus(backend: str | None, tensor_parallel_size: int | None) -> int:
@@ -162,6 +174,12 @@ class _ModelField(BaseModel):
     vllm: _VllmField | None = None
 
 
+class _TrainingField(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    deepspeed: dict[str, Any] | None = None
+    auto_deepspeed_stage: int | None = Field(default=None, ge=0, le=3)
+
+
 class _RoutingFields(BaseModel):
     """The fields routing reads, validated as the task spec does, the rest left alone
     (a plain Celery signature's spec is checked in full by the worker)."""
@@ -171,6 +189,7 @@ class _RoutingFields(BaseModel):
     resources: ResourcesSpec | None = None
     inference: _BackendField | None = None
     model: _ModelField | None = None
+    training: _TrainingField | None = None
 
     @field_validator("tags")
     @classmethod
@@ -190,7 +209,11 @@ def requirement_of_raw(raw: Mapping[str, Any], prefix: str = "spec") -> Requirem
         raise spec_error_from(exc, prefix) from None
     backend = fields.inference.backend if fields.inference is not None else None
     vllm = fields.model.vllm if fields.model is not None else None
-    return _requirement(fields.tags, fields.resources, _engine_features(backend),
+    training = fields.training
+    features = _engine_features(backend) + _training_features(
+        training.deepspeed if training is not None else None,
+        training.auto_deepspeed_stage if training is not None else None)
+    return _requirement(fields.tags, fields.resources, features,
                         _tensor_parallel_gpus(backend, vllm.tensor_parallel_size if vllm is not None else None))
 
 

@@ -96,6 +96,20 @@ def test_vllm_tensor_parallel_size_is_a_need_for_that_many_gpus() -> None:
         inference(model={"vllm": {"tensor_parallel_size": 2}}))))
 
 
+def test_zero3_needs_a_worker_with_deepspeed_and_stages_1_2_route_anywhere() -> None:
+    from app.capabilities import requirement_of_raw
+
+    def sft(**training: Any) -> dict[str, Any]:
+        return {"taskType": "sft", "model": {"source": {"identifier": "m"}}, "data": {"prompts": ["x"]},
+                "training": {"allow_multi_gpu": True, **training}}
+
+    for training, expected in [({"auto_deepspeed_stage": 3}, "tasks.need.features=deepspeed"),
+                               ({"deepspeed": {"zero_optimization": {"stage": 3}}}, "tasks.need.features=deepspeed"),
+                               ({"auto_deepspeed_stage": 2}, "tasks"), ({}, "tasks")]:
+        assert queue_for_requirement("tasks", requirement_of(parse_task_spec(sft(**training)))) == expected
+        assert queue_for_requirement("tasks", requirement_of_raw(sft(**training))) == expected
+
+
 def test_what_a_worker_lacks_is_said() -> None:
     worker = Capabilities.from_hardware({"cpu_count": 2, "memory_total_bytes": 24 * GiB, **T4}, ["cpu"])
     need = requirement_of(parse_task_spec(echo(tags=["gpu"], **hardware(

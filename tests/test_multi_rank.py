@@ -9,6 +9,7 @@ checkpoint; a cancel stops every rank; a rank that fails fails the task with its
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -157,3 +158,26 @@ def test_a_failing_rank_fails_the_task_with_its_error(worker_factory, redis_clie
     assert handle.state == "FAILURE"
     assert not rank_processes(task_id)
     assert worker.alive()
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                    reason="DeepSpeed is not installed here (make test-deepspeed installs it and runs this)")
+def test_deepspeed_zero2_on_two_cpu_ranks_trains_what_one_process_trains(worker_factory, redis_client,
+                                                                          tiny_model_dir: Path) -> None:
+    import torch
+
+    worker = worker_factory(env=TWO_RANKS)
+    # A worker with DeepSpeed says so (routing sends ZeRO-3 tasks only to such workers).
+    assert "deepspeed" in json.loads(redis_client.hget(f"worker:{worker.worker_id}", "capabilities_json"))["features"]
+    spec = train_spec(tiny_model_dir, "lora_sft", per_device=2, multi=True)
+    spec["training"]["auto_deepspeed_stage"] = 2
+    zero = submit(spec).get(timeout=600)
+    one = submit(train_spec(tiny_model_dir, "lora_sft", per_device=4, multi=False)).get(timeout=600)
+    assert (zero["world_size"], zero["strategy"], zero["global_batch"]) == (2, "deepspeed-zero2", 4)
+    assert not any("DeepSpeed is not installed" in note for note in zero.get("notes", []))
+    for (_, a), (_, b) in zip(zero["loss_history"], one["loss_history"], strict=True):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    sharded, alone = weights(zero), weights(one)
+    for name, tensor in alone.items():
+        assert torch.allclose(sharded[name], tensor, rtol=1e-4, atol=1e-5), name

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from app.engines import deepspeed_installed
 from app.errors import ExecutorError, SpecError, TaskCancelled
 from app.spec import TaskSpec, TrainingOptions
 from tasks.executors.progress import Progress
@@ -84,15 +85,50 @@ def visible_device_ids(value: list[int] | str | None) -> list[int] | None:
     return ids
 
 
+def zero_stage(options: TrainingOptions) -> int | None:
+    """The ZeRO stage the spec asks for (``deepspeed.zero_optimization.stage`` or
+    ``auto_deepspeed_stage``), or None when it asks for no DeepSpeed."""
+    if options.deepspeed:
+        stage = (options.deepspeed.get("zero_optimization") or {}).get("stage", 0)
+        return int(stage) if isinstance(stage, int) and not isinstance(stage, bool) else 0
+    return options.auto_deepspeed_stage or None
+
+
+def deepspeed_config(options: TrainingOptions) -> dict[str, Any] | None:
+    """The DeepSpeed config a multi-rank run hands the ``Trainer`` where DeepSpeed is installed:
+    the spec's own ``deepspeed`` block, or one meshq writes for ``auto_deepspeed_stage`` whose
+    batch sizes, accumulation, clipping and precision are the ``Trainer``'s (``"auto"``: the
+    ``Trainer`` fills them from ``training.*``, so they always agree)."""
+    if zero_stage(options) is None or not deepspeed_installed():
+        return None
+    if options.deepspeed:
+        return dict(options.deepspeed)
+    return {"zero_optimization": {"stage": options.auto_deepspeed_stage},
+            "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+            "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "zero_allow_untested_optimizer": True}
+
+
+def rank_strategy(options: TrainingOptions) -> str:
+    """``ddp``, or ``deepspeed-zero<stage>`` where the spec asks for DeepSpeed and it is installed."""
+    stage = zero_stage(options)
+    return f"deepspeed-zero{stage}" if stage is not None and deepspeed_installed() else "ddp"
+
+
 def plan_ranks(options: TrainingOptions, device: str, gpus: int, cpu_ranks: int) -> RankPlan:
     """How many ranks this task runs as on this worker (``gpus``: the GPUs it owns)."""
     notes: list[str] = []
-    if options.deepspeed or options.auto_deepspeed_stage:
-        notes.append("training.deepspeed, training.auto_deepspeed_stage: DeepSpeed is not used by meshq yet; "
-                     "the ranks train with plain data parallel (DDP), each holding the whole model")
+    asks_zero = zero_stage(options) is not None
+    if asks_zero and not deepspeed_installed():
+        notes.append("training.deepspeed, training.auto_deepspeed_stage: DeepSpeed is not installed on this "
+                     "worker (make install-deepspeed); the ranks train with plain data parallel (DDP), each "
+                     "holding the whole model")
     if not options.allow_multi_gpu:
         if options.visible_devices is not None:
             notes.append("training.visible_devices: no effect without training.allow_multi_gpu: true")
+        if asks_zero and deepspeed_installed():
+            notes.append("training.deepspeed, training.auto_deepspeed_stage: no effect without "
+                         "training.allow_multi_gpu: true (one process)")
         return RankPlan(1, "gloo" if device != "cuda" else "nccl", notes=tuple(notes))
     if device == "cuda":
         ids = visible_device_ids(options.visible_devices)
@@ -103,10 +139,10 @@ def plan_ranks(options: TrainingOptions, device: str, gpus: int, cpu_ranks: int)
             raise SpecError("spec.training.visible_devices",
                             f"GPU {foreign[0]} is not one of this worker's {gpus} GPU(s)"
                             + (f" (0-{gpus - 1})" if gpus else ""))
-        return RankPlan(max(len(ids), 1), "nccl", tuple(ids), notes=tuple(notes))
+        return RankPlan(max(len(ids), 1), "nccl", tuple(ids), rank_strategy(options), notes=tuple(notes))
     if options.visible_devices is not None:
         notes.append("training.visible_devices: no effect on a CPU worker (MESHQ_CPU_RANKS sets its ranks)")
-    return RankPlan(cpu_ranks, "gloo", notes=tuple(notes))
+    return RankPlan(cpu_ranks, "gloo", strategy=rank_strategy(options), notes=tuple(notes))
 
 
 def current_rank() -> tuple[int, int]:

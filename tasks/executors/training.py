@@ -63,7 +63,7 @@ from app.settings import get_settings
 from app.spec import LoraOptions, TaskSpec, TrainingOptions
 from tasks.executors import models
 from tasks.executors.progress import Progress
-from tasks.executors.ranks import current_rank, plan_ranks, run_ranks
+from tasks.executors.ranks import current_rank, deepspeed_config, plan_ranks, rank_strategy, run_ranks
 from tasks.executors.training_data import PaddingCollator, load_examples, pack_rows, tokenize_examples
 
 log = logging.getLogger(__name__)
@@ -279,8 +279,11 @@ class TrainingExecutor:
 
         callback = MeshqProgressCallback(progress)
         arguments = training_argument_values(options, checkpoints, device, precision)
-        if world_size > 1:  # the Trainer's DDP over the ranks torchrun started
+        if world_size > 1:  # the Trainer's DDP (or DeepSpeed) over the ranks torchrun started
             arguments.update(ddp_backend="nccl" if device == "cuda" else "gloo", ddp_find_unused_parameters=False)
+            zero = deepspeed_config(options)
+            if zero is not None:
+                arguments["deepspeed"] = zero
         trainer = self.make_trainer(spec, model, arguments, rows, tokenizer, callback)
         trainer.remove_callback(PrinterCallback)  # one stdout line per step; our callback logs instead
         trainer.remove_callback(ProgressCallback)
@@ -332,7 +335,7 @@ class TrainingExecutor:
             "precision": precision.name,
             "world_size": world_size,
             "backend": ("nccl" if device == "cuda" else "gloo") if world_size > 1 else None,
-            "strategy": "ddp" if world_size > 1 else "single-process",
+            "strategy": rank_strategy(options) if world_size > 1 else "single-process",
             "global_batch": options.batch_size * options.gradient_accumulation_steps * world_size,
             "packed": options.packing,
             "gradient_checkpointing": options.gradient_checkpointing,
