@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install install-vllm test test-vllm test-fast lint demo bench worker worker-vllm flower serve redis clean
+.PHONY: install install-vllm install-deepspeed test test-vllm test-deepspeed test-fast lint demo bench worker worker-vllm flower serve redis clean
 
 # The optional vLLM engine lives in a second environment: vLLM pins its own torch and
 # transformers. The CUDA build where nvidia-smi sees a GPU, else the CPU build.
@@ -41,12 +41,23 @@ $(VLLM_STAMP): setup.cfg pyproject.toml
 
 install-vllm: $(VLLM_STAMP)
 
+# DeepSpeed (optional): ZeRO for training that spans a worker's devices. Pure Python (its ops
+# are never prebuilt), into .venv next to the pinned torch; a worker with it advertises the
+# feature "deepspeed". Without it, multi-rank training runs plain DDP (README).
+DEEPSPEED_VERSION ?= 0.19.8
+install-deepspeed: install
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation 'deepspeed==$(DEEPSPEED_VERSION)'
+
 test: install
 	$(BIN)/python -m pytest
 
 # The vLLM backend's tests (tests/vllm) in .venv-vllm, with real workers from it and from .venv.
 test-vllm: install install-vllm
 	$(VLLM_BIN)/python -m pytest tests/vllm
+
+# The DeepSpeed path of multi-rank training (ZeRO-2 on 2 CPU ranks, gloo).
+test-deepspeed: install-deepspeed
+	$(BIN)/python -m pytest tests/test_multi_rank.py -k deepspeed
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"

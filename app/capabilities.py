@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from app.engines import VLLM
+from app.engines import DEEPSPEED, VLLM
 from app.settings import TAG_RE
 from app.spec.schema import ResourcesSpec, TaskSpec
 from app.spec.sizes import format_size_exact
@@ -128,7 +128,29 @@ class Requirement:
 def requirement_of(spec: TaskSpec) -> Requirement:
     """The requirement of a validated task spec."""
     backend = spec.inference.backend if spec.inference is not None else None
-    return _requirement(spec.tags, spec.resources, _engine_features(backend))
+    vllm = spec.model.vllm if spec.model is not None else None
+    training = spec.training
+    features = _engine_features(backend) + _training_features(
+        training.deepspeed if training is not None else None,
+        training.auto_deepspeed_stage if training is not None else None)
+    return _requirement(spec.tags, spec.resources, features,
+                        _tensor_parallel_gpus(backend, vllm.tensor_parallel_size if vllm is not None else None))
+
+
+def _training_features(deepspeed: Mapping[str, Any] | None, auto_stage: int | None) -> tuple[str, ...]:
+    """ZeRO-3 shards the model itself over the ranks (a model that fits no single device): only
+    a worker with DeepSpeed can run it. Stages 1-2 train with plain DDP where DeepSpeed is
+    missing (a note says so), so they route anywhere."""
+    stage = (deepspeed.get("zero_optimization") or {}).get("stage") if deepspeed else auto_stage
+    return (DEEPSPEED,) if stage == 3 else ()
+
+
+def _tensor_parallel_gpus(backend: str | None, tensor_parallel_size: int | None) -> int:
+    """``model.vllm.tensor_parallel_size: N`` spreads the model over N GPUs of one worker: a
+    hardware need like ``gpu.count`` (unless ``inference.backend: transformers`` never uses it)."""
+    if backend == "transformers" or not tensor_parallel_size or tensor_parallel_size < 2:
+        return 0
+    return tensor_parallel_size
 
 
 def _engine_features(backend: str | None) -> tuple[str, ...]:
@@ -142,6 +164,22 @@ class _BackendField(BaseModel):
     backend: Literal["auto", "vllm", "transformers"] = "auto"
 
 
+class _VllmField(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+
+
+class _ModelField(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    vllm: _VllmField | None = None
+
+
+class _TrainingField(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    deepspeed: dict[str, Any] | None = None
+    auto_deepspeed_stage: int | None = Field(default=None, ge=0, le=3)
+
+
 class _RoutingFields(BaseModel):
     """The fields routing reads, validated as the task spec does, the rest left alone
     (a plain Celery signature's spec is checked in full by the worker)."""
@@ -150,6 +188,8 @@ class _RoutingFields(BaseModel):
     tags: list[str] = Field(default_factory=list)
     resources: ResourcesSpec | None = None
     inference: _BackendField | None = None
+    model: _ModelField | None = None
+    training: _TrainingField | None = None
 
     @field_validator("tags")
     @classmethod
@@ -168,11 +208,17 @@ def requirement_of_raw(raw: Mapping[str, Any], prefix: str = "spec") -> Requirem
     except ValidationError as exc:
         raise spec_error_from(exc, prefix) from None
     backend = fields.inference.backend if fields.inference is not None else None
-    return _requirement(fields.tags, fields.resources, _engine_features(backend))
+    vllm = fields.model.vllm if fields.model is not None else None
+    training = fields.training
+    features = _engine_features(backend) + _training_features(
+        training.deepspeed if training is not None else None,
+        training.auto_deepspeed_stage if training is not None else None)
+    return _requirement(fields.tags, fields.resources, features,
+                        _tensor_parallel_gpus(backend, vllm.tensor_parallel_size if vllm is not None else None))
 
 
 def _requirement(tags: Iterable[str], resources: ResourcesSpec | None,
-                 features: tuple[str, ...] = ()) -> Requirement:
+                 features: tuple[str, ...] = (), min_gpus: int = 0) -> Requirement:
     hardware = resources.hardware if resources is not None else None
     cpu = memory = None
     gpu = None
@@ -184,6 +230,8 @@ def _requirement(tags: Iterable[str], resources: ResourcesSpec | None,
             wanted = hardware.gpu.type
             gpu_type = None if wanted is None or wanted.strip().lower() == GPU_TYPE_ANY else canonical_gpu_type(wanted)
             gpu = GpuNeed(hardware.gpu.count, gpu_type, hardware.gpu.memory_bytes or None)
+    if min_gpus and (gpu is None or gpu.count < min_gpus):
+        gpu = GpuNeed(min_gpus, gpu.type if gpu else None, gpu.memory_bytes if gpu else None)
     return Requirement(tags=tuple(sorted(set(tags))), cpu_millicores=cpu, memory_bytes=memory, gpu=gpu,
                        features=tuple(sorted(set(features))))
 

@@ -1,4 +1,4 @@
-"""Which optional inference engines this Python environment has.
+"""Which optional engines this Python environment has (vLLM for inference, DeepSpeed for training).
 
 vLLM is an optional extra (``make install-vllm`` builds ``.venv-vllm``). A worker
 started from an environment that has it advertises the feature ``vllm`` (routing,
@@ -13,6 +13,7 @@ import importlib.util
 from functools import cache
 
 VLLM = "vllm"
+DEEPSPEED = "deepspeed"  # not an inference engine: the training strategy ZeRO (make install-deepspeed)
 
 
 @cache
@@ -21,6 +22,12 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec(VLLM) is not None
 
 
+@cache
+def deepspeed_installed() -> bool:
+    """Whether ``import deepspeed`` can find the package (looked up, never imported)."""
+    return importlib.util.find_spec(DEEPSPEED) is not None
+
+
 def installed_engines() -> list[str]:
     """The optional engines present here, as routing features."""
-    return [VLLM] if vllm_installed() else []
+    return [name for name, here in ((VLLM, vllm_installed()), (DEEPSPEED, deepspeed_installed())) if here]

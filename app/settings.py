@@ -84,6 +84,8 @@ class Settings:
     @property
     def uses_sentinel(self) -> bool:
         return is_sentinel_url(self.redis_url)
+    # How many ranks a training task with allow_multi_gpu runs on a CPU worker (MESHQ_CPU_RANKS).
+    cpu_ranks: int = 1
 
     @property
     def heartbeat_ttl_s(self) -> int:
@@ -276,6 +278,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_message_bytes=_positive_int(env, "MESHQ_MAX_MESSAGE_BYTES", MAX_MESSAGE_BYTES),
         max_result_bytes=_positive_int(env, "MESHQ_MAX_RESULT_BYTES", MAX_RESULT_BYTES),
         redis_master=redis_master if is_sentinel_url(redis_url) else "",
+        cpu_ranks=_positive_int(env, "MESHQ_CPU_RANKS", 1),
     )
 
 

@@ -27,6 +27,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("shards.py", []),
     ("transfer.py", []),
     ("training.py", ["--steps", "30", "--repeat", "2"]),
+    ("multi_rank.py", []),
     ("vllm.py", []),
 ]
 

@@ -71,6 +71,45 @@ def test_queue_names_from_requirements() -> None:
     assert queue(**hardware(gpu={"count": 0, "type": "t4"})) == "tasks"  # count 0: no GPU needed
 
 
+def test_vllm_tensor_parallel_size_is_a_need_for_that_many_gpus() -> None:
+    """model.vllm.tensor_parallel_size: N uses N GPUs of one worker: routed like gpu.count N, the
+    same from the parsed spec and from a plain Celery call's raw spec."""
+    from app.capabilities import requirement_of_raw
+
+    def inference(**extra: Any) -> dict[str, Any]:
+        return {"taskType": "inference", "model": {"source": {"identifier": "m"}, **extra.pop("model", {})},
+                "data": {"type": "list", "items": ["a"]}, **extra}
+
+    for raw, expected in [
+        (inference(model={"vllm": {"tensor_parallel_size": 2}}), "tasks.need.gpu=2"),
+        (inference(model={"vllm": {"tensor_parallel_size": 4}}, **hardware(gpu={"count": 1, "type": "a100"})),
+         "tasks.need.gpu=4.gpu_type=a100"),
+        (inference(model={"vllm": {"tensor_parallel_size": 2}}, **hardware(gpu={"count": 8})), "tasks.need.gpu=8"),
+        (inference(model={"vllm": {"tensor_parallel_size": 1}}), "tasks"),
+        (inference(model={"vllm": {"tensor_parallel_size": 2}}, inference={"backend": "transformers"}), "tasks"),
+    ]:
+        assert queue_for_requirement("tasks", requirement_of(parse_task_spec(raw))) == expected
+        assert queue_for_requirement("tasks", requirement_of_raw(raw)) == expected
+    two_gpus = Capabilities.from_hardware({"gpus": [T4["gpus"][0]] * 2}, [])
+    needs_four = requirement_of(parse_task_spec(inference(model={"vllm": {"tensor_parallel_size": 4}})))
+    assert two_gpus.unmet(needs_four) and not two_gpus.unmet(requirement_of(parse_task_spec(
+        inference(model={"vllm": {"tensor_parallel_size": 2}}))))
+
+
+def test_zero3_needs_a_worker_with_deepspeed_and_stages_1_2_route_anywhere() -> None:
+    from app.capabilities import requirement_of_raw
+
+    def sft(**training: Any) -> dict[str, Any]:
+        return {"taskType": "sft", "model": {"source": {"identifier": "m"}}, "data": {"prompts": ["x"]},
+                "training": {"allow_multi_gpu": True, **training}}
+
+    for training, expected in [({"auto_deepspeed_stage": 3}, "tasks.need.features=deepspeed"),
+                               ({"deepspeed": {"zero_optimization": {"stage": 3}}}, "tasks.need.features=deepspeed"),
+                               ({"auto_deepspeed_stage": 2}, "tasks"), ({}, "tasks")]:
+        assert queue_for_requirement("tasks", requirement_of(parse_task_spec(sft(**training)))) == expected
+        assert queue_for_requirement("tasks", requirement_of_raw(sft(**training))) == expected
+
+
 def test_what_a_worker_lacks_is_said() -> None:
     worker = Capabilities.from_hardware({"cpu_count": 2, "memory_total_bytes": 24 * GiB, **T4}, ["cpu"])
     need = requirement_of(parse_task_spec(echo(tags=["gpu"], **hardware(

@@ -174,7 +174,9 @@ def test_training_templates_run(worker_factory, server_factory, redis_client, ti
     assert trained["samples"] == len(INSTRUCTION_ROWS) and trained["gradient_checkpointing"] is True
     config = json.loads((Path(trained["final_lora_path"]) / "adapter_config.json").read_text())
     assert config["use_rslora"] is True and config["bias"] == "none"
-    assert any(n.startswith("training.allow_multi_gpu, training.auto_deepspeed_stage: no effect")
+    # allow_multi_gpu on a worker with one CPU rank (MESHQ_CPU_RANKS unset): one process, as asked.
+    assert trained["world_size"] == 1 and trained["strategy"] == "single-process"
+    assert any(n.startswith("training.deepspeed, training.auto_deepspeed_stage: DeepSpeed is not used")
                for n in trained["notes"])
     assert lora["infer"]["model"]["adapter_merged"] is True
     log = (worker.results_dir / trained["task_id"] / "logs" / "training_log.jsonl").read_text().splitlines()

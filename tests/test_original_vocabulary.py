@@ -29,6 +29,7 @@ from tasks.executors.inference import InferenceExecutor, adapter_checkpoint
 from tasks.executors.jsonl_export import export_rows
 from tasks.executors.models import ModelCache
 from tasks.executors.progress import RecordingProgress
+from tasks.executors.ranks import RankPlan, deepspeed_config, plan_ranks
 from tasks.executors.training import multi_gpu_note, training_precision
 from tasks.executors.training_data import IGNORE_INDEX, pack_rows
 from tasks.outcome import annotate
@@ -441,14 +442,38 @@ def test_float16_weights_are_never_trained_as_such() -> None:
         training_precision(amp, amp.training, "cpu")
 
 
-def test_multi_gpu_settings_have_no_effect_and_say_so() -> None:
-    spec = training(allow_multi_gpu=True, visible_devices="0,1", deepspeed={"zero_optimization": {"stage": 2}})
+def test_multi_gpu_settings_plan_the_ranks_of_a_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """allow_multi_gpu: one rank per owned GPU or per visible_devices id (a foreign id is an error
+    naming the field), MESHQ_CPU_RANKS on a CPU worker; without it one rank, as before."""
+    spec = training(allow_multi_gpu=True, visible_devices="0,1")
     assert spec.training is not None
+    assert plan_ranks(spec.training, "cuda", 4, 1) == RankPlan(2, "nccl", (0, 1))
+    assert plan_ranks(training(allow_multi_gpu=True).training, "cuda", 3, 1) == RankPlan(3, "nccl", (0, 1, 2))
+    with pytest.raises(SpecError, match=r"spec\.training\.visible_devices: GPU 3 is not one of this worker's 2 GPU"):
+        plan_ranks(training(allow_multi_gpu=True, visible_devices=[0, 3]).training, "cuda", 2, 1)
+    on_cpu = plan_ranks(spec.training, "cpu", 0, 2)
+    assert (on_cpu.world_size, on_cpu.backend) == (2, "gloo")
+    assert on_cpu.notes == ("training.visible_devices: no effect on a CPU worker (MESHQ_CPU_RANKS sets its ranks)",)
+    plain = training(visible_devices="0")
+    assert plain.training is not None and plan_ranks(plain.training, "cuda", 2, 4).world_size == 1
+    zero = training(allow_multi_gpu=True, deepspeed={"zero_optimization": {"stage": 2}})
+    assert zero.training is not None
+    monkeypatch.setattr("tasks.executors.ranks.deepspeed_installed", lambda: False)
+    without = plan_ranks(zero.training, "cpu", 0, 2)
+    assert without.strategy == "ddp" and without.notes[0].startswith(
+        "training.deepspeed, training.auto_deepspeed_stage: DeepSpeed is not installed on this worker")
+    monkeypatch.setattr("tasks.executors.ranks.deepspeed_installed", lambda: True)
+    with_it = plan_ranks(zero.training, "cpu", 0, 2)
+    assert (with_it.strategy, with_it.notes) == ("deepspeed-zero2", ())
+    assert deepspeed_config(zero.training) == {"zero_optimization": {"stage": 2}}
+    auto = training(allow_multi_gpu=True, auto_deepspeed_stage=1, batch_size=3)
+    assert deepspeed_config(auto.training)["zero_optimization"] == {"stage": 1}  # type: ignore[index]
+    assert deepspeed_config(auto.training)["train_micro_batch_size_per_gpu"] == "auto"  # type: ignore[index]
+    # ppo's own loop is one process: the settings say so there.
     note = multi_gpu_note(spec.training, 0)
-    assert note is not None and note.startswith("training.allow_multi_gpu, training.visible_devices, "
-                                                "training.deepspeed: no effect; this worker has 0 GPU(s)")
-    plain = training()
-    assert plain.training is not None and multi_gpu_note(plain.training, 1) is None
+    assert note is not None and note.startswith("training.allow_multi_gpu, training.visible_devices: no effect "
+                                                "for ppo")
+    assert multi_gpu_note(training().training, 1) is None  # type: ignore[arg-type]
 
 
 def test_packing_fills_blocks_and_keeps_the_prompt_masks() -> None:

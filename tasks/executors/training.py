@@ -59,9 +59,11 @@ from app.artifacts.archive import make_archive
 from app.artifacts.checkpoints import checkpoint_kind, download_file, fetch_checkpoint
 from app.artifacts.run_fence import fenced, staging_dir
 from app.errors import ExecutorError, SpecError, TaskCancelled
+from app.settings import get_settings
 from app.spec import LoraOptions, TaskSpec, TrainingOptions
 from tasks.executors import models
 from tasks.executors.progress import Progress
+from tasks.executors.ranks import current_rank, deepspeed_config, plan_ranks, rank_strategy, run_ranks
 from tasks.executors.training_data import PaddingCollator, load_examples, pack_rows, tokenize_examples
 
 log = logging.getLogger(__name__)
@@ -103,12 +105,13 @@ MULTI_GPU_FIELDS = ("allow_multi_gpu", "visible_devices", "auto_deepspeed_stage"
 
 
 def multi_gpu_note(options: TrainingOptions, gpus: int) -> str | None:
-    """A note when multi-GPU settings were given: meshq trains on one device, so they had no effect."""
+    """ppo's note for multi-GPU settings: its own loop trains in one process, so they had no
+    effect there (sft, lora_sft and dpo span ranks: ``tasks.executors.ranks``)."""
     given = [name for name in MULTI_GPU_FIELDS if getattr(options, name) not in (None, False)]
     if not given:
         return None
-    return (f"training.{', training.'.join(given)}: no effect; this worker has {gpus} GPU(s) and meshq "
-            "trains on one device (multi-GPU data parallel is not implemented)")
+    return (f"training.{', training.'.join(given)}: no effect for ppo; its loop trains in one process on "
+            f"one device (this worker has {gpus} GPU(s))")
 
 
 @dataclass(frozen=True)
@@ -243,9 +246,18 @@ class TrainingExecutor:
         device = self._device(spec, options)
         precision = training_precision(spec, options, device)
         notes = list(precision.notes)
-        note = multi_gpu_note(options, torch.cuda.device_count() if device == "cuda" else 0)
-        if note:
-            notes.append(note)
+        rank, world_size = current_rank()
+        if world_size == 1:  # the pool process: one rank, or the launcher of several
+            plan = plan_ranks(options, device, torch.cuda.device_count() if device == "cuda" else 0,
+                              get_settings().cpu_ranks)
+            if plan.spans_ranks:
+                progress.check_cancelled("before starting the ranks")
+                ranked = run_ranks(spec, out_dir, progress, plan)
+                if plan.notes:
+                    ranked["notes"] = [*plan.notes, *ranked.get("notes", [])]
+                return ranked
+            notes.extend(plan.notes)
+        is_main = rank == 0  # rank 0 alone writes the task's outputs
         progress.check_cancelled("before loading the model")
         kind = self.output_kind(spec)
         data = self.load_data(spec, out_dir)
@@ -266,15 +278,21 @@ class TrainingExecutor:
             log.info("resuming %s from %s (step %d)", progress.task_id, resume[0], resumed_from_step)
 
         callback = MeshqProgressCallback(progress)
-        trainer = self.make_trainer(spec, model, training_argument_values(options, checkpoints, device, precision),
-                                    rows, tokenizer, callback)
+        arguments = training_argument_values(options, checkpoints, device, precision)
+        if world_size > 1:  # the Trainer's DDP (or DeepSpeed) over the ranks torchrun started
+            arguments.update(ddp_backend="nccl" if device == "cuda" else "gloo", ddp_find_unused_parameters=False)
+            zero = deepspeed_config(options)
+            if zero is not None:
+                arguments["deepspeed"] = zero
+        trainer = self.make_trainer(spec, model, arguments, rows, tokenizer, callback)
         trainer.remove_callback(PrinterCallback)  # one stdout line per step; our callback logs instead
         trainer.remove_callback(ProgressCallback)
         try:
             output = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
             if callback.cancelled_at_step is not None:
                 raise TaskCancelled(progress.task_id, f"at step {callback.cancelled_at_step}")
-            final_dir = self._save_final(trainer, tokenizer, out_dir, kind) if options.save_model else None
+            final_dir = (self._save_final(trainer, tokenizer, out_dir, kind)
+                         if options.save_model and is_main else None)
             history = list(trainer.state.log_history)
             steps = trainer.state.global_step
             max_steps = trainer.state.max_steps
@@ -286,6 +304,8 @@ class TrainingExecutor:
             if device == "cuda":
                 torch.cuda.empty_cache()
 
+        if not is_main:  # its share of the work is done; rank 0 writes and reports
+            return {}
         write_training_log(out_dir, history, progress.run)
         losses = [(int(entry["step"]), float(entry["loss"])) for entry in history if "loss" in entry]
         train_runtime = float(output.metrics.get("train_runtime", 0.0))
@@ -313,6 +333,10 @@ class TrainingExecutor:
             "device": device,
             "torch_threads": torch.get_num_threads(),
             "precision": precision.name,
+            "world_size": world_size,
+            "backend": ("nccl" if device == "cuda" else "gloo") if world_size > 1 else None,
+            "strategy": rank_strategy(options) if world_size > 1 else "single-process",
+            "global_batch": options.batch_size * options.gradient_accumulation_steps * world_size,
             "packed": options.packing,
             "gradient_checkpointing": options.gradient_checkpointing,
         })
