@@ -127,13 +127,19 @@ class Requirement:
 
 def requirement_of(spec: TaskSpec) -> Requirement:
     """The requirement of a validated task spec."""
-    backend = spec.inference.backend if spec.inference is not None else None
-    vllm = spec.model.vllm if spec.model is not None else None
-    training = spec.training
+    return _requirement_of_fields(spec)
+
+
+def _requirement_of_fields(fields: TaskSpec | _RoutingFields) -> Requirement:
+    """Tags, hardware, engine and training needs, read alike from a parsed task spec or from
+    the routing fields of a raw one (``requirement_of_raw``)."""
+    backend = fields.inference.backend if fields.inference is not None else None
+    vllm = fields.model.vllm if fields.model is not None else None
+    training = fields.training
     features = _engine_features(backend) + _training_features(
         training.deepspeed if training is not None else None,
         training.auto_deepspeed_stage if training is not None else None)
-    return _requirement(spec.tags, spec.resources, features,
+    return _requirement(fields.tags, fields.resources, features,
                         _tensor_parallel_gpus(backend, vllm.tensor_parallel_size if vllm is not None else None))
 
 
@@ -207,14 +213,7 @@ def requirement_of_raw(raw: Mapping[str, Any], prefix: str = "spec") -> Requirem
         fields = _RoutingFields.model_validate(dict(raw))
     except ValidationError as exc:
         raise spec_error_from(exc, prefix) from None
-    backend = fields.inference.backend if fields.inference is not None else None
-    vllm = fields.model.vllm if fields.model is not None else None
-    training = fields.training
-    features = _engine_features(backend) + _training_features(
-        training.deepspeed if training is not None else None,
-        training.auto_deepspeed_stage if training is not None else None)
-    return _requirement(fields.tags, fields.resources, features,
-                        _tensor_parallel_gpus(backend, vllm.tensor_parallel_size if vllm is not None else None))
+    return _requirement_of_fields(fields)
 
 
 def _requirement(tags: Iterable[str], resources: ResourcesSpec | None,
