@@ -142,6 +142,7 @@ def test_a_diamond_updates_live_and_shows_its_workers_files_and_outputs_as_text(
     seen_running = wait_for(lambda: node_states(page).get("a") in ("STARTED", "PROGRESS") and node_states(page),
                             60, interval_s=0.2, message="node a running on the page")
     assert seen_running["d"] == "PENDING"
+    wait_for(lambda: node_states(page).get("b") == "PROGRESS", 60, interval_s=0.2, message="b running")
     screenshot(page, "webui-pipeline.png", tmp_path)
     wait_states(page, dict.fromkeys("abcd", "SUCCESS"), 120)
     assert page.evaluate("window.notReloaded") is True  # the states changed without a reload
@@ -206,6 +207,9 @@ def test_a_training_node_draws_its_loss_curve_and_cancel_revokes_a_running_one(
     page.goto(f"{server.base_url}/ui/pipelines/{long.id}")
     name = long.stages[0]["name"]
     wait_states(page, {name: "PROGRESS"}, 240)
+    # While it runs, its curve grows from the progress reports (no reload).
+    wait_for(lambda: len(page.query_selector_all("figure.loss svg circle.point")) >= 3, 120, interval_s=0.5,
+             message="the running training's loss curve to have points")
     page.click("#cancel")
     page.wait_for_url(re.compile(rf"/ui/pipelines/{long.id}$"))
     wait_states(page, {name: "REVOKED"}, 120)

@@ -60,7 +60,6 @@ from app.server.openapi import (
     customize_openapi,
 )
 from app.server.result_store import BadName, ResultStore, StaleRun, checked
-from app.server.ui import UI_PREFIX, mount_ui
 from app.server.transfer import (
     MULTIPART_ALLOWANCE_BYTES,
     ApiError,
@@ -73,6 +72,7 @@ from app.server.transfer import (
     read_body,
     tune_allocator_for_streaming,
 )
+from app.server.ui import UI_PREFIX, mount_ui
 from app.settings import Settings, load_settings
 from app.worker.registry import list_workers
 from pipelines import PipelineRun

@@ -55,6 +55,11 @@ def duration_text(seconds: float | None) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def mapping(value: Any) -> dict[str, Any]:
+    """``value`` if it is a mapping, else an empty one (a record may hold anything)."""
+    return value if isinstance(value, dict) else {}
+
+
 def cut(text: Any) -> str:
     text = str(text)
     return text if len(text) <= MAX_TEXT_CHARS else text[:MAX_TEXT_CHARS] + f"… ({len(text)} characters)"
@@ -73,13 +78,12 @@ def run_duration(report: dict[str, Any], now: float) -> float | None:
 
 # -- the pipelines list ------------------------------------------------------------
 def pipeline_row(report: dict[str, Any], now: float) -> dict[str, Any]:
-    metadata = redact_secrets(report.get("metadata") or {})
+    metadata = mapping(redact_secrets(report.get("metadata")))
     counts = Counter(stage["state"] for stage in report["stages"].values())
     return {"id": report["id"], "name": report.get("name") or "", "kind": report.get("kind", "pipeline"),
             "state": report["state"], "submitted_at": report.get("submitted_at") or "",
             "duration": duration_text(run_duration(report, now)),
-            "owner": metadata.get("owner") if isinstance(metadata, dict) else None,
-            "project": metadata.get("project") if isinstance(metadata, dict) else None,
+            "owner": metadata.get("owner"), "project": metadata.get("project"),
             "counts": sorted(counts.items())}
 
 
@@ -157,10 +161,9 @@ def result_text(result: dict[str, Any]) -> str:
 
 def node_view(name: str, stage: dict[str, Any], depends_on: list[str], store: ResultStore) -> dict[str, Any]:
     stage = redact_secrets(stage)
-    progress = stage.get("progress") if isinstance(stage.get("progress"), dict) else {}
-    result = stage.get("result") if isinstance(stage.get("result"), dict) else {}
+    progress, result = mapping(stage.get("progress")), mapping(stage.get("result"))
     fraction = fraction_done(progress) if progress else None
-    slo = result.get("slo") if isinstance(result.get("slo"), dict) else None
+    slo = mapping(result.get("slo"))
     prompts, prompt_count = prompts_of(result)
     task_type = str(stage.get("taskType") or "")
     return {
@@ -168,10 +171,11 @@ def node_view(name: str, stage: dict[str, Any], depends_on: list[str], store: Re
         "depends_on": depends_on, "worker_id": stage.get("worker_id"),
         "progress_text": describe_progress(progress) if progress else "",
         "percent": round(100 * fraction[0] / fraction[1]) if fraction else None,
-        "date_done": stage.get("date_done"), "error": cut(stage["error"]) if stage.get("error") else None,
+        "started_at": result.get("started_at"), "date_done": result.get("finished_at") or stage.get("date_done"),
+        "error": cut(stage["error"]) if stage.get("error") else None,
         "runtime": duration_text(result.get("runtime_sec")) if isinstance(result.get("runtime_sec"),
                                                                             int | float) else "",
-        "slo_exceeded": bool(slo and slo.get("exceeded")),
+        "slo_exceeded": bool(slo.get("exceeded")),
         "training": task_type in TRAINING_TYPES, "loss_history": loss_history(stage),
         "prompts": prompts, "prompt_count": prompt_count, "outputs": outputs_of(result),
         "result_text": result_text(result),
@@ -198,8 +202,7 @@ def pipeline_view(report: dict[str, Any], store: ResultStore) -> dict[str, Any]:
 
 # -- workers -----------------------------------------------------------------------
 def worker_view(worker: dict[str, Any], now: float) -> dict[str, Any]:
-    hardware = worker.get("hardware") if isinstance(worker.get("hardware"), dict) else {}
-    metrics = worker.get("metrics") if isinstance(worker.get("metrics"), dict) else {}
+    hardware, metrics = mapping(worker.get("hardware")), mapping(worker.get("metrics"))
     readings = {g.get("index"): g for g in metrics.get("gpus") or [] if isinstance(g, dict)}
     gpus = []
     for gpu in hardware.get("gpus") or []:
