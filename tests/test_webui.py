@@ -125,7 +125,6 @@ def test_a_diamond_updates_live_and_shows_its_workers_files_and_outputs_as_text(
     assert rows["ui-w1"]["tags"] == ["a100", "gpu"] and rows["ui-w2"]["tags"] == ["cpu"], rows
     assert "tasks.a100+gpu" in rows["ui-w1"]["queues"] and not rows["ui-w1"]["dead"]
     assert "NVIDIA A100-SXM4-80GB 80.0 GiB" in page.text_content("tr.worker[data-worker=ui-w1]")
-    screenshot(page, "webui-workers.png", tmp_path)
 
     slow = {"sleep_s": 3.0, "steps": 6}
     run = submit({"metadata": {"name": "diamond", "owner": "ana", "project": "webui"},
@@ -144,6 +143,13 @@ def test_a_diamond_updates_live_and_shows_its_workers_files_and_outputs_as_text(
     assert seen_running["d"] == "PENDING"
     wait_for(lambda: node_states(page).get("b") == "PROGRESS", 60, interval_s=0.2, message="b running")
     screenshot(page, "webui-pipeline.png", tmp_path)
+    fleet = page.context.new_page()  # the pipeline's page stays open, never reloaded
+    fleet.goto(f"{server.base_url}/ui/workers")
+    current = fleet.eval_on_selector_all("tr.worker td.current a", "as => as.map(a => a.textContent)")
+    node_ids = {s["task_id"] for s in run.stages}
+    assert current and set(current) <= node_ids, current
+    screenshot(fleet, "webui-workers.png", tmp_path)
+    fleet.close()
     wait_states(page, dict.fromkeys("abcd", "SUCCESS"), 120)
     assert page.evaluate("window.notReloaded") is True  # the states changed without a reload
     assert page.text_content("#run-state") == "SUCCESS"

@@ -8,6 +8,7 @@ updates without a reload and the server keeps nothing per browser.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from app.settings import Settings
 from pipelines import PipelineRun
 from pipelines.run import cancel_any
 
+log = logging.getLogger("meshq.server.ui")
 HERE = Path(__file__).parent
 POLL_INTERVAL_MS = 1500
 STATES = ("PENDING", "RUNNING", "SUCCESS", "FAILURE", "CANCELLING", "CANCELLED")
@@ -90,6 +92,8 @@ def ui_router(settings: Settings, store: ResultStore) -> APIRouter:
         if not session.required:
             return RedirectResponse(f"{UI_PREFIX}/", 303)
         if not session.token_matches(fields.get("token", "")):
+            client = request.client.host if request.client else "-"
+            log.warning("web view: sign-in with a wrong token from %s", client)
             return login_form(request, "That token is not valid.", 403)
         reply = RedirectResponse(f"{UI_PREFIX}/", 303)
         reply.set_cookie(COOKIE_NAME, session.cookie_value(), max_age=COOKIE_MAX_AGE_S, path=UI_PREFIX,

@@ -20,9 +20,15 @@
       .then(function (html) {
         var live = document.getElementById("live");
         if (html !== null && live) {
+          // the results the reader opened stay open
+          var opened = Array.prototype.map.call(live.querySelectorAll("details[open][data-node]"),
+            function (d) { return d.getAttribute("data-node"); });
           var parsed = new DOMParser().parseFromString('<div id="live">' + html + "</div>", "text/html");
           var fresh = parsed.getElementById("live");
           live.replaceChildren.apply(live, Array.prototype.slice.call(fresh.childNodes));
+          Array.prototype.forEach.call(live.querySelectorAll("details[data-node]"), function (d) {
+            if (opened.indexOf(d.getAttribute("data-node")) >= 0) { d.open = true; }
+          });
           if (!live.querySelector("#cancel") && live.querySelector("#summary")) {
             // a finished run: nothing more will change
             var state = live.querySelector("#summary").getAttribute("data-state");
