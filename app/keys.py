@@ -61,6 +61,11 @@ def pipeline(pipeline_id: str) -> str:
     return f"meshq:pipeline:{pipeline_id}"
 
 
+# Sorted set of recorded pipeline (and task document) ids by submission time, newest
+# highest: the web view's list. Entries older than the records' expiry are trimmed on record.
+RECENT_PIPELINES = "meshq:pipelines:recent"
+
+
 def task_pipeline(task_id: str) -> str:
     """Maps a stage task id back to its pipeline id."""
     return f"meshq:task:{task_id}:pipeline"

@@ -23,6 +23,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 BENCHMARKS: list[tuple[str, list[str]]] = [
     ("dispatch.py", []),
     ("server_transfer.py", []),
+    ("webui.py", []),
     ("inference.py", []),
     ("shards.py", []),
     ("transfer.py", []),

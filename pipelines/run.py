@@ -37,12 +37,17 @@ DEFAULT_POLL_INTERVAL_S = 0.5
 STAGE_WAIT_S = 2.0
 
 
-# KEYS[1] the pipeline's hash, KEYS[2..] each stage's task → pipeline key;
-# ARGV[1] ttl (s), ARGV[2] the pipeline id, ARGV[3..] the hash's field/value pairs.
+# KEYS[1] the pipeline's hash, KEYS[2] the recent-pipelines index, KEYS[3..] each stage's
+# task → pipeline key; ARGV[1] ttl (s), ARGV[2] the pipeline id, ARGV[3..] the hash's
+# field/value pairs. The index forgets entries whose records have expired.
 _RECORD = """
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
-for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[2], 'EX', ARGV[1]) end
+for i = 3, #KEYS do redis.call('SET', KEYS[i], ARGV[2], 'EX', ARGV[1]) end
+local now = tonumber(redis.call('TIME')[1])
+redis.call('ZADD', KEYS[2], now, ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[1]))
+redis.call('EXPIRE', KEYS[2], ARGV[1])
 return 1
 """
 
@@ -67,7 +72,7 @@ class PipelineRun:
         fields = {"id": self.id, "name": self.name, "submitted_at": self.submitted_at,
                   "stages_json": json.dumps(self.stages), "document_json": json.dumps(redact_secrets(self.document)),
                   "warnings_json": json.dumps(self.warnings), "graph": "1" if self.is_graph else ""}
-        client.eval(_RECORD, 1 + len(self.stages), keys.pipeline(self.id),
+        client.eval(_RECORD, 2 + len(self.stages), keys.pipeline(self.id), keys.RECENT_PIPELINES,
                     *(keys.task_pipeline(stage["task_id"]) for stage in self.stages),
                     ttl_s, self.id, *(item for pair in fields.items() for item in pair))
 

@@ -64,7 +64,10 @@ def test_lora_memorises_short_answers_and_the_adapter_loads_back(tiny_model_dir:
         assert "final_lora/adapter_model.safetensors" in zf.namelist()
     # Progress: every step reported with the documented fields, the last one forced.
     assert progress.reports[-1]["step"] == 150 and progress.reports[-1]["total_steps"] == 150
-    assert set(progress.reports[-1]) == {"step", "total_steps", "epoch", "loss", "learning_rate", "eta_s"}
+    assert set(progress.reports[-1]) == {"step", "total_steps", "epoch", "loss", "learning_rate", "eta_s",
+                                         "loss_history"}
+    assert progress.reports[-1]["loss_history"][-1][1] == pytest.approx(progress.reports[-1]["loss"], abs=1e-6)
+    assert len(progress.reports[-1]["loss_history"]) >= 40  # sampled, like the result's
     log_lines = (tmp_path / "t1" / "logs" / "training_log.jsonl").read_text().splitlines()
     assert json.loads(log_lines[0])["step"] == 1
 

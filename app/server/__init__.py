@@ -3,5 +3,6 @@
 ``app`` (the FastAPI application and its routes, ``create_app``/``serve``),
 ``gatekeeper`` (token, path checks, access log), ``documents`` (posted task and
 pipeline documents), ``openapi`` (the schema), ``result_store`` (files on disk,
-checksums) and ``transfer`` (streamed uploads and downloads).
+checksums), ``transfer`` (streamed uploads and downloads) and ``ui`` (the web view
+under ``/ui/``).
 """

@@ -13,9 +13,10 @@ Every limit on what a client may send is in ``app.limits``; the connection-level
 (header bytes, header and body timeouts) are applied by ``app.server.front_guard`` and
 the ``Gatekeeper``.
 
-Authentication: with ``ORCHESTRATOR_TOKEN`` set, every path but ``/healthz`` —
-``/openapi.json`` and ``/docs`` included — needs ``Authorization: Bearer <token>``
-(401 without it, 403 with a wrong one).
+Authentication: with ``ORCHESTRATOR_TOKEN`` set, every path but ``/healthz`` and the web
+view (``/ui/``, which has its own sign-in: ``app.server.ui``) — ``/openapi.json`` and
+``/docs`` included — needs ``Authorization: Bearer <token>`` (401 without it, 403 with a
+wrong one).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ from app.server.transfer import (
     read_body,
     tune_allocator_for_streaming,
 )
+from app.server.ui import UI_PREFIX, mount_ui
 from app.settings import Settings, load_settings
 from app.worker.lease import latest_run
 from app.worker.registry import list_workers
@@ -480,8 +482,9 @@ def create_app(results_dir: Path | str | None = None, settings: Settings | None 
             raise ApiError(503, f"Redis unavailable: {exc}") from None
         return {"workers": workers}
 
+    mount_ui(app, settings, store)  # the web view, /ui/ (it signs browsers in itself)
     customize_openapi(app, bearer=bool(settings.orchestrator_token))
-    app.add_middleware(Gatekeeper, token=settings.orchestrator_token)
+    app.add_middleware(Gatekeeper, token=settings.orchestrator_token, signs_in_itself=UI_PREFIX)
     return app
 
 

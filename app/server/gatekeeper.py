@@ -37,13 +37,19 @@ class Gatekeeper:
     removes its temporary file) and the client gets 408 with the connection closed.
     """
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, token: str, signs_in_itself: str | None = None) -> None:
         self.app = app
         self.token = token.encode()
+        # A path prefix whose routes check the token themselves (the web view's sign-in cookie).
+        self.signs_in_itself = signs_in_itself
+
+    def _own_sign_in(self, path: str) -> bool:
+        prefix = self.signs_in_itself
+        return prefix is not None and (path == prefix or path.startswith(prefix + "/"))
 
     def _refusal(self, scope: Scope) -> JSONResponse | None:
         path = scope["path"]
-        if self.token and path != "/healthz":
+        if self.token and path != "/healthz" and not self._own_sign_in(path):
             header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
             scheme, _, credentials = (header or b"").partition(b" ")
             if header is None or scheme.lower() != b"bearer" or not credentials.strip():

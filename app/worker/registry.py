@@ -152,8 +152,11 @@ class WorkerRegistry:
         now = events.utc_now_iso()
         running = self.active_task_ids()
         hkey = keys.worker_hash(self.worker_id)
+        load = hardware.metrics()
         pipe = self.client.pipeline(transaction=False)
-        pipe.hset(hkey, mapping=self.static_fields() | {"last_seen": now})
+        # The latest load readings stay in the hash too: a reader of the registry (the web
+        # view) sees GPU use without listening to the channel.
+        pipe.hset(hkey, mapping=self.static_fields() | {"last_seen": now, "metrics_json": json.dumps(load)})
         # Status is owned by the process running tasks; only restore it if Redis lost it.
         pipe.hsetnx(hkey, "status", RUNNING if running else IDLE)
         pipe.hsetnx(hkey, "current_task", running[0] if running else "")
@@ -161,7 +164,7 @@ class WorkerRegistry:
         pipe.setex(keys.worker_heartbeat(self.worker_id), self.settings.heartbeat_ttl_s, now)
         pipe.publish(keys.WORKERS_CHANNEL, events.worker_event(
             "HEARTBEAT", self.worker_id, status=RUNNING if running else IDLE,
-            tags=list(self.settings.worker_tags), metrics=hardware.metrics(),
+            tags=list(self.settings.worker_tags), metrics=load,
             payload={"current_tasks": running}))
         pipe.hlen(keys.CAPABILITY_QUEUES)
         recorded_at = len(pipe) - 1
@@ -224,7 +227,7 @@ def list_workers(client: redis.Redis) -> list[dict[str, Any]]:
         if not fields:
             continue
         worker: dict[str, Any] = {k: v for k, v in fields.items() if not k.endswith("_json")}
-        for name in ("env", "hardware", "tags", "queues", "capabilities"):
+        for name in ("env", "hardware", "tags", "queues", "capabilities", "metrics"):
             raw = fields.get(f"{name}_json")
             worker[name] = json.loads(raw) if raw else None
         worker["worker_id"] = worker_id

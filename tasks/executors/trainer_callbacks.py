@@ -4,8 +4,9 @@ Imported only inside a running training task (it imports transformers); the
 worker's parent process never loads it.
 
 Every optimiser step it reports ``{step, total_steps, epoch, loss, learning_rate,
-eta_s}`` (the ``Progress`` rate-limits what reaches Celery) and polls the cancel
-flag; a cancelled task stops cooperatively at the end of the current step.
+eta_s, loss_history}`` (the ``Progress`` rate-limits what reaches Celery; the history
+is sampled like the result's, so a running task's loss curve can be drawn) and polls
+the cancel flag; a cancelled task stops cooperatively at the end of the current step.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from tasks.executors.progress import Progress
+from tasks.executors.training import LOSS_HISTORY_POINTS, sample_history
 
 log = logging.getLogger(__name__)
 LOG_EVERY_S = 10.0  # a worker-log line about training at most this often
@@ -30,6 +32,7 @@ class MeshqProgressCallback(TrainerCallback):
         self.started = time.monotonic()
         self.last_loss: float | None = None
         self.last_lr: float | None = None
+        self.losses: list[tuple[int, float]] = []  # (step, loss) of every logged loss
         self._last_log = 0.0
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -42,6 +45,9 @@ class MeshqProgressCallback(TrainerCallback):
                logs: dict[str, Any] | None = None, **_: Any) -> None:
         if logs and "loss" in logs:
             self.last_loss = float(logs["loss"])
+            self.losses.append((state.global_step, self.last_loss))
+            if len(self.losses) > 2 * LOSS_HISTORY_POINTS:  # every other point: bounded, still even
+                self.losses = self.losses[::2]
         if logs and "learning_rate" in logs:
             self.last_lr = float(logs["learning_rate"])
 
@@ -66,7 +72,7 @@ class MeshqProgressCallback(TrainerCallback):
         fields = {"step": state.global_step, "total_steps": state.max_steps,
                   "epoch": round(float(state.epoch or 0.0), 4), "loss": self.last_loss,
                   "learning_rate": self.last_lr, "eta_s": self.eta_s(state)}
-        self.progress(force=force, **fields)
+        self.progress(force=force, loss_history=sample_history(self.losses), **fields)
         now = time.monotonic()
         if force or now - self._last_log >= LOG_EVERY_S:
             self._last_log = now
