@@ -35,7 +35,7 @@ from app.errors import LimitExceeded, SpecError
 from app.limits import check_document, check_stages, json_bytes
 from app.settings import NAME_RE, get_settings
 from app.spec import DATA_MODELS, TASK_TYPES, TaskSpec, error_messages, spec_error_from_messages
-from app.spec.schema import REFUSED_TASK_TYPES
+from app.spec.schema import REFUSED_TASK_TYPES, TrainingData, training_data_problem
 from pipelines.graph import ancestors_of, read_dependencies, topological_order
 from pipelines.graph_template import check_template
 from pipelines.references import (
@@ -419,10 +419,14 @@ def _validate_stage(stage: StageTemplate, own_spec: Mapping[str, Any], shared: M
     data_model = DATA_MODELS.get(task_type) if isinstance(task_type, str) else None
     if data_model is not None and isinstance(stage.spec.get("data"), Mapping):
         try:
-            data_model.model_validate(stage.spec["data"])
+            data = data_model.model_validate(stage.spec["data"])
         except ValidationError as exc:
             messages += [(path, msg) for path, msg in error_messages(exc.errors(), "data")
                          if not held_by_reference(path)]
+        else:  # the data is well formed; is it what this task type trains on? (as the worker asks)
+            problem = training_data_problem(str(task_type), data) if isinstance(data, TrainingData) else None
+            if problem is not None and not held_by_reference(f"data.{problem[0]}"):
+                messages.append((f"data.{problem[0]}", problem[1]))
     if messages:
         located = [(locate(tuple(int(p) if p.isdigit() else p for p in path.split(".")) if path else ()), msg)
                    for path, msg in messages]

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ import requests
 
 from app.errors import SpecError
 from app.spec import parse_task_spec
+from tests.conftest import ROOT
 
 MODEL = {"source": {"identifier": "/models/tiny"}}
 PAIR = {"prompt": "p", "chosen": "c", "rejected": "r"}
@@ -63,14 +67,32 @@ def test_bad_specs_name_the_field(label: str, raw: dict[str, Any], field: str, m
     assert message in str(caught.value), f"{label}: {caught.value}"
 
 
-def test_the_server_refuses_them_at_submission(server_factory) -> None:
+def test_every_way_in_refuses_them_at_submission(server_factory, redis_url: str, tmp_path: Path) -> None:
+    """The same refusal, naming the same field, from the HTTP server (422), ``meshq submit``
+    (exit 2) and ``Pipeline.from_dict`` (``SpecError``) — type/data mismatches included."""
+    from pipelines import Pipeline
+
     server = server_factory()
-    for label, raw, field, message in BAD_SPECS[:3]:
+    for label, raw, field, message in BAD_SPECS:
+        # Documents name list items as in YAML paths: preferences[0].rejected
+        named = re.sub(r"\.(\d+)\.", r"[\1].", field)
         reply = requests.post(f"{server.base_url}/api/v1/tasks", json={"spec": raw}, timeout=30)
         assert reply.status_code == 422, f"{label}: {reply.status_code} {reply.text}"
-        # Documents name list items as in YAML paths: preferences[0].rejected
-        assert reply.json()["field"] == re.sub(r"\.(\d+)\.", r"[\1].", field), f"{label}: {reply.text}"
+        assert reply.json()["field"] == named, f"{label}: {reply.text}"
         assert message in reply.json()["detail"], f"{label}: {reply.text}"
+
+        with pytest.raises(SpecError) as caught:
+            Pipeline.from_dict({"spec": raw})
+        assert caught.value.field == named and message in str(caught.value), f"{label}: {caught.value}"
+
+    for label, raw, field, message in [case for case in BAD_SPECS if "on p" in case[0]]:  # the mismatches
+        document = tmp_path / "task.json"
+        document.write_text(json.dumps({"spec": raw}))
+        submitted = subprocess.run([sys.executable, "-m", "app.cli.main", "submit", str(document)], cwd=ROOT,
+                                   env={**os.environ, "REDIS_URL": redis_url}, capture_output=True, text=True,
+                                   timeout=120)
+        assert submitted.returncode == 2, f"{label}: {submitted.returncode} {submitted.stderr}"
+        assert field in submitted.stderr and message in submitted.stderr, f"{label}: {submitted.stderr}"
 
 
 @pytest.mark.slow
