@@ -25,6 +25,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("server_transfer.py", []),
     ("inference.py", []),
     ("shards.py", []),
+    ("merging.py", []),
     ("transfer.py", []),
     ("training.py", ["--steps", "30", "--repeat", "2"]),
     ("vllm.py", []),

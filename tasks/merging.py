@@ -137,6 +137,8 @@ def claim_followers(leader: Member, key: str, claims: ClaimedMessages, window_s:
                 prompts = load_prompts(spec, Path("."))  # inline prompts only: nothing is read
             except SpecError:
                 continue
+            if not all(prompts.texts):  # an empty prompt fails alone, naming its field
+                continue
             if len(prompts.texts) > budget - sum(len(p.texts) for _m, _s, p in chosen):
                 continue
             chosen.append((message, spec, prompts))
@@ -362,6 +364,8 @@ def run_with_merges(task: Any, executor: Any, spec: TaskSpec, out_dir: Path, pro
     claims = ClaimedMessages(client, str(queue), str(options.get("unacked_key", "unacked")),
                              str(options.get("unacked_index_key", "unacked_index")))
     leader = Member(task.request.id, spec, load_prompts(spec, out_dir))
+    if not all(leader.prompts.texts):  # it fails alone, naming the empty prompt
+        return None
     from tasks.base import SPEC_RESOLVERS
 
     claimed = claim_followers(leader, key, claims, settings.merge_window_ms / 1000, settings.merge_max_prompts,
