@@ -46,6 +46,7 @@ from app.errors import LeaseLost, LimitExceeded, SpecError, TaskCancelled
 from app.events import publish_task_event, task_event, utc_now_iso
 from app.limits import MAX_MESSAGE_BYTES, check_document, check_size
 from app.names import check_name
+from app.redaction import redact_secrets
 from app.redis_client import get_redis
 from app.settings import get_settings
 from app.spec import TaskSpec, parse_task_spec
@@ -253,8 +254,8 @@ def start_follower(task: Any, member: Member, client: redis.Redis, owner: str, t
         member.lease = None
         claims.unclaim(member.message)
         return False
-    send_celery_event(task, "task-received", member.task_id, name=TASK_NAME, args=saferepr(request.args),
-                      kwargs="{}", root_id=request.root_id, parent_id=request.parent_id, retries=0)
+    send_celery_event(task, "task-received", member.task_id, name=TASK_NAME,
+                      args=saferepr(redact_secrets(request.args)), kwargs="{}", root_id=request.root_id, parent_id=request.parent_id, retries=0)
     send_celery_event(task, "task-started", member.task_id, pid=os.getpid())
     return True
 
@@ -333,7 +334,8 @@ def complete_follower(task: Any, member: Member, own: dict[str, Any], claims: Cl
         return
     task.backend.store_result(member.task_id, delivered, states.SUCCESS, request=member.request)
     runtime = round(time.monotonic() - member.started, 3)
-    send_celery_event(task, "task-succeeded", member.task_id, result=saferepr(delivered), runtime=runtime)
+    send_celery_event(task, "task-succeeded", member.task_id, result=saferepr(redact_secrets(delivered)),
+                      runtime=runtime)
     publish_task_event("TASK_SUCCEEDED", settings.worker_id, member.task_id, taskType="inference",
                        runtime_sec=runtime)
     finish(member, claims)
