@@ -256,7 +256,7 @@ def start_follower(task: Any, member: Member, client: redis.Redis, owner: str, t
         return False
     send_celery_event(task, "task-received", member.task_id, name=TASK_NAME,
                       args=saferepr(redact_secrets(request.args)), kwargs="{}", root_id=request.root_id, parent_id=request.parent_id, retries=0)
-    send_celery_event(task, "task-started", member.task_id, pid=os.getpid())
+    send_celery_event(task, "task-started", member.task_id)  # the dispatcher adds pid and hostname
     return True
 
 

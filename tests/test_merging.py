@@ -13,6 +13,7 @@ import pytest
 from app.cli.tiny_model import build_tiny_model
 from tests.conftest import wait_for
 from tests.test_delivery import count_started
+from tests.test_flower import CeleryEvents
 
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MESHQ_MERGE_WINDOW_MS": "50"}
 
@@ -46,16 +47,34 @@ def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_forty_small_tasks_run_merged_each_with_its_own_result(worker_factory, tiny_model_dir, tmp_path) -> None:
     """40 one-prompt tasks sent with plain apply_async before the worker starts: each ends
     SUCCESS with its own item (index 0, its own prompt, the output it gives alone), its own
-    usage and responses.json; the results record the merge."""
+    usage and responses.json; the results record the merge; Celery's events (Flower) show
+    each task started once and succeeded on the worker."""
     import json
 
     from app.celery import app
     from tasks import inference
 
-    specs = [one_prompt(tiny_model_dir, prompt_of(i)) for i in range(40)]
-    handles = [inference.apply_async(args=[raw]) for raw in specs]
-    worker = worker_factory(env=WORKER_ENV)
-    results = [handle.get(timeout=300) for handle in handles]
+    celery_events = CeleryEvents(app)  # what Flower is built on
+    try:
+        specs = [one_prompt(tiny_model_dir, prompt_of(i)) for i in range(40)]
+        handles = [inference.apply_async(args=[raw]) for raw in specs]
+        worker = worker_factory(env=WORKER_ENV)
+        results = [handle.get(timeout=300) for handle in handles]
+        wait_for(lambda: all(celery_events.of(h.id, "task-succeeded") for h in handles), 30,
+                 message="a task-succeeded event for every task")
+    finally:
+        celery_events.close()
+    state = app.events.State()
+    for event in list(celery_events.events):
+        state.event(event)
+    missing = [(h.id, [e["type"] for e in celery_events.events if e.get("uuid") == h.id]) for h in handles
+               if not celery_events.of(h.id, "task-started")]
+    assert not missing, missing
+    for handle in handles:  # as Flower shows each task
+        shown = state.tasks[handle.id]
+        assert shown.state == "SUCCESS" and shown.name == "meshq.inference" and shown.started
+        assert shown.worker is not None and shown.worker.hostname.startswith(f"meshq-{worker.worker_id}@")
+        assert len(celery_events.of(handle.id, "task-started")) == 1
     for raw, handle, result in zip(specs, handles, results, strict=True):
         assert app.AsyncResult(handle.id).state == "SUCCESS"
         assert result["task_id"] == handle.id and result["worker_id"] == worker.worker_id
