@@ -34,6 +34,10 @@ DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024**3
 # A running task with no step, batch or progress report for this long has its pool
 # process killed and runs again (app.worker.watchdog); 0 turns the watchdog off.
 DEFAULT_STUCK_TASK_S = 3600
+# Task merging: a starting inference task takes waiting ones of the same model and settings
+# (tasks.merging) for up to this long; 0 turns merging off.
+DEFAULT_MERGE_WINDOW_MS = 20
+DEFAULT_MERGE_MAX_PROMPTS = 256
 # Artifact uploads/downloads: retries after the first attempt, first backoff (doubles each time).
 DEFAULT_UPLOAD_RETRIES = 10  # with the 1 s backoff: about 5 minutes of retries (an ordinary server restart)
 DEFAULT_UPLOAD_BACKOFF_S = 1.0
@@ -69,6 +73,10 @@ class Settings:
     # A module of extra Celery settings applied after celeryconfig (MESHQ_CELERY_CONFIG).
     celery_config_module: str = ""
     stuck_task_s: int = DEFAULT_STUCK_TASK_S
+    # Task merging (tasks.merging): how long a starting inference task looks for tasks to
+    # run with it (0: off), and the most prompts one merged generation holds.
+    merge_window_ms: int = DEFAULT_MERGE_WINDOW_MS
+    merge_max_prompts: int = DEFAULT_MERGE_MAX_PROMPTS
     # Directories (besides RESULTS_DIR) a spec may read local datasets and checkpoints from
     # (MESHQ_DATA_DIRS, os.pathsep-separated: a shared-storage mount, a datasets folder).
     data_dirs: tuple[str, ...] = ()
@@ -273,6 +281,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         fake_hardware=parse_fake_hardware(env.get("MESHQ_FAKE_HARDWARE", "")),
         celery_config_module=celery_config,
         stuck_task_s=_non_negative_int(env, "MESHQ_STUCK_TASK_S", DEFAULT_STUCK_TASK_S),
+        merge_window_ms=_non_negative_int(env, "MESHQ_MERGE_WINDOW_MS", DEFAULT_MERGE_WINDOW_MS),
+        merge_max_prompts=_positive_int(env, "MESHQ_MERGE_MAX_PROMPTS", DEFAULT_MERGE_MAX_PROMPTS),
         data_dirs=parse_data_dirs(env.get("MESHQ_DATA_DIRS", "")),
         allow_remote_code=_flag(env, "MESHQ_ALLOW_REMOTE_CODE"),
         max_message_bytes=_positive_int(env, "MESHQ_MAX_MESSAGE_BYTES", MAX_MESSAGE_BYTES),

@@ -26,6 +26,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("webui.py", []),
     ("inference.py", []),
     ("shards.py", []),
+    ("merging.py", []),
     ("transfer.py", []),
     ("training.py", ["--steps", "30", "--repeat", "2"]),
     ("multi_rank.py", []),

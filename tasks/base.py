@@ -198,7 +198,7 @@ class MeshqTask(Task):
             spec, sources = pick_sources(spec, out_dir)
             executor = get_executor(self.task_type)
             try:
-                result = executor.run(spec, out_dir, progress, **self.executor_options(shard))
+                result = self.run_executor(executor, spec, out_dir, progress, shard)
             except TaskCancelled as exc:
                 self._end_cancelled(exc, out_dir, progress, parent=shard.get("parent") if shard else None)
             sources.add_to(result)
@@ -244,6 +244,11 @@ class MeshqTask(Task):
     def split(self, spec: TaskSpec, raw_spec: Any, out_dir: Path, progress: CeleryProgress,
               pipeline: dict[str, Any] | None) -> None:
         """Hook: a task type that can run in shards replaces itself here (``Task.replace``)."""
+
+    def run_executor(self, executor: Executor, spec: TaskSpec, out_dir: Path, progress: CeleryProgress,
+                     shard: dict[str, Any] | None) -> dict[str, Any]:
+        """Hook: run the executor (an inference task may run merged with waiting ones)."""
+        return executor.run(spec, out_dir, progress, **self.executor_options(shard))
 
     def executor_options(self, shard: dict[str, Any] | None) -> dict[str, Any]:
         """Hook: extra arguments of the executor's ``run`` (a shard's prompt range)."""

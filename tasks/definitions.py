@@ -13,6 +13,7 @@ from app.celery import app
 from app.spec import TaskSpec
 from tasks.base import MeshqTask
 from tasks.executors.shards import PromptRange
+from tasks.merging import run_with_merges
 from tasks.shards import InferenceMergeTask, split_inference
 
 
@@ -31,6 +32,12 @@ class InferenceTask(MeshqTask):
 
     def executor_options(self, shard: dict[str, Any] | None) -> dict[str, Any]:
         return {"shard": PromptRange.from_dict(shard), "metadata": shard.get("metadata")} if shard else {}
+
+    def run_executor(self, executor: Any, spec: TaskSpec, out_dir: Path, progress: Any,
+                     shard: dict[str, Any] | None) -> dict[str, Any]:
+        # Waiting tasks of the same model and settings join this one's generation (tasks.merging).
+        merged = None if shard else run_with_merges(self, executor, spec, out_dir, progress)
+        return merged if merged is not None else super().run_executor(executor, spec, out_dir, progress, shard)
 
 
 class SFTTask(MeshqTask):

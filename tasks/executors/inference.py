@@ -29,7 +29,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -111,10 +111,12 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 def generate_in_batches(batches: Sequence[list[int]],
                         generate: Callable[[list[int]], Sequence[tuple[str, str, int]]],
                         encoded: Sequence[Sequence[int]], data: Prompts, offset: int, progress: Progress,
-                        started: float) -> dict[str, Any]:
+                        started: float, merged: MergedPrompts | None = None) -> dict[str, Any]:
     """Run ``generate`` (a backend's: prompt indices → ``(text, finish_reason, new tokens)``
     each) over ``batches`` with a cancel check and a progress report per batch; the
-    result's ``items``, ``usage`` and speed fields, the same for every backend."""
+    result's ``items``, ``usage`` and speed fields, the same for every backend. With
+    ``merged`` (several tasks' prompts), the prompts of a task cancelled meanwhile are
+    left out of the batches still to run, and each prompt's token counts are recorded."""
     total = len(data.texts)
     items: list[dict[str, Any] | None] = [None] * total
     prompt_tokens = completion_tokens = done = 0
@@ -122,6 +124,12 @@ def generate_in_batches(batches: Sequence[list[int]],
     progress(done=0, total=total, tokens_per_s=0.0, force=True)
     for number, batch in enumerate(batches, 1):
         progress.check_cancelled(f"after {done} of {total} prompts")
+        if merged is not None:
+            dropped = merged.dropped()
+            done += sum(1 for index in batch if index in dropped)
+            batch = [index for index in batch if index not in dropped]
+            if not batch:
+                continue
         batch_started = time.monotonic()
         outputs = generate(batch)
         generate_s += time.monotonic() - batch_started
@@ -133,6 +141,8 @@ def generate_in_batches(batches: Sequence[list[int]],
             items[index] = item
             prompt_tokens += len(encoded[index])
             completion_tokens += n_new
+            if merged is not None:
+                merged.tokens[index] = (len(encoded[index]), n_new)
         done += len(batch)
         progress(done=done, total=total, tokens_per_s=round(completion_tokens / max(generate_s, 1e-9), 2),
                  batch=number, batches=len(batches), force=number == len(batches))
@@ -144,9 +154,38 @@ def generate_in_batches(batches: Sequence[list[int]],
         "tokens_per_s": round(completion_tokens / max(generate_s, 1e-9), 2),
         "generate_sec": round(generate_s, 4),
         "batches": len(batches),
-        "max_batch_size": max(len(b) for b in batches),
+        "max_batch_size": max((len(b) for b in batches), default=0),
         **({"shuffle_seed": data.seed} if data.seed is not None else {}),
     }
+
+
+@dataclass
+class MergedPrompts:
+    """The prompts of several tasks run as one generation (``tasks.merging``): task ``k``'s
+    prompts are ``prompts.texts[starts[k]:starts[k + 1]]``."""
+
+    prompts: Prompts
+    starts: list[int]
+    dropped: Callable[[], set[int]]  # prompt indices of tasks cancelled meanwhile
+    tokens: dict[int, tuple[int, int]] = field(default_factory=dict)  # index → (prompt, new) tokens
+    errors: dict[int, SpecError] = field(default_factory=dict)  # task number → why it cannot run
+
+    def ranges(self) -> list[range]:
+        bounds = [*self.starts, len(self.prompts.texts)]
+        return [range(bounds[k], bounds[k + 1]) for k in range(len(self.starts))]
+
+    def check_each(self, check: Callable[[list[Sequence[int]]], None],
+                   encoded: Sequence[Sequence[int]]) -> set[int]:
+        """Run ``check`` on each task's own prompts: a task that fails it fails alone (its error
+        kept in ``errors``); returns the prompt indices of those tasks."""
+        bad: set[int] = set()
+        for number, indices in enumerate(self.ranges()):
+            try:
+                check([encoded[i] for i in indices])
+            except SpecError as exc:
+                self.errors[number] = exc
+                bad.update(indices)
+        return bad
 
 
 def render_prompts(prompts: Sequence[str], options: InferenceOptions, tokenizer: Any,
@@ -390,15 +429,18 @@ class InferenceExecutor:
         self.vllm_cache = vllm_cache or VLLM_CACHE
 
     def run(self, spec: TaskSpec, out_dir: Path, progress: Progress,
-            shard: PromptRange | None = None, metadata: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+            shard: PromptRange | None = None, metadata: list[dict[str, Any]] | None = None,
+            merged: MergedPrompts | None = None) -> dict[str, Any]:
         """Run every prompt, or with ``shard`` one shard: its spec's data is the prompts of its
         range and ``metadata`` theirs (items keep their index in the whole task; the
-        postprocess export is left to whoever merges the shards)."""
+        postprocess export is left to whoever merges the shards). With ``merged``, run those
+        prompts (several tasks' with ``spec``'s settings) instead of the spec's data;
+        ``tasks.merging`` splits the result per task."""
         started = time.monotonic()
         if spec.model is None:
             raise SpecError("spec.model", "required for taskType 'inference'")
         options = spec.inference or InferenceOptions()
-        data = load_prompts(spec, out_dir)
+        data = merged.prompts if merged is not None else load_prompts(spec, out_dir)
         offset = 0
         if shard is not None:
             if len(data.texts) != shard.size or (metadata is not None and len(metadata) != shard.size):
@@ -408,7 +450,7 @@ class InferenceExecutor:
             data = Prompts(data.texts, metadata)
         prompts = data.texts
         data_field = "spec.data.items" if spec.inference_data().type == "list" else "spec.data.column"
-        if not (options.system_prompt or options.chat_template):  # cheap checks before any loading
+        if merged is None and not (options.system_prompt or options.chat_template):  # cheap checks first
             empty = next((i for i, p in enumerate(prompts) if not p), None)
             if empty is not None:
                 raise SpecError(data_field, f"prompt {empty} is empty")
@@ -422,7 +464,7 @@ class InferenceExecutor:
         if backend == "vllm":
             try:
                 return self._run_vllm(spec, options, data, data_field, checkpoint, progress, out_dir, notes,
-                                      started, offset, shard)
+                                      started, offset, shard, merged)
             except EngineUnavailable as exc:
                 if choice.required:
                     raise ExecutorError(f"{BACKEND_FIELD}: vllm is required but {exc}") from None
@@ -434,8 +476,8 @@ class InferenceExecutor:
         tokenizer = loaded.tokenizer
         texts, templated = render_prompts(prompts, options, tokenizer, spec.model.source.identifier)
         encoded = tokenizer(texts, add_special_tokens=not templated)["input_ids"]
-        self._check_lengths(encoded, options, getattr(loaded.model.config, "max_position_embeddings", None),
-                            data_field, offset)
+        context = getattr(loaded.model.config, "max_position_embeddings", None)
+        bad = self._check_all(encoded, options, context, data_field, offset, merged)
 
         if options.batch_size is not None:
             batches = plan_batches([len(ids) for ids in encoded], options.max_new_tokens, options.batch_size)
@@ -443,6 +485,7 @@ class InferenceExecutor:
             max_batch, budget = _auto_limits(loaded)
             batches = plan_batches([len(ids) for ids in encoded], options.max_new_tokens,
                                    max_batch=max_batch, token_budget=budget)
+        batches = [kept for kept in ([i for i in batch if i not in bad] for batch in batches) if kept]
         if options.seed is not None:
             import torch
 
@@ -450,7 +493,7 @@ class InferenceExecutor:
 
         generated = generate_in_batches(batches, lambda batch: self._generate([encoded[i] for i in batch],
                                                                              options, loaded),
-                                        encoded, data, offset, progress, started)
+                                        encoded, data, offset, progress, started, merged)
         device = loaded.model.device
         result: dict[str, Any] = {
             "backend": backend,
@@ -478,7 +521,8 @@ class InferenceExecutor:
 
     def _run_vllm(self, spec: TaskSpec, options: InferenceOptions, data: Prompts, data_field: str,
                   checkpoint: CheckpointDirs, progress: Progress, out_dir: Path, notes: list[str],
-                  started: float, offset: int, shard: PromptRange | None) -> dict[str, Any]:
+                  started: float, offset: int, shard: PromptRange | None,
+                  merged: MergedPrompts | None = None) -> dict[str, Any]:
         """The same task (or shard: ``offset`` is its first prompt's index) on vLLM
         (``tasks/executors/vllm_engine.py``): same prompts, same token ids, same decoding and
         stop strings; vLLM batches the requests of each chunk itself."""
@@ -497,11 +541,11 @@ class InferenceExecutor:
         prompts = data.texts
         texts, templated = render_prompts(prompts, options, engine.tokenizer, spec.model.source.identifier)
         encoded = engine.tokenizer(texts, add_special_tokens=not templated)["input_ids"]
-        self._check_lengths(encoded, options, engine.max_model_len, data_field, offset)
+        bad = self._check_all(encoded, options, engine.max_model_len, data_field, offset, merged)
 
-        total = len(prompts)
+        kept = [index for index in range(len(prompts)) if index not in bad]
         chunk = options.batch_size or (CPU_CHUNK if device == "cpu" else CUDA_CHUNK)
-        chunks = [list(range(start, min(start + chunk, total))) for start in range(0, total, chunk)]
+        chunks = [kept[start:start + chunk] for start in range(0, len(kept), chunk)]
         stops = [s for s in options.stop if s]
 
         def generate(indices: list[int]) -> list[tuple[str, str, int]]:
@@ -519,7 +563,7 @@ class InferenceExecutor:
 
         result: dict[str, Any] = {
             "backend": "vllm",
-            **generate_in_batches(chunks, generate, encoded, data, offset, progress, started),
+            **generate_in_batches(chunks, generate, encoded, data, offset, progress, started, merged),
             "model": {"identifier": spec.model.source.identifier, "revision": spec.model.source.revision,
                       "path": key.weights_dir, "adapter": str(checkpoint.adapter_dir) if checkpoint.adapter_dir
                       else None, "adapter_merged": False, "dtype": engine.dtype, "device": device},
@@ -529,6 +573,16 @@ class InferenceExecutor:
                        "tensor_parallel_size": key.tensor_parallel_size, "lora_rank": engine.key.max_lora_rank},
         }
         return self._finish(result, spec, notes, out_dir, shard, progress.run)
+
+    @classmethod
+    def _check_all(cls, encoded: Sequence[Sequence[int]], options: InferenceOptions, context: int | None,
+                   data_field: str, offset: int, merged: MergedPrompts | None) -> set[int]:
+        """Check the prompts' lengths; with ``merged`` each task's alone (returns the prompt
+        indices of the tasks that fail, which are not run)."""
+        if merged is None:
+            cls._check_lengths(encoded, options, context, data_field, offset)
+            return set()
+        return merged.check_each(lambda own: cls._check_lengths(own, options, context, data_field), encoded)
 
     @staticmethod
     def _check_lengths(encoded: Sequence[Sequence[int]], options: InferenceOptions,
