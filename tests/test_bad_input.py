@@ -145,3 +145,35 @@ def test_cli_rejects_malformed_files(tmp_path: Path, redis_url: str) -> None:
         assert proc.returncode != 0
         assert named in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+NON_FINITE_TRAINING = """
+spec:
+  taskType: lora_sft
+  model: {source: {identifier: /models/tiny}}
+  data: {prompts: [hello]}
+  training: {learning_rate: %s}
+"""
+
+
+def test_non_finite_numbers_are_refused_at_submission(server_factory) -> None:
+    """inf and NaN in any numeric field, however written (YAML 1e400 and .inf, the string "inf",
+    JSON Infinity/NaN), are a 422 naming the field; nothing is queued."""
+    server = server_factory()
+    tasks_url = f"{server.base_url}/api/v1/tasks"
+    yaml_header = {"Content-Type": "application/yaml"}
+    for written in ("1e400", "1.0e400", ".inf", '"inf"', "-.inf", ".nan"):
+        reply = requests.post(tasks_url, data=NON_FINITE_TRAINING % written, headers=yaml_header, timeout=30)
+        assert reply.status_code == 422, f"learning_rate: {written}: {reply.status_code} {reply.text}"
+        assert reply.json()["field"] == "spec.training.learning_rate" and "finite" in reply.json()["detail"]
+    json_header = {"Content-Type": "application/json"}
+    model = {"source": {"identifier": "/models/tiny"}}
+    for spec, field in (
+            ('{"taskType": "echo", "echo": {"sleep_s": NaN}}', "spec.echo.sleep_s"),
+            ('{"taskType": "echo", "sloSeconds": Infinity}', "spec.sloSeconds"),
+            ('{"taskType": "echo", "resources": {"hardware": {"cpu": Infinity}}}', "spec.resources.hardware.cpu"),
+            ('{"taskType": "inference", "model": ' + json.dumps(model)
+             + ', "data": {"type": "list", "items": ["q"]}, "inference": {"top_p": NaN}}', "spec.inference.top_p")):
+        reply = requests.post(tasks_url, data=f'{{"spec": {spec}}}', headers=json_header, timeout=30)
+        assert reply.status_code == 422, f"{spec}: {reply.status_code} {reply.text}"
+        assert reply.json()["field"] == field and "finite" in reply.json()["detail"], reply.text

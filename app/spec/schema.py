@@ -33,7 +33,9 @@ REFUSED_TASK_TYPES = {
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # allow_inf_nan=False: every float field of every spec model refuses inf and NaN (YAML
+    # ``1e400``, ``.inf``, the string "inf", JSON ``Infinity``) — one rule for all numeric fields.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 def one_spelling(data: Any, *names: str) -> Any:
@@ -292,7 +294,7 @@ class EchoOptions(Strict):
 class InferenceOptions(Strict):
     max_new_tokens: int = Field(default=64, ge=1, le=32768,
                                 validation_alias=AliasChoices("max_new_tokens", "max_tokens"))
-    temperature: float = Field(default=1.0, gt=0)
+    temperature: float = Field(default=1.0, ge=0)  # 0: greedy decoding, as vLLM and OpenAI-style APIs mean it
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
     do_sample: bool = False
@@ -310,6 +312,17 @@ class InferenceOptions(Strict):
     @classmethod
     def _spellings(cls, data: Any) -> Any:
         return one_spelling(data, "max_new_tokens", "max_tokens")
+
+    @property
+    def sampling(self) -> bool:
+        """Whether tokens are sampled: ``do_sample`` with a temperature above 0 (else greedy)."""
+        return self.do_sample and self.temperature > 0
+
+    def greedy_note(self) -> str | None:
+        """The result's note when ``temperature: 0`` overrode ``do_sample: true``."""
+        if self.do_sample and self.temperature == 0:
+            return "inference.temperature: 0 means greedy decoding; do_sample: true had no effect"
+        return None
 
 
 class GenerationOptions(Strict):
