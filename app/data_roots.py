@@ -32,13 +32,18 @@ def allowed_roots(settings: Settings | None = None) -> list[Path]:
     return [Path(os.path.expanduser(root)).resolve() for root in roots]
 
 
+def under_allowed_roots(path: str | os.PathLike[str], settings: Settings | None = None) -> bool:
+    """Does ``path`` (resolved, symbolic links followed) lie under an allowed root?"""
+    resolved = Path(os.path.expanduser(os.fspath(path))).resolve()
+    return any(resolved == root or resolved.is_relative_to(root) for root in allowed_roots(settings))
+
+
 def allowed_path(path: str | os.PathLike[str], field: str, settings: Settings | None = None) -> Path:
     """``path`` resolved (symbolic links followed) if it lies under an allowed root, else
     a ``SpecError`` naming ``field`` and the roots (not whether the file exists)."""
-    resolved = Path(os.path.expanduser(os.fspath(path))).resolve()
+    if under_allowed_roots(path, settings):
+        return Path(os.path.expanduser(os.fspath(path))).resolve()
     roots = allowed_roots(settings)
-    if any(resolved == root or resolved.is_relative_to(root) for root in roots):
-        return resolved
     raise SpecError(field, f"{os.fspath(path)!r} is outside the directories this worker reads data from "
                            f"(RESULTS_DIR and {DATA_DIRS_VARIABLE}: {', '.join(map(str, roots))})")
 
