@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -64,13 +65,33 @@ def cmd_workers(args: argparse.Namespace) -> int:
     return 0
 
 
+# A worker that missed this many heartbeats (plus a few seconds of slack) is not alive, though
+# its ``:hb`` key lives on for its TTL (max(4 × interval, 120) s) after a SIGKILL.
+MISSED_BEATS = 2
+BEAT_SLACK_S = 5.0
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     from app import keys
 
-    ttl = _redis().ttl(keys.worker_heartbeat(args.worker))
-    alive = ttl is not None and ttl > 0
-    print(f"worker {args.worker}: {'alive' if alive else 'not alive'}" + (f" (hb ttl {ttl}s)" if alive else ""))
-    return 0 if alive else 1
+    pipe = _redis().pipeline(transaction=False)
+    pipe.get(keys.worker_heartbeat(args.worker))  # the time of its last beat
+    pipe.hget(keys.worker_hash(args.worker), "env_json")
+    last_beat, env_json = pipe.execute()
+    if not last_beat:
+        print(f"worker {args.worker}: not alive (no heartbeat key)")
+        return 1
+    try:
+        interval = float(json.loads(env_json or "{}").get("HEARTBEAT_INTERVAL_SEC") or 30)
+    except (ValueError, TypeError, AttributeError):
+        interval = 30.0
+    age = _age_s(last_beat)
+    limit = MISSED_BEATS * interval + BEAT_SLACK_S
+    if age is not None and age > limit:
+        print(f"worker {args.worker}: not alive (last heartbeat {age:.0f}s ago; it beats every {interval:g}s)")
+        return 1
+    print(f"worker {args.worker}: alive (last heartbeat {age if age is not None else '?'}s ago)")
+    return 0
 
 
 class _Stop(Exception):
@@ -221,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="include workers whose heartbeat expired")
     p.set_defaults(func=cmd_workers)
 
-    p = sub.add_parser("health", help="exit 0 if the worker's heartbeat key is alive, 1 otherwise")
+    p = sub.add_parser("health", help="exit 0 if the worker beat within two heartbeat intervals (+5 s), "
+                                      "1 otherwise")
     p.add_argument("--worker", required=True, help="WORKER_ID to check")
     p.set_defaults(func=cmd_health)
 
@@ -275,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # ``meshq workers --json | head``: the reader left early; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except MeshqError as exc:
         print(f"meshq: {exc}", file=sys.stderr)
         return 2
