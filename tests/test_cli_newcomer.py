@@ -127,3 +127,26 @@ def test_health_says_not_alive_soon_after_a_sigkill(worker_factory, redis_client
              verdicts[-1].returncode == 1, timeout_s=40, interval_s=1)
     assert "not alive (last heartbeat" in verdicts[-1].stdout and "beats every 1s" in verdicts[-1].stdout
     assert redis_client.ttl("worker:probed:hb") > 60  # the key itself is still there
+
+
+def test_meshq_purge_empties_tag_capability_and_default_queues(worker_factory, redis_client: redis.Redis,
+                                                              redis_url: str) -> None:
+    """``celery purge`` knows only the default queue; ``meshq purge`` finds meshq's own queues (a tag
+    nobody has, a recorded capability queue, the default one) and empties them all."""
+    from tasks.submit import submit_task
+
+    worker = worker_factory(worker_id="purger")
+    worker.terminate()  # no consumer: the messages wait
+    tag = submit_task({"taskType": "echo", "tags": ["purge-me"]})
+    need = submit_task({"taskType": "echo", "resources": {"hardware": {"cpu": 999}}})
+    default = submit_task({"taskType": "echo"})
+    queues = (tag.queue, need.queue, default.queue)
+    assert [redis_client.llen(q) for q in queues] == [1, 1, 1]
+    celery_purge = subprocess.run([sys.executable, "-m", "celery", "-A", "app", "purge", "-f"], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=60, env={**os.environ, "REDIS_URL": redis_url})
+    assert celery_purge.returncode == 0, celery_purge.stderr
+    assert [redis_client.llen(q) for q in queues[:2]] == [1, 1]  # Celery's purge knows the default queue only
+    purged = meshq(redis_url, "purge", "-f")
+    assert purged.returncode == 0, purged.stderr
+    assert [redis_client.llen(q) for q in queues] == [0, 0, 0]
+    assert f"{tag.queue}: 1 message(s) purged" in purged.stdout and f"{need.queue}: 1 message(s) purged" in purged.stdout

@@ -94,6 +94,25 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    from app.celery import app
+    from app.cli.purge import meshq_queues, purge_queues
+    from app.settings import get_settings
+
+    names = meshq_queues(_redis(), get_settings().task_topic)
+    if not args.force:
+        answer = input(f"remove every task waiting in {len(names)} queue(s): {', '.join(names)}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing purged")
+            return 1
+    removed = purge_queues(app, names)
+    for name, count in removed.items():
+        if count:
+            print(f"{name}: {count} message(s) purged")
+    print(f"purged {sum(removed.values())} message(s) from {len(names)} queue(s)")
+    return 0
+
+
 class _Stop(Exception):
     """SIGTERM/SIGHUP received: leave the ``with`` block so the child server is stopped."""
 
@@ -246,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "1 otherwise")
     p.add_argument("--worker", required=True, help="WORKER_ID to check")
     p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("purge", help="remove every waiting task from all of meshq's queues (default, tag, "
+                                     "capability and worker queues; celery purge knows the default one only)")
+    p.add_argument("-f", "--force", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(func=cmd_purge)
 
     p = sub.add_parser("redis", help="run the embedded Redis server in the foreground")
     p.add_argument("--port", type=int, default=6379)
