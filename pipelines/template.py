@@ -21,6 +21,7 @@ the worker's own check; every other field is checked now.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -272,6 +273,8 @@ def _parse_pipeline(raw: Any, env: Mapping[str, str] | None, expand_environment:
             run_on = _run_on(stage_raw.get("runOn"), f"{location}.runOn", names, index)
             stage = StageTemplate(names[index], index, merged, run_on, spec_location)
         _validate_stage(stage, stage_spec, shared, names, plain)
+        if stage.run_on is None and "runOn" not in stage_raw:
+            stage = dataclasses.replace(stage, run_on=_where_its_paths_are(stage, names))
         stages.append(stage)
     if is_graph:
         order = topological_order(names, deps)
@@ -358,6 +361,21 @@ def _run_on(raw: Any, where: str, names: list[str], index: int) -> str | None:
     if names.index(target) >= index:
         raise SpecError(f"{where}.stage", f"stage {target!r} does not run before this stage")
     return str(target)
+
+
+def _where_its_paths_are(stage: StageTemplate, names: list[str]) -> str | None:
+    """The earlier stage whose worker this stage must run on: a ``path`` field of its spec
+    (``data.jsonl.path: ${gen.result.jsonl_export.path}``) names a file of that stage's
+    worker, which another worker cannot read unless they share ``RESULTS_DIR``. Only for a
+    stage with no routing of its own (tags, resources) and exactly one such stage."""
+    if stage.spec.get("tags") or stage.spec.get("resources"):
+        return None
+    referenced = set()
+    for path, _, reference in find_references(stage.spec, lambda p: format_location(stage.location, p)):
+        if path and path[-1] == "path" and reference.stage is not None:
+            previous = names[stage.index - 1] if reference.stage == PREVIOUS_STAGE and stage.index else None
+            referenced.add(previous or reference.stage)
+    return referenced.pop() if len(referenced) == 1 else None
 
 
 def _has_path(value: Any, path: FieldPath) -> bool:

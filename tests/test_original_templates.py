@@ -182,3 +182,24 @@ def test_training_templates_run(worker_factory, server_factory, redis_client, ti
     rows = [json.loads(line) for line in Path(export["path"]).read_text().splitlines()]
     assert all(row["source"] == "self-distillation" and row["response"] for row in rows)
     assert chained["distil"]["samples"] == export["rows"] and "final_model_path" in chained["distil"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_export_then_sft_template_runs_on_two_workers_with_their_own_results(
+        worker_factory, redis_client, tiny_model_dir: Path, offline_hub: dict[str, str]) -> None:
+    """The sft stage reads the export by its local path, a file of the worker that ran "gen": meshq
+    runs it there (a stage whose ``path`` field takes one earlier stage's result, with no routing of
+    its own), though another worker, with another RESULTS_DIR, consumes the default queue."""
+    from app.celery import app
+
+    exporter = worker_factory("gen", worker_id="exporter", env=offline_hub)
+    worker_factory(worker_id="bystander", env=offline_hub)
+    node = redis_client.hget("worker:exporter", "node")
+    app.control.cancel_consumer("tasks", destination=[node], reply=True, timeout=10)  # only bystander takes it
+    document = template("inference_export_sft.yaml", tiny_model_dir).document
+    document["spec"]["stages"][0]["tags"] = ["gen"]  # gen runs on the exporter
+    results = Pipeline.from_dict(document, env={"MODEL_ID": str(tiny_model_dir)}).submit().wait(timeout=400)
+    assert results["gen"]["worker_id"] == results["distil"]["worker_id"] == "exporter"
+    assert Path(results["gen"]["jsonl_export"]["path"]).is_relative_to(exporter.results_dir)
+    assert results["distil"]["samples"] == results["gen"]["jsonl_export"]["rows"] > 0
