@@ -193,8 +193,9 @@ def test_the_export_then_sft_template_runs_on_two_workers_with_their_own_results
     its own), though another worker, with another RESULTS_DIR, consumes the default queue."""
     from app.celery import app
 
-    exporter = worker_factory("gen", worker_id="exporter", env=offline_hub)
-    worker_factory(worker_id="bystander", env=offline_hub)
+    own_files_only = {**offline_hub, "MESHQ_DATA_DIRS": ""}  # each reads its own RESULTS_DIR alone
+    exporter = worker_factory("gen", worker_id="exporter", env=own_files_only)
+    worker_factory(worker_id="bystander", env=own_files_only)
     node = redis_client.hget("worker:exporter", "node")
     app.control.cancel_consumer("tasks", destination=[node], reply=True, timeout=10)  # only bystander takes it
     document = template("inference_export_sft.yaml", tiny_model_dir).document
