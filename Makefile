@@ -80,6 +80,8 @@ worker: install
 worker-vllm: install-vllm
 	$(VLLM_BIN)/celery -A app worker --loglevel INFO
 
+# Flower's /api/... needs credentials: FLOWER_BASIC_AUTH=user:password make flower (or, on a
+# machine of your own, FLOWER_UNAUTHENTICATED_API=true make flower); see docs/MONITORING.md.
 flower: install
 	$(BIN)/celery -A app flower --task_runtime_metric_buckets=1,5,15,60,300,900,1800,3600,7200,14400,43200
 

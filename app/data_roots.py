@@ -39,6 +39,11 @@ def allowed_roots(settings: Settings | None = None) -> list[Path]:
     return [Path(os.path.expanduser(root)).resolve() for root in roots]
 
 
+def under_allowed_roots(path: str | os.PathLike[str], settings: Settings | None = None) -> bool:
+    """Does ``path`` (resolved, symbolic links followed) lie under an allowed root?"""
+    return _inside(Path(os.path.expanduser(os.fspath(path))).resolve(), allowed_roots(settings))
+
+
 def allowed_path(path: str | os.PathLike[str], field: str, settings: Settings | None = None) -> Path:
     """``path`` resolved (symbolic links followed) if it lies under an allowed root, else
     a ``SpecError`` naming ``field`` and the roots (not whether the file exists)."""

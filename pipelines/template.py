@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -175,9 +176,25 @@ def normalise_document(raw: Any) -> dict[str, Any]:
     try:
         json.dumps(raw, allow_nan=False)
     except (TypeError, ValueError) as exc:
+        found = _non_finite_number(raw, ())
+        if found is not None:  # YAML .inf/.nan, JSON Infinity/NaN: name the field, as the spec would
+            raise SpecError(format_location("", found[0]), f"Input should be a finite number, got {found[1]}") \
+                from None
         raise SpecError("document", f"must be plain JSON data (strings, numbers, lists, mappings): {exc}") \
             from None
     return copy.deepcopy(dict(raw))
+
+
+def _non_finite_number(value: Any, path: FieldPath) -> tuple[FieldPath, float] | None:
+    """The path and value of the first inf or NaN in a JSON-like value, if any."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path, value
+    items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite_number(item, (*path, key))
+        if found is not None:
+            return found
+    return None
 
 
 def parse_pipeline(raw: Any, env: Mapping[str, str] | None = None,

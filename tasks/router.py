@@ -4,9 +4,10 @@ A meshq task sent without a queue — ``celery call meshq.echo --args '[{...}]'`
 ``tasks.echo.apply_async([spec])``, a plain canvas chain — goes where its spec's
 ``tags`` and ``resources`` say, exactly as ``meshq submit`` would send it. A queue
 given explicitly (``apply_async(queue=...)``, meshq's own submissions) is left as
-it is. A routing field that is invalid raises ``SpecError`` naming it at send time.
-A task whose requirement no live worker meets is sent all the same (it waits) and a
-warning is logged, as ``meshq submit`` prints one.
+it is. A routing field that is invalid raises ``SpecError`` naming it at send time
+(under ``celery call``, one line on stderr instead of a traceback). A task whose queue no
+live worker consumes, or whose requirement no live worker meets, is sent all the same
+(it waits) and a warning is logged, as ``meshq submit`` prints one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import click
+
+from app.errors import SpecError
 from app.routing import is_capability_queue
 from app.settings import get_settings
 from tasks.placement import queue_for_spec, queue_warning, record_queue
@@ -39,12 +43,25 @@ def route_task(name: str, args: Any, kwargs: Any, options: Mapping[str, Any], ta
     spec = spec_argument(args)
     if spec is None:
         return None  # not a spec: the worker refuses it with a message naming the problem
-    queue = queue_for_spec(spec)
+    try:
+        queue = queue_for_spec(spec)
+    except SpecError as exc:
+        raise for_the_command_line(exc, name) from None
     if is_capability_queue(get_settings().task_topic, queue):
-        # Only a capability queue costs Redis round trips here: tag and default queues are
-        # names alone (a send stays as cheap as Celery's own).
         record_queue(queue, spec)
-        warning = queue_warning(queue, spec)
-        if warning:
-            log.warning("%s: %s", name, warning)
+    # A served queue is found in the live workers read at most once a second
+    # (tasks.placement), so a send stays about as cheap as Celery's own.
+    warning = queue_warning(queue, spec)
+    if warning:
+        log.warning("%s: %s", name, warning)
     return {"queue": queue}
+
+
+def for_the_command_line(exc: SpecError, name: str) -> Exception:
+    """``exc`` as ``celery call`` should show it: a ``ClickException`` is printed by click as
+    one ``Error: ...`` line (exit status 1), where any other exception is a long traceback.
+    Anywhere else (``apply_async`` in a program, a worker) the ``SpecError`` itself."""
+    context = click.get_current_context(silent=True)
+    if context is not None and context.info_name == "call":
+        return click.ClickException(f"{exc} ({name} was not sent)")
+    return exc

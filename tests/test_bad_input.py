@@ -145,3 +145,63 @@ def test_cli_rejects_malformed_files(tmp_path: Path, redis_url: str) -> None:
         assert proc.returncode != 0
         assert named in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+NON_FINITE_TRAINING = """
+spec:
+  taskType: lora_sft
+  model: {source: {identifier: /models/tiny}}
+  data: {prompts: [hello]}
+  training: {learning_rate: %s}
+"""
+
+
+def test_non_finite_numbers_are_refused_at_submission(server_factory) -> None:
+    """inf and NaN in any numeric field, however written (YAML 1e400 and .inf, the string "inf",
+    JSON Infinity/NaN), are a 422 naming the field; nothing is queued."""
+    server = server_factory()
+    tasks_url = f"{server.base_url}/api/v1/tasks"
+    yaml_header = {"Content-Type": "application/yaml"}
+    for written in ("1e400", "1.0e400", ".inf", '"inf"', "-.inf", ".nan"):
+        reply = requests.post(tasks_url, data=NON_FINITE_TRAINING % written, headers=yaml_header, timeout=30)
+        assert reply.status_code == 422, f"learning_rate: {written}: {reply.status_code} {reply.text}"
+        assert reply.json()["field"] == "spec.training.learning_rate" and "finite" in reply.json()["detail"]
+    json_header = {"Content-Type": "application/json"}
+    model = {"source": {"identifier": "/models/tiny"}}
+    for spec, field in (
+            ('{"taskType": "echo", "echo": {"sleep_s": NaN}}', "spec.echo.sleep_s"),
+            ('{"taskType": "echo", "sloSeconds": Infinity}', "spec.sloSeconds"),
+            ('{"taskType": "echo", "resources": {"hardware": {"cpu": Infinity}}}', "spec.resources.hardware.cpu"),
+            ('{"taskType": "inference", "model": ' + json.dumps(model)
+             + ', "data": {"type": "list", "items": ["q"]}, "inference": {"top_p": NaN}}', "spec.inference.top_p")):
+        reply = requests.post(tasks_url, data=f'{{"spec": {spec}}}', headers=json_header, timeout=30)
+        assert reply.status_code == 422, f"{spec}: {reply.status_code} {reply.text}"
+        assert reply.json()["field"] == field and "finite" in reply.json()["detail"], reply.text
+
+
+def test_booleans_are_not_numbers(server_factory) -> None:
+    """``max_shards: true`` is not 1 shard: a boolean in a numeric field is refused naming it."""
+    server = server_factory()
+    model = {"source": {"identifier": "/models/tiny"}}
+    for spec, field in (
+            ({"taskType": "inference", "model": model, "data": {"type": "list", "items": ["q"]},
+              "parallel": {"enabled": True, "max_shards": True}}, "spec.parallel.max_shards"),
+            ({"taskType": "echo", "echo": {"steps": False}}, "spec.echo.steps"),
+            ({"taskType": "lora_sft", "model": model, "data": {"prompts": ["q"]}, "training": {"steps": True}},
+             "spec.training.steps")):
+        reply = requests.post(f"{server.base_url}/api/v1/tasks", json={"spec": spec}, timeout=30)
+        assert reply.status_code == 422, f"{spec}: {reply.status_code} {reply.text}"
+        assert reply.json()["field"] == field and "must be a number" in reply.json()["detail"], reply.text
+
+
+def test_a_model_path_outside_the_data_roots_tells_nothing_about_it(worker) -> None:
+    """Whether a path exists, is a file, or is a directory without a model, the worker's error is
+    the same for every path outside RESULTS_DIR and MESHQ_DATA_DIRS (and for a hub id it lacks):
+    a spec cannot probe the worker's files through model.source.identifier."""
+    probes = ["/etc", "/etc/hostname", f"/no-such-dir-{os.getpid()}", "tests", "app/celery.py", "org/no-such-model"]
+    errors = {}
+    for identifier in probes:
+        error = run_bad_then_good(worker, inference(identifier))
+        assert "spec.model.source.identifier" in error, error
+        errors[identifier] = error.replace(repr(identifier), "<identifier>")
+    assert len(set(errors.values())) == 1, errors

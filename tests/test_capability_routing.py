@@ -338,3 +338,26 @@ def test_inspect_conf_shows_settings_only_and_a_user_settings_module_applies(
                           env={**os.environ, "REDIS_URL": redis_url, **env})
     assert sent.returncode == 0, sent.stderr
     assert sent.stdout.split() == ["conf1", "custom"]
+
+
+def test_celery_call_warns_like_meshq_submit_and_refuses_in_one_line(redis_client, redis_url) -> None:
+    """``celery call`` of a task with tags no live worker has warns as ``meshq submit`` does; a bad
+    routing field is one line naming it, not a traceback, and nothing is sent."""
+    def call(spec: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "celery", "-A", "app", "call", "meshq.echo",
+                               "--args", json.dumps([spec])], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "REDIS_URL": redis_url})
+
+    queue = "tasks.nobody-has-this-tag"
+    try:
+        called = call(echo(tags=["nobody-has-this-tag"]))
+        assert called.returncode == 0, called.stderr
+        assert f"no live worker consumes queue {queue!r}; the task waits until one starts" in called.stderr
+        assert redis_client.llen(queue) == 1
+    finally:
+        redis_client.delete(queue)
+    bad = call(echo(**hardware(memory="16 gigs")))
+    assert bad.returncode != 0
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert lines[0].startswith("Error: spec.resources.hardware.memory: ") and "was not sent" in lines[0]

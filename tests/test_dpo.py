@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from app.errors import SpecError, TaskCancelled
+from app.errors import ExecutorError, SpecError, TaskCancelled
 from app.spec import parse_task_spec
 from tasks.executors.dpo import DPOExecutor
 from tasks.executors.preference_data import load_preferences
@@ -152,3 +152,11 @@ def test_a_preference_row_without_rejected_names_the_field(tiny_model_dir: Path,
     with pytest.raises(SpecError, match=r"spec\.data\.jsonl\.rejected_field: row 1 has no 'rejected'"):
         DPOExecutor().run(spec, tmp_path / "t", RecordingProgress())
     assert not (tmp_path / "t" / "final_model").exists()
+
+
+def test_a_diverging_dpo_run_fails_naming_the_step(tiny_model_dir: Path, tmp_path: Path) -> None:
+    raw = dpo_spec(tiny_model_dir)
+    raw["training"].update({"max_steps": 4, "learning_rate": 1e308})
+    with pytest.raises(ExecutorError, match=r"dpo training diverged at step 2: the loss is nan"):
+        DPOExecutor().run(parse_task_spec(raw), tmp_path / "t", RecordingProgress())
+    assert not list((tmp_path / "t").glob("final_*"))

@@ -102,3 +102,31 @@ def test_inference_export_dpo_inference_over_http(server_factory, worker_factory
             return (answer_logprob(model, tokenizer, row["prompt"], row["chosen"])
                     - answer_logprob(model, tokenizer, row["prompt"], row["rejected"]))
         assert margin(trained) > margin(base) + 1.0, row
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "pipelines" / "examples" / "answers_then_dpo.yaml"
+EXAMPLE_DATA = EXAMPLE.parent / "data"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_shipped_answers_then_dpo_example_runs_with_its_data(server_factory, worker_factory,
+                                                                 tiny_model_dir: Path) -> None:
+    """The example as shipped, set up as its header says (its questions file in the repository, the
+    generating worker's MESHQ_DATA_DIRS), with fewer dpo steps: every stage succeeds."""
+    from pipelines.template import load_file
+
+    server = server_factory()
+    to_server = {"ORCHESTRATOR_BASE_URL": server.base_url}
+    worker_factory("gen", worker_id="example-gen", env={**to_server, "MESHQ_DATA_DIRS": str(EXAMPLE_DATA)})
+    worker_factory("train", worker_id="example-train", env=to_server)
+    document = load_file(EXAMPLE)
+    align = next(stage for stage in document["spec"]["stages"] if stage["name"] == "align")
+    align["spec"]["training"]["max_steps"] = 4
+    questions = EXAMPLE_DATA / "questions.jsonl"
+    env = {"MESHQ_MODEL": str(tiny_model_dir), "MESHQ_QUESTIONS": str(questions)}
+    results = Pipeline.from_dict(document, env=env).submit().wait(timeout=600)
+    rows = [json.loads(line) for line in questions.read_text().splitlines()]
+    assert results["generate"]["jsonl_export"]["rows"] == len(rows) == 8
+    assert results["align"]["steps"] == 4 and results["align"]["worker_id"] == "example-train"
+    assert [item["prompt"] for item in results["check"]["items"]] == [row["question"] for row in rows]

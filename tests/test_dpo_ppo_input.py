@@ -111,3 +111,19 @@ def test_a_preference_file_row_without_rejected_fails_on_the_worker(worker_facto
     assert "spec.data.jsonl.rejected_field: row 1 has no 'rejected'" in str(caught.value)
     assert not (worker.results_dir / handle.id / "final_model").exists()
     assert echo.apply_async(args=[{"taskType": "echo", "data": {}}]).get(timeout=60)["worker_id"] == worker.worker_id
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    (["a", "b"], 'list ["a", "b"]'), (False, "bool false"), ([], "list []"), (3, "int 3"), ({"x": 1}, 'dict {"x": 1}'),
+])
+def test_a_preference_value_that_is_not_a_string_is_refused(tmp_path: Path, value: Any, shown: str) -> None:
+    """Each of prompt, chosen and rejected must be a non-empty string: a list, boolean, number or
+    mapping in a JSONL row is an error naming the field and the row, never its Python text."""
+    from tasks.executors.preference_data import load_preferences
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps(PAIR) + "\n" + json.dumps({**PAIR, "chosen": value}) + "\n")
+    data = parse_task_spec(dpo(data={"jsonl": {"path": str(pairs)}})).training_data()
+    with pytest.raises(SpecError) as caught:
+        load_preferences(data)
+    assert str(caught.value) == f"spec.data.jsonl.chosen_field: row 1: 'chosen' must be a non-empty string, got {shown}"

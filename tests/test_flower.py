@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -262,3 +263,28 @@ def test_flower_metrics_answer_without_auth_while_the_api_needs_it(flower: str) 
     """As docs/MONITORING.md says: Flower 2.2 exempts /metrics (and /healthcheck) from --basic-auth."""
     assert requests.get(f"{flower}/api/workers", timeout=10).status_code == 401
     assert requests.get(f"{flower}/metrics", timeout=10).status_code == 200
+
+
+def test_flower_api_on_a_running_task_is_what_monitoring_md_says(flower: str, worker_factory) -> None:
+    """MONITORING.md's reply of ``/api/task/result/<id>`` for a running task is Flower 2.2's own
+    (no ``result`` until the task ends); the progress is in ``/api/task/info/<id>``."""
+    import re
+
+    from tasks import echo
+
+    text = (ROOT / "docs" / "MONITORING.md").read_text()
+    documented = re.search(r'`/api/task/result/<id>` answers `(\{[^`]*\})` while the task runs', text)
+    assert documented, "MONITORING.md does not say what /api/task/result answers for a running task"
+    worker_factory(worker_id="flower-progress")
+    task = echo.apply_async(args=[{"taskType": "echo", "echo": {"sleep_s": 20, "steps": 40}}])
+
+    def info() -> dict[str, Any]:
+        return requests.get(f"{flower}/api/task/info/{task.id}", timeout=10, auth=AUTH).json()
+
+    wait_for(lambda: info().get("state") == "PROGRESS" and "step" in str(info().get("result")), 60,
+             interval_s=0.2, message="PROGRESS with its fields in /api/task/info")
+    running = requests.get(f"{flower}/api/task/result/{task.id}", timeout=10, auth=AUTH).json()
+    assert running["state"] == "PROGRESS" and set(running) == set(json.loads(documented.group(1)))
+    task.get(timeout=60)
+    finished = requests.get(f"{flower}/api/task/result/{task.id}", timeout=10, auth=AUTH).json()
+    assert finished["state"] == "SUCCESS" and finished["result"]["task_id"] == task.id

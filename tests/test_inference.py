@@ -137,6 +137,21 @@ def test_batched_greedy_equals_per_prompt_generate(executor, tiny_model_dir, bas
     assert result["batches"] == expected_batches
 
 
+def test_temperature_zero_is_greedy_decoding(executor, tiny_model_dir, base_reference, tmp_path) -> None:
+    """``temperature: 0`` (vLLM's and OpenAI-style APIs' greedy) is accepted and decodes greedily, even
+    with ``do_sample: true`` (a random tiny model samples other tokens at temperature 1), with a note."""
+    greedy = [ref["output"] for ref in base_reference]
+    result = run(executor, make_spec(tiny_model_dir, temperature=0), tmp_path / "plain")
+    assert [item["output"] for item in result["items"]] == greedy and "notes" not in result
+    result = run(executor, make_spec(tiny_model_dir, temperature=0, do_sample=True, seed=3), tmp_path / "sampled")
+    assert [item["output"] for item in result["items"]] == greedy
+    assert result["notes"] == ["inference.temperature: 0 means greedy decoding; do_sample: true had no effect"]
+    sampled = run(executor, make_spec(tiny_model_dir, temperature=1.0, do_sample=True, seed=3), tmp_path / "t1")
+    assert [item["output"] for item in sampled["items"]] != greedy  # the first check could not pass by chance
+    with pytest.raises(SpecError, match=r"spec\.inference\.temperature"):
+        parse_task_spec(make_spec(tiny_model_dir, temperature=-0.5))
+
+
 def test_stop_strings_cut_output(executor, tiny_model_dir, base_reference, tmp_path) -> None:
     # A stop string taken from the middle of one reference output, so it really occurs.
     sample = next(ref["output"] for ref in base_reference if len(ref["output"]) >= 6)

@@ -232,3 +232,23 @@ def test_several_sources_on_two_workers_that_share_nothing(worker_factory, serve
     assert again["infer"]["worker_id"] == "train-box"
     assert again["infer"]["sources"] == {"spec.model.adapters[0]": "path"}
     assert again["infer"]["model"]["adapter"] == again["lora"]["final_lora_path"]
+
+
+@pytest.mark.timeout(600)
+def test_the_export_then_sft_template_runs_on_two_workers_with_their_own_results(
+        worker_factory, server_factory, redis_client, tiny_model_dir: Path) -> None:
+    """The sft stage names the export by its path on the worker that ran "gen" and by its
+    uploaded URL: a worker with another RESULTS_DIR (which cannot read the path) trains from
+    the URL."""
+    server = server_factory()
+    own_files_only = {"ORCHESTRATOR_BASE_URL": server.base_url, "MESHQ_DATA_DIRS": ""}
+    exporter = worker_factory("gen", worker_id="exporter", env=own_files_only)
+    worker_factory("train", worker_id="trainer", env=own_files_only)
+    document = template("inference_export_sft.yaml", tiny_model_dir).document
+    document["spec"]["stages"][0]["tags"] = ["gen"]      # gen on the exporter,
+    document["spec"]["stages"][1]["tags"] = ["train"]    # distil on the other machine
+    results = Pipeline.from_dict(document, env={"MODEL_ID": str(tiny_model_dir)}).submit().wait(timeout=400)
+    assert (results["gen"]["worker_id"], results["distil"]["worker_id"]) == ("exporter", "trainer")
+    assert Path(results["gen"]["jsonl_export"]["path"]).is_relative_to(exporter.results_dir.resolve())
+    assert results["distil"]["sources"] == {"spec.data.jsonl": "url"}
+    assert results["distil"]["samples"] == results["gen"]["jsonl_export"]["rows"] > 0

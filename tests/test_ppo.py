@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from app.errors import SpecError, TaskCancelled
+from app.errors import ExecutorError, SpecError, TaskCancelled
 from app.spec import parse_task_spec
 from tasks.executors.ppo import PPOExecutor
 from tasks.executors.preference_data import load_queries
@@ -217,3 +217,12 @@ def test_ppo_starts_from_an_earlier_stage_and_uses_it_as_the_reference(tiny_mode
     assert second["init_checkpoint"] == first["final_model_path"]
     # The first rollout's KL is measured against the loaded weights, not the base model.
     assert second["kl_history"] == [[1, pytest.approx(0.0, abs=1e-4)]]
+
+
+def test_a_diverging_ppo_run_fails_naming_the_step(tiny_model_dir: Path, reward_model_dir: Path,
+                                                   tmp_path: Path) -> None:
+    raw = ppo_spec(tiny_model_dir, reward_model_dir)
+    raw["training"].update({"steps": 3, "learning_rate": 1e308, "save_freq": 1})
+    with pytest.raises(ExecutorError, match=r"ppo training diverged at step 1: the trained weights hold inf"):
+        PPOExecutor().run(parse_task_spec(raw), tmp_path / "t", RecordingProgress())
+    assert not list((tmp_path / "t").glob("final_*")) and not (tmp_path / "t" / "checkpoints").exists()

@@ -232,3 +232,20 @@ def test_training_data_from_a_url(server_factory, tiny_model_dir: Path, tmp_path
     result = SFTExecutor().run(spec, tmp_path / "t1", RecordingProgress())
     assert result["samples"] == 3
     assert (tmp_path / "t1" / "inputs" / "train.jsonl").read_bytes() == data.read_bytes()
+
+
+@pytest.mark.parametrize(("task_type", "steps", "what"), [
+    ("lora_sft", 4, r"lora_sft training diverged at step 2: the loss is nan"),  # step 1's update broke it
+    ("sft", 1, r"sft training diverged at step 1: the trained weights hold inf or NaN"),  # no loss after it
+])
+def test_a_diverging_run_fails_naming_the_step(tiny_model_dir: Path, tmp_path: Path, task_type: str, steps: int,
+                                               what: str) -> None:
+    """learning_rate 1e308 is a finite number (the spec takes it) but turns the weights into inf/NaN:
+    the task fails naming the step instead of a SUCCESS with loss_last 0.0 and NaN weights."""
+    spec = training_spec(task_type, tiny_model_dir, training={"max_steps": steps, "batch_size": 3,
+                                                              "learning_rate": 1e308, "save_steps": 1})
+    executor = LoRASFTExecutor() if task_type == "lora_sft" else SFTExecutor()
+    with pytest.raises(ExecutorError, match=what + r".*lower training\.learning_rate \(it is 1e\+308\)"):
+        executor.run(spec, tmp_path / "t", RecordingProgress())
+    # Neither final weights nor the broken checkpoint-1 a rerun would resume from.
+    assert not list((tmp_path / "t").glob("final_*")) and not (tmp_path / "t" / "checkpoints").exists()

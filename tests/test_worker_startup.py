@@ -68,6 +68,15 @@ def test_concurrency_above_one_is_refused_at_start_up(worker_factory) -> None:
         assert f"{variable}: " in worker.log() and "one task at a time" in worker.log(), worker.log()
 
 
+def test_a_pool_other_than_prefork_is_refused_at_start_up(worker_factory) -> None:
+    """``-P threads`` (or solo) would run tasks in the main process, beside the heartbeat, with no
+    child to watch or kill: refused with a message, as ``-c 2`` is."""
+    for args, name in ((["-P", "threads"], "'threads'"), (["--pool=solo"], "'solo'")):
+        worker = worker_factory(extra_args=args, wait=False)
+        assert worker.process.wait(timeout=60) == 2, worker.log()
+        assert f"--pool: {name} asked" in worker.log() and "prefork pool" in worker.log(), worker.log()
+
+
 def test_pool_grow_is_refused_and_the_pool_keeps_one_process(worker_factory) -> None:
     from app.celery import app
 

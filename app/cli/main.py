@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -65,13 +66,52 @@ def cmd_workers(args: argparse.Namespace) -> int:
     return 0
 
 
+# A worker that missed this many heartbeats (plus a few seconds of slack) is not alive, though
+# its ``:hb`` key lives on for its TTL (max(4 × interval, 120) s) after a SIGKILL.
+MISSED_BEATS = 2
+BEAT_SLACK_S = 5.0
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     from app import keys
 
-    ttl = _redis().ttl(keys.worker_heartbeat(args.worker))
-    alive = ttl is not None and ttl > 0
-    print(f"worker {args.worker}: {'alive' if alive else 'not alive'}" + (f" (hb ttl {ttl}s)" if alive else ""))
-    return 0 if alive else 1
+    pipe = _redis().pipeline(transaction=False)
+    pipe.get(keys.worker_heartbeat(args.worker))  # the time of its last beat
+    pipe.hget(keys.worker_hash(args.worker), "env_json")
+    last_beat, env_json = pipe.execute()
+    if not last_beat:
+        print(f"worker {args.worker}: not alive (no heartbeat key)")
+        return 1
+    try:
+        interval = float(json.loads(env_json or "{}").get("HEARTBEAT_INTERVAL_SEC") or 30)
+    except (ValueError, TypeError, AttributeError):
+        interval = 30.0
+    age = _age_s(last_beat)
+    limit = MISSED_BEATS * interval + BEAT_SLACK_S
+    if age is not None and age > limit:
+        print(f"worker {args.worker}: not alive (last heartbeat {age:.0f}s ago; it beats every {interval:g}s)")
+        return 1
+    print(f"worker {args.worker}: alive (last heartbeat {age if age is not None else '?'}s ago)")
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    from app.celery import app
+    from app.cli.purge import meshq_queues, purge_queues
+    from app.settings import get_settings
+
+    names = meshq_queues(_redis(), get_settings().task_topic)
+    if not args.force:
+        answer = input(f"remove every task waiting in {len(names)} queue(s): {', '.join(names)}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing purged")
+            return 1
+    removed = purge_queues(app, names)
+    for name, count in removed.items():
+        if count:
+            print(f"{name}: {count} message(s) purged")
+    print(f"purged {sum(removed.values())} message(s) from {len(names)} queue(s)")
+    return 0
 
 
 class _Stop(Exception):
@@ -274,9 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="include workers whose heartbeat expired")
     p.set_defaults(func=cmd_workers)
 
-    p = sub.add_parser("health", help="exit 0 if the worker's heartbeat key is alive, 1 otherwise")
+    p = sub.add_parser("health", help="exit 0 if the worker beat within two heartbeat intervals (+5 s), "
+                                      "1 otherwise")
     p.add_argument("--worker", required=True, help="WORKER_ID to check")
     p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("purge", help="remove every waiting task from all of meshq's queues (default, tag, "
+                                     "capability and worker queues; celery purge knows the default one only)")
+    p.add_argument("-f", "--force", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(func=cmd_purge)
 
     p = sub.add_parser("redis", help="run the embedded Redis server in the foreground")
     p.add_argument("--port", type=int, default=6379)
@@ -342,6 +388,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # ``meshq workers --json | head``: the reader left early; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except MeshqError as exc:
         print(f"meshq: {exc}", file=sys.stderr)
         return 2

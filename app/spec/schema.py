@@ -14,6 +14,8 @@ dtype/device map) is folded into ``model.transformers``.
 
 from __future__ import annotations
 
+import functools
+import typing
 from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -33,7 +35,32 @@ REFUSED_TASK_TYPES = {
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # allow_inf_nan=False: every float field of every spec model refuses inf and NaN (YAML
+    # ``1e400``, ``.inf``, the string "inf", JSON ``Infinity``) — one rule for all numeric fields.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        """``true``/``false`` in a numeric field is an error: pydantic would take it as 1/0
+        (a bool is an int in Python), so ``max_shards: true`` would quietly mean 1."""
+        if isinstance(data, dict):
+            for key in _number_field_keys(cls):
+                if isinstance(data.get(key), bool):
+                    raise ValueError(f"{key}: must be a number, not {str(data[key]).lower()}")
+        return data
+
+
+@functools.cache
+def _number_field_keys(model: type[BaseModel]) -> tuple[str, ...]:
+    """The names (and aliases) of ``model``'s fields that take a number but not a boolean."""
+    keys = []
+    for name, info in model.model_fields.items():
+        types = typing.get_args(info.annotation) or (info.annotation,)
+        if bool not in types and any(t in (int, float) for t in types):
+            aliases = info.validation_alias.choices if isinstance(info.validation_alias, AliasChoices) else []
+            keys.extend([name, *(alias for alias in aliases if isinstance(alias, str))])
+    return tuple(keys)
 
 
 def one_spelling(data: Any, *names: str) -> Any:
@@ -295,7 +322,7 @@ class EchoOptions(Strict):
 class InferenceOptions(Strict):
     max_new_tokens: int = Field(default=64, ge=1, le=32768,
                                 validation_alias=AliasChoices("max_new_tokens", "max_tokens"))
-    temperature: float = Field(default=1.0, gt=0)
+    temperature: float = Field(default=1.0, ge=0)  # 0: greedy decoding, as vLLM and OpenAI-style APIs mean it
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
     do_sample: bool = False
@@ -313,6 +340,17 @@ class InferenceOptions(Strict):
     @classmethod
     def _spellings(cls, data: Any) -> Any:
         return one_spelling(data, "max_new_tokens", "max_tokens")
+
+    @property
+    def sampling(self) -> bool:
+        """Whether tokens are sampled: ``do_sample`` with a temperature above 0 (else greedy)."""
+        return self.do_sample and self.temperature > 0
+
+    def greedy_note(self) -> str | None:
+        """The result's note when ``temperature: 0`` overrode ``do_sample: true``."""
+        if self.do_sample and self.temperature == 0:
+            return "inference.temperature: 0 means greedy decoding; do_sample: true had no effect"
+        return None
 
 
 class GenerationOptions(Strict):

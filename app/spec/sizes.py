@@ -67,13 +67,17 @@ def format_size(size_bytes: int) -> str:
 
 def format_size_exact(size_bytes: int, *, approx: bool = False) -> str:
     """``17179869184`` → ``16Gi``; a size no binary unit divides stays in bytes, so two
-    different sizes never print alike (queue names). ``approx``: one decimal instead
-    (``23.4Gi``, for messages)."""
-    for unit, factor in (("Ti", 1024**4), ("Gi", 1024**3), ("Mi", 1024**2), ("Ki", 1024)):
+    different sizes never print alike (queue names). ``approx``: for people (``meshq
+    workers``, messages), the largest unit the size reaches, with one decimal unless it
+    is whole (``23.5Gi``, never ``24683784Ki``)."""
+    units = (("Ti", 1024**4), ("Gi", 1024**3), ("Mi", 1024**2), ("Ki", 1024))
+    if approx:
+        for unit, factor in units:
+            if size_bytes >= factor:
+                whole = size_bytes % factor == 0
+                return f"{size_bytes // factor}{unit}" if whole else f"{size_bytes / factor:.1f}{unit}"
+        return f"{size_bytes}B"
+    for unit, factor in units:
         if size_bytes >= factor and size_bytes % factor == 0:
             return f"{size_bytes // factor}{unit}"
-    if approx:
-        for unit, factor in (("Ti", 1024**4), ("Gi", 1024**3), ("Mi", 1024**2), ("Ki", 1024)):
-            if size_bytes >= factor:
-                return f"{size_bytes / factor:.1f}{unit}"
     return str(size_bytes)

@@ -456,6 +456,9 @@ class InferenceExecutor:
                 raise SpecError(data_field, f"prompt {empty} is empty")
         choice = select_backend(spec, vllm_here=vllm_installed())
         backend, notes = choice.name, list(choice.notes)
+        greedy_note = options.greedy_note()
+        if greedy_note:
+            notes.append(greedy_note)
         adapter_load, merge = adapter_checkpoint(spec.model.adapters)
         if adapter_load is not None:
             checkpoint = resolve_checkpoint(adapter_load, out_dir, merge=merge, field=ADAPTERS_FIELD)
@@ -614,9 +617,9 @@ class InferenceExecutor:
         for row, ids in enumerate(rows):  # left padding: every row ends where generation starts
             input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, width - len(ids):] = 1
-        kwargs: dict[str, Any] = {"max_new_tokens": options.max_new_tokens, "do_sample": options.do_sample,
+        kwargs: dict[str, Any] = {"max_new_tokens": options.max_new_tokens, "do_sample": options.sampling,
                                   "pad_token_id": pad_id}
-        if options.do_sample:
+        if options.sampling:
             kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
         if options.repetition_penalty != 1.0:
             kwargs["repetition_penalty"] = options.repetition_penalty

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from app.data_roots import check_remote_code, under_results
+from app.data_roots import check_remote_code, under_allowed_roots, under_results
 from app.errors import ExecutorError, SpecError
 from app.spec import ModelSpec, TaskSpec
 
@@ -108,20 +108,35 @@ def looks_like_path(identifier: str) -> bool:
 
 def resolve_model_dir(identifier: str, revision: str | None = None,
                       field: str = IDENTIFIER_FIELD) -> Path:
-    """A local model directory, or the snapshot of hub id ``identifier`` in the local HF cache."""
+    """A local model directory, or the snapshot of hub id ``identifier`` in the local HF cache.
+
+    Models may live anywhere on the worker, but only a path under the data roots
+    (``app.data_roots``) gets an error saying what is wrong with it (missing, a file, no
+    weights...): for any other path, and for a hub id not in the cache, the error is one and
+    the same, so a spec cannot probe which paths exist on the worker."""
     local = Path(identifier).expanduser()
-    if local.exists() or looks_like_path(identifier):
-        return check_model_dir(local.resolve(), field)
+    try:
+        if local.exists() or looks_like_path(identifier):
+            return check_model_dir(local.resolve(), field)
+    except SpecError:
+        if under_allowed_roots(local):
+            raise
+        raise _not_a_model(identifier, revision, field) from None
     from huggingface_hub import snapshot_download
 
     try:
         snapshot = snapshot_download(repo_id=identifier, revision=revision, local_files_only=True)
-    except Exception as exc:  # LocalEntryNotFoundError, RepositoryNotFoundError, ...
-        where = f" at revision {revision!r}" if revision else ""
-        raise SpecError(field, f"{identifier!r} is neither a local directory nor a model in the local "
-                               f"Hugging Face cache{where}; this worker does not download models "
-                               f"({type(exc).__name__})") from None
+    except Exception:  # LocalEntryNotFoundError, RepositoryNotFoundError, ...
+        raise _not_a_model(identifier, revision, field) from None
     return check_model_dir(Path(snapshot), field)
+
+
+def _not_a_model(identifier: str, revision: str | None, field: str) -> SpecError:
+    where = f" at revision {revision!r}" if revision else ""
+    return SpecError(field, f"{identifier!r} is neither a model directory (config.json and weights) nor a model "
+                            f"in the local Hugging Face cache{where}; this worker does not download models "
+                            "(what is wrong with a local path is said for paths under RESULTS_DIR and "
+                            "MESHQ_DATA_DIRS only)")
 
 
 # -- loading --------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from app.errors import ExecutorError, SpecError, TaskCancelled
 from app.spec import TaskSpec, TrainingOptions
 from app.spec.schema import GenerationOptions, RewardModelSpec
 from tasks.executors import models
+from tasks.executors.divergence import check_loss, check_weights
 from tasks.executors.preference_data import load_queries
 from tasks.executors.progress import Progress
 from tasks.executors.training import (
@@ -159,7 +160,7 @@ class PPOExecutor(TrainingExecutor):
     def output_kind(self, spec: TaskSpec) -> str:
         return "lora" if spec.lora is not None else "model"
 
-    def run(self, spec: TaskSpec, out_dir: Path, progress: Progress) -> dict[str, Any]:
+    def train(self, spec: TaskSpec, out_dir: Path, progress: Progress) -> dict[str, Any]:
         import torch
 
         models.release_cached_model()
@@ -224,6 +225,10 @@ class PPOExecutor(TrainingExecutor):
                 stats = loop.step(batch)
                 state.step += 1
                 stats["step"] = state.step
+                check_weights(spec.taskType, state.step, [*trainable, *value_head.parameters()],
+                              options.learning_rate)  # the next rollout would sample from them
+                for name in ("policy_loss", "value_loss", "kl"):
+                    check_loss(spec.taskType, state.step, name.replace("_", " "), stats[name], options.learning_rate)
                 state.history.append(stats)
                 if options.optimize_cuda_cache and device == "cuda":
                     torch.cuda.empty_cache()

@@ -17,6 +17,7 @@ field and the row, never a silently shorter dataset.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,8 @@ class Preference:
 
 
 def _field_values(rows: list[dict[str, Any]], name: str, field: str) -> list[str]:
-    """Column ``name`` of every row; a row without it (or with an empty value) names the field."""
+    """Column ``name`` of every row, each a non-empty string; any other value (missing, empty, a
+    list, a number, a boolean) is an error naming the field and the row, never converted."""
     if not rows:
         raise SpecError(field, "the dataset has no rows")
     values = []
@@ -44,7 +46,12 @@ def _field_values(rows: list[dict[str, Any]], name: str, field: str) -> list[str
         if value is None or value == "":
             columns = ", ".join(map(str, row)) or "none"
             raise SpecError(field, f"row {index} has no {name!r} (its columns: {columns})")
-        values.append(str(value))
+        if not isinstance(value, str):
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            raise SpecError(field, f"row {index}: {name!r} must be a non-empty string, got "
+                                   f"{type(value).__name__} {shown}")
+        values.append(value)
     return values
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from tasks.executors.divergence import check_loss
 from tasks.executors.progress import Progress
 from tasks.executors.training import LOSS_HISTORY_POINTS, sample_history
 
@@ -78,3 +79,17 @@ class MeshqProgressCallback(TrainerCallback):
             self._last_log = now
             log.info("training step %s/%s loss %s lr %s eta %ss", fields["step"], fields["total_steps"],
                      fields["loss"], fields["learning_rate"], fields["eta_s"])
+
+
+class DivergenceCallback(TrainerCallback):
+    """Fails the task at the first logged loss that is inf or NaN (``tasks.executors.divergence``);
+    raised from ``on_log``, before the step's checkpoint would be saved."""
+
+    def __init__(self, task_type: str, learning_rate: float) -> None:
+        self.task_type = task_type
+        self.learning_rate = learning_rate
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, Any] | None = None, **_: Any) -> None:
+        if logs and "loss" in logs:
+            check_loss(self.task_type, state.global_step, "loss", logs["loss"], self.learning_rate)

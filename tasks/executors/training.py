@@ -62,6 +62,8 @@ from app.errors import ExecutorError, SpecError, TaskCancelled
 from app.settings import get_settings
 from app.spec import LoraOptions, TaskSpec, TrainingOptions
 from tasks.executors import models
+from tasks.executors.divergence import check_weights
+from tasks.executors.failed_training import checkpoints_discarded_on_failure
 from tasks.executors.progress import Progress
 from tasks.executors.ranks import current_rank, deepspeed_config, plan_ranks, rank_strategy, run_ranks
 from tasks.executors.training_data import PaddingCollator, load_examples, pack_rows, tokenize_examples
@@ -167,6 +169,8 @@ def training_argument_values(options: TrainingOptions, checkpoints_dir: Path, de
         "weight_decay": options.weight_decay,
         "logging_steps": options.logging_steps,
         "logging_first_step": True,
+        # Log an inf/NaN loss as it is (transformers would log 0): DivergenceCallback fails on it.
+        "logging_nan_inf_filter": False,
         "save_strategy": options.save_strategy,
         "save_steps": options.save_steps,
         "save_total_limit": options.save_total_limit,
@@ -228,12 +232,17 @@ class TrainingExecutor:
         return self.kind
 
     def run(self, spec: TaskSpec, out_dir: Path, progress: Progress) -> dict[str, Any]:
+        with checkpoints_discarded_on_failure(spec.taskType, out_dir / CHECKPOINTS_DIRNAME, progress.run):
+            return self.train(spec, out_dir, progress)
+
+    def train(self, spec: TaskSpec, out_dir: Path, progress: Progress) -> dict[str, Any]:
+        """The training run itself: data, model, steps, final weights and the result."""
         import torch
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
         from transformers.utils import logging as hf_logging
 
         # Lazy: it imports transformers, which the worker's parent process must never load.
-        from tasks.executors.trainer_callbacks import MeshqProgressCallback
+        from tasks.executors.trainer_callbacks import DivergenceCallback, MeshqProgressCallback
 
         hf_logging.disable_progress_bar()
         # The pool child lives on: a model kept warm by an earlier inference task must
@@ -287,10 +296,14 @@ class TrainingExecutor:
         trainer = self.make_trainer(spec, model, arguments, rows, tokenizer, callback)
         trainer.remove_callback(PrinterCallback)  # one stdout line per step; our callback logs instead
         trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(DivergenceCallback(spec.taskType, options.learning_rate))
         try:
             output = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
             if callback.cancelled_at_step is not None:
                 raise TaskCancelled(progress.task_id, f"at step {callback.cancelled_at_step}")
+            # The last step's update is seen by no logged loss: check the weights it leaves.
+            check_weights(spec.taskType, trainer.state.global_step,
+                          (p for p in trainer.model.parameters() if p.requires_grad), options.learning_rate)
             final_dir = (self._save_final(trainer, tokenizer, out_dir, kind)
                          if options.save_model and is_main else None)
             history = list(trainer.state.log_history)

@@ -281,11 +281,11 @@ def _build_engine(key: EngineKey) -> LoadedEngine:
 
 
 def sampling_params(options: InferenceOptions, index: int) -> Any:
-    """``SamplingParams`` for one prompt: greedy unless ``do_sample``; with a ``seed`` each
-    prompt gets ``seed + index``, so its output does not depend on the other prompts."""
+    """``SamplingParams`` for one prompt: greedy unless sampling (``do_sample``, temperature > 0);
+    with a ``seed`` each prompt gets ``seed + index``, so its output does not depend on the other prompts."""
     from vllm import SamplingParams
 
-    sample = options.do_sample
+    sample = options.sampling
     return SamplingParams(
         max_tokens=options.max_new_tokens,
         temperature=options.temperature if sample else 0.0,
