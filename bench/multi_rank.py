@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                          "learning_rate": 1e-4, "save_steps": 100_000, "seed": 0, "allow_multi_gpu": ranks > 1,
                          "max_seq_length": 64},
         }
+        if args.device == "cuda" and ranks > 1:  # N of this machine's GPUs (the rest stay idle)
+            raw["training"]["visible_devices"] = list(range(ranks))
         if args.task == "lora_sft":
             raw["lora"] = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
         return raw
