@@ -518,7 +518,8 @@ def test_a_worker_paused_in_its_upload_has_its_late_upload_refused(worker_factor
         finally:
             os.killpg(first.process.pid, signal.SIGCONT)
         proxy.release.set()
-        wait_for(lambda: "this run stops" in first.log_path.with_name("worker.log").read_text(), 60,
+        # The refused upload ends the late run: abandoned, nothing of it kept (tasks.base._abandon).
+        wait_for(lambda: "nothing of it is kept" in first.log_path.with_name("worker.log").read_text(), 60,
                  message="the late run to stop")
     finally:
         proxy.close()
