@@ -176,8 +176,8 @@ def test_training_templates_run(worker_factory, server_factory, redis_client, ti
     assert config["use_rslora"] is True and config["bias"] == "none"
     # allow_multi_gpu on a worker with one CPU rank (MESHQ_CPU_RANKS unset): one process, as asked.
     assert trained["world_size"] == 1 and trained["strategy"] == "single-process"
-    assert any(n.startswith("training.deepspeed, training.auto_deepspeed_stage: DeepSpeed is not used")
-               for n in trained["notes"])
+    # auto_deepspeed_stage on one rank: a note (DeepSpeed not installed here, or nothing to shard over).
+    assert any(n.startswith("training.deepspeed, training.auto_deepspeed_stage: ") for n in trained["notes"])
     assert lora["infer"]["model"]["adapter_merged"] is True
     log = (worker.results_dir / trained["task_id"] / "logs" / "training_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in log if "loss" in json.loads(line)][:3] == [1, 5, 10]

@@ -465,6 +465,10 @@ def test_multi_gpu_settings_plan_the_ranks_of_a_worker(monkeypatch: pytest.Monke
     monkeypatch.setattr("tasks.executors.ranks.deepspeed_installed", lambda: True)
     with_it = plan_ranks(zero.training, "cpu", 0, 2)
     assert (with_it.strategy, with_it.notes) == ("deepspeed-zero2", ())
+    one_rank = plan_ranks(zero.training, "cpu", 0, 1)
+    assert (one_rank.world_size, one_rank.strategy) == (1, "ddp")
+    assert one_rank.notes == ("training.deepspeed, training.auto_deepspeed_stage: no effect with one rank on this "
+                              "worker (one process)",)
     assert deepspeed_config(zero.training) == {"zero_optimization": {"stage": 2}}
     auto = training(allow_multi_gpu=True, auto_deepspeed_stage=1, batch_size=3)
     assert deepspeed_config(auto.training)["zero_optimization"] == {"stage": 1}  # type: ignore[index]

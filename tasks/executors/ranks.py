@@ -139,10 +139,21 @@ def plan_ranks(options: TrainingOptions, device: str, gpus: int, cpu_ranks: int)
             raise SpecError("spec.training.visible_devices",
                             f"GPU {foreign[0]} is not one of this worker's {gpus} GPU(s)"
                             + (f" (0-{gpus - 1})" if gpus else ""))
-        return RankPlan(max(len(ids), 1), "nccl", tuple(ids), rank_strategy(options), notes=tuple(notes))
+        return _with_one_rank_note(RankPlan(max(len(ids), 1), "nccl", tuple(ids), rank_strategy(options),
+                                            notes=tuple(notes)), asks_zero)
     if options.visible_devices is not None:
         notes.append("training.visible_devices: no effect on a CPU worker (MESHQ_CPU_RANKS sets its ranks)")
-    return RankPlan(cpu_ranks, "gloo", strategy=rank_strategy(options), notes=tuple(notes))
+    return _with_one_rank_note(RankPlan(cpu_ranks, "gloo", strategy=rank_strategy(options), notes=tuple(notes)),
+                               asks_zero)
+
+
+def _with_one_rank_note(plan: RankPlan, asks_zero: bool) -> RankPlan:
+    """One rank after all (one GPU, ``MESHQ_CPU_RANKS=1``): one process as without
+    ``allow_multi_gpu``, and DeepSpeed, where installed, has nothing to shard over."""
+    if plan.spans_ranks or not asks_zero or not deepspeed_installed():
+        return plan
+    return RankPlan(1, plan.backend, plan.device_ids, "ddp", plan.notes + (
+        "training.deepspeed, training.auto_deepspeed_stage: no effect with one rank on this worker (one process)",))
 
 
 def current_rank() -> tuple[int, int]:
