@@ -44,7 +44,7 @@ from celery.utils.saferepr import saferepr
 from app import keys
 from app.errors import LeaseLost, LimitExceeded, SpecError, TaskCancelled
 from app.events import publish_task_event, task_event, utc_now_iso
-from app.limits import MAX_MESSAGE_BYTES, check_document, check_size
+from app.limits import check_document, check_size
 from app.names import check_name
 from app.redaction import redact_secrets
 from app.redis_client import get_redis
@@ -105,7 +105,8 @@ def follower_spec(message: WaitingMessage, key: str, resolvers: list[Callable[..
         return None
     try:
         check_name(str(headers.get("id")), "task_id")
-        check_size(len(message.raw), MAX_MESSAGE_BYTES, "MAX_MESSAGE_BYTES", "message")
+        # The worker's message guard (app.worker.message_guard) checks the configured limit too.
+        check_size(len(message.raw), get_settings().max_message_bytes, "MAX_MESSAGE_BYTES", "message")
         check_document(args[0], "spec")
         raw_spec = args[0]
         for resolve in resolvers:
