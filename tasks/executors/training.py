@@ -288,8 +288,9 @@ class TrainingExecutor:
 
         callback = MeshqProgressCallback(progress)
         arguments = training_argument_values(options, checkpoints, device, precision)
-        if world_size > 1:  # the Trainer's DDP (or DeepSpeed) over the ranks torchrun started
-            arguments.update(ddp_backend="nccl" if device == "cuda" else "gloo", ddp_find_unused_parameters=False)
+        backend = ("nccl" if device == "cuda" else "gloo") if world_size > 1 else None
+        if backend is not None:  # the Trainer's DDP (or DeepSpeed) over the ranks torchrun started
+            arguments.update(ddp_backend=backend, ddp_find_unused_parameters=False)
             zero = deepspeed_config(options)
             if zero is not None:
                 arguments["deepspeed"] = zero
@@ -347,7 +348,7 @@ class TrainingExecutor:
             "torch_threads": torch.get_num_threads(),
             "precision": precision.name,
             "world_size": world_size,
-            "backend": ("nccl" if device == "cuda" else "gloo") if world_size > 1 else None,
+            "backend": backend,
             "strategy": rank_strategy(options) if world_size > 1 else "single-process",
             "global_batch": options.batch_size * options.gradient_accumulation_steps * world_size,
             "packed": options.packing,
