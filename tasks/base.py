@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +33,7 @@ from app.worker.lease import LEASE_POLL_S, AlreadyFinished, TaskLease, lease_ttl
 from tasks.executors import EXECUTORS, Executor
 from tasks.outcome import annotate
 from tasks.oversize import stored_result
-from tasks.progress import CeleryProgress, announce_revoked
+from tasks.progress import CeleryProgress, announce_revoked, encoded_started_meta
 from tasks.sources import pick_sources
 
 log = logging.getLogger(__name__)
@@ -262,20 +261,11 @@ class MeshqTask(Task):
             lease = TaskLease(get_redis(), self.request.id, settings.worker_id,
                               lease_ttl_s(settings.heartbeat_interval_s),
                               result_key=self.backend.get_key_for_task(self.request.id),
-                              started_meta=self._started_meta(),
+                              started_meta=encoded_started_meta(self.backend, self.request),
                               result_expires_s=int(getattr(self.backend, "expires", 0) or 0))
             self.request.meshq_lease = lease  # released by the task_postrun handler (app.worker.signals)
         return lease
 
-    def _started_meta(self) -> str | bytes:
-        """Celery's encoded STARTED meta for the current request (what ``task_track_started``
-        stores: pid and hostname, plus the extended fields under ``result_extended``)."""
-        backend = self.backend
-        meta = backend._get_result_meta(result={"pid": os.getpid(), "hostname": self.request.hostname},
-                                        state=states.STARTED, traceback=None, request=self.request)
-        meta["task_id"] = self.request.id
-        encoded: str | bytes = backend.encode(meta)  # stored as Celery itself would store it
-        return encoded
 
     def is_redelivery(self) -> bool:
         """The broker handed this message out again: the worker that had it died (or

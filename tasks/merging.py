@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 import traceback
@@ -55,6 +54,7 @@ from app.worker.merge_claims import ClaimedMessages, WaitingMessage
 from tasks.executors.inference import MergedPrompts, Prompts, load_prompts
 from tasks.executors.jsonl_export import write_export
 from tasks.executors.progress import Progress
+from tasks.progress import encoded_started_meta
 
 log = logging.getLogger(__name__)
 
@@ -235,11 +235,8 @@ def start_follower(task: Any, member: Member, client: redis.Redis, owner: str, t
     """Take a follower's lease as its own start would; False when it cannot join (handled)."""
     backend = task.backend
     member.request = request = follower_request(task, member)
-    meta = backend._get_result_meta(result={"pid": os.getpid(), "hostname": request.hostname},
-                                    state=states.STARTED, traceback=None, request=request)
-    meta["task_id"] = member.task_id
     member.lease = TaskLease(client, member.task_id, owner, ttl_s, result_key=backend.get_key_for_task(member.task_id),
-                             started_meta=backend.encode(meta), result_expires_s=int(backend.expires or 0),
+                             started_meta=encoded_started_meta(backend, request), result_expires_s=int(backend.expires or 0),
                              started_event=task_event("TASK_STARTED", owner, member.task_id, taskType="inference"))
     assert member.message is not None
     try:

@@ -14,10 +14,12 @@ state is PROGRESS — in the task list's Result column and on the task's page.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
 import redis
+from celery import states
 from celery.utils.saferepr import saferepr
 
 from app import keys
@@ -91,3 +93,14 @@ def announce_revoked(task: Any, reason: str) -> None:
         task.send_event("task-revoked", terminated=False, signum=None, expired=False, reason=reason)
     except Exception as exc:  # an event lost must not turn a cancellation into a failure
         log.warning("could not send task-revoked event for %s: %s", task.request.id, exc)
+
+
+def encoded_started_meta(backend: Any, request: Any) -> str | bytes:
+    """Celery's encoded STARTED meta for ``request`` (what ``task_track_started`` stores: pid
+    and hostname, plus the extended fields under ``result_extended``), stored by the lease's
+    start round trip as Celery itself would store it."""
+    meta = backend._get_result_meta(result={"pid": os.getpid(), "hostname": request.hostname},
+                                    state=states.STARTED, traceback=None, request=request)
+    meta["task_id"] = request.id
+    encoded: str | bytes = backend.encode(meta)
+    return encoded
