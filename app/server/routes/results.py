@@ -14,11 +14,11 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from app.limits import MAX_ENVELOPE_BYTES
-from app.server.openapi import ENVELOPE_OPENAPI, ResultEnvelope
+from app.server.openapi import ENVELOPE_OPENAPI, MAX_RUN, ResultEnvelope
 from app.server.result_store import StaleRun, checked
 from app.server.routes.artifacts import url_for
 from app.server.routes.dependencies import SettingsDep, StoreDep
-from app.server.routes.run_checks import MAX_RUN, verify_run
+from app.server.routes.run_checks import verify_run
 from app.server.routes.task_state import task_view
 from app.server.transfer import ApiError, read_body
 

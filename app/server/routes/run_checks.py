@@ -15,7 +15,6 @@ from app.settings import Settings
 from app.worker.lease import latest_run
 
 RUN_RE = re.compile(r"^[1-9][0-9]{0,8}\Z", re.ASCII)  # X-Meshq-Run: 1 .. MAX_RUN
-MAX_RUN = 999_999_999
 
 
 def verify_run(settings: Settings, task_id: str, run: int, field: str) -> None:
