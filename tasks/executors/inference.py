@@ -2,12 +2,13 @@
 
 ``InferenceExecutor.run`` reads the prompts (``data: {type: list, items}`` or a
 dataset), renders them (``system_prompt``, chat template), tokenizes them once,
-sorts them by length and generates in micro-batches with left padding; results
-come back in input order. With ``do_sample: false`` every output is exactly what
-``model.generate`` gives for that prompt alone: each row's attention mask and
-position ids ignore its padding, and the transformers Llama-style models give the
-same tokens batched or not (the tests check it on prompts of very different
-lengths). Usage counts real tokens only, never padding.
+sorts them by length and generates in micro-batches with left padding
+(``tasks/executors/transformers_engine.py``); results come back in input order.
+With ``do_sample: false`` every output is exactly what ``model.generate`` gives for
+that prompt alone: each row's attention mask and position ids ignore its padding,
+and the transformers Llama-style models give the same tokens batched or not (the
+tests check it on prompts of very different lengths). Usage counts real tokens
+only, never padding.
 
 The model comes from the worker's ``ModelCache`` (``tasks/executors/models.py``): the second
 task on the same model skips loading; ``model_cache`` in the result says whether
@@ -30,7 +31,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ from tasks.executors.jsonl_export import write_export
 from tasks.executors.models import (
     CHECKPOINT_FIELD,
     MODEL_CACHE,
-    LoadedModel,
     ModelCache,
     check_model_dir,
     device_map_for,
@@ -53,6 +52,8 @@ from tasks.executors.models import (
 )
 from tasks.executors.progress import Progress
 from tasks.executors.shards import PromptRange
+from tasks.executors.transformers_engine import auto_limits, cut_at_stop, plan_batches
+from tasks.executors.transformers_engine import generate as transformers_generate
 from tasks.executors.vllm_engine import (
     CPU_CHUNK,
     CUDA_CHUNK,
@@ -66,48 +67,7 @@ from tasks.executors.vllm_engine import generate as vllm_generate
 
 log = logging.getLogger(__name__)
 
-# Automatic batch size: rows per batch are capped by a token budget (prompt + new
-# tokens of the longest row), so long prompts get smaller batches.
-CPU_MAX_BATCH = 32
-CPU_TOKEN_BUDGET = 16_384
-CUDA_MAX_BATCH = 256
-CUDA_MEMORY_FRACTION = 0.5  # of free GPU memory, for the KV cache of one batch
-
-
 # -- pure helpers ------------------------------------------------------------------------
-def plan_batches(lengths: Sequence[int], max_new_tokens: int, batch_size: int | None = None,
-                 *, max_batch: int = CPU_MAX_BATCH, token_budget: int = CPU_TOKEN_BUDGET,
-                 ) -> list[list[int]]:
-    """Indices of the prompts in each micro-batch, longest prompts first.
-
-    A fixed ``batch_size`` gives batches of that many rows; without one a batch grows
-    while ``rows × (longest prompt + max_new_tokens)`` fits ``token_budget`` and it
-    has at most ``max_batch`` rows. Sorting by length keeps padding small.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    if batch_size is not None:
-        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        # The first row of a batch is its longest (descending order).
-        longest = lengths[current[0]] if current else lengths[index]
-        if current and (len(current) >= max_batch
-                        or (len(current) + 1) * (longest + max_new_tokens) > token_budget):
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """``text`` up to the earliest stop string (excluded), and whether one was found."""
-    cut = min((pos for pos in (text.find(s) for s in stops if s) if pos >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
 def generate_in_batches(batches: Sequence[list[int]],
                         generate: Callable[[list[int]], Sequence[tuple[str, str, int]]],
                         encoded: Sequence[Sequence[int]], data: Prompts, offset: int, progress: Progress,
@@ -362,65 +322,6 @@ def select_backend(spec: TaskSpec, vllm_here: bool) -> BackendChoice:
     return BackendChoice("vllm")
 
 
-# -- generation --------------------------------------------------------------------------
-@cache
-def _stop_criteria_class() -> Any:
-    """A transformers ``StoppingCriteria`` that ends a row once its new text holds a stop string."""
-    import torch
-    from transformers import StoppingCriteria
-
-    class StopOnStrings(StoppingCriteria):  # type: ignore[misc]
-        def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_len: int) -> None:
-            self.tokenizer = tokenizer
-            self.stops = [s for s in stops if s]
-            self.prompt_len = prompt_len
-            # A stop string of n bytes spans at most n tokens; a few more for split characters.
-            self.window = max(len(s.encode("utf-8")) for s in self.stops) + 4
-            self.stopped_at: dict[int, int] = {}  # row → number of new tokens when it stopped
-
-        def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
-            length = input_ids.shape[1]
-            start = max(self.prompt_len, length - self.window)
-            flags = []
-            for row, tail_ids in enumerate(input_ids[:, start:].tolist()):  # one device→host copy
-                if row not in self.stopped_at:
-                    tail = self.tokenizer.decode(tail_ids, skip_special_tokens=True)
-                    if any(s in tail for s in self.stops):
-                        self.stopped_at[row] = length - self.prompt_len
-                flags.append(row in self.stopped_at)
-            return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
-
-    return StopOnStrings
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return set()
-    return {int(e) for e in eos} if isinstance(eos, list | tuple) else {int(eos)}
-
-
-def _auto_limits(loaded: LoadedModel) -> tuple[int, int]:
-    """(max rows, token budget) of a batch when ``batch_size`` is not given."""
-    import torch
-
-    model = loaded.model
-    device = model.device
-    if device.type != "cuda":
-        return CPU_MAX_BATCH, CPU_TOKEN_BUDGET
-    config = model.config
-    layers = int(getattr(config, "num_hidden_layers", 32))
-    heads = int(getattr(config, "num_attention_heads", 32))
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    kv_bytes_per_token = 2 * layers * kv_heads * head_dim * model.dtype.itemsize
-    free_bytes, _total = torch.cuda.mem_get_info(device)
-    budget = int(free_bytes * CUDA_MEMORY_FRACTION // max(kv_bytes_per_token, 1))
-    return CUDA_MAX_BATCH, max(budget, 1)
-
-
 class InferenceExecutor:
     """Runs ``taskType: inference``; one per worker process, so its model cache stays warm."""
 
@@ -485,7 +386,7 @@ class InferenceExecutor:
         if options.batch_size is not None:
             batches = plan_batches([len(ids) for ids in encoded], options.max_new_tokens, options.batch_size)
         else:
-            max_batch, budget = _auto_limits(loaded)
+            max_batch, budget = auto_limits(loaded)
             batches = plan_batches([len(ids) for ids in encoded], options.max_new_tokens,
                                    max_batch=max_batch, token_budget=budget)
         batches = [kept for kept in ([i for i in batch if i not in bad] for batch in batches) if kept]
@@ -494,8 +395,8 @@ class InferenceExecutor:
 
             torch.manual_seed(options.seed)
 
-        generated = generate_in_batches(batches, lambda batch: self._generate([encoded[i] for i in batch],
-                                                                             options, loaded),
+        generated = generate_in_batches(batches, lambda batch: transformers_generate([encoded[i] for i in batch],
+                                                                                     options, loaded),
                                         encoded, data, offset, progress, started, merged)
         device = loaded.model.device
         result: dict[str, Any] = {
@@ -602,54 +503,3 @@ class InferenceExecutor:
                                 f"prompt {offset + longest} has {len(encoded[longest])} tokens; with "
                                 f"max_new_tokens={options.max_new_tokens} it exceeds the model's "
                                 f"context of {context} tokens")
-
-    @staticmethod
-    def _generate(rows: Sequence[Sequence[int]], options: InferenceOptions,
-                  loaded: LoadedModel) -> list[tuple[str, str, int]]:
-        """``(output text, finish_reason, new tokens)`` for each row of one micro-batch."""
-        import torch
-
-        model, tokenizer = loaded.model, loaded.tokenizer
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, ids in enumerate(rows):  # left padding: every row ends where generation starts
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, width - len(ids):] = 1
-        kwargs: dict[str, Any] = {"max_new_tokens": options.max_new_tokens, "do_sample": options.sampling,
-                                  "pad_token_id": pad_id}
-        if options.sampling:
-            kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
-        if options.repetition_penalty != 1.0:
-            kwargs["repetition_penalty"] = options.repetition_penalty
-        if options.ignore_eos:  # every row generates max_new_tokens (benchmarks)
-            kwargs["min_new_tokens"] = options.max_new_tokens
-        eos = set() if options.ignore_eos else _eos_ids(model, tokenizer)
-        if not getattr(model.generation_config, "eos_token_id", None) and eos:
-            kwargs["eos_token_id"] = sorted(eos)
-        stops = [s for s in options.stop if s]
-        criteria = _stop_criteria_class()(tokenizer, stops, width) if stops else None
-        if criteria is not None:
-            kwargs["stopping_criteria"] = [criteria]
-        with torch.inference_mode():
-            output = model.generate(input_ids=input_ids.to(model.device),
-                                    attention_mask=attention_mask.to(model.device), **kwargs)
-        new_tokens = output[:, width:].tolist()
-        results = []
-        for row, tokens in enumerate(new_tokens):
-            # HF fills a finished row with pad tokens: only what came before its end counts.
-            end = len(tokens)
-            if criteria is not None and row in criteria.stopped_at:
-                end = min(end, criteria.stopped_at[row])
-            eos_at = next((i for i, t in enumerate(tokens[:end]) if t in eos), None)
-            if eos_at is not None:
-                end = eos_at + 1
-            # Decoded as ``tokenizer.decode(generate(...)[0, prompt_len:], skip_special_tokens=True)``
-            # would: the eos token is special (and dropped) in every real tokenizer.
-            text = tokenizer.decode(tokens[:end], skip_special_tokens=True)
-            text, stopped = cut_at_stop(text, stops)
-            reason = "stop" if stopped or eos_at is not None else "length"
-            results.append((text, reason, end))
-        return results
-

@@ -322,44 +322,28 @@ class TrainingExecutor:
             return {}
         write_training_log(out_dir, history, progress.run)
         losses = [(int(entry["step"]), float(entry["loss"])) for entry in history if "loss" in entry]
-        train_runtime = float(output.metrics.get("train_runtime", 0.0))
-        run_steps = steps - resumed_from_step
-        result: dict[str, Any] = {}
-        result.update(final_weights_fields(final_dir, kind, spec.output.archive_format, notes, out_dir,
-                                           progress.run))
-        result.update({
+        outcome = TrainingOutcome(
+            final_dir=final_dir, kind=kind, steps=steps, total_steps=max_steps, samples=len(rows),
+            resumed_from_step=resumed_from_step, train_runtime=float(output.metrics.get("train_runtime", 0.0)),
+            started=started, trainable_params=trainable, total_params=total, base_dir=base_dir, init_dir=init_dir,
+            device=device, precision=precision.name, peak_gpu_memory=peak, notes=notes)
+        metrics = {
             "train_loss": round(float(output.training_loss), 6),
             "loss_first": losses[0][1] if losses else None,
             "loss_last": losses[-1][1] if losses else None,
             "loss_history": sample_history(losses),
-            "steps": steps,
-            "total_steps": max_steps,
+        }
+        details = {
             "epochs": round(epoch, 4),
-            "samples": len(rows),
-            "resumed_from_step": resumed_from_step,
-            "train_runtime_sec": round(train_runtime, 3),
-            "steps_per_second": round(run_steps / train_runtime, 4) if train_runtime > 0 else None,
-            "runtime_sec": round(time.monotonic() - started, 3),
-            "trainable_params": trainable,
-            "total_params": total,
-            "base_model": str(base_dir),
-            "init_checkpoint": str(init_dir) if init_dir is not None else None,
-            "device": device,
-            "torch_threads": torch.get_num_threads(),
-            "precision": precision.name,
             "world_size": world_size,
             "backend": backend,
             "strategy": rank_strategy(options) if world_size > 1 else "single-process",
             "global_batch": options.batch_size * options.gradient_accumulation_steps * world_size,
             "packed": options.packing,
             "gradient_checkpointing": options.gradient_checkpointing,
-        })
-        result.update(self.extra_result(spec, history))
-        if peak is not None:
-            result["peak_gpu_memory_bytes"] = int(peak)
-        if notes:
-            result["notes"] = notes
-        return result
+            **self.extra_result(spec, history),
+        }
+        return training_result(outcome, metrics, details, spec.output.archive_format, out_dir, progress.run)
 
     # -- pieces subclasses share or override ---------------------------------------------
     def load_data(self, spec: TaskSpec, out_dir: Path) -> Any:
@@ -522,6 +506,66 @@ def final_weights_fields(staged: Path | None, kind: str, archive_format: str, no
         f"final_{kind}_archive_bytes": archive.bytes,
         f"final_{kind}_archive_format": archive.format,
     }
+
+
+@dataclass
+class TrainingOutcome:
+    """How a training run ended, whatever ran its steps (the ``Trainer`` or the ppo loop):
+    what ``training_result`` turns into the fields every training task reports."""
+
+    final_dir: Path | None  # the staged final_<kind>/ (save_final); None with save_model: false
+    kind: str  # "model" or "lora"
+    steps: int
+    total_steps: int
+    samples: int
+    resumed_from_step: int
+    train_runtime: float  # seconds spent in this run's steps
+    started: float  # time.monotonic() when the task started
+    trainable_params: int
+    total_params: int
+    base_dir: Path
+    init_dir: Path | None  # the checkpoint.load weights it started from
+    device: str
+    precision: str  # Precision.name
+    peak_gpu_memory: int | None
+    notes: list[str]
+
+
+def training_result(outcome: TrainingOutcome, metrics: dict[str, Any], details: dict[str, Any],
+                    archive_format: str, out_dir: Path, run: int | None) -> dict[str, Any]:
+    """A training task's result, built here for every training executor: the final weights'
+    fields (committed under the run fence: ``final_weights_fields``), the loop's ``metrics``
+    (its loss or reward history), the fields every training task has, the task type's own
+    ``details``, then the peak GPU memory and the notes."""
+    import torch
+
+    result = final_weights_fields(outcome.final_dir, outcome.kind, archive_format, outcome.notes, out_dir, run)
+    result.update(metrics)
+    run_steps = outcome.steps - outcome.resumed_from_step
+    runtime = outcome.train_runtime
+    result.update({
+        "steps": outcome.steps,
+        "total_steps": outcome.total_steps,
+        "samples": outcome.samples,
+        "resumed_from_step": outcome.resumed_from_step,
+        "train_runtime_sec": round(runtime, 3),
+        # None when this run took no step (it resumed at the end): no speed to report.
+        "steps_per_second": round(run_steps / runtime, 4) if runtime > 0 and run_steps else None,
+        "runtime_sec": round(time.monotonic() - outcome.started, 3),
+        "trainable_params": outcome.trainable_params,
+        "total_params": outcome.total_params,
+        "base_model": str(outcome.base_dir),
+        "init_checkpoint": str(outcome.init_dir) if outcome.init_dir is not None else None,
+        "device": outcome.device,
+        "torch_threads": torch.get_num_threads(),
+        "precision": outcome.precision,
+    })
+    result.update(details)
+    if outcome.peak_gpu_memory is not None:
+        result["peak_gpu_memory_bytes"] = int(outcome.peak_gpu_memory)
+    if outcome.notes:
+        result["notes"] = outcome.notes
+    return result
 
 
 def write_training_log(out_dir: Path, history: list[dict[str, Any]], run: int | None) -> None:
