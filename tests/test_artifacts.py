@@ -488,10 +488,10 @@ def test_token_goes_only_to_the_orchestrator(monkeypatch: pytest.MonkeyPatch) ->
     assert redact("https://u:p@store.example/a.zip?X-Amz-Signature=secret") == "https://store.example/a.zip?…"
 
 
-# -- the run fence of a task directory (app.artifacts.run_fence) ---------------------------
+# -- the run fence of a task directory (app.artifacts.run_record) ---------------------------
 FENCE_SCRIPT = """
 import pathlib, sys, time
-from app.artifacts.run_fence import fenced
+from app.artifacts.run_record import fenced
 from app.errors import LeaseLost
 task_dir, run, hold = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 try:
@@ -538,7 +538,7 @@ def test_the_run_fence_lets_a_later_run_win_between_processes(tmp_path: Path) ->
     assert (task_dir / "out.txt").read_text() == "run 2"
     retry = _fence_process(task_dir, 2)
     assert retry.wait(timeout=30) == 0
-    from app.artifacts.run_fence import recorded_run
+    from app.artifacts.run_record import recorded_run
 
     assert recorded_run(task_dir) == 2
 
@@ -548,7 +548,7 @@ def test_a_late_runs_final_outputs_never_replace_a_later_runs(tmp_path: Path) ->
     training run's final_<kind>/ + archive, and the jsonl export. After run 2 committed, run 1
     raises LeaseLost at each and the files stay run 2's; the manifest leaves the fence's
     bookkeeping out; a run without a number (tests, scripts) is not fenced."""
-    from app.artifacts.run_fence import FENCE_DIR, staging_dir
+    from app.artifacts.run_record import RECORD_DIR, staging_dir
     from app.errors import LeaseLost
     from app.spec import parse_task_spec
     from app.spec.schema import JsonlExport
@@ -575,7 +575,7 @@ def test_a_late_runs_final_outputs_never_replace_a_later_runs(tmp_path: Path) ->
     write_export([{"output": "two"}], export, out, 2)
     finish_result("task-1", spec, out, {"by": "run two", **fields}, 0.1, run=2)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert not [f for f in manifest["files"] if f["path"].startswith(FENCE_DIR)]
+    assert not [f for f in manifest["files"] if f["path"].startswith(RECORD_DIR)]
     assert {"responses.json", "final_model.zip", "final_model/weights.bin", "rows.jsonl"} <= \
         {f["path"] for f in manifest["files"]}
 
@@ -591,7 +591,7 @@ def test_a_late_runs_final_outputs_never_replace_a_later_runs(tmp_path: Path) ->
     assert (out / "final_model" / "weights.bin").read_text() == "two"
     assert (out / "rows.jsonl").read_text() == '{"text": "two"}\n'
     assert json.loads((out / "manifest.json").read_text()) == manifest
-    assert not list((out / FENCE_DIR / "staging").iterdir())
+    assert not list((out / RECORD_DIR / "staging").iterdir())
     finish_result("task-1", spec, out, {"by": "no run"}, 0.1)  # no run number: no fence
     assert json.loads((out / "responses.json").read_text())["by"] == "no run"
 
@@ -604,7 +604,7 @@ def test_the_run_fence_locks_a_file_where_a_directory_cannot_be_locked(tmp_path:
     import os
     import stat
 
-    from app.artifacts.run_fence import FENCE_DIR, LOCK_FILE, fenced, recorded_run
+    from app.artifacts.run_record import LOCK_FILE, RECORD_DIR, fenced, recorded_run
     from app.errors import LeaseLost
 
     real_flock = fcntl.flock
@@ -617,7 +617,7 @@ def test_the_run_fence_locks_a_file_where_a_directory_cannot_be_locked(tmp_path:
     monkeypatch.setattr(fcntl, "flock", nfs_like_flock)
     task_dir = tmp_path / "task"
     with fenced(task_dir, 2):
-        lock = task_dir / FENCE_DIR / LOCK_FILE
+        lock = task_dir / RECORD_DIR / LOCK_FILE
         assert lock.is_file()
         other = os.open(lock, os.O_RDWR)
         try:  # another open file description cannot take the lock while the run commits

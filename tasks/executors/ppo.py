@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from app.artifacts.checkpoints import download_file
-from app.artifacts.run_fence import fenced
+from app.artifacts.run_record import fenced
 from app.data_roots import check_remote_code, under_results
 from app.errors import ExecutorError, SpecError, TaskCancelled
 from app.spec import TaskSpec, TrainingOptions
