@@ -17,7 +17,9 @@ lets the caller commit:
 - record: a run after the first is recorded (atomically). Run 1 records nothing: no run
   is earlier than it, so no record means "no run after the first committed", and a
   task's common case costs no file write;
-- commit: the caller writes its outputs, still under the lock.
+- commit: the caller writes its outputs, still under the lock. A worker never sends
+  anything to the server from inside: in a shared folder the server's commit would wait
+  for the worker's lock, and the worker for the server's answer.
 
 A run paused before the lock is refused when it wakes; a run paused inside it only delays
 the later run, which then overwrites what it wrote. What a worker prepares before its
@@ -55,14 +57,16 @@ OLD_SERVER_RECORD = ".run~"  # the server's record before this module
 
 def recorded_run(task_dir: str | os.PathLike[str]) -> int | None:
     """The highest run that committed outputs into ``task_dir`` (None: none recorded)."""
-    runs = [run for run in (_read_run(Path(task_dir) / RECORD_DIR / RECORD_FILE),
-                            _read_run(Path(task_dir) / OLD_SERVER_RECORD)) if run is not None]
+    task_dir = os.fspath(task_dir)  # plain strings: this runs at every commit of every task
+    runs = [run for run in (_read_run(os.path.join(task_dir, RECORD_DIR, RECORD_FILE)),
+                            _read_run(os.path.join(task_dir, OLD_SERVER_RECORD))) if run is not None]
     return max(runs, default=None)
 
 
-def _read_run(path: Path) -> int | None:
+def _read_run(path: str) -> int | None:
     try:
-        run = json.loads(path.read_text(encoding="utf-8")).get("run")
+        with open(path, encoding="utf-8") as fh:
+            run = json.load(fh).get("run")
     except (OSError, ValueError, AttributeError):
         return None
     return run if isinstance(run, int) and not isinstance(run, bool) else None
@@ -86,11 +90,7 @@ def fenced(task_dir: str | os.PathLike[str], run: int | None) -> Iterator[None]:
         yield
         return
     task_dir = Path(task_dir)
-    try:
-        task_dir.mkdir(parents=True)
-        created = True
-    except FileExistsError:
-        created = False
+    created = not task_dir.is_dir()  # made by this commit (or one beside it: see _remove_if_bare)
     fd = -1
     try:
         fd = _lock(task_dir)
@@ -158,7 +158,8 @@ def _flock(task_dir: Path) -> tuple[int, Path]:
 
 
 def _remove_if_bare(task_dir: Path) -> None:
-    """Remove a task folder that holds nothing but this module's record and lock."""
+    """Remove a task folder that holds nothing but this module's record and lock: no commit
+    made it its own (one waiting for the lock finds it gone and makes it again)."""
     record_dir = task_dir / RECORD_DIR
     with suppress(OSError):
         if set(os.listdir(task_dir)) - {RECORD_DIR}:
