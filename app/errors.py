@@ -98,6 +98,21 @@ class LeaseLost(MeshqError):
         return f"task {self.task_id} is now run by worker {self.holder}; this run stops"
 
 
+class StaleRun(LeaseLost):
+    """A commit of a task's outputs from an earlier run than the one its task folder records
+    (``app.artifacts.run_record``): nothing was written. The server answers it with 409; on
+    a worker it stops the run as a lost lease does (the later run owns the task)."""
+
+    def __init__(self, task_id: str, run: int, stored_run: int) -> None:
+        super().__init__(task_id, "a later run", run=run, later_run=stored_run)
+        self.args = (task_id, run, stored_run)  # as pickle rebuilds it
+        self.stored_run = stored_run
+
+    def __str__(self) -> str:
+        return (f"run {self.run} of task {self.task_id} is older than the stored result's run "
+                f"{self.stored_run}; not stored, this run stops")
+
+
 class RunRefused(LeaseLost):
     """The orchestrator refused this run's upload or result (409: it holds another run's
     outputs of the task, or cannot verify this run). ``detail`` is the server's reason.

@@ -22,7 +22,7 @@ from celery.exceptions import Ignore
 
 from app.artifacts.delivery import deliver_result, undelivered
 from app.artifacts.manifest import write_task_outputs
-from app.artifacts.run_fence import fenced
+from app.artifacts.run_record import fenced
 from app.errors import ArtifactError, ExecutorError, LeaseLost, RunRefused, SpecError, TaskCancelled
 from app.events import utc_now_iso
 from app.names import check_name
@@ -94,7 +94,7 @@ def finish_result(task_id: str, spec: TaskSpec, out_dir: Path, result: dict[str,
     reference (``tasks.oversize``; ``inline``: always the result — a shard's, which its
     merge reads).
 
-    Written under the run fence (``app.artifacts.run_fence``): when a later run of the
+    Written under the run fence (``app.artifacts.run_record``): when a later run of the
     task committed its outputs to the same directory (a shared ``RESULTS_DIR``), this run
     raises ``LeaseLost`` and writes nothing."""
     result = annotate(result, spec, out_dir, runtime_s)
@@ -189,7 +189,7 @@ class MeshqTask(Task):
         # From here on every step, batch and progress report checks the lease (the fence):
         # a run that lost the task to another worker stops and writes nothing more.
         progress.lease = lease
-        progress.run = runs  # the run fence of the executors' final outputs (app.artifacts.run_fence)
+        progress.run = runs  # the run fence of the executors' final outputs (app.artifacts.run_record)
         try:
             if shard is None:
                 self.split(spec, raw_spec, out_dir, progress, pipeline)  # replaces the task when it shards

@@ -14,6 +14,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -488,10 +489,10 @@ def test_token_goes_only_to_the_orchestrator(monkeypatch: pytest.MonkeyPatch) ->
     assert redact("https://u:p@store.example/a.zip?X-Amz-Signature=secret") == "https://store.example/a.zip?…"
 
 
-# -- the run fence of a task directory (app.artifacts.run_fence) ---------------------------
+# -- the run fence of a task directory (app.artifacts.run_record) ---------------------------
 FENCE_SCRIPT = """
 import pathlib, sys, time
-from app.artifacts.run_fence import fenced
+from app.artifacts.run_record import fenced
 from app.errors import LeaseLost
 task_dir, run, hold = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 try:
@@ -538,7 +539,7 @@ def test_the_run_fence_lets_a_later_run_win_between_processes(tmp_path: Path) ->
     assert (task_dir / "out.txt").read_text() == "run 2"
     retry = _fence_process(task_dir, 2)
     assert retry.wait(timeout=30) == 0
-    from app.artifacts.run_fence import recorded_run
+    from app.artifacts.run_record import recorded_run
 
     assert recorded_run(task_dir) == 2
 
@@ -548,7 +549,7 @@ def test_a_late_runs_final_outputs_never_replace_a_later_runs(tmp_path: Path) ->
     training run's final_<kind>/ + archive, and the jsonl export. After run 2 committed, run 1
     raises LeaseLost at each and the files stay run 2's; the manifest leaves the fence's
     bookkeeping out; a run without a number (tests, scripts) is not fenced."""
-    from app.artifacts.run_fence import FENCE_DIR, staging_dir
+    from app.artifacts.run_record import RECORD_DIR, staging_dir
     from app.errors import LeaseLost
     from app.spec import parse_task_spec
     from app.spec.schema import JsonlExport
@@ -575,7 +576,7 @@ def test_a_late_runs_final_outputs_never_replace_a_later_runs(tmp_path: Path) ->
     write_export([{"output": "two"}], export, out, 2)
     finish_result("task-1", spec, out, {"by": "run two", **fields}, 0.1, run=2)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert not [f for f in manifest["files"] if f["path"].startswith(FENCE_DIR)]
+    assert not [f for f in manifest["files"] if f["path"].startswith(RECORD_DIR)]
     assert {"responses.json", "final_model.zip", "final_model/weights.bin", "rows.jsonl"} <= \
         {f["path"] for f in manifest["files"]}
 
@@ -591,7 +592,7 @@ def test_a_late_runs_final_outputs_never_replace_a_later_runs(tmp_path: Path) ->
     assert (out / "final_model" / "weights.bin").read_text() == "two"
     assert (out / "rows.jsonl").read_text() == '{"text": "two"}\n'
     assert json.loads((out / "manifest.json").read_text()) == manifest
-    assert not list((out / FENCE_DIR / "staging").iterdir())
+    assert not list((out / RECORD_DIR / "staging").iterdir())
     finish_result("task-1", spec, out, {"by": "no run"}, 0.1)  # no run number: no fence
     assert json.loads((out / "responses.json").read_text())["by"] == "no run"
 
@@ -604,7 +605,7 @@ def test_the_run_fence_locks_a_file_where_a_directory_cannot_be_locked(tmp_path:
     import os
     import stat
 
-    from app.artifacts.run_fence import FENCE_DIR, LOCK_FILE, fenced, recorded_run
+    from app.artifacts.run_record import LOCK_FILE, RECORD_DIR, fenced, recorded_run
     from app.errors import LeaseLost
 
     real_flock = fcntl.flock
@@ -617,7 +618,7 @@ def test_the_run_fence_locks_a_file_where_a_directory_cannot_be_locked(tmp_path:
     monkeypatch.setattr(fcntl, "flock", nfs_like_flock)
     task_dir = tmp_path / "task"
     with fenced(task_dir, 2):
-        lock = task_dir / FENCE_DIR / LOCK_FILE
+        lock = task_dir / RECORD_DIR / LOCK_FILE
         assert lock.is_file()
         other = os.open(lock, os.O_RDWR)
         try:  # another open file description cannot take the lock while the run commits
@@ -628,3 +629,75 @@ def test_the_run_fence_locks_a_file_where_a_directory_cannot_be_locked(tmp_path:
     assert recorded_run(task_dir) == 2
     with pytest.raises(LeaseLost), fenced(task_dir, 1):
         pass
+
+
+def _waits_for_lock(path: Path) -> bool:
+    """Whether a process is blocked on an ``flock`` of ``path`` (``/proc/locks`` marks a
+    waiter with ``->``, and names the locked file as ``major:minor:inode``)."""
+    inode = str(path.stat().st_ino)
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "->" in fields and len(fields) >= 3 and fields[-3].rsplit(":", 1)[-1] == inode:
+            return True
+    return False
+
+
+def test_the_server_and_a_worker_share_one_run_record(server_factory, redis_client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The server's results directory is the workers' RESULTS_DIR: one task folder takes the
+    server's commits (an envelope, an upload) and a worker's fenced commits under one lock,
+    and both sides read one record. A later run wins and an earlier one is refused on both
+    sides, in either order; a folder whose run an earlier server recorded (``.run~``) keeps it."""
+    from app.artifacts.run_record import recorded_run
+    from tests.conftest import wait_for
+
+    server = server_factory()
+    task = "shared-task"
+    task_dir = server.results_dir / task
+    redis_client.set(f"meshq:task:{task}:runs", 3)  # runs 1..3 were issued
+    results = f"{server.base_url}/api/v1/results"
+
+    def envelope(run: int) -> requests.Response:
+        return requests.post(results, json={"task_id": task, "result": {"run": run}, "worker_id": "w", "run": run},
+                             timeout=60)
+
+    def upload(run: int) -> requests.Response:
+        return requests.post(f"{results}/{task}/files", files={"file": ("model.zip", f"run {run}".encode())},
+                             headers={"X-Meshq-Run": str(run)}, timeout=60)
+
+    # A worker's run 2 is inside its commit: the server's commit of run 3 waits for it.
+    go = tmp_path / "go"
+    worker = _fence_process(task_dir, 2, hold=go)
+    assert worker.stdout is not None and worker.stdout.readline().strip() == "inside"
+    with ThreadPoolExecutor(1) as pool:
+        posted = pool.submit(envelope, 3)
+        wait_for(lambda: _waits_for_lock(task_dir), 30, message="the server's commit to wait for the worker's lock")
+        assert not (task_dir / "result.json").exists()
+        go.touch()
+        assert worker.wait(timeout=30) == 0
+        assert posted.result(timeout=60).status_code == 201
+    assert (task_dir / "out.txt").read_text() == "run 2"  # the worker committed first
+    assert recorded_run(task_dir) == 3  # the server's run, as the worker reads it
+    late = _fence_process(task_dir, 2)  # the worker's run 2 again: refused at its commit
+    output = late.communicate(timeout=30)[0]
+    assert late.returncode == 3 and "older than the stored result's run 3" in output, output
+    assert (task_dir / "out.txt").read_text() == "run 2"
+    assert upload(2).status_code == 409 and upload(3).status_code == 201
+
+    # The other order: a worker records run 4; the server refuses run 3's upload and envelope.
+    redis_client.set(f"meshq:task:{task}:runs", 4)
+    assert _fence_process(task_dir, 4).wait(timeout=30) == 0
+    refused = upload(3)
+    assert refused.status_code == 409 and "run 4" in refused.json()["detail"], refused.text
+    assert envelope(3).status_code == 409
+    assert json.loads((task_dir / "result.json").read_text())["run"] == 3  # the server's own, kept
+    assert envelope(4).status_code == 201
+
+    # A task folder from the version before: the server's record was .run~.
+    old = server.results_dir / "old-task"
+    old.mkdir()
+    (old / ".run~").write_text('{"run": 5}')
+    redis_client.set("meshq:task:old-task:runs", 6)
+    assert _fence_process(old, 4).wait(timeout=30) == 3
+    assert requests.post(f"{results}/old-task/files", files={"file": ("f", b"x")}, headers={"X-Meshq-Run": "4"},
+                         timeout=60).status_code == 409
+    assert _fence_process(old, 6).wait(timeout=30) == 0 and recorded_run(old) == 6

@@ -27,7 +27,7 @@ from typing import Any
 from app.artifacts.auth import token_for
 from app.artifacts.manifest import MANIFEST_NAME, RESPONSES_NAME, write_json_atomic, write_task_outputs
 from app.artifacts.retry import RetryPolicy
-from app.artifacts.run_fence import FENCE_DIR, fenced
+from app.artifacts.run_record import RECORD_DIR, fenced
 from app.artifacts.upload import post_json, upload_file
 from app.errors import ArtifactError, RunRefused, SpecError
 from app.redaction import redact
@@ -113,7 +113,7 @@ def deliver_result(task_id: str, destination: Destination, result: dict[str, Any
     return result
 
 
-DELIVERY_RECORD = "delivery.json"  # under the task directory's FENCE_DIR: a delivery to retry
+DELIVERY_RECORD = "delivery.json"  # under the task directory's RECORD_DIR: a delivery to retry
 
 
 def undelivered(task_id: str, destination: Destination, task_dir: Path, run: int | None, worker_id: str,
@@ -127,8 +127,8 @@ def undelivered(task_id: str, destination: Destination, task_dir: Path, run: int
             "on that host (same RESULTS_DIR, ORCHESTRATOR_BASE_URL and ORCHESTRATOR_TOKEN) to deliver them "
             "without running the task again")
     try:
-        (task_dir / FENCE_DIR).mkdir(exist_ok=True)
-        write_json_atomic(os.fspath(task_dir / FENCE_DIR / DELIVERY_RECORD), record)
+        (task_dir / RECORD_DIR).mkdir(exist_ok=True)
+        write_json_atomic(os.fspath(task_dir / RECORD_DIR / DELIVERY_RECORD), record)
     except OSError as exc:
         hint = f"; its outputs are kept in {task_dir} on worker {worker_id}, but the retry record was not written ({exc})"
     return ArtifactError(f"{error}{hint}", url=error.url, path=str(task_dir), status=error.status)
@@ -142,7 +142,7 @@ def redeliver(task_dir: Path, headers: dict[str, str] | None = None,
     delivered result. ``headers``: the destination's headers again (never recorded)."""
     task_id = task_dir.name
     try:
-        record = json.loads((task_dir / FENCE_DIR / DELIVERY_RECORD).read_text(encoding="utf-8"))
+        record = json.loads((task_dir / RECORD_DIR / DELIVERY_RECORD).read_text(encoding="utf-8"))
         result = json.loads((task_dir / RESPONSES_NAME).read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ArtifactError(f"{task_dir}: no failed delivery recorded for task {task_id} ({exc.filename} "
@@ -168,7 +168,7 @@ def redeliver(task_dir: Path, headers: dict[str, str] | None = None,
             manifest = None
         reuse = manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), list) else None
         write_task_outputs(task_dir, delivered, reuse=reuse)  # the archives are not hashed again
-    (task_dir / FENCE_DIR / DELIVERY_RECORD).unlink(missing_ok=True)
+    (task_dir / RECORD_DIR / DELIVERY_RECORD).unlink(missing_ok=True)
     return delivered
 
 

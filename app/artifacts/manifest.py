@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 from typing import Any
 
 CHUNK_BYTES = 1024 * 1024
 MANIFEST_NAME = "manifest.json"
 RESPONSES_NAME = "responses.json"
-# checkpoints: large, transient, and not part of the result; .meshq: the run fence's
-# bookkeeping (app.artifacts.run_fence)
+# checkpoints: large, transient, and not part of the result; .meshq: the task folder's
+# bookkeeping (app.artifacts.run_record)
 SKIP_DIRS = ("checkpoints", ".meshq")
 
 
@@ -64,27 +65,31 @@ def json_bytes(data: Any) -> bytes:
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], content: bytes) -> None:
-    """Write to a temporary file and rename it, so readers never see half a file.
+    """Write to a temporary file of this call's own and rename it over ``path``: readers
+    never see half a file, and two writers of one path at once never mix their bytes.
+    The temporary name ends in ``~``, which no name a client gives can (``app.names``),
+    so the server never serves one.
 
-    No fsync: the rename is atomic for readers and a killed worker loses nothing
+    No fsync: the rename is atomic for readers and a killed process loses nothing
     (the page cache survives it); the Celery result in Redis is the durable copy.
     """
     path = os.fspath(path)
     directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.tmp")
+    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}~")
     try:
         with open(tmp, "wb") as fh:
             fh.write(content)
+        os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)  # no half-written leftovers (e.g. disk full)
         except FileNotFoundError:
             pass
         raise
-    os.replace(tmp, path)
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
+    """The one atomic JSON write of meshq's files (see ``write_bytes_atomic``)."""
     write_bytes_atomic(path, json_bytes(data))
 
 

@@ -9,7 +9,7 @@ failures make them worse than useless, and they are removed as the task fails:
   failure with under 1 MiB left): the checkpoints hold the space every other task on
   the worker needs.
 
-The removal is fenced (``app.artifacts.run_fence``): a late run never removes what a
+The removal is fenced (``app.artifacts.run_record``): a late run never removes what a
 later run of the task wrote. Other failures keep their checkpoints.
 """
 
@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from app.artifacts.run_fence import fenced
+from app.artifacts.run_record import fenced
 from app.errors import ExecutorError, LeaseLost
 from tasks.executors.divergence import TrainingDiverged
 

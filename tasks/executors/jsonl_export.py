@@ -19,7 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from app.artifacts.run_fence import fenced
+from app.artifacts.manifest import write_bytes_atomic
+from app.artifacts.run_record import fenced
 from app.spec.schema import JsonlExport, JsonlExportField
 
 
@@ -52,8 +53,6 @@ def write_export(items: list[dict[str, Any]], export: JsonlExport, out_dir: Path
     data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
     with fenced(out_dir, run):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        write_bytes_atomic(path, data)
     return {"path": str(path), "rows": len(rows), "skipped": skipped, "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(), "fields": list(export.fields)}

@@ -19,7 +19,7 @@ class Progress:
 
     task_id = "local"
     # The task's run (its count of real starts) when a worker runs it: executors commit
-    # their final outputs under ``app.artifacts.run_fence.fenced(out_dir, progress.run)``.
+    # their final outputs under ``app.artifacts.run_record.fenced(out_dir, progress.run)``.
     # None (tests, scripts): no fence.
     run: int | None = None
 

@@ -14,8 +14,9 @@ import sys
 import traceback
 from pathlib import Path
 
+from app.artifacts.manifest import write_json_atomic
 from app.errors import SpecError, TaskCancelled
-from tasks.executors.ranks import RankFiles, RankProgress, die_with_parent, write_json
+from tasks.executors.ranks import RankFiles, RankProgress, die_with_parent
 
 
 def main(job_path: str) -> int:
@@ -36,13 +37,13 @@ def main(job_path: str) -> int:
             result = EXECUTORS[spec.taskType]().run(spec, Path(job["out_dir"]), progress)
         except TaskCancelled as exc:
             if rank == 0:
-                write_json(files.cancelled, {"where": exc.where})
+                write_json_atomic(files.cancelled, {"where": exc.where})
             return 0
         if rank == 0:
-            write_json(files.result, result)
+            write_json_atomic(files.result, result)
         return 0
     except BaseException as exc:  # noqa: BLE001 (every error of a rank is reported as such)
-        write_json(files.error(rank), {
+        write_json_atomic(files.error(rank), {
             "rank": rank, "world_size": world, "type": type(exc).__name__,
             "field": exc.field if isinstance(exc, SpecError) else None,
             "message": exc.message if isinstance(exc, SpecError) else str(exc),

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from app.artifacts.manifest import write_json_atomic
 from app.engines import deepspeed_installed
 from app.errors import ExecutorError, SpecError, TaskCancelled
 from app.spec import TaskSpec, TrainingOptions
@@ -198,12 +199,6 @@ class RankFiles:
         return out
 
 
-def write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
-
-
 class RankProgress(Progress):
     """The ``Progress`` of a rank: rank 0 appends its reports to ``progress.jsonl`` for the pool
     process to relay; every rank reads the cancel flag file, and inside a process group the
@@ -246,7 +241,7 @@ def run_ranks(spec: TaskSpec, out_dir: Path, progress: Progress, plan: RankPlan)
 
         shutil.rmtree(files.dir)
     files.dir.mkdir(parents=True)
-    write_json(files.job, {"spec": spec.model_dump(mode="json", by_alias=True, exclude_unset=True),
+    write_json_atomic(files.job, {"spec": spec.model_dump(mode="json", by_alias=True, exclude_unset=True),
                            "out_dir": str(out_dir), "task_id": progress.task_id, "run": progress.run,
                            "plan": asdict(plan)})
     env = {**os.environ, JOB_VARIABLE: str(files.job)}

@@ -57,7 +57,7 @@ from typing import Any
 
 from app.artifacts.archive import make_archive
 from app.artifacts.checkpoints import checkpoint_kind, download_file, fetch_checkpoint
-from app.artifacts.run_fence import fenced, staging_dir
+from app.artifacts.run_record import fenced, staging_dir
 from app.errors import ExecutorError, SpecError, TaskCancelled
 from app.settings import get_settings
 from app.spec import LoraOptions, TaskSpec, TrainingOptions
@@ -468,7 +468,7 @@ class LoRASFTExecutor(TrainingExecutor):
 
 def save_final(save_weights: Callable[[Path], None], tokenizer: Any, out_dir: Path, kind: str) -> Path:
     """``final_<kind>/`` (``save_weights(dir)`` + the tokenizer) written into a staging
-    directory of this run's own (``app.artifacts.run_fence.staging_dir``), never where
+    directory of this run's own (``app.artifacts.run_record.staging_dir``), never where
     another run of the task writes; ``final_weights_fields`` commits it into ``out_dir``."""
     staged = staging_dir(out_dir) / f"final_{kind}"
     save_weights(staged)
