@@ -62,9 +62,9 @@ class FailoverQoS(redis_transport.QoS):
             self._twice(write)
         except self.channel.connection_errors as exc:
             virtual.QoS.ack(self, delivery_tag)  # not counted any more: the consumer asks for the next task
-            log.warning("the %s of message %s did not reach the broker (%s: %s): it comes back after the "
-                        "visibility timeout and is dropped then (its task's result is stored)", what,
-                        delivery_tag, type(exc).__name__, exc)
+            log.warning("the %s of message %s did not reach the broker (%s: %s): the message comes back "
+                        "after the visibility timeout (a copy of a task whose result is stored is dropped then)",
+                        what, delivery_tag, type(exc).__name__, exc)
 
     def _drop_idle_brpop_connection(self) -> None:
         """The consumer's next BRPOP would go to the server that just did not answer, and wait
