@@ -108,8 +108,10 @@ rank_progress_as_running()
 from app import sent_tasks  # noqa: E402,F401  (records each published meshq task)
 
 # Worker behaviour, connected to Celery's signals on import: the meshq shim (signals), the
-# start-up checks, one task at a time, and the worker record kept true to the consumer.
+# start-up checks, one task at a time, the worker record kept true to the consumer, and
+# acknowledgements that free the consumer even when Redis does not answer (broker_qos).
 from app.worker import (  # noqa: E402,F401
+    broker_qos,
     concurrency,
     consumer_state,
     signals,
