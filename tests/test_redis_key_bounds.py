@@ -4,7 +4,8 @@ A fleet runs for months on one Redis: a key written per task and never expired g
 with the number of tasks ever run. This runs every task type through real workers
 (echo, a failure, a cancel, inference — also sharded —, sft, lora_sft, a pipeline, a
 graph), then scans the whole database. A key without a TTL must match one of
-``BOUNDED`` below, each naming what bounds its count (docs/RELIABILITY.md "Redis keys").
+``BOUNDED`` below, each naming what bounds its count (docs/RELIABILITY.md, "Redis keys and
+what bounds them").
 """
 
 from __future__ import annotations

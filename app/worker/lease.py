@@ -81,11 +81,11 @@ if ARGV[4] ~= '' then
 end
 if ARGV[3] == '1' then
   local runs = redis.call('incr', KEYS[2])
-  redis.call('expire', KEYS[2], %d)
+  redis.call('expire', KEYS[2], RUNS_TTL_S)
   return runs
 end
 return tonumber(redis.call('get', KEYS[2]) or '0')
-""" % RUNS_TTL_S
+""".replace("RUNS_TTL_S", str(RUNS_TTL_S))
 
 
 def cancelled_at_start(reply: Any) -> bool:
@@ -112,7 +112,7 @@ _FENCE = """
 local latest = tonumber(redis.call('get', KEYS[3]) or '0')
 local run = tonumber(ARGV[4])
 if latest == 0 and run > 0 then  -- Redis lost its data: this running run is the latest issued
-  redis.call('set', KEYS[3], run, 'EX', %d)
+  redis.call('set', KEYS[3], run, 'EX', RUNS_TTL_S)
   latest = run
 end
 local cancelled = 0
@@ -128,7 +128,7 @@ if holder == ARGV[1] then
   redis.call('set', KEYS[2], ARGV[3], 'EX', 7 * 24 * 3600)
 end
 return {cancelled, holder, latest}
-""" % RUNS_TTL_S
+""".replace("RUNS_TTL_S", str(RUNS_TTL_S))
 
 
 class AlreadyFinished(Exception):
