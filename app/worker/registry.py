@@ -168,12 +168,9 @@ class WorkerRegistry:
         # The latest load readings stay in the hash too: a reader of the registry (the web
         # view) sees GPU use without listening to the channel.
         pipe.hset(hkey, mapping={"last_seen": now, "metrics_json": json.dumps(load)})
-        # Its reply (1: the field was missing) says the static fields must be written again (a
-        # status write of the pool child may have re-created the hash without them).
+        # Its reply (1: the field was missing) says the rest must be written again (a status
+        # write of the pool child may have re-created the hash without the static fields).
         pipe.hsetnx(hkey, "worker_id", self.worker_id)
-        # Status is owned by the process running tasks; only restore it if Redis lost it.
-        pipe.hsetnx(hkey, "status", RUNNING if running else IDLE)
-        pipe.hsetnx(hkey, "current_task", running[0] if running else "")
         pipe.setex(keys.worker_heartbeat(self.worker_id), self.settings.heartbeat_ttl_s, now)
         if self._record_expiry_due():
             pipe.expire(hkey, WORKER_RECORD_TTL_S)
@@ -186,7 +183,7 @@ class WorkerRegistry:
         after = self.on_beat(pipe, running) if self.on_beat is not None else None
         replies = pipe.execute()
         if replies[1]:  # the hash was gone (Redis restarted empty, or it expired): write it whole
-            self._restore_record()
+            self._restore_record(running)
         for start, end, callback in after or ():  # hooks that want their replies
             callback(replies[start:end])
         if self.on_capability_queues is not None:
@@ -200,9 +197,13 @@ class WorkerRegistry:
         self._record_expiry_set_at = now
         return True
 
-    def _restore_record(self) -> None:
+    def _restore_record(self, running: list[str]) -> None:
+        hkey = keys.worker_hash(self.worker_id)
         pipe = self.client.pipeline(transaction=False)
-        pipe.hset(keys.worker_hash(self.worker_id), mapping=self.static_fields())
+        pipe.hset(hkey, mapping=self.static_fields())
+        # Status is owned by the process running tasks; only restored when Redis lost it.
+        pipe.hsetnx(hkey, "status", RUNNING if running else IDLE)
+        pipe.hsetnx(hkey, "current_task", running[0] if running else "")
         pipe.expire(keys.worker_hash(self.worker_id), WORKER_RECORD_TTL_S)
         pipe.sadd(keys.WORKERS_SET, self.worker_id)
         pipe.execute()
