@@ -16,6 +16,7 @@ events on, as users run them) on a private embedded Redis:
 Numbers on a shared machine are noisy; the table says what was measured, not a verdict.
 
     python bench/fleet.py [--sizes 1,8,32] [--idle-s 20] [--tasks 200] [--top 8]
+                          [--no-bare] [--no-plain] [--no-load] [--worker-args=--without-gossip]
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from bench.dispatch import listen_for_starts, percentile  # noqa: E402
 # Tag sets by worker index: a realistic mix, several workers with 4-6 tags.
 TAG_SETS = ["gpu,a100,train,infer,eu,spot", "gpu,t4,infer,us", "cpu", "gpu,infer"]
 # A dozen hardware requirements every worker here meets: each is one capability queue.
+# Extra ``celery worker`` options of every worker (``--worker-args``): none, as users run them.
+WORKER_ARGS: list[str] = []
 CAPABILITY_NEEDS = [{"cpu": cpu, "memory": memory} for cpu in ("100m", "500m", "1")
                     for memory in ("16Mi", "32Mi", "64Mi", "128Mi")]
 
@@ -64,7 +67,7 @@ def start_fleet(kind: str, size: int, env: dict[str, str], workdir: Path) -> Fle
                       "MESHQ_LOG_FILE": str(workdir / f"{worker_id}.log"), "WORKER_ID": worker_id,
                       "WORKER_TAGS": TAG_SETS[i % len(TAG_SETS)] if kind == "meshq" else ""}
         app = "bench.bare_app" if kind == "bare" else "app"
-        command = [sys.executable, "-m", "celery", "-A", app, "worker", "--loglevel", "WARNING"]
+        command = [sys.executable, "-m", "celery", "-A", app, "worker", "--loglevel", "WARNING", *WORKER_ARGS]
         if kind == "bare":
             command += ["-n", f"{worker_id}@%h"]
         fleet.processes.append(subprocess.Popen(command, cwd=ROOT, env=worker_env,
@@ -223,7 +226,7 @@ def one_fleet(kind: str, size: int, args: argparse.Namespace, server: EmbeddedRe
                                "queues": queues_per_worker(client, fleet) if kind != "bare" else 1.0}
         row["idle"] = measure_idle(client, args.idle_s)
         row["rss_mb"] = fleet_rss_mb(fleet)
-        if loaded:
+        if loaded and not args.no_load:
             row["load"] = run_load(fleet, args.tasks, env)
     finally:
         stop_fleet(fleet)
@@ -260,7 +263,12 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=200, help="echo tasks per load run")
     parser.add_argument("--top", type=int, default=8, help="commands shown per commandstats table")
     parser.add_argument("--no-bare", action="store_true", help="skip the bare Celery fleets")
+    parser.add_argument("--no-plain", action="store_true", help="skip the one-queue meshq fleet")
+    parser.add_argument("--no-load", action="store_true", help="idle measurements only")
+    parser.add_argument("--worker-args", default="",
+                        help="extra celery worker options for every worker, e.g. --worker-args=--without-gossip")
     args = parser.parse_args()
+    WORKER_ARGS.extend(args.worker_args.split())
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     if os.environ.get("REDIS_URL"):
         print("bench: REDIS_URL is ignored; a private embedded Redis is used")
@@ -276,7 +284,7 @@ def main() -> int:
             workdir = Path(tmp)
             for size in sizes:
                 kinds = ["meshq"] + ([] if args.no_bare else ["bare"])
-                if size == max(sizes):
+                if size == max(sizes) and not args.no_plain:
                     kinds.append("meshq-plain")
                 for kind in kinds:
                     print(f"fleet: {kind} x{size} ...", flush=True)
@@ -284,15 +292,15 @@ def main() -> int:
     finally:
         server.stop()
     print(f"\nfleet: private embedded Redis, default heartbeat, {args.tasks} echo tasks per load run, "
-          f"idle window {args.idle_s:.0f} s, {os.cpu_count()} CPUs")
+          f"idle window {args.idle_s:.0f} s, {os.cpu_count()} CPUs, worker options: {args.worker_args or 'none'}")
     print_rows(rows, args.top)
     by = {(r["kind"], r["size"]): r for r in rows}
     for size in sizes:
         meshq, bare = by.get(("meshq", size)), by.get(("bare", size))
-        if meshq and bare:
+        if meshq and bare and "load" in meshq and "load" in bare:
             print(f"x{size}: meshq/bare throughput {meshq['load']['tasks_per_s'] / bare['load']['tasks_per_s']:.2f}")
     top = max(sizes)
-    if ("meshq-plain", top) in by:
+    if ("meshq-plain", top) in by and "load" in by[("meshq-plain", top)]:
         ratio = by[("meshq", top)]["load"]["tasks_per_s"] / by[("meshq-plain", top)]["load"]["tasks_per_s"]
         print(f"x{top}: tagged fleet / one-queue fleet throughput {ratio:.2f}  "
               f"(target ≥ 0.80: {'met' if ratio >= 0.8 else 'NOT met'})")
