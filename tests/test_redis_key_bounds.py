@@ -27,8 +27,7 @@ PAIRS = [{"prompt": "Q: What is the capital of France?\nA:", "response": " Paris
 
 # Keys that may live without a TTL, and what bounds how many there are.
 BOUNDED: dict[str, str] = {
-    r"workers:ids": "one set; a member per live worker (removed on shutdown or by the reaper)",
-    r"worker:[^:]+": "one hash per live worker, deleted on shutdown",
+    r"workers:ids": "one set; a member per worker hash (its hash expires; list_workers drops the id)",
     r"meshq:capability-queues": "one hash; an entry per distinct hardware requirement in use",
     r"meshq:pipelines:recent": "one sorted set, trimmed to the records' expiry on each record",
     r"_kombu\.binding\..+": "Celery (kombu): one set per queue's exchange, a member per binding",
