@@ -31,8 +31,8 @@ from app.worker import hardware
 log = logging.getLogger(__name__)
 
 STARTING, IDLE, RUNNING, STOPPING = "STARTING", "IDLE", "RUNNING", "STOPPING"
-# A worker's hash outlives its last heartbeat by this long (a worker killed without its
-# shutdown leaves it behind): the web view still names a dead worker for a day, and a
+# A worker's hash outlives its last heartbeat by up to this long, at least 7/8 of it (a
+# worker killed without its shutdown leaves it behind): the web view still names a dead worker for a day, and a
 # fleet that replaces its workers does not keep every hash it ever had.
 WORKER_RECORD_TTL_S = 24 * 3600
 
