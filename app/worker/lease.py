@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 MIN_LEASE_TTL_S = 10
 LEASE_POLL_S = 2.0  # how often a redelivered copy looks whether the lease it waits for is free
 DEFAULT_MAX_TASK_RUNS = 3
+# How long a task's run counter outlives its last start: as long as its result and its
+# last sign of life are kept, so no key of a finished task stays for ever (issue #28).
+RUNS_TTL_S = 7 * 24 * 3600
 
 # Compare-and-act scripts: only the holder may refresh or release its lease. A refresh
 # takes back a lease that expired while Redis was away (or lost its data), so a task that
@@ -76,9 +79,13 @@ if ARGV[4] ~= '' then
   else redis.call('set', KEYS[4], ARGV[4]) end
   redis.call('publish', KEYS[4], ARGV[4])
 end
-if ARGV[3] == '1' then return redis.call('incr', KEYS[2]) end
+if ARGV[3] == '1' then
+  local runs = redis.call('incr', KEYS[2])
+  redis.call('expire', KEYS[2], RUNS_TTL_S)
+  return runs
+end
 return tonumber(redis.call('get', KEYS[2]) or '0')
-"""
+""".replace("RUNS_TTL_S", str(RUNS_TTL_S))
 
 
 def cancelled_at_start(reply: Any) -> bool:
@@ -105,7 +112,7 @@ _FENCE = """
 local latest = tonumber(redis.call('get', KEYS[3]) or '0')
 local run = tonumber(ARGV[4])
 if latest == 0 and run > 0 then  -- Redis lost its data: this running run is the latest issued
-  redis.call('set', KEYS[3], run)
+  redis.call('set', KEYS[3], run, 'EX', RUNS_TTL_S)
   latest = run
 end
 local cancelled = 0
@@ -121,7 +128,7 @@ if holder == ARGV[1] then
   redis.call('set', KEYS[2], ARGV[3], 'EX', 7 * 24 * 3600)
 end
 return {cancelled, holder, latest}
-"""
+""".replace("RUNS_TTL_S", str(RUNS_TTL_S))
 
 
 class AlreadyFinished(Exception):
@@ -283,7 +290,10 @@ class TaskLease:
     def count_run(self) -> int:
         """Record one real start of the task; return how many there have been (this run's
         number)."""
-        self.run = int(self.client.incr(keys.task_runs(self.task_id)))
+        pipe = self.client.pipeline(transaction=False)
+        pipe.incr(keys.task_runs(self.task_id))
+        pipe.expire(keys.task_runs(self.task_id), RUNS_TTL_S)
+        self.run = int(pipe.execute()[0])
         return self.run
 
 

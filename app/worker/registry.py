@@ -1,19 +1,21 @@
 """The worker's presence in Redis (DESIGN §3): registration, status, heartbeats.
 
 The registry lives in the worker's main process. Its heartbeat thread sends one
-Redis pipeline per beat (hash update + ``SETEX worker:<id>:hb`` + publish), so it
-keeps beating while a pool child runs a task, and it survives Redis being down:
-a failed beat is logged and the next one tries again. Because each beat rewrites
-the hash, a Redis that lost its data (restart without persistence) gets the
-worker back at the next beat.
+Redis pipeline per beat (the changing fields + ``SETEX worker:<id>:hb`` + publish), so
+it keeps beating while a pool child runs a task, and it survives Redis being down:
+a failed beat is logged and the next one tries again. A beat that finds the hash's
+static fields gone (a Redis that lost its data) writes them again, so the worker is
+back at the next beat.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,6 +31,10 @@ from app.worker import hardware
 log = logging.getLogger(__name__)
 
 STARTING, IDLE, RUNNING, STOPPING = "STARTING", "IDLE", "RUNNING", "STOPPING"
+# A worker's hash outlives its last heartbeat by up to this long, at least 7/8 of it (a
+# worker killed without its shutdown leaves it behind): the web view still names a dead worker for a day, and a
+# fleet that replaces its workers does not keep every hash it ever had.
+WORKER_RECORD_TTL_S = 24 * 3600
 
 
 def public_env(settings: Settings) -> dict[str, Any]:
@@ -103,6 +109,7 @@ class WorkerRegistry:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._redis_was_down = False
+        self._record_expiry_set_at: float | None = None
 
     # -- the hash -------------------------------------------------------------
     def static_fields(self) -> dict[Any, Any]:
@@ -134,12 +141,14 @@ class WorkerRegistry:
                                          "current_task": "", "last_task": ""}
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(keys.worker_hash(self.worker_id), mapping=fields)
+        pipe.expire(keys.worker_hash(self.worker_id), WORKER_RECORD_TTL_S)
         pipe.sadd(keys.WORKERS_SET, self.worker_id)
         pipe.setex(keys.worker_heartbeat(self.worker_id), self.settings.heartbeat_ttl_s, now)
         pipe.publish(keys.WORKERS_CHANNEL, events.worker_event(
             "REGISTER", self.worker_id, status=STARTING, tags=list(self.settings.worker_tags),
             metrics=hardware.metrics(), payload={"queues": self.queues, "hardware": self.hardware}))
         pipe.execute()
+        self._record_expiry_set_at = time.monotonic()
         log.info("worker %s registered (tags %s, %d queues)", self.worker_id,
                  ",".join(self.settings.worker_tags) or "-", len(self.queues))
 
@@ -148,7 +157,9 @@ class WorkerRegistry:
 
     # -- heartbeats -----------------------------------------------------------
     def beat(self) -> None:
-        """One heartbeat: one Redis round trip."""
+        """One heartbeat: one Redis round trip. Only what changes is written (the time, the
+        load); the static fields go again only when Redis lost the hash (issue #28: an idle
+        fleet's Redis traffic is per worker, not per worker times its hash's size)."""
         now = events.utc_now_iso()
         running = self.active_task_ids()
         hkey = keys.worker_hash(self.worker_id)
@@ -156,12 +167,13 @@ class WorkerRegistry:
         pipe = self.client.pipeline(transaction=False)
         # The latest load readings stay in the hash too: a reader of the registry (the web
         # view) sees GPU use without listening to the channel.
-        pipe.hset(hkey, mapping=self.static_fields() | {"last_seen": now, "metrics_json": json.dumps(load)})
-        # Status is owned by the process running tasks; only restore it if Redis lost it.
-        pipe.hsetnx(hkey, "status", RUNNING if running else IDLE)
-        pipe.hsetnx(hkey, "current_task", running[0] if running else "")
-        pipe.sadd(keys.WORKERS_SET, self.worker_id)
+        pipe.hset(hkey, mapping={"last_seen": now, "metrics_json": json.dumps(load)})
+        # Its reply (1: the field was missing) says the rest must be written again (a status
+        # write of the pool child may have re-created the hash without the static fields).
+        pipe.hsetnx(hkey, "worker_id", self.worker_id)
         pipe.setex(keys.worker_heartbeat(self.worker_id), self.settings.heartbeat_ttl_s, now)
+        if self._record_expiry_due():
+            pipe.expire(hkey, WORKER_RECORD_TTL_S)
         pipe.publish(keys.WORKERS_CHANNEL, events.worker_event(
             "HEARTBEAT", self.worker_id, status=RUNNING if running else IDLE,
             tags=list(self.settings.worker_tags), metrics=load,
@@ -170,10 +182,32 @@ class WorkerRegistry:
         recorded_at = len(pipe) - 1
         after = self.on_beat(pipe, running) if self.on_beat is not None else None
         replies = pipe.execute()
+        if replies[1]:  # the hash was gone (Redis restarted empty, or it expired): write it whole
+            self._restore_record(running)
         for start, end, callback in after or ():  # hooks that want their replies
             callback(replies[start:end])
         if self.on_capability_queues is not None:
             self.on_capability_queues(int(replies[recorded_at]))
+
+    def _record_expiry_due(self) -> bool:
+        """Whether this beat pushes the hash's expiry back (a few times per TTL, not each beat)."""
+        now = time.monotonic()
+        if self._record_expiry_set_at is not None and now - self._record_expiry_set_at < WORKER_RECORD_TTL_S / 8:
+            return False
+        self._record_expiry_set_at = now
+        return True
+
+    def _restore_record(self, running: list[str]) -> None:
+        hkey = keys.worker_hash(self.worker_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(hkey, mapping=self.static_fields())
+        # Status is owned by the process running tasks; only restored when Redis lost it.
+        pipe.hsetnx(hkey, "status", RUNNING if running else IDLE)
+        pipe.hsetnx(hkey, "current_task", running[0] if running else "")
+        pipe.expire(keys.worker_hash(self.worker_id), WORKER_RECORD_TTL_S)
+        pipe.sadd(keys.WORKERS_SET, self.worker_id)
+        pipe.execute()
+        self._record_expiry_set_at = time.monotonic()
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_interval_s):
@@ -223,8 +257,10 @@ def list_workers(client: redis.Redis) -> list[dict[str, Any]]:
         pipe.ttl(keys.worker_heartbeat(worker_id))
     replies = pipe.execute()
     workers = []
+    gone = []
     for worker_id, fields, ttl in zip(ids, replies[::2], replies[1::2], strict=True):
-        if not fields:
+        if not fields:  # its hash expired (the worker died a day ago): forget it
+            gone.append(worker_id)
             continue
         worker: dict[str, Any] = {k: v for k, v in fields.items() if not k.endswith("_json")}
         for name in ("env", "hardware", "tags", "queues", "capabilities", "metrics"):
@@ -234,4 +270,7 @@ def list_workers(client: redis.Redis) -> list[dict[str, Any]]:
         worker["alive"] = ttl is not None and ttl > 0
         worker["hb_ttl_s"] = ttl if ttl and ttl > 0 else 0
         workers.append(worker)
+    if gone:
+        with contextlib.suppress(redis.RedisError):  # a reader that may not write: next time
+            client.srem(keys.WORKERS_SET, *gone)
     return workers
