@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from app.engines import DEEPSPEED, VLLM
 from app.settings import TAG_RE
-from app.spec.schema import ResourcesSpec, TaskSpec
+from app.spec.schema import BaseTaskSpec, ResourcesSpec
 from app.spec.sizes import format_size_exact
 from app.spec.validation import spec_error_from
 
@@ -125,12 +125,12 @@ class Requirement:
                    gpu=None if not gpu else GpuNeed(int(gpu["count"]), gpu.get("type"), gpu.get("memory_bytes")))
 
 
-def requirement_of(spec: TaskSpec) -> Requirement:
+def requirement_of(spec: BaseTaskSpec) -> Requirement:
     """The requirement of a validated task spec."""
     return _requirement_of_fields(spec)
 
 
-def _requirement_of_fields(fields: TaskSpec | _RoutingFields) -> Requirement:
+def _requirement_of_fields(fields: BaseTaskSpec | _RoutingFields) -> Requirement:
     """Tags, hardware, engine and training needs, read alike from a parsed task spec or from
     the routing fields of a raw one (``requirement_of_raw``)."""
     backend = fields.inference.backend if fields.inference is not None else None

@@ -6,13 +6,14 @@ Validation happens at submission and again on the worker before any model is loa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, overload
 
 from pydantic import ValidationError
 
 from app.errors import SpecError
-from app.spec.schema import DATA_MODELS, TaskSpec, TrainingData, training_data_problem
+from app.spec.schema import PROMPTS_IN_SHARDS, TASK_SPEC_MODELS, BaseTaskSpec, TaskSpec
 
 
 def _loc_to_path(prefix: str, loc: tuple[Any, ...]) -> str:
@@ -41,7 +42,7 @@ def error_messages(errors: Sequence[Any], prefix: str) -> list[tuple[str, str]]:
             msg = msg[len("Value error, "):]
             # Validators that name a sub-field as "field: message" extend the path.
             head, sep, tail = msg.partition(": ")
-            if sep and head.isidentifier():
+            if sep and all(part.isidentifier() for part in head.split(".")):
                 path, msg = f"{path}.{head}" if path else head, tail
         messages.append((path, msg))
     return messages
@@ -62,25 +63,71 @@ def spec_error_from(exc: ValidationError, prefix: str) -> SpecError:
     return spec_error_from_messages(messages, prefix) if messages else SpecError(prefix, str(exc))
 
 
-def parse_task_spec(raw: Any, prefix: str = "spec", *, check_data: bool = True) -> TaskSpec:
-    """Validate a task spec dict; raise ``SpecError`` naming the field on any problem.
+@overload
+def parse_task_spec(raw: Any, prefix: str = "spec", *, check_data: bool = True, unresolved: None = None,
+                    locate: Callable[[str], str] | None = None) -> TaskSpec: ...
 
-    ``check_data=False`` leaves ``data`` unchecked (the merge of a sharded task: its shards had
-    the prompts, the task it was split from checked them)."""
+
+@overload
+def parse_task_spec(raw: Any, prefix: str = "spec", *, check_data: bool = True,
+                    unresolved: Callable[[str], bool],
+                    locate: Callable[[str], str] | None = None) -> BaseTaskSpec | None: ...
+
+
+def parse_task_spec(raw: Any, prefix: str = "spec", *, check_data: bool = True,
+                    unresolved: Callable[[str], bool] | None = None,
+                    locate: Callable[[str], str] | None = None) -> TaskSpec | BaseTaskSpec | None:
+    """The one parse of a task spec: the member of ``TaskSpec`` its ``taskType`` names, with its
+    typed ``data``; raise ``SpecError`` naming the field (every problem listed) on any problem.
+
+    ``check_data=False``: the merge of a sharded task, whose prompts went to its shards.
+    ``unresolved`` (submission, before the worker resolves ``${...}`` references): tells whether
+    a dotted field path (``data.items``) holds a reference; problems there are left to the
+    worker's parse; when any is left, the spec is typed as far as it can be: a ``BaseTaskSpec``
+    (its ``data`` untyped) when only ``data`` waits for a reference, else ``None``.
+    ``locate`` names a dotted path in messages (default ``<prefix>.<path>``)."""
+    count_parse()
     if not isinstance(raw, dict):
         raise SpecError(prefix, f"must be a mapping, got {type(raw).__name__}")
+    task_type = raw.get("taskType")
+    model = TASK_SPEC_MODELS.get(task_type) if isinstance(task_type, str) else None
+    context = None if check_data else {PROMPTS_IN_SHARDS: True}
     try:
-        spec = TaskSpec.model_validate(raw)
+        # An unknown or missing taskType: the base model names it (and any other problem).
+        return (model or BaseTaskSpec).model_validate(raw, context=context)  # type: ignore[return-value]
     except ValidationError as exc:
-        raise spec_error_from(exc, prefix) from None
-    data_model = DATA_MODELS.get(spec.taskType) if check_data else None
-    if data_model is not None:
-        try:
-            data = data_model.model_validate(spec.data or {})
-        except ValidationError as exc:
-            raise spec_error_from(exc, f"{prefix}.data") from None
-        if isinstance(data, TrainingData):
-            problem = training_data_problem(spec.taskType, data)
-            if problem is not None:
-                raise SpecError(f"{prefix}.data.{problem[0]}", problem[1])
-    return spec
+        messages = error_messages(exc.errors(), "")
+    if unresolved is not None:
+        held = [(path, msg) for path, msg in messages if _held(path, unresolved)]
+        messages = [(path, msg) for path, msg in messages if (path, msg) not in held]
+        if held and not messages and model is not None:
+            # A reference the type check of a field could not pass (``data.items: ${...}``) stops
+            # the checks across sections; the base model, whose ``data`` is untyped, runs them
+            # and is the spec as far as it can be typed before the worker resolves it.
+            try:
+                return BaseTaskSpec.model_validate(raw, context=context)
+            except ValidationError as exc:
+                messages = [(path, msg) for path, msg in error_messages(exc.errors(), "")
+                            if not _held(path, unresolved)]
+        if not messages:
+            return None
+    name = locate or (lambda path: f"{prefix}.{path}" if path else prefix)
+    raise spec_error_from_messages([(name(path), msg) for path, msg in messages], prefix)
+
+
+def _held(path: str, unresolved: Callable[[str], bool]) -> bool:
+    """Whether a problem at ``path`` may be a reference's (at it, or inside it)."""
+    parts = path.split(".")
+    return any(unresolved(".".join(parts[:end])) for end in range(1, len(parts) + 1))
+
+
+# Set by a test (``tests/test_spec_parses.py``) to count the parses on a task's way through
+# client and worker: each parse appends its process id to that file.
+COUNT_PARSES_ENV = "MESHQ_COUNT_SPEC_PARSES"
+
+
+def count_parse() -> None:
+    path = os.environ.get(COUNT_PARSES_ENV)
+    if path:
+        with open(path, "a") as counts:
+            counts.write(f"{os.getpid()}\n")
