@@ -81,6 +81,8 @@ def customize_openapi(app: FastAPI, bearer: bool) -> None:
             components.setdefault("schemas", {}).update(spec_schema.pop("$defs", {}))
             # Checked by validators in app.spec; said here so clients (and fuzzers) know.
             spec_schema["properties"]["taskType"] = {"type": "string", "enum": list(TASK_TYPES)}
+            spec_schema["properties"]["data"] = {"anyOf": [{"type": "object"}, {"type": "null"}], "title": "Data",
+                                                 "description": "the input of the task, its shape set by taskType"}
             spec_schema["properties"]["tags"]["items"] = {"type": "string", "pattern": json_schema_pattern(TAG_RE.pattern)}
             components["schemas"]["TaskSpec"] = spec_schema
             body = schema["paths"]["/api/v1/tasks"]["post"]["requestBody"]["content"]["application/json"]

@@ -689,19 +689,6 @@ class BaseTaskSpec(Strict):
                 raise ValueError(f"tag {tag!r} is not 1-32 characters of [A-Za-z0-9_-]")
         return sorted(set(value))
 
-    @model_validator(mode="before")
-    @classmethod
-    def _required_sections(cls, raw: Any) -> Any:
-        """The sections a type cannot run without, named with the type (before their own checks)."""
-        kind = raw.get("taskType") if isinstance(raw, dict) else None
-        if kind in ("inference", *TRAINING_TYPES):
-            for name in ("model", "data"):
-                if raw.get(name) is None:
-                    raise ValueError(f"{name}: required for taskType {kind!r}")
-        if kind == "ppo" and raw.get("reward_model") is None:
-            raise ValueError("reward_model: required for taskType 'ppo'")
-        return raw
-
     @model_validator(mode="after")
     def _sections(self) -> BaseTaskSpec:
         kind = self.taskType
@@ -811,5 +798,7 @@ TASK_SPEC_MODELS: dict[str, type[BaseTaskSpec]] = {
     "dpo": DpoTaskSpec,
     "ppo": PpoTaskSpec,
 }
+# Sections a member of TaskSpec requires (``app.spec.validation`` names the type in the message).
+REQUIRED_SECTIONS = ("model", "data", "reward_model")
 # Validation context: the prompts of a sharded task's merge went to its shards (``data.items`` may be absent).
 PROMPTS_IN_SHARDS = "prompts_in_shards"

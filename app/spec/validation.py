@@ -13,7 +13,7 @@ from typing import Any, overload
 from pydantic import ValidationError
 
 from app.errors import SpecError
-from app.spec.schema import PROMPTS_IN_SHARDS, TASK_SPEC_MODELS, BaseTaskSpec, TaskSpec
+from app.spec.schema import PROMPTS_IN_SHARDS, REQUIRED_SECTIONS, TASK_SPEC_MODELS, BaseTaskSpec, TaskSpec
 
 
 def _loc_to_path(prefix: str, loc: tuple[Any, ...]) -> str:
@@ -30,6 +30,13 @@ def _loc_to_path(prefix: str, loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
+def _is_required_section(err: Any) -> bool:
+    """A section the task type needs is missing (``model`` of an inference task): pydantic's
+    input for a missing field is the spec itself, which names the type."""
+    loc, given = tuple(err["loc"]), err.get("input")
+    return len(loc) == 1 and loc[0] in REQUIRED_SECTIONS and isinstance(given, dict) and "taskType" in given
+
+
 def error_messages(errors: Sequence[Any], prefix: str) -> list[tuple[str, str]]:
     """``(dotted field path, message)`` for each of pydantic's error dicts."""
     messages = []
@@ -38,6 +45,8 @@ def error_messages(errors: Sequence[Any], prefix: str) -> list[tuple[str, str]]:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
+        elif err["type"] == "missing" and _is_required_section(err):
+            msg = f"required for taskType {err['input']['taskType']!r}"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
             # Validators that name a sub-field as "field: message" extend the path.
