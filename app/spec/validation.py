@@ -6,6 +6,7 @@ Validation happens at submission and again on the worker before any model is loa
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, overload
@@ -91,9 +92,9 @@ def parse_task_spec(raw: Any, prefix: str = "spec", *, check_data: bool = True,
 
     ``check_data=False``: the merge of a sharded task, whose prompts went to its shards.
     ``unresolved`` (submission, before the worker resolves ``${...}`` references): tells whether
-    a dotted field path (``data.items``) holds a reference; problems there are left to the
-    worker's parse; when any is left, the spec is typed as far as it can be: a ``BaseTaskSpec``
-    (its ``data`` untyped) when only ``data`` waits for a reference, else ``None``.
+    a problem at a dotted field path (``data.items``) is a reference's; problems there are left to the
+    worker's parse; when any is left, the spec is typed as far as it can be without them: a
+    ``BaseTaskSpec`` (its ``data`` untyped; ``None`` in the rare spec where that fails too).
     ``locate`` names a dotted path in messages (default ``<prefix>.<path>``)."""
     count_parse()
     if not isinstance(raw, dict):
@@ -106,28 +107,63 @@ def parse_task_spec(raw: Any, prefix: str = "spec", *, check_data: bool = True,
         return (model or BaseTaskSpec).model_validate(raw, context=context)  # type: ignore[return-value]
     except ValidationError as exc:
         messages = error_messages(exc.errors(), "")
+    held: list[tuple[str, str]] = []
     if unresolved is not None:
-        held = [(path, msg) for path, msg in messages if _held(path, unresolved)]
+        held = [(path, msg) for path, msg in messages if unresolved(path)]
         messages = [(path, msg) for path, msg in messages if (path, msg) not in held]
-        if held and not messages and model is not None:
-            # A reference the type check of a field could not pass (``data.items: ${...}``) stops
-            # the checks across sections; the base model, whose ``data`` is untyped, runs them
-            # and is the spec as far as it can be typed before the worker resolves it.
-            try:
-                return BaseTaskSpec.model_validate(raw, context=context)
-            except ValidationError as exc:
-                messages = [(path, msg) for path, msg in error_messages(exc.errors(), "")
-                            if not _held(path, unresolved)]
-        if not messages:
-            return None
     name = locate or (lambda path: f"{prefix}.{path}" if path else prefix)
+    if unresolved is not None and not messages:
+        return _typed_around(raw, [path for path, _ in held], unresolved, context, name, prefix)
     raise spec_error_from_messages([(name(path), msg) for path, msg in messages], prefix)
 
 
-def _held(path: str, unresolved: Callable[[str], bool]) -> bool:
-    """Whether a problem at ``path`` may be a reference's (at it, or inside it)."""
-    parts = path.split(".")
-    return any(unresolved(".".join(parts[:end])) for end in range(1, len(parts) + 1))
+def _typed_around(raw: dict[str, Any], held: list[str], unresolved: Callable[[str], bool],
+                  context: dict[str, Any] | None, name: Callable[[str], str], prefix: str) -> BaseTaskSpec | None:
+    """The spec typed as far as it can be while the fields at ``held`` wait: those fields are left
+    out (and then any section that fails for want of them), and the base model, whose ``data`` is
+    untyped, runs the checks across sections; a problem it finds elsewhere is raised. Routing
+    reads the result (tags, resources, engine: never left out, as they are never held)."""
+    rest = copy.deepcopy(raw)
+    for _ in range(MAX_LEAVE_OUT_ROUNDS):
+        for path in held:
+            _leave_out(rest, path)
+        try:
+            return BaseTaskSpec.model_validate(rest, context=context)
+        except ValidationError as exc:
+            messages = error_messages(exc.errors(), "")
+        unheld = [(path, msg) for path, msg in messages if not unresolved(path)]
+        if unheld:
+            raise spec_error_from_messages([(name(path), msg) for path, msg in unheld], prefix)
+        held = [path for path, _ in messages]
+    return None
+
+
+MAX_LEAVE_OUT_ROUNDS = 16  # each round removes a field or a section: a spec is far shallower
+
+
+def _leave_out(spec: dict[str, Any], path: str) -> None:
+    """Remove the field at a dotted ``path``, or the nearest enclosing field there is (a list as a
+    whole: its indices would shift). A ``taskType`` that cannot be read counts as ``echo``: the
+    spec routes by its tags and resources, and the worker's own parse names the problem."""
+    node: Any = spec
+    trail: list[tuple[Any, Any]] = []
+    for part in path.split(".") if path else []:
+        key: Any = int(part) if part.isdigit() else part
+        if isinstance(node, dict) and key in node or (isinstance(node, list) and isinstance(key, int)
+                                                      and 0 <= key < len(node)):
+            trail.append((node, key))
+            node = node[key]
+        else:
+            break
+    while trail and isinstance(trail[-1][0], list):
+        trail.pop()
+    if path in ("", "taskType"):
+        spec["taskType"] = "echo"
+        return
+    if not trail:  # a section the base model does not require (model, data): nothing to remove
+        return
+    container, key = trail[-1]
+    del container[key]
 
 
 # Set by a test (``tests/test_spec_parses.py``) to count the parses on a task's way through
