@@ -17,15 +17,12 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing import Any
 
 from app.engines import DEEPSPEED, VLLM
-from app.settings import TAG_RE
-from app.spec.schema import ResourcesSpec, TaskSpec
+from app.spec.schema import BaseTaskSpec, ResourcesSpec
 from app.spec.sizes import format_size_exact
-from app.spec.validation import spec_error_from
+from app.spec.validation import parse_task_spec
 
 GPU_TYPE_ANY = "any"
 # Vendor words a GPU type may carry that NVML product names often leave out ("Tesla T4").
@@ -125,14 +122,13 @@ class Requirement:
                    gpu=None if not gpu else GpuNeed(int(gpu["count"]), gpu.get("type"), gpu.get("memory_bytes")))
 
 
-def requirement_of(spec: TaskSpec) -> Requirement:
+def requirement_of(spec: BaseTaskSpec) -> Requirement:
     """The requirement of a validated task spec."""
     return _requirement_of_fields(spec)
 
 
-def _requirement_of_fields(fields: TaskSpec | _RoutingFields) -> Requirement:
-    """Tags, hardware, engine and training needs, read alike from a parsed task spec or from
-    the routing fields of a raw one (``requirement_of_raw``)."""
+def _requirement_of_fields(fields: BaseTaskSpec) -> Requirement:
+    """Tags, hardware, engine and training needs of a parsed task spec."""
     backend = fields.inference.backend if fields.inference is not None else None
     vllm = fields.model.vllm if fields.model is not None else None
     training = fields.training
@@ -165,55 +161,21 @@ def _engine_features(backend: str | None) -> tuple[str, ...]:
     return (VLLM,) if backend == VLLM else ()
 
 
-class _BackendField(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    backend: Literal["auto", "vllm", "transformers"] = "auto"
+# What routing reads; anything else in a raw spec is left to the worker's parse.
+ROUTING_FIELDS = ("tags", "resources", "inference.backend", "model.vllm.tensor_parallel_size",
+                  "training.deepspeed", "training.auto_deepspeed_stage")
 
 
-class _VllmField(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
-
-
-class _ModelField(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    vllm: _VllmField | None = None
-
-
-class _TrainingField(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    deepspeed: dict[str, Any] | None = None
-    auto_deepspeed_stage: int | None = Field(default=None, ge=0, le=3)
-
-
-class _RoutingFields(BaseModel):
-    """The fields routing reads, validated as the task spec does, the rest left alone
-    (a plain Celery signature's spec is checked in full by the worker)."""
-
-    model_config = ConfigDict(extra="ignore")
-    tags: list[str] = Field(default_factory=list)
-    resources: ResourcesSpec | None = None
-    inference: _BackendField | None = None
-    model: _ModelField | None = None
-    training: _TrainingField | None = None
-
-    @field_validator("tags")
-    @classmethod
-    def _tags(cls, value: list[str]) -> list[str]:
-        for tag in value:
-            if not TAG_RE.match(tag):
-                raise ValueError(f"tag {tag!r} is not 1-32 characters of [A-Za-z0-9_-]")
-        return sorted(set(value))
+def _not_routing(path: str) -> bool:
+    return not any(path == name or path.startswith(name + ".") for name in ROUTING_FIELDS)
 
 
 def requirement_of_raw(raw: Mapping[str, Any], prefix: str = "spec") -> Requirement:
-    """The requirement of a raw spec dict; ``SpecError`` naming the field when a routing
-    field (``tags``, ``resources``) is invalid."""
-    try:
-        fields = _RoutingFields.model_validate(dict(raw))
-    except ValidationError as exc:
-        raise spec_error_from(exc, prefix) from None
-    return _requirement_of_fields(fields)
+    """The requirement of a raw spec (a plain Celery send, a stage typed only once resolved), from
+    the one parse of a task spec with every field but routing's left to the worker; ``SpecError``
+    naming the field when a routing field (``tags``, ``resources``...) is invalid."""
+    spec = parse_task_spec(dict(raw), prefix, unresolved=_not_routing)
+    return _requirement_of_fields(spec) if spec is not None else _requirement((), None)
 
 
 def _requirement(tags: Iterable[str], resources: ResourcesSpec | None,

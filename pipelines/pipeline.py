@@ -39,7 +39,12 @@ from tasks.submit import task_for_type
 def stage_queue(stage: StageTemplate) -> str:
     """The queue a stage is first sent to (a ``runOn`` stage is re-pointed at run time):
     its tags', or the capability queue of its ``resources`` (``tasks.placement``)."""
-    return queue_for_spec(stage.spec)
+    return queue_for_spec(routing_spec(stage))
+
+
+def routing_spec(stage: StageTemplate) -> Any:
+    """What routing reads: the spec parsed at submission (the raw spec where it could not be typed)."""
+    return stage.parsed if stage.parsed is not None else stage.spec
 
 
 def stage_task(stage: StageTemplate) -> Any:
@@ -156,9 +161,9 @@ class Pipeline:
         canvas = self.graph(pipeline_id, task_ids)
         warnings = []
         for stage in self.stages:
-            record_queue(stage_queue(stage), stage.spec)
+            record_queue(stage_queue(stage), routing_spec(stage))
             if stage.run_on is None:
-                warning = queue_warning(stage_queue(stage), stage.spec)
+                warning = queue_warning(stage_queue(stage), routing_spec(stage))
                 if warning:
                     warnings.append(f"{'node' if self.is_graph else 'stage'} {stage.name!r}: {warning}")
         run = PipelineRun(

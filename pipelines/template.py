@@ -25,18 +25,17 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
 
 from app.errors import LimitExceeded, SpecError
-from app.limits import check_document, check_stages, json_bytes
+from app.limits import MAX_NESTING_DEPTH, check_document, check_stages, json_bytes
 from app.settings import NAME_RE, get_settings
-from app.spec import DATA_MODELS, TASK_TYPES, TaskSpec, error_messages, spec_error_from_messages
-from app.spec.schema import REFUSED_TASK_TYPES, TrainingData, training_data_problem
+from app.spec import BaseTaskSpec, parse_task_spec
+from app.spec.schema import REFUSED_TASK_TYPES
 from pipelines.graph import ancestors_of, read_dependencies, topological_order
 from pipelines.graph_template import check_template
 from pipelines.references import (
@@ -70,6 +69,9 @@ class StageTemplate:
     location: str = "spec"  # where this stage's own fields live in the document
     depends_on: tuple[str, ...] = ()   # graph nodes: the nodes it waits for
     ancestors: tuple[str, ...] = ()    # graph nodes: every node whose result it may reference
+    # The spec as parsed at submission (``app.spec.parse_task_spec``): routing reads it. None
+    # when a reference holds a field it cannot be typed without (the worker parses it resolved).
+    parsed: BaseTaskSpec | None = field(default=None, compare=False, repr=False)
 
     @property
     def task_type(self) -> str:
@@ -107,22 +109,31 @@ def yaml_error_text(exc: yaml.YAMLError) -> str:
     return text
 
 
-def load_document(text: str | bytes, source: str = "document", *, strict_json: bool = False) -> dict[str, Any]:
-    """Parse YAML or JSON (JSON is YAML) into a mapping; ``source`` names it in errors.
+def parse_text(text: str | bytes, source: str = "document", *, strict_json: bool = False) -> Any:
+    """The one reader of a document's text (the CLI, the Python API and the HTTP server): YAML or
+    JSON (JSON is YAML); ``source`` names it in errors.
 
-    ``strict_json`` (a ``.json`` file) parses with the JSON parser, so a JSON file with
-    a YAML-only leniency (a trailing comma, say) is an error rather than a surprise.
+    ``strict_json`` (a ``.json`` file, an ``application/json`` body) parses with the JSON parser,
+    so JSON with a YAML-only leniency (a trailing comma, say) is an error rather than a surprise.
     """
-    if strict_json:
+    try:
+        if strict_json:
+            try:
+                return json.loads(text)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise SpecError(source, f"not valid JSON: {exc}") from None
         try:
-            document = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise SpecError(source, f"not valid JSON: {exc}") from None
-    else:
-        try:
-            document = yaml.safe_load(text)
+            return yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise SpecError(source, f"not valid YAML or JSON: {yaml_error_text(exc)}") from None
+    except RecursionError:  # deeper than the parser's own stack: far past MAX_NESTING_DEPTH
+        raise LimitExceeded(source, f"nested deeper than {MAX_NESTING_DEPTH} levels "
+                                    f"(MAX_NESTING_DEPTH={MAX_NESTING_DEPTH})") from None
+
+
+def load_document(text: str | bytes, source: str = "document", *, strict_json: bool = False) -> dict[str, Any]:
+    """``parse_text``, and the result must be a mapping."""
+    document = parse_text(text, source, strict_json=strict_json)
     if not isinstance(document, dict):
         raise SpecError(source, f"must be a mapping, got {type(document).__name__}")
     return document
@@ -152,11 +163,13 @@ def deep_merge(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, A
     return merged
 
 
-def normalise_document(raw: Any) -> dict[str, Any]:
-    """A full document, or a bare spec wrapped as ``{"spec": ...}``; unknown keys are errors."""
+def normalise_document(raw: Any, source: str = "document") -> dict[str, Any]:
+    """The envelope, for every way in: a full document ``{apiVersion?, kind?, metadata?, spec}``,
+    or a bare spec (with ``taskType``, ``stages`` or ``graph``) wrapped as ``{"spec": ...}``;
+    unknown keys are errors. ``source`` names the whole document in errors (the server: body)."""
     if not isinstance(raw, Mapping):
-        raise SpecError("document", f"must be a mapping, got {type(raw).__name__}")
-    if "spec" not in raw and ("taskType" in raw or "stages" in raw):
+        raise SpecError(source, f"must be a mapping (a task document or a spec), got {type(raw).__name__}")
+    if "spec" not in raw and ("taskType" in raw or "stages" in raw or "graph" in raw):
         raw = {"spec": raw}
     for key in raw:
         if key not in DOCUMENT_FIELDS:
@@ -272,8 +285,7 @@ def _parse_pipeline(raw: Any, env: Mapping[str, str] | None, expand_environment:
         else:
             run_on = _run_on(stage_raw.get("runOn"), f"{location}.runOn", names, index)
             stage = StageTemplate(names[index], index, merged, run_on, spec_location)
-        _validate_stage(stage, stage_spec, shared, names, plain)
-        stages.append(stage)
+        stages.append(replace(stage, parsed=_validate_stage(stage, stage_spec, shared, names, plain)))
     if is_graph:
         order = topological_order(names, deps)
         stages = [stages[names.index(name)] for name in order]
@@ -401,7 +413,7 @@ def _has_path(value: Any, path: FieldPath) -> bool:
 
 
 def _validate_stage(stage: StageTemplate, own_spec: Mapping[str, Any], shared: Mapping[str, Any],
-                    names: list[str], plain: bool) -> None:
+                    names: list[str], plain: bool) -> BaseTaskSpec | None:
     """References first, then the merged spec with reference-holding fields left to the worker."""
 
     def locate(path: FieldPath) -> str:
@@ -426,30 +438,10 @@ def _validate_stage(stage: StageTemplate, own_spec: Mapping[str, Any], shared: M
     def held_by_reference(dotted: str) -> bool:
         return any(dotted == p or dotted.startswith(p + ".") for p in ref_paths)
 
-    errors: list[Any] = []
-    try:
-        TaskSpec.model_validate(stage.spec)
-    except ValidationError as exc:
-        errors.extend(exc.errors())
-    messages = [(path, msg) for path, msg in error_messages(errors, "") if not held_by_reference(path)]
-    task_type = stage.spec.get("taskType")
-    data_model = DATA_MODELS.get(task_type) if isinstance(task_type, str) else None
-    if data_model is not None and isinstance(stage.spec.get("data"), Mapping):
-        try:
-            data = data_model.model_validate(stage.spec["data"])
-        except ValidationError as exc:
-            messages += [(path, msg) for path, msg in error_messages(exc.errors(), "data")
-                         if not held_by_reference(path)]
-        else:  # the data is well formed; is it what this task type trains on? (as the worker asks)
-            problem = training_data_problem(str(task_type), data) if isinstance(data, TrainingData) else None
-            if problem is not None and not held_by_reference(f"data.{problem[0]}"):
-                messages.append((f"data.{problem[0]}", problem[1]))
-    if messages:
-        located = [(locate(tuple(int(p) if p.isdigit() else p for p in path.split(".")) if path else ()), msg)
-                   for path, msg in messages]
-        raise spec_error_from_messages(located, stage.location)
-    if not isinstance(task_type, str) or task_type not in TASK_TYPES:  # pragma: no cover (the model checks)
-        raise SpecError(f"{stage.location}.taskType", "required")
+    def locate_dotted(dotted: str) -> str:
+        return locate(tuple(int(p) if p.isdigit() else p for p in dotted.split(".")) if dotted else ())
+
+    return parse_task_spec(stage.spec, stage.location, unresolved=held_by_reference, locate=locate_dotted)
 
 
 def _is_graph_location(location: str) -> bool:

@@ -48,7 +48,7 @@ from app.names import check_name
 from app.redaction import redact_secrets
 from app.redis_client import get_redis
 from app.settings import get_settings
-from app.spec import TaskSpec, parse_task_spec
+from app.spec import InferenceData, TaskSpec, parse_task_spec
 from app.worker.lease import AlreadyFinished, TaskLease, lease_ttl_s, refresh_leases
 from app.worker.merge_claims import ClaimedMessages, WaitingMessage
 from tasks.executors.inference import MergedPrompts, Prompts, load_prompts
@@ -70,7 +70,7 @@ def merge_key(spec: TaskSpec) -> str | None:
     """The tasks that may run in one generation with this one; None: it never merges."""
     if spec.taskType != "inference" or spec.shards > 1 or spec.parallel is not None:
         return None
-    if (spec.data or {}).get("type") != "list":
+    if not isinstance(spec.data, InferenceData) or spec.data.type != "list":
         return None
     dumped = spec.model_dump(mode="json", exclude=set(PER_TASK_FIELDS))
     return json.dumps(dumped, sort_keys=True, separators=(",", ":"))

@@ -30,8 +30,7 @@ def spec_notes(spec: TaskSpec) -> list[str]:
     if spec.model is not None and spec.model.transformers.low_cpu_mem_usage is False:
         notes.append("model.transformers.low_cpu_mem_usage: false has no effect; transformers 5 always "
                      "loads weights without an extra full copy in memory")
-    data = spec.data or {}
-    if data.get("trust_remote_code"):
+    if getattr(spec.data, "trust_remote_code", False):
         notes.append("data.trust_remote_code: datasets are read from files and the local cache only; "
                      "dataset loading scripts are never run")
     return notes

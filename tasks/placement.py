@@ -28,7 +28,7 @@ from app.celery import app
 from app.events import utc_now_iso
 from app.redis_client import get_redis
 from app.settings import get_settings
-from app.spec import TaskSpec
+from app.spec import BaseTaskSpec
 from app.worker.capability_queues import record_entry
 from app.worker.registry import list_workers
 from app.worker.signals import SYNC_QUEUES_COMMAND
@@ -36,12 +36,12 @@ from app.worker.signals import SYNC_QUEUES_COMMAND
 log = logging.getLogger(__name__)
 
 
-def requirement_for(spec: TaskSpec | Mapping[str, Any]) -> Requirement:
+def requirement_for(spec: BaseTaskSpec | Mapping[str, Any]) -> Requirement:
     """The requirement of a validated spec, or of a raw spec dict (routing fields only)."""
-    return requirement_of(spec) if isinstance(spec, TaskSpec) else requirement_of_raw(spec)
+    return requirement_of(spec) if isinstance(spec, BaseTaskSpec) else requirement_of_raw(spec)
 
 
-def queue_for_spec(spec: TaskSpec | Mapping[str, Any], worker_id: str | None = None) -> str:
+def queue_for_spec(spec: BaseTaskSpec | Mapping[str, Any], worker_id: str | None = None) -> str:
     """The queue ``spec`` is sent to (no I/O): pinned, tags, or capabilities."""
     topic = get_settings().task_topic
     if worker_id:
@@ -49,7 +49,7 @@ def queue_for_spec(spec: TaskSpec | Mapping[str, Any], worker_id: str | None = N
     return routing.queue_for_requirement(topic, requirement_for(spec))
 
 
-def record_queue(queue: str, spec: TaskSpec | Mapping[str, Any], client: redis.Redis | None = None) -> None:
+def record_queue(queue: str, spec: BaseTaskSpec | Mapping[str, Any], client: redis.Redis | None = None) -> None:
     """Record a capability queue before anything is sent to it (nothing to do for others)."""
     if not routing.is_capability_queue(get_settings().task_topic, queue):
         return
@@ -105,7 +105,7 @@ def capability_warning(need: Requirement, queue: str, client: redis.Redis | None
             f"it waits in queue {queue!r} until such a worker starts")
 
 
-def queue_warning(queue: str, spec: TaskSpec | Mapping[str, Any] | None = None) -> str | None:
+def queue_warning(queue: str, spec: BaseTaskSpec | Mapping[str, Any] | None = None) -> str | None:
     """``None`` when a live worker will take tasks from ``queue``, else what to tell the user."""
     try:
         if spec is not None and routing.is_capability_queue(get_settings().task_topic, queue):

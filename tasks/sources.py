@@ -31,7 +31,7 @@ from app.data_roots import allowed_path
 from app.errors import ArtifactError, SpecError
 from app.redaction import redact
 from app.spec import CheckpointLoad, TaskSpec
-from app.spec.schema import AdapterSpec
+from app.spec.schema import AdapterSpec, JsonlSource, TrainingData
 
 ORDER = ("path", "url", "task_id")
 SPELLING = {"path": "path", "url": "url", "task_id": "taskId"}
@@ -134,9 +134,11 @@ def pick_sources(spec: TaskSpec, out_dir: Path) -> tuple[TaskSpec, SourcesUsed]:
         adapters = [_adapter_from_sources(adapter, f"spec.model.adapters[{i}]", out_dir, used)
                     for i, adapter in enumerate(spec.model.adapters)]
         updates["model"] = spec.model.model_copy(update={"adapters": adapters})
-    jsonl = (spec.data or {}).get("jsonl")
-    if isinstance(jsonl, dict) and jsonl.get("path") and jsonl.get("url"):
-        updates["data"] = {**(spec.data or {}), "jsonl": _jsonl_from_sources(jsonl, out_dir, used)}
+    data = spec.data
+    if isinstance(data, TrainingData) and data.jsonl is not None and data.jsonl.path and data.jsonl.url:
+        narrowed_jsonl = JsonlSource.model_validate(_jsonl_from_sources(data.jsonl.model_dump(exclude_none=True),
+                                                                        out_dir, used))
+        updates["data"] = data.model_copy(update={"jsonl": narrowed_jsonl})
     return (spec.model_copy(update=updates) if updates else spec), used
 
 

@@ -95,6 +95,48 @@ def test_every_way_in_refuses_them_at_submission(server_factory, redis_url: str,
         assert field in submitted.stderr and message in submitted.stderr, f"{label}: {submitted.stderr}"
 
 
+BARE_PIPELINE = {"stages": [
+    {"name": "greet", "spec": {"taskType": "echo", "echo": {"message": "hi"}}},
+    {"name": "train", "spec": {**dpo(), "data": {"prompts": ["q"]}}},
+]}
+
+
+def test_a_bare_stages_document_gets_the_same_answer_everywhere(server_factory, redis_url: str,
+                                                                 tmp_path: Path) -> None:
+    """A document that is a bare ``{stages: ...}`` is read as a pipeline by ``Pipeline.from_dict``,
+    ``meshq submit`` and ``POST /api/v1/tasks`` alike: here all three refuse its dpo stage on
+    prompts, naming the same field; with that stage fixed, all three accept it."""
+    from pipelines import Pipeline
+
+    field, message = "spec.stages[1].spec.data.prompts", "dpo trains on preference pairs"
+    with pytest.raises(SpecError) as caught:
+        Pipeline.from_dict(BARE_PIPELINE)
+    assert caught.value.field == field and message in str(caught.value)
+
+    server = server_factory()
+    reply = requests.post(f"{server.base_url}/api/v1/tasks", json=BARE_PIPELINE, timeout=30)
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["field"] == field and message in reply.json()["detail"], reply.text
+
+    document = tmp_path / "pipeline.yaml"
+    document.write_text(json.dumps(BARE_PIPELINE))
+    submitted = subprocess.run([sys.executable, "-m", "app.cli.main", "submit", str(document)], cwd=ROOT,
+                               env={**os.environ, "REDIS_URL": redis_url}, capture_output=True, text=True,
+                               timeout=120)
+    assert submitted.returncode == 2, submitted.stderr
+    assert field in submitted.stderr and message in submitted.stderr, submitted.stderr
+
+    good = {"stages": [BARE_PIPELINE["stages"][0], {"name": "again", "spec": {"taskType": "echo"}}]}
+    assert [stage.name for stage in Pipeline.from_dict(good).stages] == ["greet", "again"]
+    reply = requests.post(f"{server.base_url}/api/v1/tasks", json=good, timeout=30)
+    assert reply.status_code == 202 and reply.json()["kind"] == "pipeline", reply.text
+    document.write_text(json.dumps(good))
+    submitted = subprocess.run([sys.executable, "-m", "app.cli.main", "submit", str(document), "--json"], cwd=ROOT,
+                               env={**os.environ, "REDIS_URL": redis_url}, capture_output=True, text=True,
+                               timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+
+
 @pytest.mark.slow
 def test_a_preference_file_row_without_rejected_fails_on_the_worker(worker_factory, tiny_model_dir: Path,
                                                                     tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict
 from app.artifacts.upload import CHECKSUM_HEADER, RUN_HEADER
 from app.names import SAFE_NAME_RE
 from app.settings import TAG_RE
-from app.spec import TASK_TYPES, TaskSpec
+from app.spec import TASK_TYPES, BaseTaskSpec
 
 MAX_RUN = 999_999_999
 
@@ -76,10 +76,13 @@ def customize_openapi(app: FastAPI, bearer: bool) -> None:
                     for parameter in operation.get("parameters", []):
                         if parameter["in"] == "path" and parameter["name"] in ("task_id", "filename"):
                             parameter["schema"] = {**NAME_SCHEMA, "title": parameter["name"]}
-            spec_schema = TaskSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+            # The fields every task type shares; each type's own `data` is checked by app.spec.
+            spec_schema = BaseTaskSpec.model_json_schema(ref_template="#/components/schemas/{model}")
             components.setdefault("schemas", {}).update(spec_schema.pop("$defs", {}))
             # Checked by validators in app.spec; said here so clients (and fuzzers) know.
             spec_schema["properties"]["taskType"] = {"type": "string", "enum": list(TASK_TYPES)}
+            spec_schema["properties"]["data"] = {"anyOf": [{"type": "object"}, {"type": "null"}], "title": "Data",
+                                                 "description": "the input of the task, its shape set by taskType"}
             spec_schema["properties"]["tags"]["items"] = {"type": "string", "pattern": json_schema_pattern(TAG_RE.pattern)}
             components["schemas"]["TaskSpec"] = spec_schema
             body = schema["paths"]["/api/v1/tasks"]["post"]["requestBody"]["content"]["application/json"]

@@ -6,9 +6,9 @@ it loads a model, artifacts read their sections).
 """
 
 from app.spec.schema import (
-    DATA_MODELS,
     TASK_TYPES,
     TRAINING_TYPES,
+    BaseTaskSpec,
     CheckpointLoad,
     CheckpointSpec,
     Destination,
@@ -28,7 +28,7 @@ from app.spec.schema import (
 from app.spec.validation import error_messages, parse_task_spec, spec_error_from, spec_error_from_messages
 
 __all__ = [
-    "DATA_MODELS", "TASK_TYPES", "TRAINING_TYPES", "CheckpointLoad", "CheckpointSpec", "Destination",
+    "TASK_TYPES", "TRAINING_TYPES", "BaseTaskSpec", "CheckpointLoad", "CheckpointSpec", "Destination",
     "EchoOptions", "InferenceData", "InferenceOptions", "LoraOptions", "ModelSource", "ModelSpec",
     "OutputSpec", "PromptPair", "TaskSpec", "TrainingData", "TrainingOptions", "TransformersOptions",
     "error_messages", "parse_task_spec", "spec_error_from", "spec_error_from_messages",

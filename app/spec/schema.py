@@ -16,9 +16,17 @@ from __future__ import annotations
 
 import functools
 import typing
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from app.names import check_name
 from app.settings import TAG_RE
@@ -226,9 +234,9 @@ class InferenceData(Strict):
         return one_spelling(data, "name", "config_name")
 
     @model_validator(mode="after")
-    def _source(self) -> InferenceData:
+    def _source(self, info: ValidationInfo) -> InferenceData:
         if self.type == "list":
-            if not self.items:
+            if not self.items and not (info.context or {}).get(PROMPTS_IN_SHARDS):
                 raise ValueError("items: a list of at least one prompt is required for type 'list'")
         elif self.type == "dataset":
             if not (self.path or self.url):
@@ -307,6 +315,42 @@ class TrainingData(Strict):
                              "or dataset_name")
         if len(sources) > 1:
             raise ValueError(f"{sources[1]}: give one data source, not {' and '.join(sources)}")
+        return self
+
+
+class SftData(TrainingData):
+    """What ``sft`` and ``lora_sft`` train on: prompts (or prompt/response pairs), a table or a jsonl file."""
+
+    @model_validator(mode="after")
+    def _sft_input(self) -> SftData:
+        if self.preferences:
+            raise ValueError("preferences: preference pairs are dpo data; sft and lora_sft train on prompts, "
+                             "a table or a jsonl file")
+        return self
+
+
+class DpoData(TrainingData):
+    """What ``dpo`` trains on: preference pairs ``{prompt, chosen, rejected}`` (inline, a table or a jsonl file)."""
+
+    @model_validator(mode="after")
+    def _dpo_input(self) -> DpoData:
+        if self.prompts:
+            raise ValueError("prompts: dpo trains on preference pairs {prompt, chosen, rejected}: give "
+                             "data.preferences, a jsonl file or a table with those columns")
+        if self.text_field or (self.jsonl is not None and self.jsonl.text_field):
+            where = "text_field" if self.text_field else "jsonl.text_field"
+            raise ValueError(f"{where}: dpo trains on preference pairs, not plain text")
+        return self
+
+
+class PpoData(TrainingData):
+    """What ``ppo`` generates from: prompts (inline, a table's ``query_column`` or a jsonl ``query_field``)."""
+
+    @model_validator(mode="after")
+    def _ppo_input(self) -> PpoData:
+        if self.preferences:
+            raise ValueError("preferences: ppo generates from prompts: give data.prompts, a jsonl file "
+                             "(query_field) or a table (query_column)")
         return self
 
 
@@ -604,7 +648,12 @@ class ParallelSpec(Strict):
 
 
 # -- the task ---------------------------------------------------------------------------------
-class TaskSpec(Strict):
+class BaseTaskSpec(Strict):
+    """What every task type shares; each member of ``TaskSpec`` narrows ``taskType`` and types its ``data``.
+
+    The sections a type does not use stay here as optional fields so that a misplaced one is
+    refused with a message naming the type that uses it (``_sections``), not as unknown."""
+
     taskType: str
     tags: list[str] = Field(default_factory=list)
     resources: ResourcesSpec | None = None
@@ -613,7 +662,7 @@ class TaskSpec(Strict):
     parallel: ParallelSpec | None = None
     model: ModelSpec | None = None
     reward_model: RewardModelSpec | None = None
-    data: dict[str, Any] | None = None
+    data: Any = None  # typed by each member of TaskSpec
     inference: InferenceOptions | None = None
     generation: GenerationOptions | None = None
     postprocess: PostprocessSpec | None = None
@@ -641,13 +690,8 @@ class TaskSpec(Strict):
         return sorted(set(value))
 
     @model_validator(mode="after")
-    def _sections(self) -> TaskSpec:
+    def _sections(self) -> BaseTaskSpec:
         kind = self.taskType
-        if kind in ("inference", *TRAINING_TYPES):
-            if self.model is None:
-                raise ValueError(f"model: required for taskType {kind!r}")
-            if self.data is None:
-                raise ValueError(f"data: required for taskType {kind!r}")
         if kind == "inference" and (self.training is not None or self.lora is not None):
             raise ValueError("training: not allowed for taskType 'inference'")
         if kind not in LORA_TYPES and self.lora is not None:
@@ -662,8 +706,6 @@ class TaskSpec(Strict):
             for name in ("reward_model", "generation"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name}: only allowed for taskType 'ppo', not {kind!r}")
-        elif self.reward_model is None:
-            raise ValueError("reward_model: required for taskType 'ppo'")
         if self.training is not None:
             given = self.training.model_fields_set
             if kind in ("dpo", "ppo") and self.training.packing:
@@ -695,12 +737,16 @@ class TaskSpec(Strict):
         adapters = self.model.adapters if self.model else []
         return (load is not None and load.type == "http") or any(not a.path for a in adapters)
 
-    # Typed views of ``data`` for each task type (validated in ``parse_task_spec``).
+    # ``data`` as the type the caller reads (parsed once, with the spec; no copy, no check again).
     def inference_data(self) -> InferenceData:
-        return InferenceData.model_validate(self.data or {})
+        if not isinstance(self.data, InferenceData):
+            raise TypeError(f"taskType {self.taskType!r} has no inference data")
+        return self.data
 
     def training_data(self) -> TrainingData:
-        return TrainingData.model_validate(self.data or {})
+        if not isinstance(self.data, TrainingData):
+            raise TypeError(f"taskType {self.taskType!r} has no training data")
+        return self.data
 
     @property
     def shards(self) -> int:
@@ -711,27 +757,48 @@ class TaskSpec(Strict):
         return self.resources.replicas if self.resources is not None else 1
 
 
-def training_data_problem(kind: str, data: TrainingData) -> tuple[str, str] | None:
-    """``(field under data, message)`` when ``data`` is not what task type ``kind`` trains on."""
-    if kind in ("sft", "lora_sft") and data.preferences:
-        return "preferences", f"preference pairs are dpo data; {kind} trains on prompts, a table or a jsonl file"
-    if kind == "dpo":
-        if data.prompts:
-            return "prompts", ("dpo trains on preference pairs {prompt, chosen, rejected}: give "
-                               "data.preferences, a jsonl file or a table with those columns")
-        if data.text_field or (data.jsonl is not None and data.jsonl.text_field):
-            where = "text_field" if data.text_field else "jsonl.text_field"
-            return where, "dpo trains on preference pairs, not plain text"
-    if kind == "ppo" and data.preferences:
-        return "preferences", ("ppo generates from prompts: give data.prompts, a jsonl file (query_field) "
-                               "or a table (query_column)")
-    return None
+class InferenceTaskSpec(BaseTaskSpec):
+    taskType: Literal["inference"]
+    model: ModelSpec
+    data: InferenceData
 
 
-DATA_MODELS: dict[str, type[Strict]] = {
-    "inference": InferenceData,
-    "sft": TrainingData,
-    "lora_sft": TrainingData,
-    "dpo": TrainingData,
-    "ppo": TrainingData,
+class EchoTaskSpec(BaseTaskSpec):
+    taskType: Literal["echo"]
+    data: dict[str, Any] | None = None  # echoed back as given
+
+
+class SftTaskSpec(BaseTaskSpec):
+    taskType: Literal["sft", "lora_sft"]
+    model: ModelSpec
+    data: SftData
+
+
+class DpoTaskSpec(BaseTaskSpec):
+    taskType: Literal["dpo"]
+    model: ModelSpec
+    data: DpoData
+
+
+class PpoTaskSpec(BaseTaskSpec):
+    taskType: Literal["ppo"]
+    model: ModelSpec
+    reward_model: RewardModelSpec
+    data: PpoData
+
+
+# A task spec: one member per task type, chosen by ``taskType`` (``app.spec.validation.parse_task_spec``).
+TaskSpec = Annotated[InferenceTaskSpec | EchoTaskSpec | SftTaskSpec | DpoTaskSpec | PpoTaskSpec,
+                     Field(discriminator="taskType")]
+TASK_SPEC_MODELS: dict[str, type[BaseTaskSpec]] = {
+    "inference": InferenceTaskSpec,
+    "echo": EchoTaskSpec,
+    "sft": SftTaskSpec,
+    "lora_sft": SftTaskSpec,
+    "dpo": DpoTaskSpec,
+    "ppo": PpoTaskSpec,
 }
+# Sections a member of TaskSpec requires (``app.spec.validation`` names the type in the message).
+REQUIRED_SECTIONS = ("model", "data", "reward_model")
+# Validation context: the prompts of a sharded task's merge went to its shards (``data.items`` may be absent).
+PROMPTS_IN_SHARDS = "prompts_in_shards"

@@ -67,12 +67,8 @@ def _source_names(data: TrainingData, names: tuple[str, str, str]) -> list[tuple
 
 
 def load_preferences(data: TrainingData, fetch: Callable[[str], str] = str) -> list[Preference]:
-    """The preference pairs of a ``dpo`` task; ``fetch(url)`` downloads an http(s) URL."""
-    if data.prompts:
-        raise SpecError("spec.data.prompts", "dpo trains on preference pairs {prompt, chosen, rejected}: give "
-                                             "data.preferences, a jsonl file or a table with those columns")
-    if data.text_field:
-        raise SpecError("spec.data.text_field", "dpo trains on preference pairs, not plain text")
+    """The preference pairs of a ``dpo`` task (its ``DpoData``: prompts and plain text were refused
+    by the spec); ``fetch(url)`` downloads an http(s) URL."""
     if data.preferences:
         pairs = [Preference(p.prompt, data.separator + p.chosen, data.separator + p.rejected)
                  for p in data.preferences]
@@ -92,10 +88,7 @@ def load_preferences(data: TrainingData, fetch: Callable[[str], str] = str) -> l
 
 
 def load_queries(data: TrainingData, fetch: Callable[[str], str] = str) -> list[str]:
-    """The prompts a ``ppo`` task generates from."""
-    if data.preferences:
-        raise SpecError("spec.data.preferences", "ppo generates from prompts: give data.prompts, a jsonl file "
-                                                 "(query_field) or a table (query_column)")
+    """The prompts a ``ppo`` task generates from (its ``PpoData``: preference pairs were refused by the spec)."""
     if data.prompts:
         queries = [item.prompt if isinstance(item, PromptPair) else item for item in data.prompts]
     else:

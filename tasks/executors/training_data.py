@@ -85,10 +85,8 @@ def read_source_rows(data: TrainingData, fetch: Callable[[str], str] = str) -> l
 
 
 def load_examples(data: TrainingData, fetch: Callable[[str], str] = str) -> list[Example]:
-    """Examples for ``data``; ``fetch(url)`` downloads an http(s) URL and returns the local file."""
-    if data.preferences:
-        raise SpecError("spec.data.preferences", "preference pairs are dpo data; sft and lora_sft train on "
-                                                 "prompts, a table or a jsonl file")
+    """Examples for ``data`` (an ``SftData``: preference pairs were refused by the spec); ``fetch(url)``
+    downloads an http(s) URL and returns the local file."""
     if data.prompts:
         examples = examples_from_prompts(data)
     elif data.jsonl is not None:
