@@ -22,8 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from celery import chain
-from celery.canvas import Signature, _chain
+from celery.canvas import Signature
 
 from app.celery import app
 from app.errors import SpecError
@@ -113,39 +112,31 @@ class Pipeline:
         signature: Signature = make(stage.spec, pipeline=self.stage_info(stage, pipeline_id, task_ids))
         return signature.set(task_id=task_id, queue=stage_queue(stage))
 
-    def chain(self, pipeline_id: str | None = None, task_ids: list[str] | None = None) -> Any:
-        """The Celery chain (no broker needed); ids are generated unless given."""
-        pipeline_id = pipeline_id or str(uuid.uuid4())
-        task_ids = task_ids or [str(uuid.uuid4()) for _ in self.stages]
-        if self.is_graph:
-            raise ValueError(f"pipeline {self.name!r} is a graph, not a chain: use .graph()")
-        if len(task_ids) != len(self.stages):
-            raise ValueError(f"task_ids: {len(task_ids)} ids for {len(self.stages)} stages")
-        return chain(*(self.signature(stage, pipeline_id, task_ids, task_id)
-                       for stage, task_id in zip(self.stages, task_ids, strict=True)))
-
     def graph(self, pipeline_id: str | None = None, task_ids: list[str] | None = None) -> Any:
-        """The Celery canvas of a graph pipeline (groups, chains, chords; no broker needed).
-
-        Task ids follow the order of ``stages`` (dependencies first) and are generated
-        unless given. A linear pipeline's canvas is its chain.
-        """
-        if not self.is_graph:
-            return self.chain(pipeline_id, task_ids)
+        """The Celery canvas (no broker needed): ``pipelines.graph.compile_canvas`` of the nodes,
+        which for a linear pipeline (a path) is its chain. Task ids follow the order of
+        ``stages`` (dependencies first) and are generated unless given."""
         pipeline_id = pipeline_id or str(uuid.uuid4())
         task_ids = task_ids or [str(uuid.uuid4()) for _ in self.stages]
         if len(task_ids) != len(self.stages):
-            raise ValueError(f"task_ids: {len(task_ids)} ids for {len(self.stages)} nodes")
+            raise ValueError(f"task_ids: {len(task_ids)} ids for {len(self.stages)} {self.template.form.kind}s")
         by_name = {stage.name: (stage, task_id) for stage, task_id in zip(self.stages, task_ids, strict=True)}
 
         def signature_of(name: str) -> Signature:
             stage, task_id = by_name[name]
-            # Immutable: a node reads the results it references from the backend, so none
-            # are passed along (a chord would otherwise hand every header's result on).
-            return self.signature(stage, pipeline_id, task_ids, task_id, immutable=True)
+            # A chain hands each stage the previous stage's result; graph nodes are immutable and
+            # read the results they reference from the backend (a chord would otherwise hand
+            # every header's result on).
+            return self.signature(stage, pipeline_id, task_ids, task_id, immutable=self.is_graph)
 
         return compile_canvas([s.name for s in self.stages], {s.name: s.depends_on for s in self.stages},
                               signature_of)
+
+    def chain(self, pipeline_id: str | None = None, task_ids: list[str] | None = None) -> Any:
+        """The canvas of a linear pipeline, which is a chain (``graph()`` for a DAG)."""
+        if self.is_graph:
+            raise ValueError(f"pipeline {self.name!r} is a graph, not a chain: use .graph()")
+        return self.graph(pipeline_id, task_ids)
 
     # -- submitting -----------------------------------------------------------
     def submit(self) -> PipelineRun:
@@ -160,7 +151,7 @@ class Pipeline:
             if stage.run_on is None:
                 warning = queue_warning(stage_queue(stage), stage.spec)
                 if warning:
-                    warnings.append(f"{'node' if self.is_graph else 'stage'} {stage.name!r}: {warning}")
+                    warnings.append(f"{self.template.form.kind} {stage.name!r}: {warning}")
         run = PipelineRun(
             id=pipeline_id, name=self.name, submitted_at=utc_now_iso(), document=self.document,
             warnings=warnings,
@@ -169,7 +160,5 @@ class Pipeline:
                     for s, t in zip(self.stages, task_ids, strict=True)],
             is_graph=self.is_graph)
         run.record(get_redis(), int(app.conf.result_expires or 7 * 24 * 3600))
-        if isinstance(canvas, _chain) and len(canvas.tasks) == 1:
-            canvas = canvas.tasks[0]  # one task: the same message, without the chain's bookkeeping
         canvas.apply_async()
         return run
