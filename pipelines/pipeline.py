@@ -1,14 +1,15 @@
 """``Pipeline``: a validated template that becomes one Celery canvas when submitted.
 
 Pipelines are data until submitted: ``Pipeline.from_yaml(path)`` validates,
-``.chain()`` (stages) or ``.graph()`` (a DAG of nodes, ``pipelines.graph``) builds
-the Celery canvas without touching a broker, ``.submit()`` records the pipeline in
-Redis and sends the canvas.
+``.graph()`` builds the Celery canvas without touching a broker (a linear
+pipeline's is its chain, also ``.chain()``; a DAG's has groups and chords,
+``pipelines.graph``), ``.submit()`` records the pipeline in Redis and sends the canvas.
 
 Each stage (or node) is the per-type task (``meshq.<taskType>``) with the stage's
 merged spec and a ``pipeline`` kwarg (pipeline id, stage name and index, every
 stage's task id, ``runOn``; for a node also ``graph``, ``depends_on`` and
-``ancestors``), sent to the queue of the stage's own tags. Task ids are generated
+``ancestors``, which a stage's message leaves to the worker to derive from its
+index), sent to the queue of the stage's own tags. Task ids are generated
 here, before anything is sent, so every stage can be looked up by id from the
 moment ``submit`` returns. A one-stage pipeline (a plain task spec) uses its task id
 as the pipeline id.

@@ -5,13 +5,17 @@ Installed into ``tasks.base.SPEC_RESOLVERS`` when a worker imports this module
 
 * a stage of a cancelled pipeline ends as REVOKED before doing anything;
 * ``${stage.result...}`` (and a reference to the previous stage by name) resolves
-  against ``previous_result``, the argument Celery's chain passes in;
-* ``${<name>.result...}`` for an older stage reads that stage's result from the
-  result backend by the task id recorded at submission. Each task's Celery result
+  against ``previous_result``, the argument Celery's chain passes in (graph nodes
+  are immutable signatures and get none);
+* ``${<name>.result...}`` for any other ancestor reads its result from the
+  result backend by the task id recorded at submission (``stage_result``; a linear
+  stage's ancestors are the stages before it, ``links_of``). Each task's Celery result
   is exactly its own ``responses.json`` (DESIGN §6), so results cannot pile up in
   the values passed along the chain; the backend already holds every stage's
   result, and reading only the referenced ones keeps messages small;
-* if the next stage in the chain says ``runOn: {stage: X}``, its message is
+* a graph node does not start once another node failed (it ends SKIPPED);
+* if the next stage in the chain says ``runOn: {stage: X}`` and X is this stage
+  or one of its ancestors, its message is
   pointed at the own queue of the worker that ran X before Celery sends it (the
   worker id is only known at run time; the rest of the chain travels in
   ``request.chain``, where the next signature's options decide its queue);
