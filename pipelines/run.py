@@ -147,8 +147,8 @@ class PipelineRun:
         for stage, meta in zip(self.stages, metas, strict=True):
             info = task_status(celery_app, stage["task_id"], meta)
             info["taskType"] = stage.get("taskType")
-            if self.is_graph:  # shown for a graph's nodes; a stage follows the one listed before it
-                info["depends_on"] = list(stage.get("depends_on") or [])
+            if "depends_on" in stage:  # recorded (and shown) for a graph's nodes only
+                info["depends_on"] = list(stage["depends_on"])
             stages.append({"name": stage["name"], **info})
         mark_skipped(stages, self.depends_on(), cancelled)
         state = pipeline_state([s["state"] for s in stages], cancelled)
