@@ -270,6 +270,7 @@ def _parse_pipeline(raw: Any, env: Mapping[str, str] | None, expand_environment:
         deps = {name: tuple(names[index - 1:index]) for index, name in enumerate(names)}
     check_message_bytes(shared, nodes_raw, names)  # before a copy of the shared spec is made per stage
     ancestors = ancestors_of(deps)
+    position = {name: index for index, name in enumerate(names)}
     stages = []
     for index, node_raw in enumerate(nodes_raw):
         name = names[index]
@@ -288,7 +289,7 @@ def _parse_pipeline(raw: Any, env: Mapping[str, str] | None, expand_environment:
             if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
                 raise SpecError(f"{location}.tags", "must be a list of tags")
             merged["tags"] = tags
-        node_ancestors = tuple(n for n in names if n in ancestors[name])
+        node_ancestors = tuple(sorted(ancestors[name], key=position.__getitem__))  # in document order
         run_on = _run_on(node_raw.get("runOn"), f"{location}.runOn", names, name, deps[name], node_ancestors, form)
         stage = StageTemplate(name, index, merged, run_on, location if plain else f"{location}.spec", deps[name],
                               node_ancestors)
