@@ -1,14 +1,15 @@
 """``Pipeline``: a validated template that becomes one Celery canvas when submitted.
 
 Pipelines are data until submitted: ``Pipeline.from_yaml(path)`` validates,
-``.chain()`` (stages) or ``.graph()`` (a DAG of nodes, ``pipelines.graph``) builds
-the Celery canvas without touching a broker, ``.submit()`` records the pipeline in
-Redis and sends the canvas.
+``.graph()`` builds the Celery canvas without touching a broker (a linear
+pipeline's is its chain, also ``.chain()``; a DAG's has groups and chords,
+``pipelines.graph``), ``.submit()`` records the pipeline in Redis and sends the canvas.
 
 Each stage (or node) is the per-type task (``meshq.<taskType>``) with the stage's
 merged spec and a ``pipeline`` kwarg (pipeline id, stage name and index, every
 stage's task id, ``runOn``; for a node also ``graph``, ``depends_on`` and
-``ancestors``), sent to the queue of the stage's own tags. Task ids are generated
+``ancestors``, which a stage's message leaves to the worker to derive from its
+index), sent to the queue of the stage's own tags. Task ids are generated
 here, before anything is sent, so every stage can be looked up by id from the
 moment ``submit`` returns. A one-stage pipeline (a plain task spec) uses its task id
 as the pipeline id.
@@ -22,8 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from celery import chain
-from celery.canvas import Signature, _chain
+from celery.canvas import Signature
 
 from app.celery import app
 from app.errors import SpecError
@@ -118,39 +118,31 @@ class Pipeline:
         signature: Signature = make(stage.spec, pipeline=self.stage_info(stage, pipeline_id, task_ids))
         return signature.set(task_id=task_id, queue=stage_queue(stage))
 
-    def chain(self, pipeline_id: str | None = None, task_ids: list[str] | None = None) -> Any:
-        """The Celery chain (no broker needed); ids are generated unless given."""
-        pipeline_id = pipeline_id or str(uuid.uuid4())
-        task_ids = task_ids or [str(uuid.uuid4()) for _ in self.stages]
-        if self.is_graph:
-            raise ValueError(f"pipeline {self.name!r} is a graph, not a chain: use .graph()")
-        if len(task_ids) != len(self.stages):
-            raise ValueError(f"task_ids: {len(task_ids)} ids for {len(self.stages)} stages")
-        return chain(*(self.signature(stage, pipeline_id, task_ids, task_id)
-                       for stage, task_id in zip(self.stages, task_ids, strict=True)))
-
     def graph(self, pipeline_id: str | None = None, task_ids: list[str] | None = None) -> Any:
-        """The Celery canvas of a graph pipeline (groups, chains, chords; no broker needed).
-
-        Task ids follow the order of ``stages`` (dependencies first) and are generated
-        unless given. A linear pipeline's canvas is its chain.
-        """
-        if not self.is_graph:
-            return self.chain(pipeline_id, task_ids)
+        """The Celery canvas (no broker needed): ``pipelines.graph.compile_canvas`` of the nodes,
+        which for a linear pipeline (a path) is its chain. Task ids follow the order of
+        ``stages`` (dependencies first) and are generated unless given."""
         pipeline_id = pipeline_id or str(uuid.uuid4())
         task_ids = task_ids or [str(uuid.uuid4()) for _ in self.stages]
         if len(task_ids) != len(self.stages):
-            raise ValueError(f"task_ids: {len(task_ids)} ids for {len(self.stages)} nodes")
+            raise ValueError(f"task_ids: {len(task_ids)} ids for {len(self.stages)} {self.template.form.kind}s")
         by_name = {stage.name: (stage, task_id) for stage, task_id in zip(self.stages, task_ids, strict=True)}
 
         def signature_of(name: str) -> Signature:
             stage, task_id = by_name[name]
-            # Immutable: a node reads the results it references from the backend, so none
-            # are passed along (a chord would otherwise hand every header's result on).
-            return self.signature(stage, pipeline_id, task_ids, task_id, immutable=True)
+            # A chain hands each stage the previous stage's result; graph nodes are immutable and
+            # read the results they reference from the backend (a chord would otherwise hand
+            # every header's result on).
+            return self.signature(stage, pipeline_id, task_ids, task_id, immutable=self.is_graph)
 
         return compile_canvas([s.name for s in self.stages], {s.name: s.depends_on for s in self.stages},
                               signature_of)
+
+    def chain(self, pipeline_id: str | None = None, task_ids: list[str] | None = None) -> Any:
+        """The canvas of a linear pipeline, which is a chain (``graph()`` for a DAG)."""
+        if self.is_graph:
+            raise ValueError(f"pipeline {self.name!r} is a graph, not a chain: use .graph()")
+        return self.graph(pipeline_id, task_ids)
 
     # -- submitting -----------------------------------------------------------
     def submit(self) -> PipelineRun:
@@ -165,7 +157,7 @@ class Pipeline:
             if stage.run_on is None:
                 warning = queue_warning(stage_queue(stage), routing_spec(stage))
                 if warning:
-                    warnings.append(f"{'node' if self.is_graph else 'stage'} {stage.name!r}: {warning}")
+                    warnings.append(f"{self.template.form.kind} {stage.name!r}: {warning}")
         run = PipelineRun(
             id=pipeline_id, name=self.name, submitted_at=utc_now_iso(), document=self.document,
             warnings=warnings,
@@ -174,7 +166,5 @@ class Pipeline:
                     for s, t in zip(self.stages, task_ids, strict=True)],
             is_graph=self.is_graph)
         run.record(get_redis(), int(app.conf.result_expires or 7 * 24 * 3600))
-        if isinstance(canvas, _chain) and len(canvas.tasks) == 1:
-            canvas = canvas.tasks[0]  # one task: the same message, without the chain's bookkeeping
         canvas.apply_async()
         return run

@@ -209,26 +209,6 @@ def refuse_unexpanded_env(ref: Reference, where: str) -> None:
                                "before submission")
 
 
-def check_stage_references(refs: list[tuple[FieldPath, str, Reference]], stage_names: list[str],
-                           index: int) -> None:
-    """Submission-time check of the references of stage ``index`` (pure)."""
-    for _path, where, ref in refs:
-        refuse_unexpanded_env(ref, where)
-        if ref.stage == PREVIOUS_STAGE:
-            if index == 0:
-                raise SpecError(where, f"{ref.text}: the first stage has no previous stage")
-            continue
-        if ref.stage not in stage_names:
-            raise SpecError(where, f"unknown stage {ref.stage!r} in {ref.text} "
-                                   f"(stages: {', '.join(stage_names)})")
-        target = stage_names.index(str(ref.stage))
-        if target == index:
-            raise SpecError(where, f"{ref.text}: a stage cannot refer to its own result")
-        if target > index:
-            raise SpecError(where, f"{ref.text}: stage {ref.stage!r} runs after this stage "
-                                   f"(stage {target} > {index}), so its result does not exist yet")
-
-
 def lookup_path(result: Any, ref: Reference) -> Any:
     """Follow ``ref.path`` into a stage result; raise ``LookupError`` with the reason."""
     value = result

@@ -5,13 +5,17 @@ Installed into ``tasks.base.SPEC_RESOLVERS`` when a worker imports this module
 
 * a stage of a cancelled pipeline ends as REVOKED before doing anything;
 * ``${stage.result...}`` (and a reference to the previous stage by name) resolves
-  against ``previous_result``, the argument Celery's chain passes in;
-* ``${<name>.result...}`` for an older stage reads that stage's result from the
-  result backend by the task id recorded at submission. Each task's Celery result
+  against ``previous_result``, the argument Celery's chain passes in (graph nodes
+  are immutable signatures and get none);
+* ``${<name>.result...}`` for any other ancestor reads its result from the
+  result backend by the task id recorded at submission (``stage_result``; a linear
+  stage's ancestors are the stages before it, ``links_of``). Each task's Celery result
   is exactly its own ``responses.json`` (DESIGN §6), so results cannot pile up in
   the values passed along the chain; the backend already holds every stage's
   result, and reading only the referenced ones keeps messages small;
-* if the next stage in the chain says ``runOn: {stage: X}``, its message is
+* a graph node does not start once another node failed (it ends SKIPPED);
+* if the next stage in the chain says ``runOn: {stage: X}`` and X is this stage
+  or one of its ancestors, its message is
   pointed at the own queue of the worker that ran X before Celery sends it (the
   worker id is only known at run time; the rest of the chain travels in
   ``request.chain``, where the next signature's options decide its queue);
@@ -45,15 +49,33 @@ from tasks.base import SPEC_RESOLVERS
 log = logging.getLogger(__name__)
 
 MAX_RUN_ON_FORWARDS = 3  # a runOn stage bouncing between workers more often than this fails
-RESULT_STORE_WAIT_S = 30.0  # longest wait for a dependency's result to be stored (see node_result)
+RESULT_STORE_WAIT_S = 30.0  # longest wait for a dependency's result to be stored (see stage_result)
 
 
-def node_result(task: Any, info: dict[str, Any], name: str) -> Any:
-    """The result of graph node ``name`` (an ancestor; ``stage`` is the one dependency)."""
-    if name == PREVIOUS_STAGE and len(info.get("depends_on") or []) == 1:
-        name = info["depends_on"][0]
-    if name not in (info.get("ancestors") or []):
-        raise LookupError(f"node {name!r} is not an ancestor of {info['stage']!r}")
+def links_of(info: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The nodes this one depends on and every ancestor (the results it may read).
+
+    A graph node's message lists them; a linear stage's leaves them out (its one
+    dependency is the stage before it, its ancestors every stage before it).
+    """
+    if "ancestors" in info:
+        return list(info.get("depends_on") or []), list(info["ancestors"])
+    earlier = [s["name"] for s in info["stages"][:int(info["index"])]]
+    return earlier[-1:], earlier
+
+
+def stage_result(task: Any, info: dict[str, Any], name: str, previous: Any) -> Any:
+    """The result of ancestor ``name`` (``stage``: the one dependency) of ``info``'s stage."""
+    depends_on, ancestors = links_of(info)
+    if name == PREVIOUS_STAGE and len(depends_on) == 1:
+        name = depends_on[0]
+    if name not in ancestors:
+        names = [s["name"] for s in info["stages"]]
+        if name not in names:
+            raise LookupError(f"unknown stage {name!r} (stages: {', '.join(names)})")
+        raise LookupError(f"{name!r} is not an ancestor of {info['stage']!r}: it may not have run")
+    if previous is not None and depends_on == [name]:
+        return previous  # a chain handed the one dependency's result over
     task_id = next(s["task_id"] for s in info["stages"] if s["name"] == name)
     # Celery sends the next task of a chain (and a chord's body) just before it stores the
     # finished task's result, so a dependency may still read STARTED for a moment.
@@ -65,30 +87,9 @@ def node_result(task: Any, info: dict[str, Any], name: str) -> Any:
         if state == states.SUCCESS:
             return meta.get("result")
         if state in states.READY_STATES or time.monotonic() > deadline:
-            raise LookupError(f"node {name!r} (task {task_id}) has no result: its state is {state}")
+            raise LookupError(f"{name!r} (task {task_id}) has no result: its state is {state}")
         time.sleep(delay_s)
         delay_s = min(delay_s * 2, 0.5)
-
-
-def stage_result(task: Any, info: dict[str, Any], name: str, previous: Any) -> Any:
-    """The result of stage ``name`` (or the previous stage) of ``info``'s pipeline."""
-    if info.get("graph"):
-        return node_result(task, info, name)
-    stages = [s["name"] for s in info["stages"]]
-    index = int(info["index"])
-    target = index - 1 if name == PREVIOUS_STAGE else stages.index(name) if name in stages else -1
-    if target < 0:
-        raise LookupError(f"unknown stage {name!r} (stages: {', '.join(stages)})")
-    if target >= index:
-        raise LookupError(f"stage {stages[target]!r} has not run before this stage")
-    if target == index - 1 and previous is not None:
-        return previous
-    task_id = info["stages"][target]["task_id"]
-    meta = task.app.backend.get_task_meta(task_id)
-    if meta.get("status") != states.SUCCESS:
-        raise LookupError(f"stage {stages[target]!r} (task {task_id}) has no result: "
-                          f"its state is {meta.get('status')}")
-    return meta.get("result")
 
 
 def _plain_results(previous: Any) -> Any:
@@ -120,12 +121,15 @@ def _stop_if_cancelled(task: Any, info: dict[str, Any]) -> None:
         raise Ignore()
 
 
-def _skip_if_graph_failed(task: Any, info: dict[str, Any]) -> None:
+def _skip_if_a_branch_failed(task: Any, info: dict[str, Any]) -> None:
     """A graph node does not start once another node of its pipeline failed (it ends SKIPPED).
 
     Nodes already running elsewhere finish; this only keeps new ones from starting
-    (a branch that does not depend on the failed node would otherwise go on).
+    (a branch that does not depend on the failed node would otherwise go on). A chain
+    has no branches: a stage runs only when every stage before it succeeded.
     """
+    if not info.get("graph"):
+        return
     others = [s for s in info["stages"] if s["name"] != info["stage"]]
     backend = task.app.backend
     try:
@@ -192,6 +196,8 @@ def _route_next_stage(task: Any, info: dict[str, Any], previous: Any) -> None:
     next_info = (following.get("kwargs") or {}).get("pipeline")
     if not isinstance(next_info, dict) or next_info.get("id") != info["id"] or not next_info.get("run_on"):
         return
+    if next_info["run_on"] != info["stage"] and next_info["run_on"] not in links_of(info)[1]:
+        return  # a result this stage may not read: the next stage forwards itself (_check_run_on)
     worker_id = worker_of(task, info, next_info["run_on"], previous)
     queue = routing.queue_for_worker(get_settings().task_topic, worker_id)
     options = following.setdefault("options", {})
@@ -209,8 +215,7 @@ def resolve_spec(raw_spec: Any, previous: Any, pipeline: dict[str, Any] | None) 
     if pipeline is None:
         return resolve_stage_references(raw_spec, _plain_results(previous), "spec", max_bytes)
     _stop_if_cancelled(task, pipeline)
-    if pipeline.get("graph"):
-        _skip_if_graph_failed(task, pipeline)
+    _skip_if_a_branch_failed(task, pipeline)
     _check_run_on(task, pipeline, previous, raw_spec)
 
     def results(name: str) -> Any:
@@ -222,8 +227,7 @@ def resolve_spec(raw_spec: Any, previous: Any, pipeline: dict[str, Any] | None) 
         check_size(json_bytes(expanded), max_bytes, "MAX_MESSAGE_BYTES", pipeline["location"])
         check_document(expanded, pipeline["location"])
         resolved = expanded
-    if not pipeline.get("graph"):  # graph nodes forward themselves (_check_run_on)
-        _route_next_stage(task, pipeline, previous)
+    _route_next_stage(task, pipeline, previous)
     return resolved
 
 

@@ -26,7 +26,7 @@ from app.redaction import redact_secrets
 from app.redis_client import get_redis
 from app.sent_tasks import sent_queue
 from pipelines.display import ProgressDisplay
-from pipelines.status import FINAL_PIPELINE_STATES, mark_skipped, mark_skipped_nodes, pipeline_state
+from pipelines.status import FINAL_PIPELINE_STATES, mark_skipped, pipeline_state
 from tasks.control import request_cancel
 from tasks.shards import read_plan
 from tasks.status import stored_meta, task_status
@@ -123,6 +123,12 @@ class PipelineRun:
         return client.hget(keys.pipeline(self.id), "cancelled_at")
 
     # -- status ---------------------------------------------------------------
+    def depends_on(self) -> dict[str, list[str]]:
+        """What each stage waits for: a graph node's recorded ``depends_on``, a stage the one before it."""
+        names = [stage["name"] for stage in self.stages]
+        return {stage["name"]: list(stage["depends_on"]) if "depends_on" in stage else names[max(i - 1, 0):i]
+                for i, stage in enumerate(self.stages)}
+
     def _read_state(self) -> tuple[bool, list[dict[str, Any]]]:
         """Whether the run was cancelled and every stage's stored meta, in one round trip:
         one consistent view, and ``.wait()`` on many runs costs one read per run."""
@@ -141,13 +147,10 @@ class PipelineRun:
         for stage, meta in zip(self.stages, metas, strict=True):
             info = task_status(celery_app, stage["task_id"], meta)
             info["taskType"] = stage.get("taskType")
-            if self.is_graph:
-                info["depends_on"] = list(stage.get("depends_on") or [])
+            if "depends_on" in stage:  # recorded (and shown) for a graph's nodes only
+                info["depends_on"] = list(stage["depends_on"])
             stages.append({"name": stage["name"], **info})
-        if self.is_graph:
-            mark_skipped_nodes(stages, cancelled)
-        else:
-            mark_skipped(stages, cancelled)
+        mark_skipped(stages, self.depends_on(), cancelled)
         state = pipeline_state([s["state"] for s in stages], cancelled)
         report: dict[str, Any] = {
             "id": self.id, "name": self.name, "kind": "pipeline" if self.is_pipeline else "task",

@@ -12,7 +12,7 @@ from typing import Any
 
 from celery import states
 
-from tasks.status import CHORD_ERROR, PROGRESS, STOPPED_STATES
+from tasks.status import CHORD_ERROR, PROGRESS
 
 SKIPPED = "SKIPPED"
 RUNNING_STATES = frozenset({states.RECEIVED, states.STARTED, states.RETRY, PROGRESS})
@@ -38,41 +38,25 @@ def _skip(stage: dict[str, Any]) -> None:
         stage.pop(key, None)
 
 
-def mark_skipped(stages: list[dict[str, Any]], cancelled: bool) -> None:
-    """Stages that cannot run any more become SKIPPED.
+def mark_skipped(stages: list[dict[str, Any]], depends_on: dict[str, list[str]], cancelled: bool) -> None:
+    """Stages (graph nodes, dependencies first) that never ran and never will become SKIPPED.
 
-    That is every stage after the first failed or revoked one (Celery also stores the
-    failure under the ids of the chain's remaining tasks, though they never ran),
-    and stages still PENDING in a cancelled pipeline.
-    """
-    stopped = False
-    for stage in stages:
-        if stopped or (cancelled and stage["state"] == states.PENDING):
-            stage["state"] = SKIPPED
-            stage["worker_id"] = None
-            for key in ("error", "error_type", "error_field"):
-                stage.pop(key, None)
-            stage.pop("date_done", None)
-        elif stage["state"] in STOPPED_STATES:
-            stopped = True
-
-
-def mark_skipped_nodes(nodes: list[dict[str, Any]], cancelled: bool) -> None:
-    """Graph nodes (dependencies first) that never ran and never will become SKIPPED.
-
-    A node runs only when every node it depends on succeeded, so one whose dependency
-    failed, was revoked or skipped is SKIPPED — also when Celery stored the chord's
-    ``ChordError`` under its id, or a node skipped itself at start (``pipelines.resolver``).
-    Once a node failed or the pipeline was cancelled, nodes still PENDING never start.
+    A stage runs only when every stage it depends on (in a chain, the one before it)
+    succeeded, so one whose dependency failed, was revoked or skipped is SKIPPED —
+    whatever Celery stored under its id: the chain's failure, a chord's ``ChordError``,
+    a revoke of its id. A node that skipped itself at start (``pipelines.resolver``)
+    is SKIPPED too. Once a stage failed or the pipeline was cancelled, stages still
+    PENDING never start.
     """
     stopped = {states.FAILURE, states.REVOKED, SKIPPED}
-    failed = any(n["state"] == states.FAILURE and n.get("error_type") != CHORD_ERROR for n in nodes)
+    failed = any(s["state"] == states.FAILURE and s.get("error_type") != CHORD_ERROR for s in stages)
     by_name: dict[str, dict[str, Any]] = {}
-    for node in nodes:
-        blocked = any(by_name[d]["state"] in stopped for d in node.get("depends_on") or [] if d in by_name)
-        never_ran = node["state"] in (states.PENDING, SKIPPED) or node.get("error_type") == CHORD_ERROR
-        if blocked and node["state"] != states.SUCCESS:
-            _skip(node)  # whatever was stored under its id (a revoke of its id, say), it never ran
-        elif never_ran and (failed or cancelled or node["state"] == SKIPPED or node.get("error_type") == CHORD_ERROR):
-            _skip(node)
-        by_name[node["name"]] = node
+    for stage in stages:
+        blocked = any(by_name[d]["state"] in stopped for d in depends_on.get(stage["name"], ()) if d in by_name)
+        never_ran = stage["state"] in (states.PENDING, SKIPPED) or stage.get("error_type") == CHORD_ERROR
+        if blocked and stage["state"] != states.SUCCESS:
+            _skip(stage)
+        elif never_ran and (failed or cancelled or stage["state"] == SKIPPED
+                            or stage.get("error_type") == CHORD_ERROR):
+            _skip(stage)
+        by_name[stage["name"]] = stage

@@ -1,14 +1,17 @@
-"""Pipeline templates (pure): a document → validated stages, ready to become a chain.
+"""Pipeline templates (pure): a document → validated graph nodes, ready to become a canvas.
 
 A document is ``{apiVersion, kind, metadata, spec}`` (DESIGN §5) or a bare task
 spec. ``spec.stages: [{name, spec, tags?, runOn?}]`` lists the stages, or
 ``spec.graph.nodes: [{name, dependsOn, spec, tags?, runOn?}]`` the nodes of a DAG
 (``pipelines.graph``: dependencies, cycles, ancestors; the nodes are kept in
-dependency order). Each stage's or node's ``spec`` is merged over the shared ``spec``
-(everything but ``stages``/``graph``) as a JSON Merge Patch (RFC 7386: mappings
-merge key by key, anything else replaces, ``null`` removes the shared field). A
-spec without ``stages`` or ``graph`` is a one-stage pipeline whose stage is named
-after its ``taskType``.
+dependency order). Stages are parsed into the same nodes: stage i depends on stage
+i-1, so its ancestors are the stages before it, and every later check (references,
+``runOn``, ``graph_template`` columns) is the graph's; only the words of the errors
+follow the form the document was written in (``Form``). Each stage's or node's
+``spec`` is merged over the shared ``spec`` (everything but ``stages``/``graph``)
+as a JSON Merge Patch (RFC 7386: mappings merge key by key, anything else
+replaces, ``null`` removes the shared field). A spec without ``stages`` or
+``graph`` is a one-stage pipeline whose stage is named after its ``taskType``.
 
 Validation happens here, before anything is sent: stage names, ``runOn``,
 ``${...}`` references (unknown or later stages; for a node, anything but an
@@ -42,7 +45,6 @@ from pipelines.references import (
     PREVIOUS_STAGE,
     FieldPath,
     Reference,
-    check_stage_references,
     expand_env,
     find_references,
     format_location,
@@ -50,12 +52,46 @@ from pipelines.references import (
 )
 
 DOCUMENT_FIELDS = ("apiVersion", "kind", "metadata", "spec")
-STAGE_FIELDS = ("name", "spec", "tags", "runOn")
-NODE_FIELDS = ("name", "dependsOn", "spec", "tags", "runOn")
 GRAPH_FIELDS = ("nodes",)
-RUN_ON_FIELDS = ("stage",)
 # Routing is decided at submission, so these fields cannot wait for a stage result.
 NO_REFERENCE_FIELDS = ("taskType", "tags", "resources")
+
+
+@dataclass(frozen=True)
+class Form:
+    """How a document lists its nodes, and the words its errors use for them.
+
+    Both forms are parsed into the same nodes (a stage depends on the one before it);
+    only the fields a user may write and the wording of what went wrong differ.
+    """
+
+    kind: str                     # "stage" or "node"
+    fields: tuple[str, ...]       # the fields of one stage (or node)
+    run_on_keys: tuple[str, ...]
+    run_on_hint: str
+    # Messages naming an earlier-node rule that was broken; formatted with target, name, ancestors, count.
+    no_previous: str              # ${stage.result...} without exactly one dependency
+    not_ancestor: str             # a reference to a node that may not have run
+    run_on_too_late: str          # runOn naming a node that may not have run
+    template_too_late: str        # a graph_template column reading such a node
+
+
+STAGES = Form(
+    kind="stage", fields=("name", "spec", "tags", "runOn"), run_on_keys=("stage",),
+    run_on_hint="{stage: <name of an earlier stage>}",
+    no_previous="the first stage has no previous stage",
+    not_ancestor="stage {target!r} runs after this stage (stage {target_index} > {index}), "
+                 "so its result does not exist yet",
+    run_on_too_late="stage {target!r} does not run before this stage",
+    template_too_late="stage {target!r} does not run before {name!r}")
+GRAPH = Form(
+    kind="node", fields=("name", "dependsOn", "spec", "tags", "runOn"), run_on_keys=("stage", "node"),
+    run_on_hint="{node: <name of a node this one depends on>}",
+    no_previous="${{stage.result...}} means the one node this node depends on, and {name!r} depends on {count}; "
+                "name the node",
+    not_ancestor="node {target!r} is not an ancestor of {name!r} (add it to dependsOn; ancestors: {ancestors})",
+    run_on_too_late="node {target!r} is not an ancestor of {name!r}: it may still be running when this node starts",
+    template_too_late="node {target!r} is not an ancestor of {name!r} (add it to dependsOn; ancestors: {ancestors})")
 
 
 @dataclass(frozen=True)
@@ -67,8 +103,8 @@ class StageTemplate:
     spec: dict[str, Any]
     run_on: str | None = None
     location: str = "spec"  # where this stage's own fields live in the document
-    depends_on: tuple[str, ...] = ()   # graph nodes: the nodes it waits for
-    ancestors: tuple[str, ...] = ()    # graph nodes: every node whose result it may reference
+    depends_on: tuple[str, ...] = ()   # the nodes it waits for (a stage: the one before it)
+    ancestors: tuple[str, ...] = ()    # every node whose result it may reference (a stage: all before it)
     # The spec as parsed at submission (``app.spec.parse_task_spec``): routing reads it. None
     # when a reference holds a field it cannot be typed without (the worker parses it resolved).
     parsed: BaseTaskSpec | None = field(default=None, compare=False, repr=False)
@@ -87,7 +123,12 @@ class PipelineTemplate:
     name: str
     document: dict[str, Any]
     stages: tuple[StageTemplate, ...]  # graph nodes in dependency order
-    is_graph: bool = False
+    form: Form = STAGES
+
+    @property
+    def is_graph(self) -> bool:
+        """Written as ``spec.graph`` (what status reports and the stages' messages say)."""
+        return self.form is GRAPH
 
     @property
     def stage_names(self) -> list[str]:
@@ -232,65 +273,57 @@ def _parse_pipeline(raw: Any, env: Mapping[str, str] | None, expand_environment:
     if "stages" in spec and "graph" in spec:
         raise SpecError("spec.graph", "give either stages (a linear pipeline) or graph (a DAG), not both")
     shared = {key: value for key, value in spec.items() if key not in ("stages", "graph")}
-    deps: dict[str, tuple[str, ...]] = {}
-    fields: tuple[str, ...]
-    if "graph" in spec:
-        stages_raw = _graph_nodes(spec["graph"])
-        prefix, fields = "spec.graph.nodes", NODE_FIELDS
-        check_stages(len(stages_raw), prefix)
-        names = _stage_names(stages_raw, prefix)
-        plain = False
-        deps = read_dependencies(stages_raw, names, prefix)
-    elif "stages" not in spec:
-        name = str(shared.get("taskType") or "task")
-        stages_raw = [{"name": name if NAME_RE.match(name) else "task", "spec": {}}]
-        prefix, fields = "spec", STAGE_FIELDS
-        names = [stages_raw[0]["name"]]
-        plain = True
-    else:
-        stages_raw = spec["stages"]
-        prefix, fields = "spec.stages", STAGE_FIELDS
-        plain = False
-        if not isinstance(stages_raw, list) or not stages_raw:
-            raise SpecError("spec.stages", "must be a non-empty list of stages")
-        check_stages(len(stages_raw))
-        names = _stage_names(stages_raw, prefix)
-    check_message_bytes(shared, stages_raw, names)  # before a copy of the shared spec is made per stage
-    is_graph = "graph" in spec
-    ancestors = ancestors_of(deps) if is_graph else {}
+    form, prefix, nodes_raw = _nodes_of(spec, shared)
+    plain = prefix == "spec"  # a bare task spec: one stage, whose fields are the shared spec's
+    check_stages(len(nodes_raw), prefix)
+    names = _stage_names(nodes_raw, prefix, form.kind)
+    if form is GRAPH:
+        deps = read_dependencies(nodes_raw, names, prefix)
+    else:  # a linear pipeline is the path graph: stage i depends on stage i-1
+        deps = {name: tuple(names[index - 1:index]) for index, name in enumerate(names)}
+    check_message_bytes(shared, nodes_raw, names)  # before a copy of the shared spec is made per stage
+    ancestors = ancestors_of(deps)
+    position = {name: index for index, name in enumerate(names)}
     stages = []
-    for index, stage_raw in enumerate(stages_raw):
+    for index, node_raw in enumerate(nodes_raw):
+        name = names[index]
         location = "spec" if plain else f"{prefix}[{index}]"
-        for key in stage_raw:
-            if key not in fields:
-                raise SpecError(f"{location}.{key}", f"unknown field (expected {', '.join(fields)})")
-        stage_spec = stage_raw.get("spec", {})
-        if stage_spec is None:
-            stage_spec = {}
-        if not isinstance(stage_spec, Mapping):
+        for key in node_raw:
+            if key not in form.fields:
+                raise SpecError(f"{location}.{key}", f"unknown field (expected {', '.join(form.fields)})")
+        own_spec = node_raw.get("spec", {})
+        if own_spec is None:
+            own_spec = {}
+        if not isinstance(own_spec, Mapping):
             raise SpecError(f"{location}.spec", "must be a mapping")
-        merged = deep_merge(shared, stage_spec)
-        spec_location = location if plain else f"{location}.spec"
-        if "tags" in stage_raw:
-            tags = stage_raw["tags"]
+        merged = deep_merge(shared, own_spec)
+        if "tags" in node_raw:
+            tags = node_raw["tags"]
             if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
                 raise SpecError(f"{location}.tags", "must be a list of tags")
             merged["tags"] = tags
-        if is_graph:
-            name = names[index]
-            node_ancestors = tuple(n for n in names if n in ancestors[name])
-            run_on = _graph_run_on(stage_raw.get("runOn"), f"{location}.runOn", names, name, node_ancestors,
-                                   deps[name])
-            stage = StageTemplate(name, index, merged, run_on, spec_location, deps[name], node_ancestors)
-        else:
-            run_on = _run_on(stage_raw.get("runOn"), f"{location}.runOn", names, index)
-            stage = StageTemplate(names[index], index, merged, run_on, spec_location)
-        stages.append(replace(stage, parsed=_validate_stage(stage, stage_spec, shared, names, plain)))
-    if is_graph:
-        order = topological_order(names, deps)
-        stages = [stages[names.index(name)] for name in order]
+        node_ancestors = tuple(sorted(ancestors[name], key=position.__getitem__))  # in document order
+        run_on = _run_on(node_raw.get("runOn"), f"{location}.runOn", names, name, deps[name], node_ancestors, form)
+        stage = StageTemplate(name, index, merged, run_on, location if plain else f"{location}.spec", deps[name],
+                              node_ancestors)
+        stages.append(replace(stage, parsed=_validate_stage(stage, own_spec, shared, names, plain, form)))
+    order = topological_order(names, deps)
+    stages = [stages[names.index(name)] for name in order]
     metadata = document.get("metadata") or {}
-    return PipelineTemplate(str(metadata.get("name") or names[0]), document, tuple(stages), is_graph)
+    return PipelineTemplate(str(metadata.get("name") or names[0]), document, tuple(stages), form)
+
+
+def _nodes_of(spec: Mapping[str, Any], shared: Mapping[str, Any]) -> tuple[Form, str, list[Any]]:
+    """The document's form, where its nodes are listed, and the nodes as written."""
+    if "graph" in spec:
+        return GRAPH, "spec.graph.nodes", _graph_nodes(spec["graph"])
+    if "stages" not in spec:  # a bare task spec: one stage named after its task type
+        name = str(shared.get("taskType") or "task")
+        usable = NAME_RE.match(name) and name != PREVIOUS_STAGE
+        return STAGES, "spec", [{"name": name if usable else "task", "spec": {}}]
+    if not isinstance(spec["stages"], list) or not spec["stages"]:
+        raise SpecError("spec.stages", "must be a non-empty list of stages")
+    return STAGES, "spec.stages", spec["stages"]
 
 
 # What a stage's message holds besides its spec: task name, ids, routing, argsrepr/kwargsrepr,
@@ -333,24 +366,6 @@ def _graph_nodes(graph: Any) -> list[Any]:
     return nodes
 
 
-def _graph_run_on(raw: Any, where: str, names: list[str], name: str, ancestors: tuple[str, ...],
-                  depends_on: tuple[str, ...]) -> str | None:
-    """A node's ``runOn: {stage: X}`` (``node: X`` too): X must be one of its ancestors."""
-    if raw is None:
-        return None
-    if not isinstance(raw, Mapping) or len(raw) != 1 or next(iter(raw)) not in ("stage", "node"):
-        raise SpecError(where, "must be {node: <name of a node this one depends on>}")
-    key, target = next(iter(raw.items()))
-    if target == PREVIOUS_STAGE and len(depends_on) == 1:
-        return depends_on[0]
-    if target not in names:
-        raise SpecError(f"{where}.{key}", f"unknown node {target!r} (nodes: {', '.join(names)})")
-    if target not in ancestors:
-        raise SpecError(f"{where}.{key}", f"node {target!r} is not an ancestor of {name!r}: it may still be "
-                                          "running when this node starts")
-    return str(target)
-
-
 def _refuse_unsupported_task_types(spec: Mapping[str, Any]) -> None:
     """``agent`` and ``rag`` (original task types needing outside services) are refused with
     their reason, ahead of anything else in the document (an unset ``${QDRANT_API_KEY}``, say)."""
@@ -368,8 +383,7 @@ def _refuse_unsupported_task_types(spec: Mapping[str, Any]) -> None:
             raise SpecError(f"{where}.taskType", f"{task_type!r} {REFUSED_TASK_TYPES[task_type]}")
 
 
-def _stage_names(stages_raw: list[Any], prefix: str = "spec.stages") -> list[str]:
-    kind = "node" if prefix.endswith("nodes") else "stage"
+def _stage_names(stages_raw: list[Any], prefix: str, kind: str) -> list[str]:
     names: list[str] = []
     for index, stage in enumerate(stages_raw):
         where = f"{prefix}[{index}]"
@@ -386,18 +400,20 @@ def _stage_names(stages_raw: list[Any], prefix: str = "spec.stages") -> list[str
     return names
 
 
-def _run_on(raw: Any, where: str, names: list[str], index: int) -> str | None:
+def _run_on(raw: Any, where: str, names: list[str], name: str, depends_on: tuple[str, ...],
+            ancestors: tuple[str, ...], form: Form) -> str | None:
+    """``runOn: {stage: X}``: X must be an ancestor (``stage``: the one dependency)."""
     if raw is None:
         return None
-    if not isinstance(raw, Mapping) or set(raw) != set(RUN_ON_FIELDS):
-        raise SpecError(where, "must be {stage: <name of an earlier stage>}")
-    target = raw["stage"]
-    if target == PREVIOUS_STAGE and index > 0:
-        return names[index - 1]
+    if not isinstance(raw, Mapping) or len(raw) != 1 or next(iter(raw)) not in form.run_on_keys:
+        raise SpecError(where, f"must be {form.run_on_hint}")
+    key, target = next(iter(raw.items()))
+    if target == PREVIOUS_STAGE and len(depends_on) == 1:
+        return depends_on[0]
     if target not in names:
-        raise SpecError(f"{where}.stage", f"unknown stage {target!r} (stages: {', '.join(names)})")
-    if names.index(target) >= index:
-        raise SpecError(f"{where}.stage", f"stage {target!r} does not run before this stage")
+        raise SpecError(f"{where}.{key}", f"unknown {form.kind} {target!r} ({form.kind}s: {', '.join(names)})")
+    if target not in ancestors:
+        raise SpecError(f"{where}.{key}", form.run_on_too_late.format(target=target, name=name))
     return str(target)
 
 
@@ -413,7 +429,7 @@ def _has_path(value: Any, path: FieldPath) -> bool:
 
 
 def _validate_stage(stage: StageTemplate, own_spec: Mapping[str, Any], shared: Mapping[str, Any],
-                    names: list[str], plain: bool) -> BaseTaskSpec | None:
+                    names: list[str], plain: bool, form: Form) -> BaseTaskSpec | None:
     """References first, then the merged spec with reference-holding fields left to the worker."""
 
     def locate(path: FieldPath) -> str:
@@ -426,14 +442,11 @@ def _validate_stage(stage: StageTemplate, own_spec: Mapping[str, Any], shared: M
         if path and path[0] in NO_REFERENCE_FIELDS:
             raise SpecError(where, f"{ref.text}: references are not allowed in {path[0]} "
                                    "(routing is decided at submission)")
-    if _is_graph_location(stage.location):
-        check_node_references(refs, names, stage)
-    else:
-        check_stage_references(refs, names, stage.index)
+    check_references(refs, names, stage, form)
     ref_paths = {".".join(map(str, path)) for path, _, _ in refs}
     data = stage.spec.get("data")
     if isinstance(data, Mapping) and data.get("type") == "graph_template":
-        check_template(data, lambda name: _unreadable(name, stage, names, plain), locate(("data",)))
+        check_template(data, lambda name: _unreadable(name, stage, names, plain, form), locate(("data",)))
 
     def held_by_reference(dotted: str) -> bool:
         return any(dotted == p or dotted.startswith(p + ".") for p in ref_paths)
@@ -444,40 +457,36 @@ def _validate_stage(stage: StageTemplate, own_spec: Mapping[str, Any], shared: M
     return parse_task_spec(stage.spec, stage.location, unresolved=held_by_reference, locate=locate_dotted)
 
 
-def _is_graph_location(location: str) -> bool:
-    return location.startswith("spec.graph.nodes")
+def _rule_broken(message: str, target: str, stage: StageTemplate, names: list[str]) -> str:
+    return message.format(target=target, name=stage.name, ancestors=", ".join(stage.ancestors) or "none",
+                          count=len(stage.depends_on), index=stage.index,
+                          target_index=names.index(target) if target in names else -1)
 
 
-def check_node_references(refs: list[tuple[FieldPath, str, Reference]], names: list[str],
-                          node: StageTemplate) -> None:
-    """A graph node may reference any ancestor; ``${stage.result...}`` is its only dependency."""
+def check_references(refs: list[tuple[FieldPath, str, Reference]], names: list[str], stage: StageTemplate,
+                     form: Form) -> None:
+    """A stage may reference any ancestor; ``${stage.result...}`` is its one dependency."""
     for _path, where, ref in refs:
         refuse_unexpanded_env(ref, where)
         if ref.stage == PREVIOUS_STAGE:
-            if len(node.depends_on) != 1:
-                raise SpecError(where, f"{ref.text}: ${{stage.result...}} means the one node this node depends "
-                                       f"on, and {node.name!r} depends on {len(node.depends_on)}; name the node")
+            if len(stage.depends_on) != 1:
+                raise SpecError(where, f"{ref.text}: {_rule_broken(form.no_previous, ref.stage, stage, names)}")
             continue
         if ref.stage not in names:
-            raise SpecError(where, f"unknown node {ref.stage!r} in {ref.text} (nodes: {', '.join(names)})")
-        if ref.stage == node.name:
-            raise SpecError(where, f"{ref.text}: a node cannot refer to its own result")
-        if ref.stage not in node.ancestors:
-            raise SpecError(where, f"{ref.text}: node {ref.stage!r} is not an ancestor of {node.name!r} "
-                                   f"(add it to dependsOn; ancestors: {', '.join(node.ancestors) or 'none'})")
+            raise SpecError(where, f"unknown {form.kind} {ref.stage!r} in {ref.text} "
+                                   f"({form.kind}s: {', '.join(names)})")
+        if ref.stage == stage.name:
+            raise SpecError(where, f"{ref.text}: a {form.kind} cannot refer to its own result")
+        if ref.stage not in stage.ancestors:
+            raise SpecError(where, f"{ref.text}: {_rule_broken(form.not_ancestor, ref.stage, stage, names)}")
 
 
-def _unreadable(name: str, stage: StageTemplate, names: list[str], plain: bool) -> str | None:
+def _unreadable(name: str, stage: StageTemplate, names: list[str], plain: bool, form: Form) -> str | None:
     """Why a ``graph_template`` column cannot read node (or stage) ``name``; ``None`` if it can."""
     if plain:
         return "graph_template builds prompts from earlier nodes' results: use it in a graph node (or a stage)"
-    kind = "node" if _is_graph_location(stage.location) else "stage"
     if name not in names:
-        return f"unknown {kind} {name!r} ({kind}s: {', '.join(names)})"
-    if _is_graph_location(stage.location):
-        if name not in stage.ancestors:
-            return (f"node {name!r} is not an ancestor of {stage.name!r} "
-                    f"(add it to dependsOn; ancestors: {', '.join(stage.ancestors) or 'none'})")
-    elif names.index(name) >= stage.index:
-        return f"stage {name!r} does not run before {stage.name!r}"
+        return f"unknown {form.kind} {name!r} ({form.kind}s: {', '.join(names)})"
+    if name not in stage.ancestors:
+        return _rule_broken(form.template_too_late, name, stage, names)
     return None

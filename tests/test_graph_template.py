@@ -205,3 +205,28 @@ def test_graph_template_in_a_plain_task_is_refused() -> None:
             "data": briefing(columns=[{"label": "x", "node": "a", "path": "p"}, {"label": "y", "node": "a"}])}
     with pytest.raises(SpecError, match="use it in a graph node"):
         Pipeline.from_dict(spec)
+
+
+def test_stages_are_parsed_as_a_path_of_graph_nodes() -> None:
+    """A ``stages`` document is the graph whose stage i depends on stage i-1: same nodes, same canvas."""
+    linear = Pipeline.from_dict({"spec": {"taskType": "echo", "stages": [
+        {"name": "x"}, {"name": "y", "spec": {"data": {"v": "${x.result.echo}"}}},
+        {"name": "z", "runOn": {"stage": "x"}}]}})
+    path = Pipeline.from_dict(graph(node("x"), node("y", "x", data={"v": "${x.result.echo}"}),
+                                    {**node("z", "y"), "runOn": {"node": "x"}}))
+    nodes = [(s.name, s.depends_on, s.ancestors, s.run_on, s.spec) for s in linear.stages]
+    assert nodes == [(s.name, s.depends_on, s.ancestors, s.run_on, s.spec) for s in path.stages]
+    assert nodes[2][:4] == ("z", ("y",), ("x", "y"), "x")
+    assert shape(linear.graph()) == shape(path.graph()) == ("chain", "x", "y", "z")
+    # Only the path's signatures hand each stage the previous stage's result.
+    assert not any(t.immutable for t in linear.chain().tasks) and all(t.immutable for t in path.graph().tasks)
+
+
+def test_a_failed_stage_skips_every_later_stage_whatever_celery_stored_under_their_ids() -> None:
+    from pipelines.status import mark_skipped
+
+    stages = [{"name": "a", "state": "SUCCESS"}, {"name": "b", "state": "FAILURE", "error": "boom"},
+              {"name": "c", "state": "FAILURE", "error": "boom"}, {"name": "d", "state": "PENDING"}]
+    mark_skipped(stages, {"a": [], "b": ["a"], "c": ["b"], "d": ["c"]}, cancelled=False)
+    assert [s["state"] for s in stages] == ["SUCCESS", "FAILURE", "SKIPPED", "SKIPPED"]
+    assert "error" not in stages[2]
