@@ -1,6 +1,6 @@
 """The Celery application (``celery -A app worker`` finds ``app.celery.app``).
 
-Configured from ``celeryconfig`` (meshq's settings), then from the module named by
+Configured from ``app.celeryconfig`` (meshq's settings), then from the module named by
 ``MESHQ_CELERY_CONFIG``, if any: the documented way to add Celery settings of your
 own (``beat_schedule``, ``task_annotations``, ``task_routes``, ``broker_pool_limit``...)
 without wrapping the app. Its public lowercase names must be Celery settings (a
@@ -20,8 +20,8 @@ from celery import Celery, states
 from celery.app.defaults import DEFAULTS
 
 from app.celery_redaction import RedactingAMQP
-from app.errors import ConfigError
-from app.settings import get_settings
+from app.core.errors import ConfigError
+from app.core.settings import get_settings
 
 USER_CONFIG_VARIABLE = "MESHQ_CELERY_CONFIG"
 JSON_ONLY = ("task_serializer", "result_serializer", "event_serializer", "accept_content",
@@ -71,12 +71,12 @@ except ConfigError as exc:  # bad environment: stop with a message naming the va
 
 # Messages carry argsrepr/kwargsrepr with secrets redacted (app.celery_redaction).
 app = Celery("meshq", amqp=RedactingAMQP)
-app.config_from_object("celeryconfig")
+app.config_from_object("app.celeryconfig")
 if _settings.celery_config_module:
     try:
-        import celeryconfig
+        import app.celeryconfig
 
-        app.conf.update(user_settings(_settings.celery_config_module, vars(celeryconfig)))
+        app.conf.update(user_settings(_settings.celery_config_module, vars(app.celeryconfig)))
     except ConfigError as exc:
         print(f"meshq: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

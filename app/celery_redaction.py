@@ -2,13 +2,13 @@
 
 A spec may carry ``output.destination.headers.Authorization`` (a bearer token) or a
 presigned URL. Celery copies the arguments into three places outside the worker, and
-each gets ``app.redaction.redact_secrets`` applied:
+each gets ``app.core.redaction.redact_secrets`` applied:
 
 * the message's ``argsrepr``/``kwargsrepr`` (``RedactingAMQP``): what the ``task-sent``
   and ``task-received`` events, Flower and the worker's log lines show;
 * the result backend's extended fields (``result_extended`` stores ``args``/``kwargs``
   with every state: STARTED, PROGRESS, SUCCESS, FAILURE, REVOKED):
-  ``RedactingRedisBackend``, installed by ``celeryconfig.result_backend``; arguments
+  ``RedactingRedisBackend``, installed by ``app.celeryconfig.result_backend``; arguments
   past ``MAX_RESULT_BYTES`` are not stored there at all (a note says how big they were);
 * ``celery inspect active/reserved/scheduled`` (Flower's worker page): ``RedactingRequest``
   answers with the redacted representation, as Celery's ``safe=True`` does.
@@ -30,10 +30,10 @@ from celery.utils.saferepr import saferepr
 from celery.worker.request import Request
 from kombu.utils.encoding import bytes_to_str
 
-from app.limits import json_bytes
-from app.redaction import redact_secrets
-from app.redis_client import add_replica_wait, confirm_replicated, replicated_writes
-from app.settings import get_settings
+from app.core.limits import json_bytes
+from app.core.redaction import redact_secrets
+from app.core.redis_client import add_replica_wait, confirm_replicated, replicated_writes
+from app.core.settings import get_settings
 from app.worker.outage import REDIS_OUTAGE_S, RETRY_INTERVAL_S
 
 log = logging.getLogger(__name__)

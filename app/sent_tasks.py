@@ -16,8 +16,8 @@ from typing import Any
 import redis
 from celery import current_app, signals
 
-from app import keys
-from app.redis_client import StaleMaster, add_replica_wait, confirm_replicated, get_redis
+from app.core import keys
+from app.core.redis_client import StaleMaster, add_replica_wait, confirm_replicated, get_redis
 
 log = logging.getLogger(__name__)
 

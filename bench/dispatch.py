@@ -42,7 +42,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.cli.embedded_redis import EmbeddedRedis  # noqa: E402
+from cli.embedded_redis import EmbeddedRedis  # noqa: E402
 
 # The two ways users send work: Celery's own apply_async of a meshq task, and the public
 # Python API (Pipeline.from_dict(...).submit() then .wait() on every run).

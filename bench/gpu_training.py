@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_environment(args.device)  # before anything slow
 
-    from app.cli.local_cluster import LocalCluster
-    from app.cli.tiny_model import build_tiny_model, parameter_count
+    from cli.local_cluster import LocalCluster
+    from cli.tiny_model import build_tiny_model, parameter_count
 
     size = "test" if args.quick else "gpu"
     steps = args.steps or (10 if args.quick else 200)

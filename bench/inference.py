@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from app.cli.tiny_model import CORPUS, build_tiny_model  # noqa: E402
+from cli.tiny_model import CORPUS, build_tiny_model  # noqa: E402
 
 MODELS_DIR = ROOT / ".bench" / "models"
 WORDS = CORPUS.split()
@@ -109,7 +109,7 @@ def naive_generate(model_path: Path, prompts: list[str], max_new_tokens: int, *,
 def run_executor(model_path: Path, prompts: list[str], max_new_tokens: int, **spec_options: Any
                  ) -> dict[str, Any]:
     """The meshq executor on ``prompts`` after a small warm-up task (model load)."""
-    from app.spec import parse_task_spec
+    from app.core.task_spec import parse_task_spec
     from tasks.executors.inference import InferenceExecutor
     from tasks.executors.models import ModelCache
     from tasks.executors.progress import Progress
@@ -167,7 +167,7 @@ def memory_child(model_path: Path, n: int, max_new_tokens: int) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
-    from app.spec import parse_task_spec
+    from app.core.task_spec import parse_task_spec
     from tasks.executors.inference import InferenceExecutor
     from tasks.executors.models import ModelCache
     from tasks.executors.progress import Progress
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     memory_sizes = (200, 2000) if args.quick else (1000, 10_000)
     rows: list[tuple[str, str, str, str]] = [("metric", "value", "target", "")]
 
-    from app.cli.local_cluster import LocalCluster
+    from cli.local_cluster import LocalCluster
 
     with LocalCluster(Path(tempfile.mkdtemp(prefix="meshq-bench-inference-"))) as cluster:
         # Redis first: the Celery client in this process reads REDIS_URL when first imported.

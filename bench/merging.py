@@ -84,18 +84,18 @@ def run_side(cluster: Any, worker_id: str, window_ms: int, core: int | None, mod
 
 
 def main(argv: list[str] | None = None) -> int:
-    from app.settings import DEFAULT_MERGE_WINDOW_MS
+    from app.core.settings import DEFAULT_MERGE_WINDOW_MS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--size", default="bench", help="tiny model size (app/cli/tiny_model.py)")
+    parser.add_argument("--size", default="bench", help="tiny model size (cli/tiny_model.py)")
     parser.add_argument("--window-ms", type=int, default=DEFAULT_MERGE_WINDOW_MS)
     parser.add_argument("--lone", type=int, default=15, help="lone tasks timed on each side")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args(argv)
 
-    from app.cli.local_cluster import LocalCluster
+    from cli.local_cluster import LocalCluster
 
     core = sorted(os.sched_getaffinity(0))[0] if args.device == "cpu" else None
     model = model_dir(args.size)

@@ -57,7 +57,7 @@ def run_once(spec: dict[str, Any], workdir: Path, ranks: int, device: str) -> di
 def one(out: Path) -> None:
     import time
 
-    from app.spec import parse_task_spec
+    from app.core.task_spec import parse_task_spec
     from tasks.executors import EXECUTORS
     from tasks.executors.progress import Progress
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch % args.ranks:
         parser.error("--batch must be a multiple of --ranks")
 
-    from app.cli.tiny_model import build_tiny_model, parameter_count
+    from cli.tiny_model import build_tiny_model, parameter_count
     from bench.training import make_pairs
 
     workdir = Path(tempfile.mkdtemp(prefix="meshq-bench-ranks-"))

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.artifacts.manifest import sha256_file  # noqa: E402
-from app.cli.embedded_redis import free_port  # noqa: E402
+from cli.embedded_redis import free_port  # noqa: E402
 from bench.rss import TreeRss  # noqa: E402
 
 MIB = 1024 * 1024
@@ -173,7 +173,7 @@ def main() -> int:
         env = {**os.environ, "MESHQ_MAX_UPLOAD_BYTES": str(size * 2), "LOG_LEVEL": "WARNING"}
         env.pop("ORCHESTRATOR_TOKEN", None)
         server_log = open(work / "server.log", "wb")
-        server = subprocess.Popen([sys.executable, "-m", "app.cli.main", "serve", "--port", str(port),
+        server = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", str(port),
                                    "--results-dir", str(results)], cwd=ROOT, env=env,
                                   stdout=server_log, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"

@@ -87,12 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=512)
     parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--size", default="bench", help="tiny model size (app/cli/tiny_model.py)")
+    parser.add_argument("--size", default="bench", help="tiny model size (cli/tiny_model.py)")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args(argv)
 
-    from app.cli.local_cluster import LocalCluster
+    from cli.local_cluster import LocalCluster
 
     cores = sorted(os.sched_getaffinity(0))
     pin = [cores[0], cores[1 % len(cores)]] if args.device == "cpu" else [None, None]

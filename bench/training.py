@@ -85,7 +85,7 @@ def plain_lora(raw_spec: dict[str, Any], out_json: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
     from transformers.trainer_callback import PrinterCallback
 
-    from app.spec import parse_task_spec
+    from app.core.task_spec import parse_task_spec
     from tasks.executors.training import training_arguments
     from tasks.executors.training_data import PaddingCollator, load_examples, tokenize_examples
 
@@ -119,7 +119,7 @@ def plain_dpo(raw_spec: dict[str, Any], out_json: str) -> None:
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    from app.spec import parse_task_spec
+    from app.core.task_spec import parse_task_spec
     from tasks.executors.training import supported_arguments, training_argument_values
 
     spec = parse_task_spec(raw_spec)
@@ -157,8 +157,8 @@ def write_plain_result(out_json: str, trainer: Any, output: Any, started: float)
 
 def cancel_check_cost_us(calls: int = 2000) -> float:
     """Mean cost of the per-step cancel check (a Redis EXISTS), in microseconds."""
-    from app import keys
-    from app.redis_client import get_redis
+    from app.core import keys
+    from app.core.redis_client import get_redis
 
     client = get_redis()
     client.exists(keys.task_cancel("bench"))
@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.steps = args.steps or (20 if args.quick else 60)
 
-    from app.cli.local_cluster import LocalCluster
-    from app.cli.tiny_model import build_tiny_model, parameter_count
+    from cli.local_cluster import LocalCluster
+    from cli.tiny_model import build_tiny_model, parameter_count
 
     workdir = Path(tempfile.mkdtemp(prefix="meshq-bench-training-"))
     size = "test" if args.quick else "bench"

@@ -37,7 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.cli.embedded_redis import free_port  # noqa: E402
+from cli.embedded_redis import free_port  # noqa: E402
 from bench.rss import TreeRss  # noqa: E402
 
 MIB = 1024 * 1024
@@ -66,7 +66,7 @@ def start_server(workdir: Path, port: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "ORCHESTRATOR_TOKEN": TOKEN, "MESHQ_LOG_FILE": str(workdir / "server.log"),
            "PYTHONUNBUFFERED": "1"}
     log = open(workdir / "server.stdout", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "app.cli.main", "serve", "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", str(port),
                                "--results-dir", str(workdir / "server-results")],
                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 60

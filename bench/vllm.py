@@ -47,7 +47,7 @@ GiB = 1024**3
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from app.cli.tiny_model import SIZES
+    from cli.tiny_model import SIZES
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=list(SIZES), default=None,
@@ -91,7 +91,7 @@ def spec(model: Path, prompts: list[str], backend: str, max_new_tokens: int, dty
 
 def run_backend(backend: str, model: Path, prompts: list[str], options: argparse.Namespace, device: str,
                 dtype: str) -> dict[str, Any]:
-    from app.spec import parse_task_spec
+    from app.core.task_spec import parse_task_spec
     from tasks.executors.inference import InferenceExecutor
     from tasks.executors.progress import Progress
 

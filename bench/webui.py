@@ -41,7 +41,7 @@ def record_fake_graph(client: Any, nodes: int = 64) -> str:
     running, the rest waiting); returns its id. A result carries a ``headers`` value
     that the page must not show."""
     from app.celery import app
-    from app.events import utc_now_iso
+    from app.core.events import utc_now_iso
     from pipelines import PipelineRun
 
     stages = []
@@ -81,7 +81,7 @@ def record_fake_graph(client: Any, nodes: int = 64) -> str:
 def record_fake_fleet(client: Any, workers: int = 100, dead_every: int = 10, prefix: str = "fake") -> None:
     """``workers`` worker records (``<prefix>-w000``...) with 8 GPUs each; every
     ``dead_every``-th has no heartbeat."""
-    from app.events import utc_now_iso
+    from app.core.events import utc_now_iso
 
     pipe = client.pipeline(transaction=False)
     for index in range(workers):
@@ -125,7 +125,7 @@ def main() -> int:
     parser.add_argument("--polls", type=int, default=1000)
     args = parser.parse_args()
 
-    from app.cli.embedded_redis import EmbeddedRedis, free_port
+    from cli.embedded_redis import EmbeddedRedis, free_port
 
     work = Path(tempfile.mkdtemp(prefix="bench-webui-"))
     with EmbeddedRedis() as redis_server:
@@ -139,7 +139,7 @@ def main() -> int:
         env = {**os.environ, "LOG_LEVEL": "WARNING"}
         env.pop("ORCHESTRATOR_TOKEN", None)
         with open(work / "server.log", "wb") as log:
-            server = subprocess.Popen([sys.executable, "-m", "app.cli.main", "serve", "--port", str(port),
+            server = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", str(port),
                                        "--results-dir", str(work / "results")], cwd=ROOT, env=env,
                                       stdout=log, stderr=subprocess.STDOUT)
         try:

@@ -30,7 +30,7 @@ from typing import Any
 
 from celery import chain, group
 
-from app.errors import SpecError
+from app.core.errors import SpecError
 
 Dependencies = Mapping[str, Sequence[str]]
 

@@ -30,7 +30,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from app.errors import SpecError
+from app.core.errors import SpecError
 
 DEFAULT_TEMPLATE = "two_column_briefing"
 TEMPLATES = (DEFAULT_TEMPLATE,)

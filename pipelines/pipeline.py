@@ -26,9 +26,9 @@ from typing import Any
 from celery.canvas import Signature
 
 from app.celery import app
-from app.errors import SpecError
-from app.events import utc_now_iso
-from app.redis_client import get_redis
+from app.core.errors import SpecError
+from app.core.events import utc_now_iso
+from app.core.redis_client import get_redis
 from pipelines.graph import compile_canvas
 from pipelines.run import PipelineRun
 from pipelines.template import PipelineTemplate, StageTemplate, load_document, load_file, parse_pipeline

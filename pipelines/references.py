@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from app.errors import SpecError
-from app.limits import RESULT_FILE, ByteBudget, check_document, json_bytes
+from app.core.errors import SpecError
+from app.core.limits import RESULT_FILE, ByteBudget, check_document, json_bytes
 
 PREVIOUS_STAGE = "stage"
 ENV_PREFIX = "env:"

@@ -1,7 +1,7 @@
 """Worker side of pipelines: resolve ``${...}`` just before a stage runs, pin ``runOn`` stages.
 
 Installed into ``tasks.base.SPEC_RESOLVERS`` when a worker imports this module
-(``celeryconfig.include``). For every task it receives:
+(``app.celeryconfig.include``). For every task it receives:
 
 * a stage of a cancelled pipeline ends as REVOKED before doing anything;
 * ``${stage.result...}`` (and a reference to the previous stage by name) resolves
@@ -35,11 +35,11 @@ import redis
 from celery import current_task, states
 from celery.exceptions import Ignore
 
-from app import keys, routing
-from app.errors import SpecError
-from app.limits import check_document, check_size, json_bytes
-from app.redis_client import get_redis
-from app.settings import get_settings
+from app.core import keys, routing
+from app.core.errors import SpecError
+from app.core.limits import check_document, check_size, json_bytes
+from app.core.redis_client import get_redis
+from app.core.settings import get_settings
 from app.worker.lease import cancelled_at_start
 from pipelines.graph_template import expand_graph_template
 from pipelines.references import PREVIOUS_STAGE, resolve_stage_references
@@ -116,7 +116,7 @@ def _stop_if_cancelled(task: Any, info: dict[str, Any]) -> None:
     if cancelled:
         log.info("stage %s of pipeline %s was cancelled before it started", info["stage"], info["id"])
         task.update_state(state=states.REVOKED, meta={
-            "exc_type": "TaskCancelled", "exc_module": "app.errors",
+            "exc_type": "TaskCancelled", "exc_module": "app.core.errors",
             "exc_message": [task.request.id, "before it started"]})
         raise Ignore()
 

@@ -18,12 +18,12 @@ import redis
 from celery import states
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
-from app import keys
+from app.core import keys
 from app.celery import app as celery_app
-from app.errors import PipelineError, UnknownIdError
-from app.events import utc_now_iso
-from app.redaction import redact_secrets
-from app.redis_client import get_redis
+from app.core.errors import PipelineError, UnknownIdError
+from app.core.events import utc_now_iso
+from app.core.redaction import redact_secrets
+from app.core.redis_client import get_redis
 from app.sent_tasks import sent_queue
 from pipelines.display import ProgressDisplay
 from pipelines.status import FINAL_PIPELINE_STATES, mark_skipped, pipeline_state

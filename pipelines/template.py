@@ -16,7 +16,7 @@ replaces, ``null`` removes the shared field). A spec without ``stages`` or
 Validation happens here, before anything is sent: stage names, ``runOn``,
 ``${...}`` references (unknown or later stages; for a node, anything but an
 ancestor), ``graph_template`` columns and every merged stage spec
-(``app.spec``). A field whose value holds a stage reference cannot be
+(``app.core.task_spec``). A field whose value holds a stage reference cannot be
 type-checked until the worker resolves it, so errors at such fields are left to
 the worker's own check; every other field is checked now.
 """
@@ -34,11 +34,11 @@ from typing import Any
 
 import yaml
 
-from app.errors import LimitExceeded, SpecError
-from app.limits import MAX_NESTING_DEPTH, check_document, check_stages, json_bytes
-from app.settings import NAME_RE, get_settings
-from app.spec import BaseTaskSpec, parse_task_spec
-from app.spec.schema import REFUSED_TASK_TYPES
+from app.core.errors import LimitExceeded, SpecError
+from app.core.limits import MAX_NESTING_DEPTH, check_document, check_stages, json_bytes
+from app.core.settings import NAME_RE, get_settings
+from app.core.task_spec import BaseTaskSpec, parse_task_spec
+from app.core.task_spec.schema import REFUSED_TASK_TYPES
 from pipelines.graph import ancestors_of, read_dependencies, topological_order
 from pipelines.graph_template import check_template
 from pipelines.references import (
@@ -105,7 +105,7 @@ class StageTemplate:
     location: str = "spec"  # where this stage's own fields live in the document
     depends_on: tuple[str, ...] = ()   # the nodes it waits for (a stage: the one before it)
     ancestors: tuple[str, ...] = ()    # every node whose result it may reference (a stage: all before it)
-    # The spec as parsed at submission (``app.spec.parse_task_spec``): routing reads it. None
+    # The spec as parsed at submission (``app.core.task_spec.parse_task_spec``): routing reads it. None
     # when a reference holds a field it cannot be typed without (the worker parses it resolved).
     parsed: BaseTaskSpec | None = field(default=None, compare=False, repr=False)
 
@@ -258,7 +258,7 @@ def parse_pipeline(raw: Any, env: Mapping[str, str] | None = None,
     ``${env:NAME}`` is expanded from ``env`` (default ``os.environ``); with
     ``expand_environment=False`` (the HTTP server) environment references are errors.
     """
-    check_document(raw, "document")  # depth, values and bytes (app.limits), before any recursion
+    check_document(raw, "document")  # depth, values and bytes (app.core.limits), before any recursion
     try:
         return _parse_pipeline(raw, env, expand_environment)
     except RecursionError:

@@ -23,12 +23,12 @@ from celery.exceptions import Ignore
 from app.artifacts.delivery import deliver_result, undelivered
 from app.artifacts.manifest import write_task_outputs
 from app.artifacts.run_record import fenced
-from app.errors import ArtifactError, ExecutorError, LeaseLost, RunRefused, SpecError, TaskCancelled
-from app.events import utc_now_iso
-from app.names import check_name
-from app.redis_client import get_redis
-from app.settings import get_settings
-from app.spec import TaskSpec, parse_task_spec
+from app.core.errors import ArtifactError, ExecutorError, LeaseLost, RunRefused, SpecError, TaskCancelled
+from app.core.events import utc_now_iso
+from app.core.names import check_name
+from app.core.redis_client import get_redis
+from app.core.settings import get_settings
+from app.core.task_spec import TaskSpec, parse_task_spec
 from app.worker.lease import LEASE_POLL_S, AlreadyFinished, TaskLease, lease_ttl_s, max_task_runs
 from tasks.executors import EXECUTORS, Executor
 from tasks.outcome import annotate
@@ -83,7 +83,7 @@ def split_args(args: tuple[Any, ...]) -> tuple[Any, Any]:
 
 
 # Installed by ``pipelines.resolver`` (a higher layer, imported by the worker through
-# ``celeryconfig.include``): resolve_spec(spec_dict, previous_result, pipeline_info) -> spec_dict.
+# ``app.celeryconfig.include``): resolve_spec(spec_dict, previous_result, pipeline_info) -> spec_dict.
 SPEC_RESOLVERS: list[Callable[[Any, Any, dict[str, Any] | None], Any]] = []
 
 
@@ -133,7 +133,7 @@ class MeshqTask(Task):
     abstract = True
     task_type = ""
     Request = "app.celery_redaction:RedactingRequest"  # inspect/Flower show redacted arguments
-    # Each message is checked (app.limits) before the pool: a poison message fails its task,
+    # Each message is checked (app.core.limits) before the pool: a poison message fails its task,
     # never the worker (app.worker.message_guard).
     Strategy = "app.worker.message_guard:guarded_strategy"
     typing = False  # arguments are checked by the spec, not by Celery's signature check
@@ -289,11 +289,11 @@ class MeshqTask(Task):
             write_task_outputs(out_dir, info)
         self.request.meshq_cancelled = True
         self.update_state(state=states.REVOKED, meta={
-            "exc_type": "TaskCancelled", "exc_module": "app.errors",
+            "exc_type": "TaskCancelled", "exc_module": "app.core.errors",
             "exc_message": [exc.task_id, exc.where]})
         if parent:
             self.update_state(task_id=parent, state=states.REVOKED, meta={
-                "exc_type": "TaskCancelled", "exc_module": "app.errors",
+                "exc_type": "TaskCancelled", "exc_module": "app.core.errors",
                 "exc_message": [parent, f"while its shard {exc.task_id} ran"]})
         announce_revoked(self, str(exc))
         log.info("%s", exc)

@@ -12,9 +12,9 @@ import logging
 
 import redis
 
-from app import keys
+from app.core import keys
 from app.celery import app
-from app.redis_client import get_redis
+from app.core.redis_client import get_redis
 
 log = logging.getLogger(__name__)
 

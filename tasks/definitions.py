@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from app.celery import app
-from app.spec import TaskSpec
+from app.core.task_spec import TaskSpec
 from tasks.base import MeshqTask
 from tasks.executors.shards import PromptRange
 from tasks.merging import run_with_merges

@@ -40,15 +40,15 @@ from celery import states
 from celery.app.task import Context
 from celery.utils.saferepr import saferepr
 
-from app import keys
-from app.errors import LeaseLost, LimitExceeded, SpecError, TaskCancelled
-from app.events import publish_task_event, task_event, utc_now_iso
-from app.limits import check_document, check_size
-from app.names import check_name
-from app.redaction import redact_secrets
-from app.redis_client import get_redis
-from app.settings import get_settings
-from app.spec import InferenceData, TaskSpec, parse_task_spec
+from app.core import keys
+from app.core.errors import LeaseLost, LimitExceeded, SpecError, TaskCancelled
+from app.core.events import publish_task_event, task_event, utc_now_iso
+from app.core.limits import check_document, check_size
+from app.core.names import check_name
+from app.core.redaction import redact_secrets
+from app.core.redis_client import get_redis
+from app.core.settings import get_settings
+from app.core.task_spec import InferenceData, TaskSpec, parse_task_spec
 from app.worker.lease import AlreadyFinished, TaskLease, lease_ttl_s, refresh_leases
 from app.worker.merge_claims import ClaimedMessages, WaitingMessage
 from tasks.executors.inference import MergedPrompts, Prompts, load_prompts
@@ -275,7 +275,7 @@ def end_cancelled(task: Any, member: Member, reason: str, claims: ClaimedMessage
     out_dir.mkdir(parents=True, exist_ok=True)
     write_task_outputs(out_dir, {"task_id": member.task_id, "taskType": "inference", "cancelled": True,
                                  "message": reason, "progress": {}})
-    task.backend.store_result(member.task_id, {"exc_type": "TaskCancelled", "exc_module": "app.errors",
+    task.backend.store_result(member.task_id, {"exc_type": "TaskCancelled", "exc_module": "app.core.errors",
                                                "exc_message": [member.task_id, reason]},
                               states.REVOKED, request=member.request)
     send_celery_event(task, "task-revoked", member.task_id, terminated=False, signum=None, expired=False,

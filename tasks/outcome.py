@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from app.artifacts.manifest import MANIFEST_NAME, RESPONSES_NAME
-from app.names import check_name
-from app.spec import TaskSpec
+from app.core.names import check_name
+from app.core.task_spec import TaskSpec
 
 WRITTEN_LAST = (RESPONSES_NAME, MANIFEST_NAME)  # written right after this check
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from app.artifacts.manifest import RESPONSES_NAME
-from app.limits import RESULT_FILE, json_bytes
+from app.core.limits import RESULT_FILE, json_bytes
 
 SMALL_FIELD_BYTES = 1024  # a top-level field this small stays in the stored reference
 

@@ -22,13 +22,13 @@ from typing import Any
 
 import redis
 
-from app import keys, routing
-from app.capabilities import Capabilities, Requirement, requirement_of, requirement_of_raw
+from app.core import keys, routing
+from app.core.capabilities import Capabilities, Requirement, requirement_of, requirement_of_raw
 from app.celery import app
-from app.events import utc_now_iso
-from app.redis_client import get_redis
-from app.settings import get_settings
-from app.spec import BaseTaskSpec
+from app.core.events import utc_now_iso
+from app.core.redis_client import get_redis
+from app.core.settings import get_settings
+from app.core.task_spec import BaseTaskSpec
 from app.worker.capability_queues import record_entry
 from app.worker.registry import list_workers
 from app.worker.signals import SYNC_QUEUES_COMMAND

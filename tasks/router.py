@@ -1,4 +1,4 @@
-"""The Celery router of meshq tasks (``task_routes`` in celeryconfig).
+"""The Celery router of meshq tasks (``task_routes`` in app.celeryconfig).
 
 A meshq task sent without a queue — ``celery call meshq.echo --args '[{...}]'``,
 ``tasks.echo.apply_async([spec])``, a plain canvas chain — goes where its spec's
@@ -18,9 +18,9 @@ from typing import Any
 
 import click
 
-from app.errors import SpecError
-from app.routing import is_capability_queue
-from app.settings import get_settings
+from app.core.errors import SpecError
+from app.core.routing import is_capability_queue
+from app.core.settings import get_settings
 from tasks.placement import queue_for_spec, queue_warning, record_queue
 
 log = logging.getLogger(__name__)

@@ -39,12 +39,12 @@ from typing import Any
 import redis
 from celery import Task, chord, states
 
-from app import keys
+from app.core import keys
 from app.celery import PROGRESS_STATE
-from app.events import utc_now_iso
-from app.redis_client import get_redis
-from app.settings import get_settings
-from app.spec import TaskSpec, parse_task_spec
+from app.core.events import utc_now_iso
+from app.core.redis_client import get_redis
+from app.core.settings import get_settings
+from app.core.task_spec import TaskSpec, parse_task_spec
 from tasks.base import finish_result, results_root
 from tasks.executors.inference import load_prompts
 from tasks.executors.jsonl_export import write_export

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from app.artifacts.checkpoints import download_file, fetch_checkpoint
-from app.data_roots import allowed_path
-from app.errors import ArtifactError, SpecError
-from app.redaction import redact
-from app.spec import CheckpointLoad, TaskSpec
-from app.spec.schema import AdapterSpec, JsonlSource, TrainingData
+from app.core.data_roots import allowed_path
+from app.core.errors import ArtifactError, SpecError
+from app.core.redaction import redact
+from app.core.task_spec import CheckpointLoad, TaskSpec
+from app.core.task_spec.schema import AdapterSpec, JsonlSource, TrainingData
 
 ORDER = ("path", "url", "task_id")
 SPELLING = {"path": "path", "url": "url", "task_id": "taskId"}

@@ -16,7 +16,7 @@ from typing import Any
 from celery import states
 
 from app.celery import PROGRESS_STATE
-from app.errors import SpecError
+from app.core.errors import SpecError
 from tasks.shards import shard_progress
 
 CHORD_ERROR = "ChordError"  # stored under a chord body's id when a header task failed

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.celery import app
-from app.spec import parse_task_spec
+from app.core.task_spec import parse_task_spec
 from tasks import definitions  # noqa: F401  (registers every meshq task)
 from tasks.placement import queue_for_spec, queue_warning, record_queue
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 
-from app.cli.embedded_redis import EmbeddedRedis
+from cli.embedded_redis import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 _embedded: EmbeddedRedis | None = None
@@ -37,7 +37,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("HEARTBEAT_INTERVAL_SEC", "1")
     os.environ.setdefault("MESHQ_LOG_FILE", os.devnull)
     # Tests keep their datasets and checkpoints in pytest's temporary directories: a data root
-    # for the in-process executors and every worker started here (app.data_roots).
+    # for the in-process executors and every worker started here (app.core.data_roots).
     os.environ["MESHQ_DATA_DIRS"] = os.pathsep.join(
         filter(None, [os.environ.get("MESHQ_DATA_DIRS", ""), str(temp_root_of(config))]))
 
@@ -91,7 +91,7 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s: 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The ~1M-parameter tiny Llama model, built once per test session."""
-    from app.cli.tiny_model import build_tiny_model
+    from cli.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model", size="test")
 
@@ -127,7 +127,7 @@ class PrivateRedis:
     """An embedded Redis of one test's own, which the test may kill and restart on the same port."""
 
     def __init__(self) -> None:
-        from app.cli.embedded_redis import EmbeddedRedis, free_port
+        from cli.embedded_redis import EmbeddedRedis, free_port
 
         self._factory = EmbeddedRedis
         self.port = free_port()
@@ -242,7 +242,7 @@ def worker_factory(redis_client: redis.Redis, redis_url: str, tmp_path: Path) ->
 
 
 class ServerProcess:
-    """A real ``python -m app.cli.main serve`` subprocess on a loopback port (the orchestrator)."""
+    """A real ``python -m cli.main serve`` subprocess on a loopback port (the orchestrator)."""
 
     def __init__(self, port: int, results_dir: Path, env: dict[str, str], log_path: Path,
                  token: str | None) -> None:
@@ -273,7 +273,7 @@ class ServerProcess:
             return self
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "app.cli.main", "serve", "--host", "127.0.0.1",
+                [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1",
                  "--port", str(self.port), "--results-dir", str(self.results_dir)],
                 cwd=ROOT, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
                 start_new_session=True)
@@ -308,7 +308,7 @@ class ServerProcess:
 @pytest.fixture
 def server_factory(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """``server_factory(token=None, results_dir=None, env=None, port=None)`` starts a ready server."""
-    from app.cli.embedded_redis import free_port
+    from cli.embedded_redis import free_port
 
     started: list[ServerProcess] = []
 

@@ -2,6 +2,6 @@
 abandoned messages back, so a task's acknowledgement is the first command of the worker's
 consumer to meet a paused master (the sweep, every 2 s there, otherwise may meet it first)."""
 
-from celeryconfig import broker_transport_options as _meshq_options
+from app.celeryconfig import broker_transport_options as _meshq_options
 
 broker_transport_options = {**_meshq_options, "unacked_restore_interval": 3600}

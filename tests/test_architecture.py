@@ -27,7 +27,7 @@ def copy_tree(dest: Path) -> Path:
     for name in ("app", "tasks", "pipelines"):
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "examples"))
     shutil.copy(ROOT / "setup.cfg", dest / "setup.cfg")
-    shutil.copy(ROOT / "celeryconfig.py", dest / "celeryconfig.py")
+    shutil.copy(ROOT / "app/celeryconfig.py", dest / "app/celeryconfig.py")
     return dest
 
 
@@ -39,9 +39,9 @@ def test_the_tree_keeps_every_contract(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("module", "bad_import", "contract"), [
     ("app/worker/lease.py", "import pipelines.run", "Layers"),           # worker runtime → pipelines
-    ("app/settings.py", "import app.worker.registry", "The core"),       # core → worker runtime
+    ("app/core/settings.py", "import app.worker.registry", "The core"),       # core → worker runtime
     ("tasks/executors/echo.py", "import celery", "Executors"),            # executor → Celery
-    ("tasks/base.py", "import app.server.app", "Layers"),                 # tasks → entry point
+    ("tasks/base.py", "import server.app", "Layers"),                 # tasks → entry point
 ])
 def test_a_wrong_way_import_breaks_a_contract(tmp_path: Path, module: str, bad_import: str, contract: str) -> None:
     tree = copy_tree(tmp_path)

@@ -26,9 +26,9 @@ from app.artifacts.download import ChunkHasher, download_file
 from app.artifacts.manifest import sha256_file
 from app.artifacts.retry import RetryPolicy, with_retries
 from app.artifacts.upload import post_json, upload_file
-from app.errors import ArtifactError, ConfigError, SpecError
-from app.settings import reset_settings
-from app.spec import CheckpointLoad
+from app.core.errors import ArtifactError, ConfigError, SpecError
+from app.core.settings import reset_settings
+from app.core.task_spec import CheckpointLoad
 from tests.conftest import http_server
 
 FAST = RetryPolicy(retries=2, backoff_s=0.05)
@@ -361,7 +361,7 @@ def test_wrong_token_fails_at_once_without_retries(orchestrator, tmp_path: Path,
 
 
 def test_envelope_post_and_upload_to_a_dead_server_fail_clearly(tmp_path: Path) -> None:
-    from app.cli.embedded_redis import free_port
+    from cli.embedded_redis import free_port
 
     url = f"http://127.0.0.1:{free_port()}/api/v1/results"
     started = time.monotonic()
@@ -468,7 +468,7 @@ def test_resume_of_a_file_that_changed_downloads_it_whole(tmp_path: Path) -> Non
 
 def test_token_goes_only_to_the_orchestrator(monkeypatch: pytest.MonkeyPatch) -> None:
     from app.artifacts.auth import auth_headers, token_for
-    from app.redaction import redact
+    from app.core.redaction import redact
 
     monkeypatch.setenv("ORCHESTRATOR_TOKEN", "tok")
     monkeypatch.delenv("ORCHESTRATOR_BASE_URL", raising=False)
@@ -493,7 +493,7 @@ def test_token_goes_only_to_the_orchestrator(monkeypatch: pytest.MonkeyPatch) ->
 FENCE_SCRIPT = """
 import pathlib, sys, time
 from app.artifacts.run_record import fenced
-from app.errors import LeaseLost
+from app.core.errors import LeaseLost
 task_dir, run, hold = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 try:
     with fenced(task_dir, run):
@@ -550,9 +550,9 @@ def test_a_late_runs_final_outputs_never_replace_a_later_runs(tmp_path: Path) ->
     raises LeaseLost at each and the files stay run 2's; the manifest leaves the fence's
     bookkeeping out; a run without a number (tests, scripts) is not fenced."""
     from app.artifacts.run_record import RECORD_DIR, staging_dir
-    from app.errors import LeaseLost
-    from app.spec import parse_task_spec
-    from app.spec.schema import JsonlExport
+    from app.core.errors import LeaseLost
+    from app.core.task_spec import parse_task_spec
+    from app.core.task_spec.schema import JsonlExport
     from tasks.base import finish_result
     from tasks.executors.jsonl_export import write_export
     from tasks.executors.training import final_weights_fields
@@ -606,7 +606,7 @@ def test_the_run_fence_locks_a_file_where_a_directory_cannot_be_locked(tmp_path:
     import stat
 
     from app.artifacts.run_record import LOCK_FILE, RECORD_DIR, fenced, recorded_run
-    from app.errors import LeaseLost
+    from app.core.errors import LeaseLost
 
     real_flock = fcntl.flock
 

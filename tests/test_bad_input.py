@@ -140,7 +140,7 @@ def test_cli_rejects_malformed_files(tmp_path: Path, redis_url: str) -> None:
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text(json.dumps({"spec": {"taskType": "echo", "data": {}, "bogus": 1}}))
     for path, named in ((bad_yaml, "bad.yaml"), (bad_json, "bad.json"), (unknown, "spec.bogus")):
-        proc = subprocess.run([sys.executable, "-m", "app.cli.main", "submit", str(path)], cwd=ROOT, env=env,
+        proc = subprocess.run([sys.executable, "-m", "cli.main", "submit", str(path)], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode != 0
         assert named in proc.stderr, proc.stderr

@@ -16,11 +16,11 @@ from typing import Any
 import psutil
 import pytest
 
-from app.capabilities import Capabilities, Gpu, Requirement, gpu_type_matches, requirement_of
-from app.errors import ConfigError, SpecError
-from app.routing import queue_for_requirement, worker_queues
-from app.settings import MAX_CAPABILITY_QUEUES, load_settings, parse_fake_hardware
-from app.spec import parse_task_spec
+from app.core.capabilities import Capabilities, Gpu, Requirement, gpu_type_matches, requirement_of
+from app.core.errors import ConfigError, SpecError
+from app.core.routing import queue_for_requirement, worker_queues
+from app.core.settings import MAX_CAPABILITY_QUEUES, load_settings, parse_fake_hardware
+from app.core.task_spec import parse_task_spec
 from app.worker.capability_queues import chosen_queues, record_entry
 from tests.conftest import ROOT
 
@@ -74,7 +74,7 @@ def test_queue_names_from_requirements() -> None:
 def test_vllm_tensor_parallel_size_is_a_need_for_that_many_gpus() -> None:
     """model.vllm.tensor_parallel_size: N uses N GPUs of one worker: routed like gpu.count N, the
     same from the parsed spec and from a plain Celery call's raw spec."""
-    from app.capabilities import requirement_of_raw
+    from app.core.capabilities import requirement_of_raw
 
     def inference(**extra: Any) -> dict[str, Any]:
         return {"taskType": "inference", "model": {"source": {"identifier": "m"}, **extra.pop("model", {})},
@@ -97,7 +97,7 @@ def test_vllm_tensor_parallel_size_is_a_need_for_that_many_gpus() -> None:
 
 
 def test_zero3_needs_a_worker_with_deepspeed_and_stages_1_2_route_anywhere() -> None:
-    from app.capabilities import requirement_of_raw
+    from app.core.capabilities import requirement_of_raw
 
     def sft(**training: Any) -> dict[str, Any]:
         return {"taskType": "sft", "model": {"source": {"identifier": "m"}}, "data": {"prompts": ["x"]},
@@ -276,7 +276,7 @@ def test_fake_a100_takes_the_a100_task_and_the_t4_worker_does_not(worker_factory
     big_memory = submit_task(echo(**hardware(gpu={"type": "any", "memory": "40Gi"})))
     assert app.AsyncResult(big_memory.task_id).get(timeout=60)["worker_id"] == "a100"
     assert a100_task.queue not in active_queues("meshq-t4@")
-    listed = subprocess.run([sys.executable, "-m", "app.cli.main", "workers"], cwd=ROOT, capture_output=True,
+    listed = subprocess.run([sys.executable, "-m", "cli.main", "workers"], cwd=ROOT, capture_output=True,
                             text=True, timeout=60, env={**os.environ})
     assert listed.returncode == 0, listed.stderr
     line = next(row for row in listed.stdout.splitlines() if row.startswith("a100 "))

@@ -57,7 +57,7 @@ def test_submit_wait_shows_the_final_status_once_on_a_terminal(worker_factory, t
     worker_factory(worker_id="tty-w")
     spec = tmp_path / "task.yaml"
     spec.write_text("spec:\n  taskType: echo\n  data: {hello: world}\n  echo: {sleep_s: 1, steps: 2}\n")
-    code, screen = run_in_terminal([sys.executable, "-m", "app.cli.main", "submit", str(spec), "--wait"],
+    code, screen = run_in_terminal([sys.executable, "-m", "cli.main", "submit", str(spec), "--wait"],
                                    dict(os.environ))
     assert code == 0, "\n".join(screen)
     finals = [line for line in screen if line.startswith(("pipeline ", "task ")) and line.endswith(": SUCCESS")]
@@ -65,11 +65,11 @@ def test_submit_wait_shows_the_final_status_once_on_a_terminal(worker_factory, t
 
 
 def test_workers_names_the_redis_it_asked_without_credentials(redis_client: redis.Redis, redis_url: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "app.cli.main", "workers"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "cli.main", "workers"], cwd=ROOT,
                           env={**os.environ, "REDIS_URL": redis_url}, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert f"no live workers in Redis {redis_url}" in done.stdout
-    down = subprocess.run([sys.executable, "-m", "app.cli.main", "workers"], cwd=ROOT, capture_output=True,
+    down = subprocess.run([sys.executable, "-m", "cli.main", "workers"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, env={**os.environ, "REDIS_URL": "redis://u:s3cret@127.0.0.1:1/0"})
     assert down.returncode == 2
     assert "cannot reach Redis at redis://127.0.0.1:1/0" in down.stderr and "s3cret" not in down.stderr
@@ -86,13 +86,13 @@ def test_http_submit_of_malformed_yaml_names_line_and_column(redis_client: redis
     assert reply.json()["field"] == "body"
     assert "line 4, column 1" in reply.json()["detail"] and "line 3, column 9" in reply.json()["detail"]
     (tmp_path / "bad.yaml").write_text(body)
-    cli = subprocess.run([sys.executable, "-m", "app.cli.main", "submit", str(tmp_path / "bad.yaml")], cwd=ROOT,
+    cli = subprocess.run([sys.executable, "-m", "cli.main", "submit", str(tmp_path / "bad.yaml")], cwd=ROOT,
                          capture_output=True, text=True, timeout=60, env=dict(os.environ))
     assert cli.returncode == 2 and "line 4, column 1" in cli.stderr, cli.stderr
 
 
 def meshq(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app.cli.main", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=60, env={**os.environ, "REDIS_URL": redis_url})
 
 
@@ -103,7 +103,7 @@ def test_workers_json_into_head_and_memory_in_human_units(worker_factory, redis_
     read_end, write_end = os.pipe()
     os.close(read_end)  # as when head has read its lines and gone: the next write gets EPIPE
     try:
-        piped = subprocess.run([sys.executable, "-m", "app.cli.main", "workers", "--json"], cwd=ROOT,
+        piped = subprocess.run([sys.executable, "-m", "cli.main", "workers", "--json"], cwd=ROOT,
                                stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
                                env={**os.environ, "REDIS_URL": redis_url})
     finally:

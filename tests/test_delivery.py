@@ -103,7 +103,7 @@ def test_redis_restart_mid_task(private_redis: PrivateRedis, tmp_path: Path) -> 
 
 def test_task_that_keeps_killing_its_worker_is_capped(worker_factory, redis_client) -> None:
     """After MESHQ_MAX_TASK_RUNS starts (each worker died), the next delivery gives up clearly."""
-    from app.errors import ExecutorError
+    from app.core.errors import ExecutorError
     from tasks import echo
 
     worker = worker_factory(worker_id="capper", env={"MESHQ_MAX_TASK_RUNS": "3"})
@@ -179,7 +179,7 @@ def test_autoretry_gives_up_with_the_real_error(worker_factory, redis_client) ->
 
 def test_the_run_cap_names_the_last_error(worker_factory, redis_client) -> None:
     """A redelivery past the cap fails naming the error the earlier run recorded."""
-    from app.errors import ExecutorError
+    from app.core.errors import ExecutorError
     from tasks import echo
 
     worker_factory(worker_id="capper2", env={"MESHQ_MAX_TASK_RUNS": "1"})

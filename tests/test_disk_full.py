@@ -33,7 +33,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_disk_full_fails_clearly_and_worker_survives(worker_factory, small_disk: Path) -> None:
-    from app.errors import ExecutorError
+    from app.core.errors import ExecutorError
     from tasks import echo
 
     results = small_disk / "results"
@@ -62,7 +62,7 @@ def test_training_that_fills_the_disk_removes_its_checkpoints(worker_factory, ti
     """Full fine-tuning of the ~1M-parameter model writes ~12 MB per checkpoint (weights and Adam's
     state): the second one fills a 20 MiB disk. The task fails saying so, and the checkpoints it
     wrote are gone (a failed task's checkpoints would hold the space every later task needs)."""
-    from app.errors import ExecutorError
+    from app.core.errors import ExecutorError
     from tasks import echo, sft
 
     with tmpfs(tmp_path / "training-disk", "20m") as disk:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from app.errors import ExecutorError, SpecError, TaskCancelled
-from app.spec import parse_task_spec
+from app.core.errors import ExecutorError, SpecError, TaskCancelled
+from app.core.task_spec import parse_task_spec
 from tasks.executors.dpo import DPOExecutor
 from tasks.executors.preference_data import load_preferences
 from tasks.executors.progress import RecordingProgress

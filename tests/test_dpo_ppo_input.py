@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import requests
 
-from app.errors import SpecError
-from app.spec import parse_task_spec
+from app.core.errors import SpecError
+from app.core.task_spec import parse_task_spec
 from tests.conftest import ROOT
 
 MODEL = {"source": {"identifier": "/models/tiny"}}
@@ -88,7 +88,7 @@ def test_every_way_in_refuses_them_at_submission(server_factory, redis_url: str,
     for label, raw, field, message in [case for case in BAD_SPECS if "on p" in case[0]]:  # the mismatches
         document = tmp_path / "task.json"
         document.write_text(json.dumps({"spec": raw}))
-        submitted = subprocess.run([sys.executable, "-m", "app.cli.main", "submit", str(document)], cwd=ROOT,
+        submitted = subprocess.run([sys.executable, "-m", "cli.main", "submit", str(document)], cwd=ROOT,
                                    env={**os.environ, "REDIS_URL": redis_url}, capture_output=True, text=True,
                                    timeout=120)
         assert submitted.returncode == 2, f"{label}: {submitted.returncode} {submitted.stderr}"
@@ -120,7 +120,7 @@ def test_a_bare_stages_document_gets_the_same_answer_everywhere(server_factory, 
 
     document = tmp_path / "pipeline.yaml"
     document.write_text(json.dumps(BARE_PIPELINE))
-    submitted = subprocess.run([sys.executable, "-m", "app.cli.main", "submit", str(document)], cwd=ROOT,
+    submitted = subprocess.run([sys.executable, "-m", "cli.main", "submit", str(document)], cwd=ROOT,
                                env={**os.environ, "REDIS_URL": redis_url}, capture_output=True, text=True,
                                timeout=120)
     assert submitted.returncode == 2, submitted.stderr
@@ -131,7 +131,7 @@ def test_a_bare_stages_document_gets_the_same_answer_everywhere(server_factory, 
     reply = requests.post(f"{server.base_url}/api/v1/tasks", json=good, timeout=30)
     assert reply.status_code == 202 and reply.json()["kind"] == "pipeline", reply.text
     document.write_text(json.dumps(good))
-    submitted = subprocess.run([sys.executable, "-m", "app.cli.main", "submit", str(document), "--json"], cwd=ROOT,
+    submitted = subprocess.run([sys.executable, "-m", "cli.main", "submit", str(document), "--json"], cwd=ROOT,
                                env={**os.environ, "REDIS_URL": redis_url}, capture_output=True, text=True,
                                timeout=120)
     assert submitted.returncode == 0, submitted.stderr

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from app.cli.embedded_redis import EmbeddedRedis, free_port
+from cli.embedded_redis import EmbeddedRedis, free_port
 from tests.conftest import ROOT, wait_for
 
 
 def meshq_redis(port: int, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "app.cli.main", "redis", "--port", str(port)],
+    return subprocess.Popen([sys.executable, "-m", "cli.main", "redis", "--port", str(port)],
                             cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
 
 
@@ -93,7 +93,7 @@ def test_a_queued_task_survives_a_restart_of_meshq_redis(tmp_path: Path) -> None
            "RESULTS_DIR": str(tmp_path / "results"), "MESHQ_LOG_FILE": str(tmp_path / "worker.log")}
 
     def start_redis(log: Path) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli.main", "redis", "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "redis", "--port", str(port),
                                  "--data-dir", str(data_dir)],
                                 cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
         wait_for(lambda: "embedded Redis running" in log.read_text() or proc.poll() is not None, 30,

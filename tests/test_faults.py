@@ -98,7 +98,7 @@ class PersistentRedis(PrivateRedis):
     port, it comes back with its data, as a production Redis restart or failover does."""
 
     def __init__(self, data_dir: Path) -> None:
-        from app.cli.embedded_redis import EmbeddedRedis, free_port
+        from cli.embedded_redis import EmbeddedRedis, free_port
 
         self.data_dir = data_dir
         self.port = free_port()
@@ -110,7 +110,7 @@ class PersistentRedis(PrivateRedis):
         self.server.stop()
 
     def start(self) -> None:
-        from app.cli.embedded_redis import EmbeddedRedis
+        from cli.embedded_redis import EmbeddedRedis
 
         self.server = EmbeddedRedis(port=self.port, data_dir=self.data_dir).start()
 
@@ -316,8 +316,8 @@ def test_a_late_runs_delivery_is_refused_and_stops_the_run(server_factory, redis
     """The worker side: a run whose upload the orchestrator refuses (a later run stored the
     task's outputs) stops with LeaseLost, and the stored artifact stays the later run's."""
     from app.artifacts.delivery import deliver_result
-    from app.errors import LeaseLost
-    from app.spec.schema import Destination
+    from app.core.errors import LeaseLost
+    from app.core.task_spec.schema import Destination
 
     server = server_factory()
     redis_client.set("meshq:task:keyed-delivery:runs", 2)
@@ -373,7 +373,7 @@ def test_a_run_the_orchestrator_cannot_verify_fails_its_task_visibly(worker_fact
     """A server that cannot verify a worker's run (here: it looks at another Redis, where
     the task never started) refuses its result; the worker, whose own Redis says no later
     run was started, ends the task FAILURE with a clear error instead of leaving it running."""
-    from app.errors import ExecutorError
+    from app.core.errors import ExecutorError
     from tasks import echo
 
     server = server_factory(env={"REDIS_URL": private_redis.url})

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 
-from app.cli.embedded_redis import free_port
+from cli.embedded_redis import free_port
 from tests.conftest import ROOT, terminate_group, wait_for
 
 DOCS = ROOT / "docs"

@@ -10,7 +10,7 @@ import pytest
 import requests
 from celery.result import AsyncResult
 
-from app.errors import PipelineError
+from app.core.errors import PipelineError
 from pipelines import Pipeline, PipelineRun
 from pipelines.display import status_lines
 from tests.conftest import wait_for

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from celery.canvas import _chain, _chord, group
 
-from app.errors import SpecError
+from app.core.errors import SpecError
 from pipelines import Pipeline
 from pipelines.graph import compile_canvas, find_cycle
 from pipelines.graph_template import build_prompts

@@ -239,7 +239,7 @@ def test_case2_trust_remote_code_never_runs_code_from_artifacts(worker_factory, 
 
 # -- case 4: names end at the very end -------------------------------------------------------------
 def test_case4_names_with_a_trailing_newline_are_refused(server_factory, tmp_path: Path) -> None:
-    from app.names import check_name
+    from app.core.names import check_name
 
     for bad in ("nl\n", "f.txt\n"):
         with pytest.raises(ValueError):
@@ -406,7 +406,7 @@ def test_case9_header_limits_and_slow_connections_closed(server_factory) -> None
     dripping.sendall(b"GET /healthz HTTP/1.1\r\n")
     dripping.setblocking(False)
     drip_reply = b""
-    deadline_s = 60  # well past HEADER_TIMEOUT_S (app.limits: 10 s)
+    deadline_s = 60  # well past HEADER_TIMEOUT_S (app.core.limits: 10 s)
     import time
 
     started = time.monotonic()

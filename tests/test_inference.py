@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from app.cli.tiny_model import build_tiny_model
-from app.errors import SpecError, TaskCancelled
-from app.spec import parse_task_spec
+from cli.tiny_model import build_tiny_model
+from app.core.errors import SpecError, TaskCancelled
+from app.core.task_spec import parse_task_spec
 from tasks.executors.inference import InferenceExecutor, cut_at_stop, plan_batches
 from tasks.executors.models import ModelCache
 from tasks.executors.progress import RecordingProgress
@@ -357,7 +357,7 @@ def test_lora_adapter_from_archive(executor, tiny_model_dir, adapter_dir, tmp_pa
 
 def test_load_model_and_tokenizer_for_other_executors(tiny_model_dir, adapter_dir) -> None:
     """The loader training uses: spec options, optional adapter, trainable or frozen."""
-    from app.spec import ModelSpec
+    from app.core.task_spec import ModelSpec
     from tasks.executors.models import load_model_and_tokenizer
 
     model_spec = ModelSpec.model_validate({"source": {"identifier": str(tiny_model_dir)},

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from app.cli.tiny_model import INIT_STD, SIZES, build_tiny_model
-from app.engines import installed_engines, vllm_installed
-from app.errors import SpecError
-from app.spec import parse_task_spec
+from cli.tiny_model import INIT_STD, SIZES, build_tiny_model
+from app.core.engines import installed_engines, vllm_installed
+from app.core.errors import SpecError
+from app.core.task_spec import parse_task_spec
 from tasks.executors.inference import select_backend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,8 +114,8 @@ def test_requirements_for_the_vllm_environment_leave_out_torch() -> None:
 
 # -- routing: backend vllm is a requirement ---------------------------------------------------
 def test_backend_vllm_is_a_feature_requirement_with_its_own_queue() -> None:
-    from app.capabilities import Capabilities, requirement_of, requirement_of_raw
-    from app.routing import queue_for_requirement
+    from app.core.capabilities import Capabilities, requirement_of, requirement_of_raw
+    from app.core.routing import queue_for_requirement
 
     raw = {"taskType": "inference", "model": {"source": {"identifier": "/m"}},
            "data": {"type": "list", "items": ["hi"]}, "inference": {"backend": "vllm"}}

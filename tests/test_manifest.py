@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from app.artifacts.manifest import build_manifest, write_task_outputs
-from app.names import check_name
+from app.core.names import check_name
 
 
 def test_manifest_sizes_and_hashes(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from app.cli.tiny_model import build_tiny_model
+from cli.tiny_model import build_tiny_model
 from tests.conftest import wait_for
 from tests.test_delivery import count_started
 from tests.test_flower import CeleryEvents
@@ -31,7 +31,7 @@ def prompt_of(i: int) -> str:
 
 def alone(raw: dict[str, Any], tmp_path: Path) -> list[str]:
     """The outputs of the task run by itself, without Celery or merging."""
-    from app.spec import parse_task_spec
+    from app.core.task_spec import parse_task_spec
     from tasks.executors.inference import InferenceExecutor
     from tasks.executors.progress import RecordingProgress
 

@@ -118,7 +118,7 @@ def test_a_killed_worker_leaves_no_rank_and_the_task_resumes_on_another(worker_f
 
 @pytest.mark.timeout(900)
 def test_cancel_stops_every_rank_and_the_worker_goes_on(worker_factory, redis_client, tiny_model_dir: Path) -> None:
-    from app.errors import TaskCancelled
+    from app.core.errors import TaskCancelled
     from tasks.control import cancel_task
 
     worker = worker_factory(env=TWO_RANKS)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from app.errors import PipelineError
+from app.core.errors import PipelineError
 from pipelines import EXAMPLES_DIR, Pipeline
 from tests.conftest import ROOT, http_server
 from tests.hf_cache import INSTRUCTION_ROWS, QUESTION_ROWS, build_example_caches
@@ -121,7 +121,7 @@ def test_every_way_in_accepts_an_original_template(worker_factory, server_factor
     worker_factory(worker_id="ways")
     server = server_factory()
     path = ORIGINAL / "echo.yaml"
-    submitted = subprocess.run([sys.executable, "-m", "app.cli.main", "submit", str(path), "--wait", "--json"],
+    submitted = subprocess.run([sys.executable, "-m", "cli.main", "submit", str(path), "--wait", "--json"],
                                cwd=ROOT, env={**os.environ, "REDIS_URL": redis_url}, capture_output=True,
                                text=True, timeout=120)
     assert submitted.returncode == 0, submitted.stderr

@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from app.errors import ArtifactError, SpecError
-from app.settings import reset_settings
-from app.spec import parse_task_spec
+from app.core.errors import ArtifactError, SpecError
+from app.core.settings import reset_settings
+from app.core.task_spec import parse_task_spec
 from tasks.executors.data import read_records, sample, slice_rows
 from tasks.executors.inference import InferenceExecutor, adapter_checkpoint
 from tasks.executors.jsonl_export import export_rows
@@ -127,7 +127,7 @@ def test_a_hub_id_reads_the_local_cache_only(hub_cache: Path) -> None:
     assert caught.value.field == "spec.data.url"
     assert "'nobody/nothing' is not in the local Hugging Face datasets cache" in str(caught.value)
     assert "workers do not download datasets" in str(caught.value)
-    # A path outside the data roots (app.data_roots) is refused without saying whether it exists.
+    # A path outside the data roots (app.core.data_roots) is refused without saying whether it exists.
     with pytest.raises(SpecError, match="outside the directories this worker reads data from"):
         read_records("./no/such/dir", field="spec.data.url")
 
@@ -279,7 +279,7 @@ def orchestrator_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 def test_task_id_without_filename_picks_that_tasks_archive(orchestrator_settings: Any) -> None:
     from app.artifacts.checkpoints import checkpoint_url
     from app.artifacts.retry import RetryPolicy
-    from app.spec import CheckpointLoad
+    from app.core.task_spec import CheckpointLoad
 
     FilesHandler.listings = {"one": ["final_lora.zip", "responses.json"], "two": ["final_lora.zip", "final_model.zip"],
                              "none": ["responses.json"]}
@@ -375,7 +375,7 @@ class RecordingHandler(http.server.BaseHTTPRequestHandler):
 def test_destination_method_headers_and_export_upload(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from app.artifacts.delivery import deliver_result
     from app.artifacts.retry import RetryPolicy
-    from app.spec import Destination
+    from app.core.task_spec import Destination
 
     export = tmp_path / "pairs.jsonl"
     export.write_text('{"a": 1}\n')

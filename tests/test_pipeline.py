@@ -15,7 +15,7 @@ import pytest
 import redis
 import yaml
 
-from app.errors import PipelineError
+from app.core.errors import PipelineError
 from pipelines import Pipeline, PipelineRun
 from tests.conftest import ROOT, wait_for
 
@@ -52,7 +52,7 @@ def echo_stages(*stages: dict[str, Any], name: str = "echoes") -> dict[str, Any]
 
 
 def cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app.cli.main", *args], cwd=ROOT, env={**os.environ},
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, env={**os.environ},
                           capture_output=True, text=True, timeout=timeout_s)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import requests
 
-from app.errors import PipelineError
+from app.core.errors import PipelineError
 from pipelines import EXAMPLES_DIR, Pipeline
 from tests.conftest import wait_for
 

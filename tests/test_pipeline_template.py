@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from app.errors import SpecError
+from app.core.errors import SpecError
 from pipelines import EXAMPLES_DIR, Pipeline
 from pipelines.template import deep_merge
 

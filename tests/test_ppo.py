@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from app.errors import ExecutorError, SpecError, TaskCancelled
-from app.spec import parse_task_spec
+from app.core.errors import ExecutorError, SpecError, TaskCancelled
+from app.core.task_spec import parse_task_spec
 from tasks.executors.ppo import PPOExecutor
 from tasks.executors.preference_data import load_queries
 from tasks.executors.progress import RecordingProgress
@@ -182,7 +182,7 @@ def test_every_reward_model_type_scores_the_positive_or_last_label(kind: str, ti
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    from app.spec.schema import RewardModelSpec
+    from app.core.task_spec.schema import RewardModelSpec
     from tasks.executors.ppo import RewardScorer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

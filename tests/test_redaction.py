@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.redaction import REDACTED, redact_secrets
+from app.core.redaction import REDACTED, redact_secrets
 
 
 @pytest.mark.parametrize(("value", "expected"), [

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from app.errors import LimitExceeded, SpecError
-from app.limits import MAX_MESSAGE_BYTES
+from app.core.errors import LimitExceeded, SpecError
+from app.core.limits import MAX_MESSAGE_BYTES
 from pipelines.references import expand_env, resolve_stage_references
 
 RESULTS: dict[str, Any] = {

@@ -37,7 +37,7 @@ def test_training_longer_than_ten_visibility_timeouts_runs_once_and_blocks_nobod
     task keeps its message invisible — one TASK_STARTED, runs = 1 — and echoes submitted
     meanwhile complete on the other worker while the training still runs."""
     from app.celery import app
-    from app.cli.main import main
+    from cli.main import main
     from tasks import echo
     from tasks.submit import submit_task
 

@@ -1,7 +1,7 @@
 import pytest
 
-from app.errors import SpecError
-from app.routing import queue_for_tags, queue_for_worker, worker_queues
+from app.core.errors import SpecError
+from app.core.routing import queue_for_tags, queue_for_worker, worker_queues
 
 
 @pytest.mark.parametrize(("required", "queue"), [

@@ -1,5 +1,5 @@
 """Redis Sentinel failover (issue 30) with real processes: a master, a replica and three
-sentinels (``app.cli.sentinel_cluster``, as ``meshq redis --sentinel`` starts them), two
+sentinels (``cli.sentinel_cluster``, as ``meshq redis --sentinel`` starts them), two
 ``celery -A app worker`` processes and ``meshq serve``, all given ``REDIS_URL=sentinel://...``.
 
 In the tests with 50 echoes queued, the long task is a stepped echo: it holds a lease, beats,
@@ -24,11 +24,11 @@ import pytest
 import redis
 import requests
 
-from app.cli.embedded_redis import free_port
-from app.cli.sentinel_cluster import SentinelCluster
-from app.errors import ConfigError
-from app.redis_client import new_client
-from app.settings import load_settings
+from cli.embedded_redis import free_port
+from cli.sentinel_cluster import SentinelCluster
+from app.core.errors import ConfigError
+from app.core.redis_client import new_client
+from app.core.settings import load_settings
 from tests.conftest import ROOT, ServerProcess, WorkerProcess, wait_for
 
 DOWN_AFTER_MS = 1000  # the master may be silent this long before the sentinels promote the replica
@@ -48,7 +48,7 @@ def test_a_sentinel_address_needs_the_masters_name() -> None:
 
 
 def test_a_sentinel_address_is_logged_without_its_password() -> None:
-    from app.redaction import redact
+    from app.core.redaction import redact
 
     shown = redact("sentinel://:s3cret@10.0.0.1:26379;sentinel://:s3cret@10.0.0.2:26379/0")
     assert shown == "sentinel://10.0.0.1:26379;sentinel://10.0.0.2:26379/0"
@@ -96,7 +96,7 @@ class Fleet:
         return reply.json() if reply.status_code == 200 else None
 
     def cli_status(self, task_id: str) -> dict | None:
-        done = subprocess.run([sys.executable, "-m", "app.cli.main", "status", task_id, "--json"], cwd=ROOT,
+        done = subprocess.run([sys.executable, "-m", "cli.main", "status", task_id, "--json"], cwd=ROOT,
                               env=self.env, capture_output=True, text=True, timeout=60)
         try:
             return json.loads(done.stdout)
@@ -291,7 +291,7 @@ def test_a_worker_whose_acknowledgement_met_the_paused_master_takes_tasks_again(
 
 def start_meshq_redis_sentinel(port: int, data_dir: Path) -> tuple[subprocess.Popen[str], dict[str, str]]:
     """``meshq redis --sentinel``, and the variables it tells to export."""
-    process = subprocess.Popen([sys.executable, "-m", "app.cli.main", "redis", "--sentinel", "--port", str(port),
+    process = subprocess.Popen([sys.executable, "-m", "cli.main", "redis", "--sentinel", "--port", str(port),
                                 "--data-dir", str(data_dir), "--down-after-ms", str(DOWN_AFTER_MS)], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert process.stdout is not None

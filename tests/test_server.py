@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from app.server.transfer import RangeNotSatisfiable, parse_range
+from server.transfer import RangeNotSatisfiable, parse_range
 from tests.conftest import ServerProcess, wait_for
 
 TOKEN = "s3cret-token-value"
@@ -34,7 +34,7 @@ def artifact_layout(root: Path) -> list[str]:
 
 
 def artifact_files(task_id: str, name: str) -> list[str]:
-    """What one stored upload is on disk (app.server.result_store): the name (a link), the
+    """What one stored upload is on disk (server.result_store): the name (a link), the
     upload's directory with the file and its checksum, the name's commit lock."""
     base = f"{task_id}/artifacts"
     return sorted([f"{base}/{name}", f"{base}/.{name}.<upload>~/{name}", f"{base}/.{name}.<upload>~/.meta~",
@@ -452,7 +452,7 @@ def test_serve_refuses_bad_configuration(tmp_path: Path) -> None:
     from tests.conftest import ROOT
 
     env = {**os.environ, "MESHQ_MAX_UPLOAD_BYTES": "lots"}
-    done = subprocess.run([sys.executable, "-m", "app.cli.main", "serve", "--port", "1", "--results-dir",
+    done = subprocess.run([sys.executable, "-m", "cli.main", "serve", "--port", "1", "--results-dir",
                            str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "MESHQ_MAX_UPLOAD_BYTES" in done.stderr
 

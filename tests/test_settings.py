@@ -1,7 +1,7 @@
 import pytest
 
-from app.errors import ConfigError
-from app.settings import DEFAULT_REDIS_URL, heartbeat_ttl_s, load_settings, parse_tags
+from app.core.errors import ConfigError
+from app.core.settings import DEFAULT_REDIS_URL, heartbeat_ttl_s, load_settings, parse_tags
 
 
 def test_defaults() -> None:
@@ -63,7 +63,7 @@ def test_token_not_in_repr() -> None:
 def test_a_killed_workers_task_starts_again_within_two_minutes_by_default() -> None:
     """The default visibility timeout and heartbeat bound the recovery of a SIGKILLed
     worker's task (tested with real processes, scaled down, in test_reliability.py)."""
-    from app.settings import DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_VISIBILITY_TIMEOUT_S
+    from app.core.settings import DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_VISIBILITY_TIMEOUT_S
     from app.worker.lease import recovery_bound_s
 
     assert recovery_bound_s(DEFAULT_VISIBILITY_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S) <= 120
@@ -76,7 +76,7 @@ def test_a_dead_sweepers_lock_delays_redelivery_seconds_not_minutes(redis_url: s
     default: a worker SIGKILLed mid-sweep (seen in a test run) stopped every redelivery for
     five minutes. The broker channel meshq's workers use holds it for seconds only."""
     from app.celery import app
-    from app.settings import UNACKED_MUTEX_EXPIRE_S
+    from app.core.settings import UNACKED_MUTEX_EXPIRE_S
 
     with app.connection_for_read() as connection:
         channel = connection.default_channel

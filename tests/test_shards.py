@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from celery.result import AsyncResult
 
-from app.errors import PipelineError
+from app.core.errors import PipelineError
 from pipelines import Pipeline, PipelineRun
 from pipelines.display import describe_progress
 from tasks.executors.data import sample

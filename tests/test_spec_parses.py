@@ -1,5 +1,5 @@
 """One inference task from ``meshq submit`` to its result parses its spec once on each side:
-once by the client that submits it, once by the worker that runs it (``app.spec.parse_task_spec``,
+once by the client that submits it, once by the worker that runs it (``app.core.task_spec.parse_task_spec``,
 the one parse; its calls are counted through ``MESHQ_COUNT_SPEC_PARSES``)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.spec.validation import COUNT_PARSES_ENV
+from app.core.task_spec.validation import COUNT_PARSES_ENV
 from tests.conftest import ROOT
 
 # One torch thread in the worker: the CPUs are shared with the test process.
@@ -27,7 +27,7 @@ def test_one_inference_task_is_parsed_once_by_the_client_and_once_by_the_worker(
         "model": {"source": {"identifier": str(tiny_model_dir)}, "transformers": {"device_map": "cpu"}},
         "data": {"type": "list", "items": ["Hello there", "a b c"]},
         "inference": {"max_new_tokens": 4}}}))
-    submitted = subprocess.run([sys.executable, "-m", "app.cli.main", "submit", str(document), "--wait", "--json"],
+    submitted = subprocess.run([sys.executable, "-m", "cli.main", "submit", str(document), "--wait", "--json"],
                                cwd=ROOT, env={**os.environ, "REDIS_URL": redis_url, COUNT_PARSES_ENV: str(client_counts)},
                                capture_output=True, text=True, timeout=300)
     assert submitted.returncode == 0, submitted.stderr

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from app.errors import SpecError
-from app.spec import parse_task_spec
-from app.spec.sizes import format_size, parse_cpu, parse_size
+from app.core.errors import SpecError
+from app.core.task_spec import parse_task_spec
+from app.core.task_spec.sizes import format_size, parse_cpu, parse_size
 from pipelines.template import parse_pipeline
 
 MODEL = {"source": {"type": "huggingface", "identifier": "/models/tiny"}}

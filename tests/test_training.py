@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from app.artifacts.manifest import sha256_file
-from app.errors import ExecutorError, SpecError, TaskCancelled
-from app.spec import parse_task_spec
+from app.core.errors import ExecutorError, SpecError, TaskCancelled
+from app.core.task_spec import parse_task_spec
 from tasks.executors.progress import RecordingProgress
 from tasks.executors.training import LoRASFTExecutor, SFTExecutor, last_checkpoint, sample_history
 from tasks.executors.training_data import IGNORE_INDEX, load_examples, tokenize_examples
@@ -219,7 +219,7 @@ def test_modules_to_save_trains_and_saves_whole_modules(tiny_model_dir: Path, tm
 def test_training_data_from_a_url(server_factory, tiny_model_dir: Path, tmp_path: Path,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from app.artifacts.upload import upload_file
-    from app.settings import reset_settings
+    from app.core.settings import reset_settings
 
     server = server_factory()
     data = tmp_path / "train.jsonl"

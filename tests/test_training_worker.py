@@ -113,7 +113,7 @@ def test_upload_to_a_server_that_stays_down_fails_clearly_and_meshq_deliver_retr
     import subprocess
     import sys
 
-    from app.errors import ArtifactError
+    from app.core.errors import ArtifactError
     from tests.conftest import ROOT
 
     server = server_factory(token=TOKEN)
@@ -134,7 +134,7 @@ def test_upload_to_a_server_that_stays_down_fails_clearly_and_meshq_deliver_retr
     assert TOKEN not in worker.log()
 
     server.start()
-    done = subprocess.run([sys.executable, "-m", "app.cli.main", "deliver", handle.id], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "cli.main", "deliver", handle.id], cwd=ROOT,
                           env=worker.env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert TOKEN not in done.stdout + done.stderr
@@ -148,7 +148,7 @@ def test_upload_to_a_server_that_stays_down_fails_clearly_and_meshq_deliver_retr
     assert envelope["result"]["loss_last"] == trained["loss_last"]
     assert json.loads((task_dir / "responses.json").read_text()) == {**trained, "final_lora_archive_url": url}
     assert redis_client.get(f"meshq:task:{handle.id}:runs") == "1"  # delivered, not trained again
-    again = subprocess.run([sys.executable, "-m", "app.cli.main", "deliver", handle.id], cwd=ROOT,
+    again = subprocess.run([sys.executable, "-m", "cli.main", "deliver", handle.id], cwd=ROOT,
                            env=worker.env, capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "no failed delivery recorded" in again.stderr
 
@@ -172,8 +172,8 @@ def test_training_resumes_on_another_worker_after_sigkill(worker_factory, redis_
 
 
 def test_cancel_stops_training_and_the_worker_goes_on(worker_factory, redis_client, tiny_model_dir) -> None:
-    from app.cli.main import main
-    from app.errors import TaskCancelled
+    from cli.main import main
+    from app.core.errors import TaskCancelled
 
     worker = worker_factory()
     handle = submit(lora_spec(tiny_model_dir, max_steps=100_000, batch_size=1))

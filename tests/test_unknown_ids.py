@@ -15,7 +15,7 @@ QUEUE_NOBODY_CONSUMES = "tasks.nobody-consumes-this"
 
 
 def meshq(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app.cli.main", *args], cwd=ROOT, env=dict(os.environ),
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, env=dict(os.environ),
                           capture_output=True, text=True, timeout=60)
 
 

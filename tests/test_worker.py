@@ -134,7 +134,7 @@ def test_running_task_is_started_in_celery_and_status_ends_idle(worker_factory, 
 
 def test_failed_task_event_and_worker_goes_on(worker_factory, redis_client) -> None:
     from app.celery import app
-    from app.errors import SpecError
+    from app.core.errors import SpecError
     from tasks import echo
 
     worker = worker_factory()
@@ -155,11 +155,11 @@ def test_sigkill_leaves_hash_and_heartbeat_expires(worker_factory, redis_client)
     time.sleep(3.5)  # three missed beats
     # Nobody refreshes the key any more: it counts down and will expire.
     assert redis_client.ttl("worker:killed1:hb") <= ttl_after_kill - 3
-    status = subprocess.run([sys.executable, "-m", "app.cli.main", "health", "--worker", "killed1"],
+    status = subprocess.run([sys.executable, "-m", "cli.main", "health", "--worker", "killed1"],
                             env={**os.environ}, cwd=ROOT, capture_output=True, text=True)
     assert status.returncode == 0  # still within its TTL...
     redis_client.delete("worker:killed1:hb")  # ...and once it has expired:
-    status = subprocess.run([sys.executable, "-m", "app.cli.main", "health", "--worker", "killed1"],
+    status = subprocess.run([sys.executable, "-m", "cli.main", "health", "--worker", "killed1"],
                             env={**os.environ}, cwd=ROOT, capture_output=True, text=True)
     assert status.returncode == 1 and "not alive" in status.stdout
 

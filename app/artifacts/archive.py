@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from app.errors import ArtifactError, ConfigError
+from app.core.errors import ArtifactError, ConfigError
 
 # Real model archives unpack to about their own size (weights are stored, not
 # deflated); tokenizer and config files compress maybe 10×. 100× is far beyond

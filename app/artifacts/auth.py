@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from app.settings import get_settings
+from app.core.settings import get_settings
 
 
 def auth_headers(token: str, extra: dict[str, str] | None = None) -> dict[str, str]:

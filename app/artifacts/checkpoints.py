@@ -25,11 +25,11 @@ from app.artifacts.auth import auth_headers, token_for
 from app.artifacts.delivery import RESULTS_PATH
 from app.artifacts.manifest import sha256_file, write_json_atomic
 from app.artifacts.retry import Retryable, RetryPolicy, is_retryable_status, with_retries
-from app.data_roots import allowed_path, check_tree
-from app.errors import ArtifactError, SpecError
-from app.redaction import redact
-from app.settings import get_settings
-from app.spec import CheckpointLoad
+from app.core.data_roots import allowed_path, check_tree
+from app.core.errors import ArtifactError, SpecError
+from app.core.redaction import redact
+from app.core.settings import get_settings
+from app.core.task_spec import CheckpointLoad
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def fetch_checkpoint(load: CheckpointLoad, dest_dir: Path, *, cache_dir: Path | 
     directory given as ``local`` path is used in place (or its single top-level
     folder); an archive (local or http) is verified against ``load.sha256`` when
     given, unpacked safely once per sha256, and the unpacked folder returned. Every file in
-    that folder must resolve under the data roots (``app.data_roots.check_tree``):
+    that folder must resolve under the data roots (``app.core.data_roots.check_tree``):
     transformers and peft then open them by name.
     """
     cache = CheckpointCache(Path(cache_dir) if cache_dir is not None else default_cache_dir(Path(dest_dir)))

@@ -29,10 +29,10 @@ from app.artifacts.manifest import MANIFEST_NAME, RESPONSES_NAME, write_json_ato
 from app.artifacts.retry import RetryPolicy
 from app.artifacts.run_record import RECORD_DIR, fenced
 from app.artifacts.upload import post_json, upload_file
-from app.errors import ArtifactError, RunRefused, SpecError
-from app.redaction import redact
-from app.settings import get_settings
-from app.spec import Destination
+from app.core.errors import ArtifactError, RunRefused, SpecError
+from app.core.redaction import redact
+from app.core.settings import get_settings
+from app.core.task_spec import Destination
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import requests
 from app.artifacts.auth import auth_headers
 from app.artifacts.retry import Retryable, RetryPolicy, is_retryable_status, with_retries
 from app.artifacts.upload import BODY_EXCERPT_CHARS, CHECKSUM_HEADER, CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S
-from app.errors import ArtifactError
-from app.redaction import redact
+from app.core.errors import ArtifactError
+from app.core.redaction import redact
 
 CHUNK_BYTES = 1024 * 1024
 CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)\Z")

@@ -67,7 +67,7 @@ def json_bytes(data: Any) -> bytes:
 def write_bytes_atomic(path: str | os.PathLike[str], content: bytes) -> None:
     """Write to a temporary file of this call's own and rename it over ``path``: readers
     never see half a file, and two writers of one path at once never mix their bytes.
-    The temporary name ends in ``~``, which no name a client gives can (``app.names``),
+    The temporary name ends in ``~``, which no name a client gives can (``app.core.names``),
     so the server never serves one.
 
     No fsync: the rename is atomic for readers and a killed process loses nothing

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from app.errors import ArtifactError
-from app.redaction import redact
-from app.settings import DEFAULT_UPLOAD_BACKOFF_S, DEFAULT_UPLOAD_RETRIES, get_settings
+from app.core.errors import ArtifactError
+from app.core.redaction import redact
+from app.core.settings import DEFAULT_UPLOAD_BACKOFF_S, DEFAULT_UPLOAD_RETRIES, get_settings
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from app.artifacts.manifest import write_json_atomic
-from app.errors import StaleRun
+from app.core.errors import StaleRun
 
 RECORD_DIR = ".meshq"  # the task folder's bookkeeping
 RECORD_FILE = "run"

@@ -20,8 +20,8 @@ import requests
 
 from app.artifacts.auth import auth_headers
 from app.artifacts.retry import Retryable, RetryPolicy, is_retryable_status, with_retries
-from app.errors import ArtifactError
-from app.redaction import redact
+from app.core.errors import ArtifactError
+from app.core.redaction import redact
 
 CONNECT_TIMEOUT_S = 10.0
 DEFAULT_TIMEOUT_S = 300.0

@@ -17,8 +17,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from app import keys, routing
-from app.capabilities import Capabilities, Requirement
+from app.core import keys, routing
+from app.core.capabilities import Capabilities, Requirement
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ the worker record says one). More throughput: start more workers (one per GPU).
 
 So is any pool but prefork (``-P threads``, ``solo``, ``eventlet``, ``gevent``): meshq's
 worker runs each task in a pool child process that it can watch, kill when stuck and
-replace, while its main process keeps beating (``celeryconfig.py`` says why).
+replace, while its main process keeps beating (``app/celeryconfig.py`` says why).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from celery.concurrency.prefork import TaskPool as PreforkPool
 from celery.worker import control  # Celery's commands, registered first so ours replace them
 from celery.worker.control import control_command
 
-from app.errors import ConfigError
+from app.core.errors import ConfigError
 from app.worker.startup import refuse
 
 ONE_TASK_AT_A_TIME = ("a meshq worker runs one task at a time (one task per GPU); "

@@ -24,10 +24,10 @@ from celery import signals
 from celery.exceptions import TimeLimitExceeded
 from celery.worker import state as worker_state
 
-from app import keys
-from app.events import task_event, utc_now_iso
-from app.redis_client import get_redis
-from app.settings import get_settings
+from app.core import keys
+from app.core.events import task_event, utc_now_iso
+from app.core.redis_client import get_redis
+from app.core.settings import get_settings
 from app.worker.lease import TaskLease, lease_ttl_s, record_last_error
 from app.worker.registry import IDLE, set_worker_status
 from app.worker.signals import add_beat_hook

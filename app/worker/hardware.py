@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from app.engines import installed_engines
+from app.core.engines import installed_engines
 
 try:  # nvidia-ml-py is a dependency, but a machine may lack the driver library.
     import pynvml

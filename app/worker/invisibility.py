@@ -26,7 +26,7 @@ from typing import Any
 
 from celery.worker import state as worker_state
 
-from app import keys
+from app.core import keys
 
 log = logging.getLogger("meshq.worker")
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import redis
 
-from app import keys
-from app.errors import ConfigError, LeaseLost, TaskCancelled
-from app.settings import UNACKED_MUTEX_EXPIRE_S, unacked_restore_interval_s
+from app.core import keys
+from app.core.errors import ConfigError, LeaseLost, TaskCancelled
+from app.core.settings import UNACKED_MUTEX_EXPIRE_S, unacked_restore_interval_s
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """A poison message never kills a worker: every meshq task message is checked before the pool.
 
 Celery hands a received message to the pool from the worker's main process. A message
-that breaks on the way (its body does not decode, it is past ``app.limits`` — a spec
+that breaks on the way (its body does not decode, it is past ``app.core.limits`` — a spec
 nested 480 levels deep made ``pickle`` raise ``RecursionError`` there — or anything
 else raises before the task body runs) used to stop the whole worker with
 "Unrecoverable error"; the message went back to the queue and stopped the next worker
@@ -19,9 +19,9 @@ from typing import Any
 from celery.worker import state as worker_state
 from celery.worker.strategy import default as default_strategy
 
-from app.errors import LimitExceeded, SpecError
-from app.limits import check_document, check_size
-from app.settings import get_settings
+from app.core.errors import LimitExceeded, SpecError
+from app.core.limits import check_document, check_size
+from app.core.settings import get_settings
 
 log = logging.getLogger(__name__)
 

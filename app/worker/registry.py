@@ -21,11 +21,11 @@ from typing import Any
 
 import redis
 
-from app import events, keys
-from app.capabilities import Capabilities
-from app.redaction import redact
-from app.redis_client import get_redis
-from app.settings import Settings
+from app.core import events, keys
+from app.core.capabilities import Capabilities
+from app.core.redaction import redact
+from app.core.redis_client import get_redis
+from app.core.settings import Settings
 from app.worker import hardware
 
 log = logging.getLogger(__name__)

@@ -18,11 +18,11 @@ from celery.exceptions import Retry
 from celery.worker import state as worker_state
 from celery.worker.control import control_command, ok
 
-from app import routing
-from app.events import task_event
-from app.redaction import redact
-from app.redis_client import StaleMaster, add_replica_wait, confirm_replicated, get_redis
-from app.settings import MAX_CAPABILITY_QUEUES, get_settings
+from app.core import routing
+from app.core.events import task_event
+from app.core.redaction import redact
+from app.core.redis_client import StaleMaster, add_replica_wait, confirm_replicated, get_redis
+from app.core.settings import MAX_CAPABILITY_QUEUES, get_settings
 from app.worker.capability_queues import CapabilityQueues
 from app.worker.invisibility import MessageKeeper
 from app.worker.lease import lease_ttl_s, record_last_error, refresh_leases

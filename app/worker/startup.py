@@ -20,8 +20,8 @@ import click
 from celery import signals
 from celery.utils.log import mlevel
 
-from app.errors import ConfigError
-from app.settings import get_settings
+from app.core.errors import ConfigError
+from app.core.settings import get_settings
 
 
 def refuse(exc: ConfigError) -> None:

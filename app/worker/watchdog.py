@@ -20,8 +20,8 @@ from typing import Any
 
 from celery.worker import state as worker_state
 
-from app import keys
-from app.redis_client import get_redis
+from app.core import keys
+from app.core.redis_client import get_redis
 from app.worker.lease import record_last_error
 
 log = logging.getLogger("meshq.worker")

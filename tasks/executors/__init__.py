@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from app.spec import TaskSpec
+from app.core.task_spec import TaskSpec
 from tasks.executors.dpo import DPOExecutor
 from tasks.executors.echo import EchoExecutor
 from tasks.executors.inference import InferenceExecutor

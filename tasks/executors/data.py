@@ -14,7 +14,7 @@ A source (``data.url``, ``data.path``, ``data.dataset_name``) is, in this order:
   of a ``datasets`` file format (``json``, ``csv``, ``text``, ``imagefolder``...) is
   refused: ``datasets`` would read it as that format over the worker's working directory.
 
-Every local file is opened by meshq itself through ``app.data_roots.open_data_file``:
+Every local file is opened by meshq itself through ``app.core.data_roots.open_data_file``:
 each one, links resolved, must lie under ``RESULTS_DIR`` or ``MESHQ_DATA_DIRS`` when it
 is opened. ``datasets`` never reads a local directory on its own, so a ``README.md``
 whose YAML names other files (``configs``, ``data_files``) is not followed, and a link
@@ -39,8 +39,8 @@ import re
 from pathlib import Path
 from typing import Any, TypeVar
 
-from app.data_roots import allowed_path, open_data_file
-from app.errors import SpecError
+from app.core.data_roots import allowed_path, open_data_file
+from app.core.errors import SpecError
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?\Z")

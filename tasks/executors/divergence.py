@@ -15,7 +15,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from app.errors import ExecutorError
+from app.core.errors import ExecutorError
 
 
 class TrainingDiverged(ExecutorError):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from app.artifacts.checkpoints import download_file
-from app.spec import TaskSpec, TrainingOptions
+from app.core.task_spec import TaskSpec, TrainingOptions
 from tasks.executors.preference_data import Preference, load_preferences
 from tasks.executors.training import TrainingExecutor, sample_history, supported_arguments
 

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.spec import EchoOptions, TaskSpec
+from app.core.task_spec import EchoOptions, TaskSpec
 from tasks.executors.progress import Progress
 
 

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from app.artifacts.run_record import fenced
-from app.errors import ExecutorError, LeaseLost
+from app.core.errors import ExecutorError, LeaseLost
 from tasks.executors.divergence import TrainingDiverged
 
 log = logging.getLogger(__name__)

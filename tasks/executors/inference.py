@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from app.artifacts.checkpoints import download_file, fetch_checkpoint
-from app.data_roots import allowed_path
-from app.engines import vllm_installed
-from app.errors import ExecutorError, SpecError
-from app.spec import CheckpointLoad, InferenceOptions, TaskSpec
-from app.spec.schema import AdapterSpec
+from app.core.data_roots import allowed_path
+from app.core.engines import vllm_installed
+from app.core.errors import ExecutorError, SpecError
+from app.core.task_spec import CheckpointLoad, InferenceOptions, TaskSpec
+from app.core.task_spec.schema import AdapterSpec
 from tasks.executors.data import column, read_records, sample
 from tasks.executors.jsonl_export import write_export
 from tasks.executors.models import (
@@ -269,7 +269,7 @@ def resolve_checkpoint(load: CheckpointLoad | None, out_dir: Path, *, merge: boo
     """
     if load is None:
         return CheckpointDirs()
-    if load.type == "local":  # only under the worker's data roots (app.data_roots), then it must exist
+    if load.type == "local":  # only under the worker's data roots (app.core.data_roots), then it must exist
         if not allowed_path(str(load.path), field).exists():
             raise SpecError(field, f"{str(load.path)!r} does not exist")
     directory = Path(fetch_checkpoint(load, out_dir)).resolve()

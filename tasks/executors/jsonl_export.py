@@ -21,7 +21,7 @@ from typing import Any
 
 from app.artifacts.manifest import write_bytes_atomic
 from app.artifacts.run_record import fenced
-from app.spec.schema import JsonlExport, JsonlExportField
+from app.core.task_spec.schema import JsonlExport, JsonlExportField
 
 
 def field_value(item: dict[str, Any], how: JsonlExportField) -> Any:

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from app.data_roots import check_remote_code, under_allowed_roots, under_results
-from app.errors import ExecutorError, SpecError
-from app.spec import ModelSpec, TaskSpec
+from app.core.data_roots import check_remote_code, under_allowed_roots, under_results
+from app.core.errors import ExecutorError, SpecError
+from app.core.task_spec import ModelSpec, TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def resolve_model_dir(identifier: str, revision: str | None = None,
     """A local model directory, or the snapshot of hub id ``identifier`` in the local HF cache.
 
     Models may live anywhere on the worker, but only a path under the data roots
-    (``app.data_roots``) gets an error saying what is wrong with it (missing, a file, no
+    (``app.core.data_roots``) gets an error saying what is wrong with it (missing, a file, no
     weights...): for any other path, and for a hub id not in the cache, the error is one and
     the same, so a spec cannot probe which paths exist on the worker."""
     local = Path(identifier).expanduser()

@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from app.artifacts.checkpoints import download_file
-from app.data_roots import check_remote_code, under_results
-from app.errors import ExecutorError, SpecError, TaskCancelled
-from app.spec import TaskSpec, TrainingOptions
-from app.spec.schema import GenerationOptions, RewardModelSpec
+from app.core.data_roots import check_remote_code, under_results
+from app.core.errors import ExecutorError, SpecError, TaskCancelled
+from app.core.task_spec import TaskSpec, TrainingOptions
+from app.core.task_spec.schema import GenerationOptions, RewardModelSpec
 from tasks.executors import models
 from tasks.executors.divergence import check_loss, check_weights
 from tasks.executors.ppo_loop import KL_COEF, PPOLoop, loop_mini_batch

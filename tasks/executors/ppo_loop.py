@@ -33,8 +33,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from app.spec import TrainingOptions
-from app.spec.schema import GenerationOptions
+from app.core.task_spec import TrainingOptions
+from app.core.task_spec.schema import GenerationOptions
 
 KL_COEF = 0.05  # weight of the per-token KL penalty against the reference model (TRL's default)
 CLIP_RANGE = 0.2  # policy ratio clipping

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from app.errors import SpecError
-from app.spec import PromptPair, TrainingData
+from app.core.errors import SpecError
+from app.core.task_spec import PromptPair, TrainingData
 from tasks.executors.data import sample
 from tasks.executors.training_data import read_source_rows
 

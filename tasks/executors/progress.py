@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.errors import TaskCancelled
+from app.core.errors import TaskCancelled
 
 
 class Progress:

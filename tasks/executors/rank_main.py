@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 
 from app.artifacts.manifest import write_json_atomic
-from app.errors import SpecError, TaskCancelled
+from app.core.errors import SpecError, TaskCancelled
 from tasks.executors.ranks import RankFiles, RankProgress, die_with_parent
 
 
@@ -27,7 +27,7 @@ def main(job_path: str) -> int:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
         # Imported here: a failure to import is this rank's error like any other.
-        from app.spec import parse_task_spec
+        from app.core.task_spec import parse_task_spec
         from tasks.executors import EXECUTORS
 
         job = json.loads(files.job.read_text())

@@ -45,9 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from app.artifacts.manifest import write_json_atomic
-from app.engines import deepspeed_installed
-from app.errors import ExecutorError, SpecError, TaskCancelled
-from app.spec import TaskSpec, TrainingOptions
+from app.core.engines import deepspeed_installed
+from app.core.errors import ExecutorError, SpecError, TaskCancelled
+from app.core.task_spec import TaskSpec, TrainingOptions
 from tasks.executors.progress import Progress
 
 log = logging.getLogger(__name__)

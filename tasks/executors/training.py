@@ -58,9 +58,9 @@ from typing import Any
 from app.artifacts.archive import make_archive
 from app.artifacts.checkpoints import checkpoint_kind, download_file, fetch_checkpoint
 from app.artifacts.run_record import fenced, staging_dir
-from app.errors import ExecutorError, SpecError, TaskCancelled
-from app.settings import get_settings
-from app.spec import LoraOptions, TaskSpec, TrainingOptions
+from app.core.errors import ExecutorError, SpecError, TaskCancelled
+from app.core.settings import get_settings
+from app.core.task_spec import LoraOptions, TaskSpec, TrainingOptions
 from tasks.executors import models
 from tasks.executors.divergence import check_weights
 from tasks.executors.failed_training import checkpoints_discarded_on_failure

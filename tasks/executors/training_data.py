@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from app.errors import ExecutorError, SpecError
-from app.spec import PromptPair, TrainingData
+from app.core.errors import ExecutorError, SpecError
+from app.core.task_spec import PromptPair, TrainingData
 from tasks.executors.data import column, read_records, sample
 
 IGNORE_INDEX = -100  # label value the loss skips

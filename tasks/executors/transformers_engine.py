@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
-from app.spec import InferenceOptions
+from app.core.task_spec import InferenceOptions
 from tasks.executors.models import LoadedModel
 
 # Automatic batch size: rows per batch are capped by a token budget (prompt + new

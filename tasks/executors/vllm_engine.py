@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.data_roots import check_remote_code, under_results
-from app.errors import ExecutorError, SpecError
-from app.spec import InferenceOptions, TaskSpec
+from app.core.data_roots import check_remote_code, under_results
+from app.core.errors import ExecutorError, SpecError
+from app.core.task_spec import InferenceOptions, TaskSpec
 from tasks.executors.models import (
     CHECKPOINT_FIELD,
     IDENTIFIER_FIELD,

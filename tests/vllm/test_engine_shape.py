@@ -13,7 +13,7 @@ def test_vllm_loads_the_tiny_vllm_model_and_agrees_with_transformers(tmp_path) -
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from app.cli.tiny_model import build_tiny_model
+    from cli.tiny_model import build_tiny_model
 
     directory = str(build_tiny_model(tmp_path / "model", size="vllm"))
     tokenizer = AutoTokenizer.from_pretrained(directory)

@@ -10,9 +10,9 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed here (make install-vllm; make test-vllm)")
 
-from app.cli.tiny_model import build_tiny_model  # noqa: E402
-from app.errors import TaskCancelled  # noqa: E402
-from app.spec import parse_task_spec  # noqa: E402
+from cli.tiny_model import build_tiny_model  # noqa: E402
+from app.core.errors import TaskCancelled  # noqa: E402
+from app.core.task_spec import parse_task_spec  # noqa: E402
 from tasks.executors.inference import InferenceExecutor  # noqa: E402
 from tasks.executors.models import ModelCache  # noqa: E402
 from tasks.executors.progress import RecordingProgress  # noqa: E402
@@ -127,7 +127,7 @@ def test_an_adapter_vllm_cannot_serve_falls_back_under_auto_and_fails_when_vllm_
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from app.errors import ExecutorError
+    from app.core.errors import ExecutorError
 
     adapter = tmp_path / "adapter-with-norms"
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed here (make install-vllm; make test-vllm)")
 
-from app.cli.tiny_model import build_tiny_model  # noqa: E402
+from cli.tiny_model import build_tiny_model  # noqa: E402
 from tests.vllm.helpers import PLAIN_PYTHON, inference_spec, mixed_prompts  # noqa: E402
 
 PROMPTS = 32
