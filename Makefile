@@ -63,8 +63,8 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: install
-	$(BIN)/ruff check app tasks pipelines tests bench tools app/celeryconfig.py
-	$(BIN)/mypy app tasks pipelines app/celeryconfig.py
+	$(BIN)/ruff check cli server pipelines tasks app tests bench tools
+	$(BIN)/mypy cli server pipelines tasks app
 	# The direction of imports between layers (contracts in setup.cfg, [importlinter]).
 	$(BIN)/lint-imports
 

@@ -74,9 +74,9 @@ app = Celery("meshq", amqp=RedactingAMQP)
 app.config_from_object("app.celeryconfig")
 if _settings.celery_config_module:
     try:
-        import app.celeryconfig
+        from app import celeryconfig
 
-        app.conf.update(user_settings(_settings.celery_config_module, vars(app.celeryconfig)))
+        app.conf.update(user_settings(_settings.celery_config_module, vars(celeryconfig)))
     except ConfigError as exc:
         print(f"meshq: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -24,10 +24,9 @@ def lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
 
 
 def copy_tree(dest: Path) -> Path:
-    for name in ("app", "tasks", "pipelines"):
+    for name in ("cli", "server", "pipelines", "tasks", "app"):
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "examples"))
     shutil.copy(ROOT / "setup.cfg", dest / "setup.cfg")
-    shutil.copy(ROOT / "app/celeryconfig.py", dest / "app/celeryconfig.py")
     return dest
 
 
@@ -39,9 +38,13 @@ def test_the_tree_keeps_every_contract(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("module", "bad_import", "contract"), [
     ("app/worker/lease.py", "import pipelines.run", "Layers"),           # worker runtime → pipelines
-    ("app/core/settings.py", "import app.worker.registry", "The core"),       # core → worker runtime
-    ("tasks/executors/echo.py", "import celery", "Executors"),            # executor → Celery
-    ("tasks/base.py", "import server.app", "Layers"),                 # tasks → entry point
+    ("app/core/settings.py", "import app.worker.registry", "The core"),  # core → worker runtime
+    ("app/core/keys.py", "import celery", "The core"),                   # core → Celery
+    ("app/celery.py", "import tasks.definitions", "Layers"),             # Celery app → its tasks
+    ("app/celeryconfig.py", "import app.celery", "Layers"),              # settings → the app above them
+    ("tasks/executors/echo.py", "import celery", "Executors"),           # executor → Celery
+    ("tasks/base.py", "import server.app", "Layers"),                    # tasks → entry point
+    ("server/app.py", "import cli.main", "Layers"),                      # server → CLI
 ])
 def test_a_wrong_way_import_breaks_a_contract(tmp_path: Path, module: str, bad_import: str, contract: str) -> None:
     tree = copy_tree(tmp_path)
