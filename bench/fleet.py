@@ -39,8 +39,8 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cli.embedded_redis import EmbeddedRedis  # noqa: E402
 from bench.dispatch import listen_for_starts, percentile  # noqa: E402
+from cli.embedded_redis import EmbeddedRedis  # noqa: E402
 
 # Tag sets by worker index: a realistic mix, several workers with 4-6 tags.
 TAG_SETS = ["gpu,a100,train,infer,eu,spot", "gpu,t4,infer,us", "cpu", "gpu,infer"]

@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_environment(args.device)  # before anything slow
 
-    from cli.local_cluster import LocalCluster
     from bench.inference import inference_spec, make_prompts, model_dir, naive_generate, print_table
+    from cli.local_cluster import LocalCluster
 
     size, n_prompts, max_new = ("test", 32, 8) if args.quick else ("gpu", 256, 32)
     dtype = "bfloat16" if args.device == "cuda" else "float32"

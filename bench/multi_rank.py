@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch % args.ranks:
         parser.error("--batch must be a multiple of --ranks")
 
-    from cli.tiny_model import build_tiny_model, parameter_count
     from bench.training import make_pairs
+    from cli.tiny_model import build_tiny_model, parameter_count
 
     workdir = Path(tempfile.mkdtemp(prefix="meshq-bench-ranks-"))
     size = "test" if args.quick else "bench"

@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.artifacts.manifest import sha256_file  # noqa: E402
-from cli.embedded_redis import free_port  # noqa: E402
 from bench.rss import TreeRss  # noqa: E402
+from cli.embedded_redis import free_port  # noqa: E402
 
 MIB = 1024 * 1024
 

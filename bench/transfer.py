@@ -37,8 +37,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cli.embedded_redis import free_port  # noqa: E402
 from bench.rss import TreeRss  # noqa: E402
+from cli.embedded_redis import free_port  # noqa: E402
 
 MIB = 1024 * 1024
 SHARD_MIB = 256

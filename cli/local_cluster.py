@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 from app.core import keys
-from cli.embedded_redis import EmbeddedRedis
 from app.core.errors import MeshqError
 from app.core.redis_address import MASTER_VARIABLE
 from app.core.redis_client import new_client
+from cli.embedded_redis import EmbeddedRedis
 
 READY_TIMEOUT_S = 120.0
 

@@ -15,9 +15,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from app.core.errors import MeshqError
 from cli.sentinel_cluster import DEFAULT_DOWN_AFTER_MS
 from cli.tiny_model import SIZES
-from app.core.errors import MeshqError
 
 
 def _redis() -> Any:
@@ -97,8 +97,8 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 def cmd_purge(args: argparse.Namespace) -> int:
     from app.celery import app
-    from cli.purge import meshq_queues, purge_queues
     from app.core.settings import get_settings
+    from cli.purge import meshq_queues, purge_queues
 
     names = meshq_queues(_redis(), get_settings().task_topic)
     if not args.force:

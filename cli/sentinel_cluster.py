@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 
 import redis
 
-from cli.embedded_redis import EmbeddedRedis, free_port, redis_server_binary
 from app.core.errors import ConfigError
 from app.core.redis_address import SENTINEL_SCHEME, SEPARATOR
+from cli.embedded_redis import EmbeddedRedis, free_port, redis_server_binary
 
 MASTER_NAME = "meshq"
 SENTINELS = 3

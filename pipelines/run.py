@@ -18,8 +18,8 @@ import redis
 from celery import states
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
-from app.core import keys
 from app.celery import app as celery_app
+from app.core import keys
 from app.core.errors import PipelineError, UnknownIdError
 from app.core.events import utc_now_iso
 from app.core.redaction import redact_secrets

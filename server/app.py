@@ -31,13 +31,13 @@ from fastapi.responses import JSONResponse
 
 from app.core.errors import LimitExceeded, MeshqError, SpecError
 from app.core.limits import MAX_HEADER_BYTES
+from app.core.settings import Settings, load_settings
 from server.gatekeeper import Gatekeeper, error_response
 from server.openapi import ERRORS_OPENAPI, customize_openapi
 from server.result_store import BadName, ResultStore
 from server.routes import ROUTERS
 from server.transfer import ApiError, tune_allocator_for_streaming
 from server.ui import UI_PREFIX, mount_ui
-from app.core.settings import Settings, load_settings
 
 log = logging.getLogger("meshq.server")
 

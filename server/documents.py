@@ -6,9 +6,9 @@ from typing import Any
 
 from app.core.errors import LimitExceeded, PipelineError, SpecError
 from app.core.limits import check_document
-from server.transfer import ApiError
 from pipelines import Pipeline, PipelineRun
 from pipelines.template import normalise_document, parse_text
+from server.transfer import ApiError
 
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml", "text/plain")
 

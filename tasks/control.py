@@ -12,8 +12,8 @@ import logging
 
 import redis
 
-from app.core import keys
 from app.celery import app
+from app.core import keys
 from app.core.redis_client import get_redis
 
 log = logging.getLogger(__name__)

@@ -22,9 +22,9 @@ from typing import Any
 
 import redis
 
+from app.celery import app
 from app.core import keys, routing
 from app.core.capabilities import Capabilities, Requirement, requirement_of, requirement_of_raw
-from app.celery import app
 from app.core.events import utc_now_iso
 from app.core.redis_client import get_redis
 from app.core.settings import get_settings

@@ -22,8 +22,8 @@ import redis
 from celery import states
 from celery.utils.saferepr import saferepr
 
-from app.core import keys
 from app.celery import PROGRESS_STATE
+from app.core import keys
 from app.core.events import publish_task_event
 from app.core.redis_client import get_redis
 from app.worker.lease import TaskLease

@@ -39,8 +39,8 @@ from typing import Any
 import redis
 from celery import Task, chord, states
 
-from app.core import keys
 from app.celery import PROGRESS_STATE
+from app.core import keys
 from app.core.events import utc_now_iso
 from app.core.redis_client import get_redis
 from app.core.settings import get_settings

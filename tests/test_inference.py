@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from cli.tiny_model import build_tiny_model
 from app.core.errors import SpecError, TaskCancelled
 from app.core.task_spec import parse_task_spec
+from cli.tiny_model import build_tiny_model
 from tasks.executors.inference import InferenceExecutor, cut_at_stop, plan_batches
 from tasks.executors.models import ModelCache
 from tasks.executors.progress import RecordingProgress

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from cli.tiny_model import INIT_STD, SIZES, build_tiny_model
 from app.core.engines import installed_engines, vllm_installed
 from app.core.errors import SpecError
 from app.core.task_spec import parse_task_spec
+from cli.tiny_model import INIT_STD, SIZES, build_tiny_model
 from tasks.executors.inference import select_backend
 
 ROOT = Path(__file__).resolve().parent.parent

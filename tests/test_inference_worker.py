@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from cli.tiny_model import build_tiny_model
 from app.core.errors import SpecError
+from cli.tiny_model import build_tiny_model
 
 # One torch thread in the worker: the CPUs are shared with the test process.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -24,11 +24,11 @@ import pytest
 import redis
 import requests
 
-from cli.embedded_redis import free_port
-from cli.sentinel_cluster import SentinelCluster
 from app.core.errors import ConfigError
 from app.core.redis_client import new_client
 from app.core.settings import load_settings
+from cli.embedded_redis import free_port
+from cli.sentinel_cluster import SentinelCluster
 from tests.conftest import ROOT, ServerProcess, WorkerProcess, wait_for
 
 DOWN_AFTER_MS = 1000  # the master may be silent this long before the sentinels promote the replica

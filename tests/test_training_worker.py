@@ -172,8 +172,8 @@ def test_training_resumes_on_another_worker_after_sigkill(worker_factory, redis_
 
 
 def test_cancel_stops_training_and_the_worker_goes_on(worker_factory, redis_client, tiny_model_dir) -> None:
-    from cli.main import main
     from app.core.errors import TaskCancelled
+    from cli.main import main
 
     worker = worker_factory()
     handle = submit(lora_spec(tiny_model_dir, max_steps=100_000, batch_size=1))

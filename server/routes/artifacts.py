@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect
 
+from app.core.settings import Settings
 from server.gatekeeper import error_response
 from server.openapi import CHECKSUM_HEADER, RUN_HEADER, UPLOAD_OPENAPI
 from server.result_store import StaleRun, checked
@@ -41,7 +42,6 @@ from server.transfer import (
     io_pool,
     parse_range,
 )
-from app.core.settings import Settings
 
 log = logging.getLogger("meshq.server")
 

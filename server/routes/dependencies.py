@@ -9,8 +9,8 @@ import redis
 from fastapi import Depends, Request
 from kombu.exceptions import OperationalError
 
-from server.result_store import ResultStore
 from app.core.settings import Settings
+from server.result_store import ResultStore
 
 # Redis or the broker being away: the routes answer 503, never 500.
 BACKEND_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, ConnectionError, OSError, TimeoutError,

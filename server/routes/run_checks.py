@@ -8,11 +8,11 @@ import re
 from fastapi import Request
 
 from app.core.redis_client import get_redis
+from app.core.settings import Settings
+from app.worker.lease import latest_run
 from server.openapi import RUN_HEADER
 from server.routes.dependencies import BACKEND_ERRORS
 from server.transfer import ApiError
-from app.core.settings import Settings
-from app.worker.lease import latest_run
 
 RUN_RE = re.compile(r"^[1-9][0-9]{0,8}\Z", re.ASCII)  # X-Meshq-Run: 1 .. MAX_RUN
 

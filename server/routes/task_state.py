@@ -11,9 +11,9 @@ import redis
 from app.celery import app as celery_app
 from app.core.errors import LimitExceeded, UnknownIdError
 from app.core.limits import check_document
+from pipelines import PipelineRun
 from server.routes.dependencies import BACKEND_ERRORS
 from server.transfer import ApiError
-from pipelines import PipelineRun
 from tasks.status import task_status
 
 

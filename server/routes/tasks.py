@@ -14,13 +14,13 @@ from app.celery import app as celery_app
 from app.core.errors import PipelineError, UnknownIdError
 from app.core.limits import MAX_DOCUMENT_BYTES
 from app.core.redis_client import get_redis
+from pipelines import PipelineRun
 from server.documents import parse_document, pipeline_run, recorded_metadata, submit_document
 from server.openapi import DOCUMENT_OPENAPI
 from server.result_store import checked
 from server.routes.dependencies import BACKEND_ERRORS, SettingsDep
 from server.routes.task_state import jsonable, require_known, task_view
 from server.transfer import ApiError, read_body
-from pipelines import PipelineRun
 from tasks.control import request_cancel
 
 log = logging.getLogger("meshq.server")

@@ -7,9 +7,9 @@ from typing import Any
 from fastapi import APIRouter
 
 from app.core.redis_client import get_redis
+from app.worker.registry import list_workers
 from server.routes.dependencies import BACKEND_ERRORS, SettingsDep
 from server.transfer import ApiError
-from app.worker.registry import list_workers
 
 router = APIRouter()
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from app.core.settings import Settings
 from server.result_store import ResultStore
 from server.ui.routes import static_files, ui_router
 from server.ui.session import UI_PREFIX
-from app.core.settings import Settings
 
 __all__ = ["UI_PREFIX", "mount_ui"]
 

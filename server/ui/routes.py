@@ -26,13 +26,13 @@ from kombu.exceptions import OperationalError
 from app.core.errors import PipelineError, UnknownIdError
 from app.core.limits import MAX_DOCUMENT_BYTES
 from app.core.redis_client import get_redis
+from app.core.settings import Settings
+from pipelines import PipelineRun
+from pipelines.run import cancel_any
 from server.result_store import BadName, ResultStore, checked
 from server.transfer import FileStream
 from server.ui import drawing, views
 from server.ui.session import COOKIE_MAX_AGE_S, COOKIE_NAME, UI_PREFIX, UiSession
-from app.core.settings import Settings
-from pipelines import PipelineRun
-from pipelines.run import cancel_any
 
 log = logging.getLogger("meshq.server.ui")
 HERE = Path(__file__).parent

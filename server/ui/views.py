@@ -19,11 +19,11 @@ import redis
 from app.core import keys
 from app.core.errors import PipelineError
 from app.core.redaction import redact_secrets
-from server.result_store import ResultStore
 from app.worker.registry import list_workers
 from pipelines import PipelineRun
 from pipelines.display import describe_progress, fraction_done
 from pipelines.status import FINAL_PIPELINE_STATES
+from server.result_store import ResultStore
 
 PAGE_SIZE = 25
 # A state filter reads at most this many of the newest runs (each costs one status read).

@@ -10,9 +10,9 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed here (make install-vllm; make test-vllm)")
 
-from cli.tiny_model import build_tiny_model  # noqa: E402
 from app.core.errors import TaskCancelled  # noqa: E402
 from app.core.task_spec import parse_task_spec  # noqa: E402
+from cli.tiny_model import build_tiny_model  # noqa: E402
 from tasks.executors.inference import InferenceExecutor  # noqa: E402
 from tasks.executors.models import ModelCache  # noqa: E402
 from tasks.executors.progress import RecordingProgress  # noqa: E402
