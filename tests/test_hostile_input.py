@@ -64,7 +64,7 @@ def outside_dir() -> Iterator[Path]:
 
 
 # -- case 3: data paths only from allowed roots ----------------------------------------------------
-def test_case3_datasets_and_checkpoints_only_from_data_roots(worker_factory, tiny_model_dir: Path,
+def test_datasets_and_checkpoints_only_from_data_roots(worker_factory, tiny_model_dir: Path,
                                                              outside_dir: Path, tmp_path: Path) -> None:
     creds = outside_dir / "creds.csv"
     creds.write_text("user,password\nroot,hunter2-secret\n")
@@ -195,7 +195,7 @@ def evil_checkpoint(tiny_model_dir: Path, directory: Path, marker: Path) -> Path
     return directory
 
 
-def test_case2_trust_remote_code_never_runs_code_from_artifacts(worker_factory, server_factory,
+def test_trust_remote_code_never_runs_code_from_artifacts(worker_factory, server_factory,
                                                                 tiny_model_dir: Path, tmp_path: Path) -> None:
     marker = tmp_path / "code-ran"
     checkpoint = evil_checkpoint(tiny_model_dir, tmp_path / "evil-model", marker)
@@ -238,7 +238,7 @@ def test_case2_trust_remote_code_never_runs_code_from_artifacts(worker_factory, 
 
 
 # -- case 4: names end at the very end -------------------------------------------------------------
-def test_case4_names_with_a_trailing_newline_are_refused(server_factory, tmp_path: Path) -> None:
+def test_names_with_a_trailing_newline_are_refused(server_factory, tmp_path: Path) -> None:
     from app.core.names import check_name
 
     for bad in ("nl\n", "f.txt\n"):
@@ -264,7 +264,7 @@ def nested(depth: int) -> dict[str, Any]:
     return value
 
 
-def test_case1_deep_spec_fails_its_task_and_the_worker_goes_on(worker_factory, server_factory,
+def test_deep_spec_fails_its_task_and_the_worker_goes_on(worker_factory, server_factory,
                                                                redis_client) -> None:
     worker = worker_factory(worker_id="poison")
     server = server_factory(token=TOKEN)
@@ -310,7 +310,7 @@ def unread_bytes(client: socket.socket) -> int:
 
 
 # -- case 10: bounded in bytes and shape, parsed off the event loop --------------------------------
-def test_case10_documents_are_bounded_and_parsed_off_the_event_loop(worker_factory, server_factory) -> None:
+def test_documents_are_bounded_and_parsed_off_the_event_loop(worker_factory, server_factory) -> None:
     server = server_factory(token=TOKEN)
     yaml_headers = {**server.headers(), "Content-Type": "application/yaml"}
 
@@ -375,7 +375,7 @@ def read_reply(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-def test_case9_header_limits_and_slow_connections_closed(server_factory) -> None:
+def test_header_limits_and_slow_connections_closed(server_factory) -> None:
     server = server_factory(token=TOKEN)
     address = ("127.0.0.1", server.port)
     # Slow and silent clients, all at once: nothing, headers a byte every second, a stalled body.
@@ -443,7 +443,7 @@ def check_served(server: Any, task_id: str, name: str) -> tuple[str, str]:
     return hashlib.sha256(reply.content).hexdigest(), reply.headers["X-Checksum-Sha256"]
 
 
-def test_case7_same_name_uploads_keep_file_and_checksum_together(server_factory) -> None:
+def test_same_name_uploads_keep_file_and_checksum_together(server_factory) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     server = server_factory(token=TOKEN)
@@ -470,7 +470,7 @@ def test_case7_same_name_uploads_keep_file_and_checksum_together(server_factory)
 
 
 # -- case 11: nothing of a dead upload stays, and a full disk is 507 -------------------------------
-def test_case11_dead_uploads_are_swept_at_start_and_a_full_disk_is_507(
+def test_dead_uploads_are_swept_at_start_and_a_full_disk_is_507(
         server_factory, small_disk: Path, redis_client) -> None:  # noqa: F811  (the fixture imported above)
     import signal
 
@@ -525,7 +525,7 @@ def test_case11_dead_uploads_are_swept_at_start_and_a_full_disk_is_507(
     assert reply.status_code == 201, reply.text
 
 
-def test_case1_anything_failing_on_the_way_to_the_pool_fails_only_its_task(worker_factory, server_factory) -> None:
+def test_anything_failing_on_the_way_to_the_pool_fails_only_its_task(worker_factory, server_factory) -> None:
     """The safety net behind the limits: a message whose own headers break ``pickle`` on the
     way to the pool (no limit looks at headers) still fails only its task."""
     from tasks import echo
