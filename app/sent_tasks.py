@@ -15,13 +15,17 @@ does not go through that channel (another transport, a publish batch) gets it wr
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
 import redis
 from celery import current_app, signals
+from kombu import Connection
 from kombu import transport as kombu_transports
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
@@ -44,9 +48,42 @@ def _record_ttl_s() -> int:
 class _Pending(threading.local):
     # The record of the task being published by this thread: (task id, key, queue), or None.
     record: tuple[str, str, str] | None = None
+    # What must be written before the next message this thread publishes (written_with_publish).
+    before: Callable[[Any], None] | None = None
 
 
 _pending = _Pending()
+
+
+@functools.lru_cache(maxsize=4)
+def _rides_with_messages(broker_url: str) -> bool:
+    """Whether messages sent to ``broker_url`` go through ``RecordingChannel``."""
+    return issubclass(Connection(broker_url).get_transport_cls(), RecordingTransport | RecordingSentinelTransport)
+
+
+@contextmanager
+def written_with_publish(write: Callable[[Any], None]) -> Iterator[None]:
+    """Have ``write(pipe)`` (Redis commands added to a pipeline) sent in the same round trip
+    as the next message this thread publishes, before it — a record every worker must find
+    once it has the message costs no round trip of its own. Written at once, before the
+    message, where messages do not go through ``RecordingChannel``; written on leaving
+    when nothing was published. A ``write`` that fails fails the publish (the message,
+    sent in the same round trip, may be queued all the same)."""
+    if not _rides_with_messages(str(current_app.conf.broker_url)):
+        pipe = get_redis().pipeline(transaction=False)
+        write(pipe)
+        pipe.execute()
+        yield
+        return
+    _pending.before = write
+    try:
+        yield
+        if _pending.before is not None:  # nothing was published
+            pipe = get_redis().pipeline(transaction=False)
+            write(pipe)
+            pipe.execute()
+    finally:
+        _pending.before = None
 
 
 @signals.before_task_publish.connect
@@ -94,28 +131,38 @@ def _check_written(client: Any, task_id: str, replies: list[Any]) -> None:
 
 
 class RecordingChannel(kombu_redis.Channel):
-    """kombu's Redis channel, writing the ``:sent`` record of the task it publishes in the
-    message's own round trip (after the message: a replica that has the record has it too)."""
+    """kombu's Redis channel, writing in the round trip of the message it publishes what
+    must be written with it: a write that must come first (``written_with_publish``), then
+    the message, then the task's ``:sent`` record (a replica that has the record has the
+    message too)."""
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        record = _pending.record
+        before, record = _pending.before, _pending.record
         headers = message.get("headers") or {}
-        if record is None or kwargs.get("_publish_batch") is not None or record[0] != str(headers.get("id")):
+        if record is not None and record[0] != str(headers.get("id")):
+            record = None
+        if (before is None and record is None) or kwargs.get("_publish_batch") is not None:
             return super()._put(queue, message, **kwargs)  # type: ignore[no-any-return]
-        task_id, key, routing_key = record
         with self.conn_or_acquire() as client:
             pipe = client.pipeline(transaction=False)
+            if before is not None:
+                before(pipe)
+            first = len(pipe)  # the reply of the message
             pipe.lpush(self._q_for_pri(queue, self._get_message_priority(message, reverse=False)), dumps(message))
             if self._expires and queue in self._expires:
                 for priority in self.priority_steps:
                     pipe.pexpire(self._q_for_pri(queue, priority), self._expires[queue])
-            pipe.set(key, routing_key, ex=_record_ttl_s())
+            if record is not None:
+                pipe.set(record[1], record[2], ex=_record_ttl_s())
             add_replica_wait(pipe)
             replies = pipe.execute(raise_on_error=False)  # a lost connection raises: kombu retries
-            if isinstance(replies[0], Exception):
-                raise replies[0]  # the message was not queued: the publish fails as kombu's would
-            _pending.record = None  # written (or its failure logged): not again after the publish
-            _check_written(client, task_id, replies[-2:] if replicated_writes(pipe) else replies[-1:])
+            failed = [reply for reply in replies[:first + 1] if isinstance(reply, Exception)]
+            _pending.before = None  # sent: not again with a later message
+            if failed:
+                raise failed[0]  # the first write or the message failed: so does the publish
+            if record is not None:
+                _pending.record = None  # written (or its failure logged): not again after the publish
+                _check_written(client, record[0], replies[-2:] if replicated_writes(pipe) else replies[-1:])
         return None
 
 

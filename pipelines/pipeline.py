@@ -28,7 +28,7 @@ from celery.canvas import Signature, _chain
 from app.celery import app
 from app.errors import SpecError
 from app.events import utc_now_iso
-from app.redis_client import get_redis
+from app.sent_tasks import written_with_publish
 from pipelines.graph import compile_canvas
 from pipelines.run import PipelineRun
 from pipelines.template import PipelineTemplate, StageTemplate, load_document, load_file, parse_pipeline
@@ -168,8 +168,10 @@ class Pipeline:
                      "run_on": s.run_on, **({"depends_on": list(s.depends_on)} if self.is_graph else {})}
                     for s, t in zip(self.stages, task_ids, strict=True)],
             is_graph=self.is_graph)
-        run.record(get_redis(), int(app.conf.result_expires or 7 * 24 * 3600))
+        ttl_s = int(app.conf.result_expires or 7 * 24 * 3600)
         if isinstance(canvas, _chain) and len(canvas.tasks) == 1:
             canvas = canvas.tasks[0]  # one task: the same message, without the chain's bookkeeping
-        canvas.apply_async()
+        # The record goes out in the first message's round trip, before it (app.sent_tasks).
+        with written_with_publish(lambda pipe: run.record(pipe, ttl_s)):
+            canvas.apply_async()
         return run
