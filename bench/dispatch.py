@@ -163,28 +163,21 @@ def listen_for_starts(url: str, ready: Any, stop: Any, out: Any) -> None:
     out.put(started)
 
 
-def run_meshq(n: int, env: dict[str, str], workdir: Path, results_dir: Path,
-              path: str = "apply_async") -> dict[str, float]:
-    worker_ids = [f"{env['TASK_TOPIC']}-w{i}" for i in range(WORKERS)]
-    worker = Workers([start_worker("app", {**env, "WORKER_ID": worker_id, "RESULTS_DIR": str(results_dir),
-                                           "MESHQ_LOG_FILE": str(workdir / "meshq-worker.log"),
-                                           "LOG_LEVEL": "WARNING"}, workdir / f"{worker_id}.log")
-                      for worker_id in worker_ids])
-    client = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
+def send_meshq_echo(n: int, url: str, path: str = "apply_async") -> tuple[float, list[float]]:
+    """Send ``n`` meshq echo tasks at once (``apply_async``, or the user's Python API:
+    ``Pipeline.from_dict(...).submit()``), then await each: the seconds it took and each task's
+    submit→start delay (its TASK_STARTED event, heard by a listener in its own process)."""
     # spawn, not fork: this process has threads (Celery's) by the second round, and a
     # forked child can inherit one of their locks held.
     context = multiprocessing.get_context("spawn")
     ready, stop_flag, out = context.Event(), context.Event(), context.Queue()
-    listener = context.Process(target=listen_for_starts, args=(env["REDIS_URL"], ready, stop_flag, out))
+    listener = context.Process(target=listen_for_starts, args=(url, ready, stop_flag, out))
     listener.start()
     ready.wait(10)
     try:
-        from app.celery import app
         from pipelines import Pipeline
         from tasks import echo
 
-        while any(client.hget(f"worker:{worker_id}", "status") != "IDLE" for worker_id in worker_ids):
-            time.sleep(0.1)
         submitted: dict[str, float] = {}
         t0 = time.perf_counter()
         if path == "pipeline":  # the user's path: the public Python API, submit then wait
@@ -209,11 +202,25 @@ def run_meshq(n: int, env: dict[str, str], workdir: Path, results_dir: Path,
         time.sleep(0.5)
         stop_flag.set()
         started: dict[str, float] = out.get(timeout=30)
-        starts = [started[tid] - submitted[tid] for tid in submitted if tid in started]
-        assert app is not None
     finally:
         stop_flag.set()
         listener.join(timeout=10)
+    return elapsed, [started[tid] - submitted[tid] for tid in submitted if tid in started]
+
+
+def run_meshq(n: int, env: dict[str, str], workdir: Path, results_dir: Path,
+              path: str = "apply_async") -> dict[str, float]:
+    worker_ids = [f"{env['TASK_TOPIC']}-w{i}" for i in range(WORKERS)]
+    worker = Workers([start_worker("app", {**env, "WORKER_ID": worker_id, "RESULTS_DIR": str(results_dir),
+                                           "MESHQ_LOG_FILE": str(workdir / "meshq-worker.log"),
+                                           "LOG_LEVEL": "WARNING"}, workdir / f"{worker_id}.log")
+                      for worker_id in worker_ids])
+    client = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
+    try:
+        while any(client.hget(f"worker:{worker_id}", "status") != "IDLE" for worker_id in worker_ids):
+            time.sleep(0.1)
+        elapsed, starts = send_meshq_echo(n, env["REDIS_URL"], path)
+    finally:
         stop(worker)
     return {"tasks_per_s": n / elapsed, "p50_ms": percentile(starts, 50) * 1000,
             "p99_ms": percentile(starts, 99) * 1000, "elapsed_s": elapsed}

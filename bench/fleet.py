@@ -22,7 +22,6 @@ Numbers on a shared machine are noisy; the table says what was measured, not a v
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import secrets
 import subprocess
@@ -39,7 +38,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.dispatch import listen_for_starts, percentile  # noqa: E402
+from bench.dispatch import percentile, send_meshq_echo  # noqa: E402
 from cli.embedded_redis import EmbeddedRedis  # noqa: E402
 
 # Tag sets by worker index: a realistic mix, several workers with 4-6 tags.
@@ -163,31 +162,7 @@ def run_load(fleet: Fleet, tasks: int, env: dict[str, str]) -> dict[str, float]:
         starts = [r.get(timeout=600)["started_at"] - submitted[r.id] for r in results]
         elapsed = time.perf_counter() - t0
     else:
-        context = multiprocessing.get_context("spawn")
-        ready, stop_flag, out = context.Event(), context.Event(), context.Queue()
-        listener = context.Process(target=listen_for_starts, args=(env["REDIS_URL"], ready, stop_flag, out))
-        listener.start()
-        ready.wait(10)
-        try:
-            from tasks import echo
-
-            t0 = time.perf_counter()
-            results = []
-            for i in range(tasks):
-                submitted_at = time.time()
-                result = echo.apply_async(args=[{"taskType": "echo", "data": {"i": i}}])
-                submitted[result.id] = submitted_at
-                results.append(result)
-            for result in results:
-                result.get(timeout=600)
-            elapsed = time.perf_counter() - t0
-            time.sleep(0.5)
-            stop_flag.set()
-            started: dict[str, float] = out.get(timeout=30)
-        finally:
-            stop_flag.set()
-            listener.join(timeout=10)
-        starts = [started[t] - submitted[t] for t in submitted if t in started]
+        elapsed, starts = send_meshq_echo(tasks, env["REDIS_URL"])
     return {"tasks_per_s": tasks / elapsed, "p50_ms": percentile(starts, 50) * 1000,
             "p99_ms": percentile(starts, 99) * 1000}
 
