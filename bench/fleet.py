@@ -169,13 +169,13 @@ def run_load(fleet: Fleet, tasks: int, env: dict[str, str]) -> dict[str, float]:
 
 def record_capability_queues() -> list[str]:
     """Record the dozen capability queues (as a submitter would) before the fleet starts."""
-    from tasks.placement import queue_for_spec, record_queue
+    from tasks.placement import queue_for, record_queue, requirement_for
 
     queues = []
     for need in CAPABILITY_NEEDS:
-        spec = {"taskType": "echo", "resources": {"hardware": need}}
-        queue = queue_for_spec(spec)
-        record_queue(queue, spec)
+        requirement = requirement_for({"taskType": "echo", "resources": {"hardware": need}})
+        queue = queue_for(requirement)
+        record_queue(queue, requirement)
         queues.append(queue)
     return queues
 

@@ -17,34 +17,42 @@ as the pipeline id.
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from celery.canvas import Signature
 
 from app.celery import app
+from app.core.capabilities import Requirement
 from app.core.errors import SpecError
 from app.core.events import utc_now_iso
 from app.sent_tasks import written_with_publish
 from pipelines.graph import compile_canvas
 from pipelines.run import PipelineRun
 from pipelines.template import PipelineTemplate, StageTemplate, load_document, load_file, parse_pipeline
-from tasks.placement import queue_for_spec, queue_warning, record_queue
+from tasks.placement import queue_for, queue_warning, record_queue, requirement_for
 from tasks.submit import task_for_type
 
 
-def stage_queue(stage: StageTemplate) -> str:
-    """The queue a stage is first sent to (a ``runOn`` stage is re-pointed at run time):
-    its tags', or the capability queue of its ``resources`` (``tasks.placement``)."""
-    return queue_for_spec(routing_spec(stage))
+@dataclass(frozen=True)
+class StageRoute:
+    """Where a stage is first sent (a ``runOn`` stage is re-pointed at run time): its tags'
+    queue or the capability queue of its ``resources`` (``tasks.placement``), and what it needs."""
+
+    queue: str
+    requirement: Requirement
 
 
-def routing_spec(stage: StageTemplate) -> Any:
-    """What routing reads: the spec parsed at submission (the raw spec where it could not be typed)."""
-    return stage.parsed if stage.parsed is not None else stage.spec
+def stage_route(stage: StageTemplate) -> StageRoute:
+    """From the spec parsed at submission (the raw spec, parsed for its routing fields, where a
+    reference kept it from being typed)."""
+    requirement = requirement_for(stage.parsed if stage.parsed is not None else stage.spec)
+    return StageRoute(queue_for(requirement), requirement)
 
 
 def stage_task(stage: StageTemplate) -> Any:
@@ -60,6 +68,12 @@ class Pipeline:
 
     def __init__(self, template: PipelineTemplate) -> None:
         self.template = template
+
+    @functools.cached_property
+    def routes(self) -> dict[str, StageRoute]:
+        """Each stage's route, worked out once (the canvas, the queue records, the warnings
+        and the pipeline record all read it)."""
+        return {stage.name: stage_route(stage) for stage in self.stages}
 
     # -- loading --------------------------------------------------------------
     @classmethod
@@ -116,7 +130,7 @@ class Pipeline:
         task = stage_task(stage)
         make = task.si if immutable else task.s
         signature: Signature = make(stage.spec, pipeline=self.stage_info(stage, pipeline_id, task_ids))
-        return signature.set(task_id=task_id, queue=stage_queue(stage))
+        return signature.set(task_id=task_id, queue=self.routes[stage.name].queue)
 
     def graph(self, pipeline_id: str | None = None, task_ids: list[str] | None = None) -> Any:
         """The Celery canvas (no broker needed): ``pipelines.graph.compile_canvas`` of the nodes,
@@ -153,15 +167,16 @@ class Pipeline:
         canvas = self.graph(pipeline_id, task_ids)
         warnings = []
         for stage in self.stages:
-            record_queue(stage_queue(stage), routing_spec(stage))
+            route = self.routes[stage.name]
+            record_queue(route.queue, route.requirement)
             if stage.run_on is None:
-                warning = queue_warning(stage_queue(stage), routing_spec(stage))
+                warning = queue_warning(route.queue, route.requirement)
                 if warning:
                     warnings.append(f"{self.template.form.kind} {stage.name!r}: {warning}")
         run = PipelineRun(
             id=pipeline_id, name=self.name, submitted_at=utc_now_iso(), document=self.document,
             warnings=warnings,
-            stages=[{"name": s.name, "task_id": t, "taskType": s.task_type, "queue": stage_queue(s),
+            stages=[{"name": s.name, "task_id": t, "taskType": s.task_type, "queue": self.routes[s.name].queue,
                      "run_on": s.run_on, **({"depends_on": list(s.depends_on)} if self.is_graph else {})}
                     for s, t in zip(self.stages, task_ids, strict=True)],
             is_graph=self.is_graph)

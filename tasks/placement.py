@@ -41,20 +41,26 @@ def requirement_for(spec: BaseTaskSpec | Mapping[str, Any]) -> Requirement:
     return requirement_of(spec) if isinstance(spec, BaseTaskSpec) else requirement_of_raw(spec)
 
 
-def queue_for_spec(spec: BaseTaskSpec | Mapping[str, Any], worker_id: str | None = None) -> str:
-    """The queue ``spec`` is sent to (no I/O): pinned, tags, or capabilities."""
+def queue_for(requirement: Requirement, worker_id: str | None = None) -> str:
+    """The queue a task with ``requirement`` is sent to (no I/O): pinned, tags, or capabilities."""
     topic = get_settings().task_topic
     if worker_id:
         return routing.queue_for_worker(topic, worker_id)
-    return routing.queue_for_requirement(topic, requirement_for(spec))
+    return routing.queue_for_requirement(topic, requirement)
 
 
-def record_queue(queue: str, spec: BaseTaskSpec | Mapping[str, Any], client: redis.Redis | None = None) -> None:
-    """Record a capability queue before anything is sent to it (nothing to do for others)."""
+def queue_for_spec(spec: BaseTaskSpec | Mapping[str, Any], worker_id: str | None = None) -> str:
+    """The queue ``spec`` is sent to (``queue_for`` of its requirement)."""
+    return queue_for(requirement_for(spec), worker_id)
+
+
+def record_queue(queue: str, requirement: Requirement, client: redis.Redis | None = None) -> None:
+    """Record a capability queue before anything is sent to it (nothing to do for others);
+    ``requirement``: what its tasks need (the caller worked it out once for the queue too)."""
     if not routing.is_capability_queue(get_settings().task_topic, queue):
         return
     client = client or get_redis()
-    if client.hsetnx(keys.CAPABILITY_QUEUES, queue, record_entry(requirement_for(spec), utc_now_iso())):
+    if client.hsetnx(keys.CAPABILITY_QUEUES, queue, record_entry(requirement, utc_now_iso())):
         log.info("new capability queue %s: asking the workers that can serve it to consume it", queue)
         try:
             app.control.broadcast(SYNC_QUEUES_COMMAND, reply=False)
@@ -105,11 +111,11 @@ def capability_warning(need: Requirement, queue: str, client: redis.Redis | None
             f"it waits in queue {queue!r} until such a worker starts")
 
 
-def queue_warning(queue: str, spec: BaseTaskSpec | Mapping[str, Any] | None = None) -> str | None:
+def queue_warning(queue: str, requirement: Requirement | None = None) -> str | None:
     """``None`` when a live worker will take tasks from ``queue``, else what to tell the user."""
     try:
-        if spec is not None and routing.is_capability_queue(get_settings().task_topic, queue):
-            return capability_warning(requirement_for(spec), queue)
+        if requirement is not None and routing.is_capability_queue(get_settings().task_topic, queue):
+            return capability_warning(requirement, queue)
         if queue in live_queues(cached=True) or queue in live_queues():
             return None
     except redis.RedisError as exc:

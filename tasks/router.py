@@ -21,7 +21,7 @@ import click
 from app.core.errors import SpecError
 from app.core.routing import is_capability_queue
 from app.core.settings import get_settings
-from tasks.placement import queue_for_spec, queue_warning, record_queue
+from tasks.placement import queue_for, queue_warning, record_queue, requirement_for
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,15 @@ def route_task(name: str, args: Any, kwargs: Any, options: Mapping[str, Any], ta
     if spec is None:
         return None  # not a spec: the worker refuses it with a message naming the problem
     try:
-        queue = queue_for_spec(spec)
+        requirement = requirement_for(spec)  # the spec's one parse on this send
+        queue = queue_for(requirement)
     except SpecError as exc:
         raise for_the_command_line(exc, name) from None
     if is_capability_queue(get_settings().task_topic, queue):
-        record_queue(queue, spec)
+        record_queue(queue, requirement)
     # A served queue is found in the live workers read at most once a second
     # (tasks.placement), so a send stays about as cheap as Celery's own.
-    warning = queue_warning(queue, spec)
+    warning = queue_warning(queue, requirement)
     if warning:
         log.warning("%s: %s", name, warning)
     return {"queue": queue}

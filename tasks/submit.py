@@ -9,7 +9,7 @@ from typing import Any
 from app.celery import app
 from app.core.task_spec import parse_task_spec
 from tasks import definitions  # noqa: F401  (registers every meshq task)
-from tasks.placement import queue_for_spec, queue_warning, record_queue
+from tasks.placement import queue_for, queue_warning, record_queue, requirement_for
 
 
 @dataclass
@@ -29,9 +29,10 @@ def submit_task(raw_spec: Any, *, worker_id: str | None = None, task_id: str | N
                 **options: Any) -> Submission:
     """Validate ``raw_spec`` and enqueue it; raises ``SpecError`` for a bad spec."""
     spec = parse_task_spec(raw_spec)
-    queue = queue_for_spec(spec, worker_id)
+    requirement = requirement_for(spec)
+    queue = queue_for(requirement, worker_id)
     task = task_for_type(spec.taskType)
-    record_queue(queue, spec)
+    record_queue(queue, requirement)
     result = task.apply_async(args=[raw_spec], queue=queue, task_id=task_id, **options)
-    warning = queue_warning(queue, spec)
+    warning = queue_warning(queue, requirement)
     return Submission(result.id, task.name, queue, [warning] if warning else [])
