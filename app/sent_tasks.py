@@ -70,20 +70,23 @@ def written_with_publish(write: Callable[[Any], None]) -> Iterator[None]:
     when nothing was published. A ``write`` that fails fails the publish (the message,
     sent in the same round trip, may be queued all the same)."""
     if not _rides_with_messages(str(current_app.conf.broker_url)):
-        pipe = get_redis().pipeline(transaction=False)
-        write(pipe)
-        pipe.execute()
+        _write_now(write)
         yield
         return
     _pending.before = write
     try:
         yield
         if _pending.before is not None:  # nothing was published
-            pipe = get_redis().pipeline(transaction=False)
-            write(pipe)
-            pipe.execute()
+            _write_now(write)
     finally:
         _pending.before = None
+
+
+def _write_now(write: Callable[[Any], None]) -> None:
+    """``write(pipe)`` in a round trip of its own."""
+    pipe = get_redis().pipeline(transaction=False)
+    write(pipe)
+    pipe.execute()
 
 
 @signals.before_task_publish.connect
