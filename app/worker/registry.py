@@ -140,9 +140,7 @@ class WorkerRegistry:
         fields: dict[Any, Any] = self.static_fields() | {"status": STARTING, "last_seen": now,
                                          "current_task": "", "last_task": ""}
         pipe = self.client.pipeline(transaction=False)
-        pipe.hset(keys.worker_hash(self.worker_id), mapping=fields)
-        pipe.expire(keys.worker_hash(self.worker_id), WORKER_RECORD_TTL_S)
-        pipe.sadd(keys.WORKERS_SET, self.worker_id)
+        self._add_record(pipe, fields)
         pipe.setex(keys.worker_heartbeat(self.worker_id), self.settings.heartbeat_ttl_s, now)
         pipe.publish(keys.WORKERS_CHANNEL, events.worker_event(
             "REGISTER", self.worker_id, status=STARTING, tags=list(self.settings.worker_tags),
@@ -200,14 +198,18 @@ class WorkerRegistry:
     def _restore_record(self, running: list[str]) -> None:
         hkey = keys.worker_hash(self.worker_id)
         pipe = self.client.pipeline(transaction=False)
-        pipe.hset(hkey, mapping=self.static_fields())
+        self._add_record(pipe, self.static_fields())
         # Status is owned by the process running tasks; only restored when Redis lost it.
         pipe.hsetnx(hkey, "status", RUNNING if running else IDLE)
         pipe.hsetnx(hkey, "current_task", running[0] if running else "")
-        pipe.expire(keys.worker_hash(self.worker_id), WORKER_RECORD_TTL_S)
-        pipe.sadd(keys.WORKERS_SET, self.worker_id)
         pipe.execute()
         self._record_expiry_set_at = time.monotonic()
+
+    def _add_record(self, pipe: Any, fields: dict[Any, Any]) -> None:
+        """The worker's hash (``fields``), its expiry and its id in ``workers:ids``."""
+        pipe.hset(keys.worker_hash(self.worker_id), mapping=fields)
+        pipe.expire(keys.worker_hash(self.worker_id), WORKER_RECORD_TTL_S)
+        pipe.sadd(keys.WORKERS_SET, self.worker_id)
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_interval_s):
