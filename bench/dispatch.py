@@ -123,26 +123,31 @@ def run_bare(n: int, env: dict[str, str], workdir: Path) -> dict[str, float]:
     worker = Workers([start_worker("bench.bare_app", env, workdir / f"bare{i}.log", name=f"bare{i}-{secrets.token_hex(2)}")
                       for i in range(WORKERS)])
     try:
-        from bench.bare_app import app, noop
+        from bench.bare_app import app
 
         wait_worker_ready(app)
-        submitted: dict[str, float] = {}
-        t0 = time.perf_counter()
-        results = []
-        for i in range(n):
-            submitted_at = time.time()
-            r = noop.apply_async(args=[{"i": i}])
-            submitted[r.id] = submitted_at
-            results.append(r)
-        starts = []
-        for r in results:
-            value = r.get(timeout=600)
-            starts.append(value["started_at"] - submitted[r.id])
-        elapsed = time.perf_counter() - t0
+        elapsed, starts = send_bare_noop(n)
     finally:
         stop(worker)
     return {"tasks_per_s": n / elapsed, "p50_ms": percentile(starts, 50) * 1000,
             "p99_ms": percentile(starts, 99) * 1000, "elapsed_s": elapsed}
+
+
+def send_bare_noop(n: int) -> tuple[float, list[float]]:
+    """Send ``n`` bare Celery no-op tasks at once, then await each: the seconds it took and each
+    task's submit→start delay (the task returns its start time)."""
+    from bench.bare_app import noop
+
+    submitted: dict[str, float] = {}
+    t0 = time.perf_counter()
+    results = []
+    for i in range(n):
+        submitted_at = time.time()
+        r = noop.apply_async(args=[{"i": i}])
+        submitted[r.id] = submitted_at
+        results.append(r)
+    starts = [r.get(timeout=600)["started_at"] - submitted[r.id] for r in results]
+    return time.perf_counter() - t0, starts
 
 
 def listen_for_starts(url: str, ready: Any, stop: Any, out: Any) -> None:

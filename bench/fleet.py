@@ -38,7 +38,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.dispatch import percentile, send_meshq_echo  # noqa: E402
+from bench.dispatch import percentile, send_bare_noop, send_meshq_echo  # noqa: E402
 from cli.embedded_redis import EmbeddedRedis  # noqa: E402
 
 # Tag sets by worker index: a realistic mix, several workers with 4-6 tags.
@@ -148,19 +148,8 @@ def measure_idle(client: redis.Redis, idle_s: float) -> dict[str, Any]:
 
 def run_load(fleet: Fleet, tasks: int, env: dict[str, str]) -> dict[str, float]:
     """``tasks`` echo tasks (bare: no-op tasks) sent at once, then every result awaited."""
-    submitted: dict[str, float] = {}
     if fleet.kind == "bare":
-        from bench.bare_app import noop
-
-        t0 = time.perf_counter()
-        results = []
-        for i in range(tasks):
-            submitted_at = time.time()
-            result = noop.apply_async(args=[{"i": i}])
-            submitted[result.id] = submitted_at
-            results.append(result)
-        starts = [r.get(timeout=600)["started_at"] - submitted[r.id] for r in results]
-        elapsed = time.perf_counter() - t0
+        elapsed, starts = send_bare_noop(tasks)
     else:
         elapsed, starts = send_meshq_echo(tasks, env["REDIS_URL"])
     return {"tasks_per_s": tasks / elapsed, "p50_ms": percentile(starts, 50) * 1000,
