@@ -21,7 +21,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from kombu.exceptions import OperationalError
 
 from app.core.errors import PipelineError, UnknownIdError
 from app.core.limits import MAX_DOCUMENT_BYTES
@@ -30,6 +29,7 @@ from app.core.settings import Settings
 from pipelines import PipelineRun
 from pipelines.run import cancel_any
 from server.result_store import BadName, ResultStore, checked
+from server.routes.dependencies import BACKEND_ERRORS
 from server.transfer import FileStream
 from server.ui import drawing, views
 from server.ui.session import COOKIE_MAX_AGE_S, COOKIE_NAME, UI_PREFIX, UiSession
@@ -39,7 +39,6 @@ HERE = Path(__file__).parent
 POLL_INTERVAL_MS = 1500
 STATES = ("PENDING", "RUNNING", "SUCCESS", "FAILURE", "CANCELLING", "CANCELLED")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}\Z")
-BACKEND_ERRORS = (redis.RedisError, ConnectionError, OSError, TimeoutError, OperationalError)
 # No script, style or picture from anywhere but this server; no inline script at all;
 # the pages never appear in another site's frame.
 SECURITY_HEADERS = {
