@@ -140,13 +140,14 @@ def ui_router(settings: Settings, store: ResultStore) -> APIRouter:
         if not ID_RE.match(some_id):
             return page(request, "message.html", {"title": "Not found", "message": "Not a pipeline or task id."}, 404)
         try:
-            report = PipelineRun.find(some_id, redis_client()).status()
+            found = PipelineRun.find(some_id, redis_client())
+            report = found.status()
         except (PipelineError, UnknownIdError):
             return page(request, "message.html", {"title": "Not found", "message":
                         f"No pipeline or task {some_id} (unknown, or its records expired)."}, 404)
         except BACKEND_ERRORS as exc:
             return unavailable(request, exc)
-        run = views.pipeline_view(report, store)
+        run = views.pipeline_view(report, found.depends_on(), store)
         return page(request, "pipeline.html", {"title": run["name"] or run["id"], "run": run,
                                                "picture": drawing.graph_picture(run["nodes"])})
 

@@ -183,17 +183,10 @@ def node_view(name: str, stage: dict[str, Any], depends_on: list[str], store: Re
         "running": stage["state"] in RUNNING_STATES}
 
 
-def pipeline_view(report: dict[str, Any], store: ResultStore) -> dict[str, Any]:
-    """The page's model: the run's row fields plus each node, with linear stages chained."""
-    nodes = []
-    previous: str | None = None
-    for name, stage in report["stages"].items():
-        if report.get("graph"):
-            depends_on = list(stage.get("depends_on") or [])
-        else:
-            depends_on = [previous] if previous is not None else []
-        nodes.append(node_view(name, stage, depends_on, store))
-        previous = name
+def pipeline_view(report: dict[str, Any], depends_on: dict[str, list[str]], store: ResultStore) -> dict[str, Any]:
+    """The page's model: the run's row fields plus each node, drawn after what it waits for
+    (``PipelineRun.depends_on``: a linear stage waits for the one before it)."""
+    nodes = [node_view(name, stage, depends_on.get(name, []), store) for name, stage in report["stages"].items()]
     return {**pipeline_row(report, time.time()), "graph": bool(report.get("graph")), "nodes": nodes,
             "final": report["state"] in FINAL_PIPELINE_STATES,
             "failed_stage": report.get("failed_stage"),
