@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import typing
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AliasChoices,
@@ -306,6 +306,9 @@ class TrainingData(Strict):
     def _spellings(cls, data: Any) -> Any:
         return one_spelling(data, "name", "config_name")
 
+    # What a task type does not train on: {a source field: why, naming what it takes instead}.
+    refused_sources: ClassVar[dict[str, str]] = {}
+
     @model_validator(mode="after")
     def _source(self) -> TrainingData:
         sources = [name for name in ("prompts", "preferences", "jsonl", "path", "url", "dataset_name")
@@ -315,28 +318,27 @@ class TrainingData(Strict):
                              "or dataset_name")
         if len(sources) > 1:
             raise ValueError(f"{sources[1]}: give one data source, not {' and '.join(sources)}")
+        refused = next((name for name in self.refused_sources if getattr(self, name)), None)
+        if refused is not None:
+            raise ValueError(f"{refused}: {self.refused_sources[refused]}")
         return self
 
 
 class SftData(TrainingData):
     """What ``sft`` and ``lora_sft`` train on: prompts (or prompt/response pairs), a table or a jsonl file."""
 
-    @model_validator(mode="after")
-    def _sft_input(self) -> SftData:
-        if self.preferences:
-            raise ValueError("preferences: preference pairs are dpo data; sft and lora_sft train on prompts, "
-                             "a table or a jsonl file")
-        return self
+    refused_sources = {"preferences": "preference pairs are dpo data; sft and lora_sft train on prompts, "
+                                      "a table or a jsonl file"}
 
 
 class DpoData(TrainingData):
     """What ``dpo`` trains on: preference pairs ``{prompt, chosen, rejected}`` (inline, a table or a jsonl file)."""
 
+    refused_sources = {"prompts": "dpo trains on preference pairs {prompt, chosen, rejected}: give "
+                                  "data.preferences, a jsonl file or a table with those columns"}
+
     @model_validator(mode="after")
-    def _dpo_input(self) -> DpoData:
-        if self.prompts:
-            raise ValueError("prompts: dpo trains on preference pairs {prompt, chosen, rejected}: give "
-                             "data.preferences, a jsonl file or a table with those columns")
+    def _no_plain_text(self) -> DpoData:
         if self.text_field or (self.jsonl is not None and self.jsonl.text_field):
             where = "text_field" if self.text_field else "jsonl.text_field"
             raise ValueError(f"{where}: dpo trains on preference pairs, not plain text")
@@ -346,12 +348,8 @@ class DpoData(TrainingData):
 class PpoData(TrainingData):
     """What ``ppo`` generates from: prompts (inline, a table's ``query_column`` or a jsonl ``query_field``)."""
 
-    @model_validator(mode="after")
-    def _ppo_input(self) -> PpoData:
-        if self.preferences:
-            raise ValueError("preferences: ppo generates from prompts: give data.prompts, a jsonl file "
-                             "(query_field) or a table (query_column)")
-        return self
+    refused_sources = {"preferences": "ppo generates from prompts: give data.prompts, a jsonl file "
+                                      "(query_field) or a table (query_column)"}
 
 
 # -- per-task options -------------------------------------------------------------------------
