@@ -14,7 +14,14 @@ from typing import Any, overload
 from pydantic import ValidationError
 
 from app.core.errors import SpecError
-from app.core.task_spec.schema import PROMPTS_IN_SHARDS, REQUIRED_SECTIONS, TASK_SPEC_MODELS, BaseTaskSpec, TaskSpec
+from app.core.task_spec.schema import (
+    PROMPTS_IN_SHARDS,
+    REQUIRED_SECTIONS,
+    TASK_SPEC_MODELS,
+    BaseTaskSpec,
+    TaskSpec,
+    unresolved_member,
+)
 
 
 def _loc_to_path(prefix: str, loc: tuple[Any, ...]) -> str:
@@ -93,8 +100,8 @@ def parse_task_spec(raw: Any, prefix: str = "spec", *, check_data: bool = True,
     ``check_data=False``: the merge of a sharded task, whose prompts went to its shards.
     ``unresolved`` (submission, before the worker resolves ``${...}`` references): tells whether
     a problem at a dotted field path (``data.items``) is a reference's; problems there are left to the
-    worker's parse; when any is left, the spec is typed as far as it can be without them: a
-    ``BaseTaskSpec`` (its ``data`` untyped; ``None`` in the rare spec where that fails too).
+    worker's parse; when any is left, the spec is typed as far as it can be without them: its
+    member's ``unresolved_member`` (``data`` untyped; ``None`` in the rare spec where that fails too).
     ``locate`` names a dotted path in messages (default ``<prefix>.<path>``)."""
     count_parse()
     if not isinstance(raw, dict):
@@ -120,15 +127,18 @@ def parse_task_spec(raw: Any, prefix: str = "spec", *, check_data: bool = True,
 def _typed_around(raw: dict[str, Any], held: list[str], unresolved: Callable[[str], bool],
                   context: dict[str, Any] | None, name: Callable[[str], str], prefix: str) -> BaseTaskSpec | None:
     """The spec typed as far as it can be while the fields at ``held`` wait: those fields are left
-    out (and then any section that fails for want of them), and the base model, whose ``data`` is
-    untyped, runs the checks across sections; a problem it finds elsewhere is raised. Routing
-    reads the result (tags, resources, engine: never left out, as they are never held)."""
+    out (and then any section that fails for want of them), and the member of its type with
+    ``data`` untyped and required sections optional (``unresolved_member``) runs the checks across
+    sections; a problem it finds elsewhere is raised. Routing reads the result's sections (tags,
+    resources, engine: never left out, as they are never held)."""
     rest = copy.deepcopy(raw)
     for _ in range(MAX_LEAVE_OUT_ROUNDS):
         for path in held:
             _leave_out(rest, path)
+        task_type = rest.get("taskType")
+        model = unresolved_member(task_type) if task_type in TASK_SPEC_MODELS else BaseTaskSpec
         try:
-            return BaseTaskSpec.model_validate(rest, context=context)
+            return model.model_validate(rest, context=context)
         except ValidationError as exc:
             messages = error_messages(exc.errors(), "")
         unheld = [(path, msg) for path, msg in messages if not unresolved(path)]
@@ -160,7 +170,7 @@ def _leave_out(spec: dict[str, Any], path: str) -> None:
     if path in ("", "taskType"):
         spec["taskType"] = "echo"
         return
-    if not trail:  # a section the base model does not require (model, data): nothing to remove
+    if not trail:  # an absent field (a missing section: the unresolved member requires none)
         return
     container, key = trail[-1]
     del container[key]
