@@ -65,6 +65,20 @@ def error_messages(errors: Sequence[Any], prefix: str) -> list[tuple[str, str]]:
     return messages
 
 
+# The order a task spec's problems are listed in (the first names the error's field), whichever
+# member of TaskSpec declares each section: placement, model, data, then the task's own settings.
+FIELD_ORDER = ("taskType", "tags", "resources", "enforce_cpu", "sloSeconds", "parallel", "model", "reward_model",
+               "data", "inference", "generation", "postprocess", "training", "lora", "checkpoint", "output", "echo")
+
+
+def in_field_order(exc: ValidationError) -> list[Any]:
+    """A task spec's errors in ``FIELD_ORDER`` of their top-level field (stable within a field)."""
+    def rank(err: Any) -> int:
+        loc = tuple(err["loc"])
+        return FIELD_ORDER.index(loc[0]) if loc and loc[0] in FIELD_ORDER else len(FIELD_ORDER)
+    return sorted(exc.errors(), key=rank)
+
+
 def spec_error_from_messages(messages: Sequence[tuple[str, str]], prefix: str) -> SpecError:
     """One ``SpecError`` naming the first field and listing every problem."""
     if not messages:
@@ -113,7 +127,7 @@ def parse_task_spec(raw: Any, prefix: str = "spec", *, check_data: bool = True,
         # An unknown or missing taskType: the base model names it (and any other problem).
         return (model or BaseTaskSpec).model_validate(raw, context=context)  # type: ignore[return-value]
     except ValidationError as exc:
-        messages = error_messages(exc.errors(), "")
+        messages = error_messages(in_field_order(exc), "")
     held: list[tuple[str, str]] = []
     if unresolved is not None:
         held = [(path, msg) for path, msg in messages if unresolved(path)]
@@ -140,7 +154,7 @@ def _typed_around(raw: dict[str, Any], held: list[str], unresolved: Callable[[st
         try:
             return model.model_validate(rest, context=context)
         except ValidationError as exc:
-            messages = error_messages(exc.errors(), "")
+            messages = error_messages(in_field_order(exc), "")
         unheld = [(path, msg) for path, msg in messages if not unresolved(path)]
         if unheld:
             raise spec_error_from_messages([(name(path), msg) for path, msg in unheld], prefix)
