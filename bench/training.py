@@ -85,12 +85,12 @@ def plain_lora(raw_spec: dict[str, Any], out_json: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
     from transformers.trainer_callback import PrinterCallback
 
-    from app.core.task_spec import parse_task_spec
+    from app.core.task_spec import TrainingTaskSpec, parse_task_spec, spec_as
     from tasks.executors.training import training_arguments
     from tasks.executors.training_data import PaddingCollator, load_examples, tokenize_examples
 
-    spec = parse_task_spec(raw_spec)
-    assert spec.model is not None and spec.training is not None and spec.lora is not None
+    spec = spec_as(parse_task_spec(raw_spec), TrainingTaskSpec)
+    assert spec.training is not None and spec.lora is not None
     started = time.perf_counter()
     device = "cuda" if spec.model.transformers.device_map == "cuda" else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(spec.model.source.identifier)
@@ -119,11 +119,11 @@ def plain_dpo(raw_spec: dict[str, Any], out_json: str) -> None:
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    from app.core.task_spec import parse_task_spec
+    from app.core.task_spec import TrainingTaskSpec, parse_task_spec, spec_as
     from tasks.executors.training import supported_arguments, training_argument_values
 
-    spec = parse_task_spec(raw_spec)
-    assert spec.model is not None and spec.training is not None and spec.lora is not None
+    spec = spec_as(parse_task_spec(raw_spec), TrainingTaskSpec)
+    assert spec.training is not None and spec.lora is not None
     started = time.perf_counter()
     device = "cuda" if spec.model.transformers.device_map == "cuda" else "cpu"
     datasets.disable_progress_bars()

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from app.artifacts.upload import CHECKSUM_HEADER, RUN_HEADER
 from app.core.names import SAFE_NAME_RE
 from app.core.settings import TAG_RE
-from app.core.task_spec import TASK_TYPES, BaseTaskSpec
+from app.core.task_spec import TaskSpec
+from app.core.task_spec.schema import TASK_SPEC_MODELS
 
 MAX_RUN = 999_999_999
 
@@ -76,14 +77,14 @@ def customize_openapi(app: FastAPI, bearer: bool) -> None:
                     for parameter in operation.get("parameters", []):
                         if parameter["in"] == "path" and parameter["name"] in ("task_id", "filename"):
                             parameter["schema"] = {**NAME_SCHEMA, "title": parameter["name"]}
-            # The fields every task type shares; each type's own `data` is checked by app.core.task_spec.
-            spec_schema = BaseTaskSpec.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.setdefault("schemas", {}).update(spec_schema.pop("$defs", {}))
-            # Checked by validators in app.core.task_spec; said here so clients (and fuzzers) know.
-            spec_schema["properties"]["taskType"] = {"type": "string", "enum": list(TASK_TYPES)}
-            spec_schema["properties"]["data"] = {"anyOf": [{"type": "object"}, {"type": "null"}], "title": "Data",
-                                                 "description": "the input of the task, its shape set by taskType"}
-            spec_schema["properties"]["tags"]["items"] = {"type": "string", "pattern": json_schema_pattern(TAG_RE.pattern)}
+            # One schema per task type (its data and sections), chosen by taskType.
+            spec_schema = TypeAdapter(TaskSpec).json_schema(ref_template="#/components/schemas/{model}")
+            members = spec_schema.pop("$defs", {})
+            for name in {model.__name__ for model in TASK_SPEC_MODELS.values()}:
+                # Checked by a validator in app.core.task_spec; said here so clients (and fuzzers) know.
+                members[name]["properties"]["tags"]["items"] = {"type": "string",
+                                                                "pattern": json_schema_pattern(TAG_RE.pattern)}
+            components.setdefault("schemas", {}).update(members)
             components["schemas"]["TaskSpec"] = spec_schema
             body = schema["paths"]["/api/v1/tasks"]["post"]["requestBody"]["content"]["application/json"]
             body["schema"] = {"type": "object", "required": ["spec"], "additionalProperties": False,

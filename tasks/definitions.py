@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from app.celery import app
-from app.core.task_spec import TaskSpec
+from app.core.task_spec import InferenceTaskSpec, TaskSpec, spec_as
 from tasks.base import MeshqTask
 from tasks.executors.shards import PromptRange
 from tasks.merging import run_with_merges
@@ -28,7 +28,7 @@ class InferenceTask(MeshqTask):
 
     def split(self, spec: TaskSpec, raw_spec: Any, out_dir: Path, progress: Any,
               pipeline: dict[str, Any] | None) -> None:
-        split_inference(self, spec, raw_spec, out_dir)  # parallel.max_shards / resources.replicas
+        split_inference(self, spec_as(spec, InferenceTaskSpec), raw_spec, out_dir)  # parallel.max_shards / resources.replicas
 
     def executor_options(self, shard: dict[str, Any] | None) -> dict[str, Any]:
         return {"shard": PromptRange.from_dict(shard), "metadata": shard.get("metadata")} if shard else {}

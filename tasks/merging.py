@@ -48,7 +48,7 @@ from app.core.names import check_name
 from app.core.redaction import redact_secrets
 from app.core.redis_client import get_redis
 from app.core.settings import get_settings
-from app.core.task_spec import InferenceData, TaskSpec, parse_task_spec
+from app.core.task_spec import InferenceData, InferenceTaskSpec, TaskSpec, parse_task_spec
 from app.worker.lease import AlreadyFinished, TaskLease, lease_ttl_s, refresh_leases
 from app.worker.merge_claims import ClaimedMessages, WaitingMessage
 from tasks.executors.inference import MergedPrompts, Prompts, load_prompts
@@ -68,7 +68,7 @@ SCAN_POLL_S = 0.005  # how often the window looks at the queue again
 
 def merge_key(spec: TaskSpec) -> str | None:
     """The tasks that may run in one generation with this one; None: it never merges."""
-    if spec.taskType != "inference" or spec.shards > 1 or spec.parallel is not None:
+    if not isinstance(spec, InferenceTaskSpec) or spec.shards > 1 or spec.parallel is not None:
         return None
     if not isinstance(spec.data, InferenceData) or spec.data.type != "list":
         return None
@@ -81,7 +81,7 @@ class Member:
     """One task of a merged generation."""
 
     task_id: str
-    spec: TaskSpec
+    spec: InferenceTaskSpec
     prompts: Prompts
     message: WaitingMessage | None = None  # None: the leader (Celery acknowledges it)
     request: Any = None
@@ -91,7 +91,8 @@ class Member:
     started_at: str = field(default_factory=utc_now_iso)
 
 
-def follower_spec(message: WaitingMessage, key: str, resolvers: list[Callable[..., Any]]) -> TaskSpec | None:
+def follower_spec(message: WaitingMessage, key: str,
+                  resolvers: list[Callable[..., Any]]) -> InferenceTaskSpec | None:
     """The spec of a waiting message that may join this generation, else None."""
     headers, body = message.headers, message.body
     if headers.get("task") != TASK_NAME or headers.get("eta") or headers.get("redelivered"):
@@ -114,7 +115,7 @@ def follower_spec(message: WaitingMessage, key: str, resolvers: list[Callable[..
         spec = parse_task_spec(raw_spec)
     except (ValueError, LimitExceeded, SpecError, TypeError):
         return None  # it runs alone and fails there, naming what is wrong
-    if merge_key(spec) != key:
+    if not isinstance(spec, InferenceTaskSpec) or merge_key(spec) != key:
         return None
     return spec
 
@@ -127,7 +128,7 @@ def claim_followers(leader: Member, key: str, claims: ClaimedMessages, window_s:
     looked: set[str] = set()
     followers: list[Member] = []
     while budget > 0:
-        chosen: list[tuple[WaitingMessage, TaskSpec, Prompts]] = []
+        chosen: list[tuple[WaitingMessage, InferenceTaskSpec, Prompts]] = []
         for message in claims.waiting(min(4 * max_prompts, 1024)):
             if message.tag in looked:
                 continue
@@ -354,6 +355,8 @@ def run_with_merges(task: Any, executor: Any, spec: TaskSpec, out_dir: Path, pro
     """Run the leader ``task`` together with the waiting tasks it can take; None when merging
     is off or it found none (the caller runs it alone). Raises ``TaskCancelled`` when the
     leader itself was cancelled (the followers are finished first)."""
+    if not isinstance(spec, InferenceTaskSpec):
+        return None
     settings = get_settings()
     key = merge_key(spec)
     queue = (task.request.delivery_info or {}).get("routing_key")

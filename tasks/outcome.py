@@ -16,7 +16,7 @@ from typing import Any
 
 from app.artifacts.manifest import MANIFEST_NAME, RESPONSES_NAME
 from app.core.names import check_name
-from app.core.task_spec import TaskSpec
+from app.core.task_spec import ModelTaskSpec, TaskSpec
 
 WRITTEN_LAST = (RESPONSES_NAME, MANIFEST_NAME)  # written right after this check
 
@@ -27,7 +27,7 @@ def spec_notes(spec: TaskSpec) -> list[str]:
     if destination.type == "local" and destination.path:
         notes.append(f"output.destination.path: {destination.path!r} is informational; the results are in "
                      "this worker's RESULTS_DIR/<task_id>/")
-    if spec.model is not None and spec.model.transformers.low_cpu_mem_usage is False:
+    if isinstance(spec, ModelTaskSpec) and spec.model.transformers.low_cpu_mem_usage is False:
         notes.append("model.transformers.low_cpu_mem_usage: false has no effect; transformers 5 always "
                      "loads weights without an extra full copy in memory")
     if getattr(spec.data, "trust_remote_code", False):

@@ -44,7 +44,7 @@ from app.core import keys
 from app.core.events import utc_now_iso
 from app.core.redis_client import get_redis
 from app.core.settings import get_settings
-from app.core.task_spec import TaskSpec, parse_task_spec
+from app.core.task_spec import InferenceTaskSpec, parse_task_spec, spec_as
 from tasks.base import finish_result, results_root
 from tasks.executors.inference import load_prompts
 from tasks.executors.jsonl_export import write_export
@@ -84,7 +84,7 @@ def read_plan(task_id: str, client: redis.Redis | None = None) -> list[dict[str,
     return json.loads(raw) if raw else None
 
 
-def split_inference(task: Any, spec: TaskSpec, raw_spec: dict[str, Any], out_dir: Path) -> None:
+def split_inference(task: Any, spec: InferenceTaskSpec, raw_spec: dict[str, Any], out_dir: Path) -> None:
     """Replace ``task`` by a chord of shards + merge when its spec asks for shards (else return)."""
     if spec.shards <= 1:
         return
@@ -149,7 +149,8 @@ class InferenceMergeTask(Task):
 
     def run(self, results: list[dict[str, Any]], *, spec: dict[str, Any], task_id: str, started_at: str,
             started_s: float, shuffle_seed: int | None = None, **_: Any) -> dict[str, Any]:
-        parsed = parse_task_spec(spec, check_data=False)  # checked by the task it was split from
+        # Checked by the task it was split from.
+        parsed = spec_as(parse_task_spec(spec, check_data=False), InferenceTaskSpec)
         settings = get_settings()
         out_dir = results_root(settings.results_dir) / task_id
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from app.artifacts.checkpoints import download_file, fetch_checkpoint
 from app.core.data_roots import allowed_path
 from app.core.errors import ArtifactError, SpecError
 from app.core.redaction import redact
-from app.core.task_spec import CheckpointLoad, TaskSpec
+from app.core.task_spec import CheckpointLoad, ModelTaskSpec, TaskSpec
 from app.core.task_spec.schema import AdapterSpec, JsonlSource, TrainingData
 
 ORDER = ("path", "url", "task_id")
@@ -126,14 +126,15 @@ def pick_sources(spec: TaskSpec, out_dir: Path) -> tuple[TaskSpec, SourcesUsed]:
     """``spec`` with every several-source input narrowed to the source that works here."""
     used = SourcesUsed()
     updates: dict[str, Any] = {}
-    load = spec.checkpoint.load if spec.checkpoint is not None else None
-    if load is not None and len(given(load.model_dump())) > 1:
-        narrowed = checkpoint_from_sources(load, "spec.checkpoint.load", out_dir, used)
-        updates["checkpoint"] = spec.checkpoint.model_copy(update={"load": narrowed})  # type: ignore[union-attr]
-    if spec.model is not None and any(len(given(a.model_dump())) > 1 for a in spec.model.adapters):
-        adapters = [_adapter_from_sources(adapter, f"spec.model.adapters[{i}]", out_dir, used)
-                    for i, adapter in enumerate(spec.model.adapters)]
-        updates["model"] = spec.model.model_copy(update={"adapters": adapters})
+    if isinstance(spec, ModelTaskSpec):  # the weights to start from
+        checkpoint = spec.checkpoint
+        if checkpoint is not None and checkpoint.load is not None and len(given(checkpoint.load.model_dump())) > 1:
+            narrowed = checkpoint_from_sources(checkpoint.load, "spec.checkpoint.load", out_dir, used)
+            updates["checkpoint"] = checkpoint.model_copy(update={"load": narrowed})
+        if any(len(given(a.model_dump())) > 1 for a in spec.model.adapters):
+            adapters = [_adapter_from_sources(adapter, f"spec.model.adapters[{i}]", out_dir, used)
+                        for i, adapter in enumerate(spec.model.adapters)]
+            updates["model"] = spec.model.model_copy(update={"adapters": adapters})
     data = spec.data
     if isinstance(data, TrainingData) and data.jsonl is not None and data.jsonl.path and data.jsonl.url:
         narrowed_jsonl = JsonlSource.model_validate(_jsonl_from_sources(data.jsonl.model_dump(exclude_none=True),

@@ -110,6 +110,20 @@ def test_zero3_needs_a_worker_with_deepspeed_and_stages_1_2_route_anywhere() -> 
         assert queue_for_requirement("tasks", requirement_of_raw(sft(**training))) == expected
 
 
+def test_a_raw_spec_waiting_for_references_routes_by_its_sections() -> None:
+    """A plain Celery send whose data (or model) a resolver fills in on the worker is typed as its
+    task type without them: the engine, tensor parallelism and ZeRO-3 still decide the queue."""
+    from app.core.capabilities import requirement_of_raw
+
+    waiting = {"taskType": "inference", "data": "${earlier.result}", "inference": {"backend": "vllm"},
+               "model": {"source": {"identifier": "${earlier.model}"}, "vllm": {"tensor_parallel_size": 2}}}
+    assert queue_for_requirement("tasks", requirement_of_raw(waiting)) == "tasks.need.gpu=2.features=vllm"
+    no_model = {k: v for k, v in waiting.items() if k != "model"}
+    assert queue_for_requirement("tasks", requirement_of_raw(no_model)) == "tasks.need.features=vllm"
+    training = {"taskType": "ppo", "data": "${earlier.result}", "training": {"auto_deepspeed_stage": 3}}
+    assert queue_for_requirement("tasks", requirement_of_raw(training)) == "tasks.need.features=deepspeed"
+
+
 def test_what_a_worker_lacks_is_said() -> None:
     worker = Capabilities.from_hardware({"cpu_count": 2, "memory_total_bytes": 24 * GiB, **T4}, ["cpu"])
     need = requirement_of(parse_task_spec(echo(tags=["gpu"], **hardware(

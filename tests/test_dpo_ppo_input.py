@@ -56,6 +56,14 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str, str]] = [
      "spec.reward_model.type", "'sentiment'"),
     ("packing on dpo", dpo(training={"packing": True}), "spec.training", "packing concatenates sft examples"),
     ("mixed precision on ppo", ppo(training={"bf16": True}), "spec.training", "not implemented for ppo"),
+    # A section of another task type names the types that use it (not "unknown field").
+    ("reward model on dpo", dpo(reward_model={"identifier": "/rm"}), "spec.reward_model",
+     "only allowed for taskType 'ppo', not 'dpo'"),
+    ("inference options on ppo", ppo(inference={"max_new_tokens": 4}), "spec.inference",
+     "only allowed for taskType 'inference', not 'ppo'"),
+    ("lora on sft", {**dpo(), "taskType": "sft", "data": {"prompts": ["q"]}, "lora": {"r": 4}}, "spec.lora",
+     "only allowed for taskType lora_sft, dpo, ppo, not 'sft'"),
+    ("echo options on dpo", dpo(echo={"message": "hi"}), "spec.echo", "only allowed for taskType 'echo', not 'dpo'"),
 ]
 
 
@@ -93,6 +101,20 @@ def test_every_way_in_refuses_them_at_submission(server_factory, redis_url: str,
                                    timeout=120)
         assert submitted.returncode == 2, f"{label}: {submitted.returncode} {submitted.stderr}"
         assert field in submitted.stderr and message in submitted.stderr, f"{label}: {submitted.stderr}"
+
+
+def test_a_misplaced_section_is_named_while_other_fields_wait_for_references() -> None:
+    """A stage whose data is an earlier stage's result (typed once resolved, on the worker) still
+    has a section of another task type refused at submission, with the same message."""
+    from pipelines import Pipeline
+
+    stages = {"stages": [{"name": "greet", "spec": {"taskType": "echo"}},
+                         {"name": "train", "spec": dpo(data={"preferences": "${greet.result.pairs}"},
+                                                       generation={"max_new_tokens": 4})}]}
+    with pytest.raises(SpecError) as caught:
+        Pipeline.from_dict(stages)
+    assert caught.value.field == "spec.stages[1].spec.generation", caught.value
+    assert "only allowed for taskType 'ppo', not 'dpo'" in str(caught.value)
 
 
 BARE_PIPELINE = {"stages": [

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from app.core.errors import SpecError
-from app.core.task_spec import parse_task_spec
+from app.core.task_spec import BaseTaskSpec, parse_task_spec
+from app.core.task_spec.schema import SECTION_TYPES, TASK_SPEC_MODELS
 from app.core.task_spec.sizes import format_size, parse_cpu, parse_size
 from pipelines.template import parse_pipeline
 
@@ -154,6 +155,43 @@ def test_dpo_and_ppo_fields() -> None:
     assert refused({"taskType": "ppo", "model": MODEL, "data": {"prompts": ["q"]}}).field == "spec.reward_model"
     assert refused({"taskType": "sft", "model": MODEL, "data": {"prompts": ["q"]},
                     "training": {"beta": 0.1}}).field == "spec.training"
+
+
+def test_each_task_type_has_exactly_its_sections() -> None:
+    """Each member of TaskSpec declares the shared fields and the sections of its task type(s),
+    nothing more: a section added to the base for one type shows up here."""
+    shared = {"taskType", "tags", "resources", "enforce_cpu", "sloSeconds", "data", "output"}
+    assert set(BaseTaskSpec.model_fields) == shared
+    for task_type, member in TASK_SPEC_MODELS.items():
+        # sft shares its member with lora_sft (the lora section is refused for sft)
+        types = ("sft", "lora_sft") if task_type in ("sft", "lora_sft") else (task_type,)
+        sections = {name for name, users in SECTION_TYPES.items() if set(types) & set(users)}
+        assert set(member.model_fields) == shared | sections, task_type
+    assert set(TASK_SPEC_MODELS["ppo"].model_fields) - shared == {
+        "model", "checkpoint", "training", "lora", "reward_model", "generation"}
+    assert set(TASK_SPEC_MODELS["echo"].model_fields) - shared == {"echo"}
+
+
+@pytest.mark.parametrize(("task_type", "section", "message"), [
+    ("inference", "training", "not allowed for taskType 'inference'"),
+    ("inference", "lora", "only allowed for taskType lora_sft, dpo, ppo, not 'inference'"),
+    ("sft", "lora", "only allowed for taskType lora_sft, dpo, ppo, not 'sft'"),
+    ("sft", "generation", "only allowed for taskType 'ppo', not 'sft'"),
+    ("lora_sft", "parallel", "only allowed for taskType 'inference', not 'lora_sft'"),
+    ("ppo", "postprocess", "only allowed for taskType 'inference', not 'ppo'"),
+    ("inference", "echo", "only allowed for taskType 'echo', not 'inference'"),
+    ("echo", "model", "not allowed for taskType 'echo'"),
+    ("echo", "checkpoint", "not allowed for taskType 'echo'"),
+    ("echo", "training", "not allowed for taskType 'echo'"),
+])
+def test_a_section_of_another_task_type_is_refused_naming_it(task_type: str, section: str, message: str) -> None:
+    raw = {"echo": {"taskType": "echo"}, "inference": inference(),
+           "ppo": {"taskType": "ppo", "model": MODEL, "reward_model": {"identifier": "/rm"},
+                   "data": {"prompts": ["q"]}}}.get(task_type) or {"taskType": task_type, "model": MODEL,
+                                                                    "data": {"prompts": ["q"]}}
+    error = refused({**raw, section: {}})
+    assert (error.field, str(error)) == (f"spec.{section}", f"spec.{section}: {message}")
+    assert parse_task_spec({**raw, section: None}).taskType == task_type  # an empty section is no section
 
 
 @pytest.mark.parametrize(("raw", "field"), [

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.core.engines import DEEPSPEED, VLLM
-from app.core.task_spec.schema import BaseTaskSpec, ResourcesSpec
+from app.core.task_spec.schema import BaseTaskSpec, InferenceTaskSpec, ModelTaskSpec, ResourcesSpec, TrainingTaskSpec
 from app.core.task_spec.sizes import format_size_exact
 from app.core.task_spec.validation import parse_task_spec
 
@@ -128,10 +128,13 @@ def requirement_of(spec: BaseTaskSpec) -> Requirement:
 
 
 def _requirement_of_fields(fields: BaseTaskSpec) -> Requirement:
-    """Tags, hardware, engine and training needs of a parsed task spec."""
-    backend = fields.inference.backend if fields.inference is not None else None
-    vllm = fields.model.vllm if fields.model is not None else None
-    training = fields.training
+    """Tags, hardware, engine and training needs of a parsed task spec (a member of ``TaskSpec``,
+    or its ``unresolved_member``, whose ``model`` may be absent)."""
+    inference = fields.inference if isinstance(fields, InferenceTaskSpec) else None
+    backend = inference.backend if inference is not None else None
+    model = fields.model if isinstance(fields, ModelTaskSpec) else None
+    vllm = model.vllm if model is not None else None
+    training = fields.training if isinstance(fields, TrainingTaskSpec) else None
     features = _engine_features(backend) + _training_features(
         training.deepspeed if training is not None else None,
         training.auto_deepspeed_stage if training is not None else None)

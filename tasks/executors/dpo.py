@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from app.artifacts.checkpoints import download_file
-from app.core.task_spec import TaskSpec, TrainingOptions
+from app.core.task_spec import TrainingOptions, TrainingTaskSpec
 from tasks.executors.preference_data import Preference, load_preferences
 from tasks.executors.training import TrainingExecutor, sample_history, supported_arguments
 
@@ -38,10 +38,10 @@ DPO_METRICS = {"rewards/margins": "reward_margin", "rewards/accuracies": "reward
 class DPOExecutor(TrainingExecutor):
     """DPO on preference pairs; full fine-tuning, or LoRA when the spec has a ``lora`` block."""
 
-    def output_kind(self, spec: TaskSpec) -> str:
+    def output_kind(self, spec: TrainingTaskSpec) -> str:
         return "lora" if spec.lora is not None else "model"
 
-    def load_data(self, spec: TaskSpec, out_dir: Path) -> list[Preference]:
+    def load_data(self, spec: TrainingTaskSpec, out_dir: Path) -> list[Preference]:
         return load_preferences(spec.training_data(), lambda url: str(download_file(url, out_dir / "inputs")))
 
     def prepare_rows(self, data: list[Preference], tokenizer: Any, options: TrainingOptions) -> Any:
@@ -51,15 +51,15 @@ class DPOExecutor(TrainingExecutor):
         return datasets.Dataset.from_list([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
                                            for p in data])
 
-    def make_trainer(self, spec: TaskSpec, model: Any, arguments: dict[str, Any], rows: Any, tokenizer: Any,
+    def make_trainer(self, spec: TrainingTaskSpec, model: Any, arguments: dict[str, Any], rows: Any, tokenizer: Any,
                      callback: Any) -> Any:
         return dpo_trainer(spec, model, arguments, rows, tokenizer, [callback])
 
-    def extra_result(self, spec: TaskSpec, history: list[dict[str, Any]]) -> dict[str, Any]:
+    def extra_result(self, spec: TrainingTaskSpec, history: list[dict[str, Any]]) -> dict[str, Any]:
         return dpo_metrics(spec.training or TrainingOptions(), history)
 
 
-def dpo_trainer(spec: TaskSpec, model: Any, arguments: dict[str, Any], rows: Any, tokenizer: Any,
+def dpo_trainer(spec: TrainingTaskSpec, model: Any, arguments: dict[str, Any], rows: Any, tokenizer: Any,
                 callbacks: list[Any]) -> Any:
     """TRL's ``DPOTrainer`` with meshq's arguments (also ``bench/training.py``'s plain TRL script)."""
     import copy

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.core.task_spec import EchoOptions, TaskSpec
+from app.core.task_spec import EchoOptions, EchoTaskSpec, TaskSpec, spec_as
 from tasks.executors.progress import Progress
 
 
@@ -16,7 +16,8 @@ class EchoExecutor:
     writes_files = False  # its manifest lists responses.json alone
 
     def run(self, spec: TaskSpec, out_dir: Path, progress: Progress) -> dict[str, Any]:
-        options = spec.echo or EchoOptions()
+        echo = spec_as(spec, EchoTaskSpec)
+        options = echo.echo or EchoOptions()
         started = time.monotonic()
         if options.sleep_s > 0:
             step_s = options.sleep_s / options.steps
@@ -24,6 +25,6 @@ class EchoExecutor:
                 progress.check_cancelled(f"at step {step - 1}")
                 time.sleep(step_s)
                 progress(step=step, total_steps=options.steps, force=step == options.steps)
-        return {"echo": {"message": options.message, "data": spec.data},
+        return {"echo": {"message": options.message, "data": echo.data},
                 "runtime_sec": round(time.monotonic() - started, 6)}
 

@@ -38,7 +38,7 @@ from app.artifacts.checkpoints import download_file, fetch_checkpoint
 from app.core.data_roots import allowed_path
 from app.core.engines import vllm_installed
 from app.core.errors import ExecutorError, SpecError
-from app.core.task_spec import CheckpointLoad, InferenceOptions, TaskSpec
+from app.core.task_spec import CheckpointLoad, InferenceOptions, InferenceTaskSpec, TaskSpec, spec_as
 from app.core.task_spec.schema import AdapterSpec
 from tasks.executors.data import column, read_records, sample
 from tasks.executors.jsonl_export import write_export
@@ -200,7 +200,7 @@ def metadata_aliases(columns: dict[str, str] | list[str] | None) -> dict[str, st
     return dict(columns) if isinstance(columns, dict) else {name: name for name in columns}
 
 
-def load_prompts(spec: TaskSpec, out_dir: Path) -> Prompts:
+def load_prompts(spec: InferenceTaskSpec, out_dir: Path) -> Prompts:
     """The prompts of ``spec.data`` (a list, a local file or directory, a cached hub dataset
     or an http(s) URL; ``tasks.executors.data``), sliced, shuffled and cut to ``max_samples``,
     with the ``metadata_columns`` of each row."""
@@ -294,7 +294,7 @@ class BackendChoice:
     required: bool = False                 # inference.backend: vllm (no fallback)
 
 
-def select_backend(spec: TaskSpec, vllm_here: bool) -> BackendChoice:
+def select_backend(spec: InferenceTaskSpec, vllm_here: bool) -> BackendChoice:
     """The engine that runs this task (``vllm_here``: this worker has vLLM).
 
     ``inference.backend: transformers`` and ``vllm`` are what they say (a worker without
@@ -303,7 +303,6 @@ def select_backend(spec: TaskSpec, vllm_here: bool) -> BackendChoice:
     the worker has it, otherwise on transformers with a note, as the original system did;
     a model without that block runs on transformers.
     """
-    assert spec.model is not None
     wanted = spec.inference.backend if spec.inference is not None else "auto"
     if wanted == "vllm":
         if not vllm_here:
@@ -338,8 +337,7 @@ class InferenceExecutor:
         prompts (several tasks' with ``spec``'s settings) instead of the spec's data;
         ``tasks.merging`` splits the result per task."""
         started = time.monotonic()
-        if spec.model is None:
-            raise SpecError("spec.model", "required for taskType 'inference'")
+        spec = spec_as(spec, InferenceTaskSpec)
         options = spec.inference or InferenceOptions()
         data = merged.prompts if merged is not None else load_prompts(spec, out_dir)
         offset = 0
@@ -412,7 +410,7 @@ class InferenceExecutor:
         return self._finish(result, spec, notes, out_dir, shard, progress.run)
 
     @staticmethod
-    def _finish(result: dict[str, Any], spec: TaskSpec, notes: list[str], out_dir: Path,
+    def _finish(result: dict[str, Any], spec: InferenceTaskSpec, notes: list[str], out_dir: Path,
                 shard: PromptRange | None, run: int | None = None) -> dict[str, Any]:
         if shard is not None:
             result["shard"] = shard.as_dict()
@@ -423,14 +421,13 @@ class InferenceExecutor:
             result["notes"] = notes
         return result
 
-    def _run_vllm(self, spec: TaskSpec, options: InferenceOptions, data: Prompts, data_field: str,
+    def _run_vllm(self, spec: InferenceTaskSpec, options: InferenceOptions, data: Prompts, data_field: str,
                   checkpoint: CheckpointDirs, progress: Progress, out_dir: Path, notes: list[str],
                   started: float, offset: int, shard: PromptRange | None,
                   merged: MergedPrompts | None = None) -> dict[str, Any]:
         """The same task (or shard: ``offset`` is its first prompt's index) on vLLM
         (``tasks/executors/vllm_engine.py``): same prompts, same token ids, same decoding and
         stop strings; vLLM batches the requests of each chunk itself."""
-        assert spec.model is not None
         device = engine_device()
         wanted_device = device_map_for(spec)
         if wanted_device != "auto" and wanted_device != device:

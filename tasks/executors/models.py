@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from app.core.data_roots import check_remote_code, under_allowed_roots, under_results
 from app.core.errors import ExecutorError, SpecError
-from app.core.task_spec import ModelSpec, TaskSpec
+from app.core.task_spec import ModelSpec, ModelTaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +161,9 @@ def resolve_device(device_map: str) -> str:
     return device_map
 
 
-def device_map_for(spec: TaskSpec) -> str:
+def device_map_for(spec: ModelTaskSpec) -> str:
     """The spec's device map, or ``cpu`` when ``enforce_cpu`` says to run on CPU even where a
     GPU exists."""
-    assert spec.model is not None
     return "cpu" if spec.enforce_cpu else spec.model.transformers.device_map
 
 

@@ -35,7 +35,7 @@ from typing import Any
 from app.artifacts.checkpoints import download_file
 from app.core.data_roots import check_remote_code, under_results
 from app.core.errors import ExecutorError, SpecError, TaskCancelled
-from app.core.task_spec import TaskSpec, TrainingOptions
+from app.core.task_spec import PpoTaskSpec, TrainingOptions, TrainingTaskSpec, spec_as
 from app.core.task_spec.schema import GenerationOptions, RewardModelSpec
 from tasks.executors import models
 from tasks.executors.divergence import check_loss, check_weights
@@ -133,18 +133,17 @@ class RewardScorer:
 class PPOExecutor(TrainingExecutor):
     """PPO on prompts against a reward model; full fine-tuning, or LoRA with a ``lora`` block."""
 
-    def output_kind(self, spec: TaskSpec) -> str:
+    def output_kind(self, spec: TrainingTaskSpec) -> str:
         return "lora" if spec.lora is not None else "model"
 
-    def train(self, spec: TaskSpec, out_dir: Path, progress: Progress) -> dict[str, Any]:
+    def train(self, spec: TrainingTaskSpec, out_dir: Path, progress: Progress) -> dict[str, Any]:
         import torch
 
         models.release_cached_model()
         started = time.monotonic()
+        spec = spec_as(spec, PpoTaskSpec)
         options = spec.training or TrainingOptions()
         generation = spec.generation or GenerationOptions()
-        if spec.model is None or spec.reward_model is None:  # the spec validator requires both
-            raise SpecError("spec.reward_model", "required for taskType 'ppo'")
         device = self._device(spec, options)
         precision = training_precision(spec, options, device)
         if precision.fp16 or precision.bf16:

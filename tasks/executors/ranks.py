@@ -47,7 +47,7 @@ from typing import Any
 from app.artifacts.manifest import write_json_atomic
 from app.core.engines import deepspeed_installed
 from app.core.errors import ExecutorError, SpecError, TaskCancelled
-from app.core.task_spec import TaskSpec, TrainingOptions
+from app.core.task_spec import BaseTaskSpec, TrainingOptions
 from tasks.executors.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ class RankProgress(Progress):
 
 
 # -- the pool process's side ---------------------------------------------------------------
-def run_ranks(spec: TaskSpec, out_dir: Path, progress: Progress, plan: RankPlan) -> dict[str, Any]:
+def run_ranks(spec: BaseTaskSpec, out_dir: Path, progress: Progress, plan: RankPlan) -> dict[str, Any]:
     """Run ``spec`` as ``plan.world_size`` ranks; return rank 0's result (``TaskCancelled`` when
     the task was cancelled, the first failing rank's error when one failed)."""
     files = RankFiles(out_dir / ".meshq" / f"ranks-{progress.run or 0}")

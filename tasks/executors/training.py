@@ -60,7 +60,7 @@ from app.artifacts.checkpoints import checkpoint_kind, download_file, fetch_chec
 from app.artifacts.run_record import fenced, staging_dir
 from app.core.errors import ExecutorError, SpecError, TaskCancelled
 from app.core.settings import get_settings
-from app.core.task_spec import LoraOptions, TaskSpec, TrainingOptions
+from app.core.task_spec import LoraOptions, TaskSpec, TrainingOptions, TrainingTaskSpec, spec_as
 from tasks.executors import models
 from tasks.executors.divergence import check_weights
 from tasks.executors.failed_training import checkpoints_discarded_on_failure
@@ -128,11 +128,10 @@ class Precision:
         return "bf16" if self.bf16 else "fp16" if self.fp16 else self.master_dtype
 
 
-def training_precision(spec: TaskSpec, options: TrainingOptions, device: str) -> Precision:
+def training_precision(spec: TrainingTaskSpec, options: TrainingOptions, device: str) -> Precision:
     """Weights dtype and mixed precision for this run. float16 *weights* (``model.config.fp16``,
     or ``transformers.dtype: float16`` on CPU) are never trained as such: Adam's small updates
     vanish in float16, and CPU kernels for it are slow or missing."""
-    assert spec.model is not None
     if options.bf16 and options.fp16:
         raise SpecError("spec.training.bf16", "choose bf16 or fp16, not both")
     if options.fp16 and device != "cuda":
@@ -227,15 +226,15 @@ class TrainingExecutor:
 
     kind = "model"  # final_<kind>/ and final_<kind>_* result fields
 
-    def output_kind(self, spec: TaskSpec) -> str:
+    def output_kind(self, spec: TrainingTaskSpec) -> str:
         """``model`` (every weight trains, ``final_model/``) or ``lora`` (an adapter, ``final_lora/``)."""
         return self.kind
 
     def run(self, spec: TaskSpec, out_dir: Path, progress: Progress) -> dict[str, Any]:
         with checkpoints_discarded_on_failure(spec.taskType, out_dir / CHECKPOINTS_DIRNAME, progress.run):
-            return self.train(spec, out_dir, progress)
+            return self.train(spec_as(spec, TrainingTaskSpec), out_dir, progress)
 
-    def train(self, spec: TaskSpec, out_dir: Path, progress: Progress) -> dict[str, Any]:
+    def train(self, spec: TrainingTaskSpec, out_dir: Path, progress: Progress) -> dict[str, Any]:
         """The training run itself: data, model, steps, final weights and the result."""
         import torch
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -250,8 +249,6 @@ class TrainingExecutor:
         models.release_cached_model()
         started = time.monotonic()
         options = spec.training or TrainingOptions()
-        if spec.model is None:  # the spec validator requires it; this keeps mypy honest
-            raise SpecError("spec.model", "required for training")
         device = self._device(spec, options)
         precision = training_precision(spec, options, device)
         notes = list(precision.notes)
@@ -346,7 +343,7 @@ class TrainingExecutor:
         return training_result(outcome, metrics, details, spec.output.archive_format, out_dir, progress.run)
 
     # -- pieces subclasses share or override ---------------------------------------------
-    def load_data(self, spec: TaskSpec, out_dir: Path) -> Any:
+    def load_data(self, spec: TrainingTaskSpec, out_dir: Path) -> Any:
         """The task's training data, read before any model is loaded (bad data fails fast)."""
         return load_examples(spec.training_data(), lambda url: str(download_file(url, out_dir / "inputs")))
 
@@ -357,7 +354,7 @@ class TrainingExecutor:
             rows = pack_rows(rows, options.max_seq_length)
         return rows
 
-    def make_trainer(self, spec: TaskSpec, model: Any, arguments: dict[str, Any], rows: Any, tokenizer: Any,
+    def make_trainer(self, spec: TrainingTaskSpec, model: Any, arguments: dict[str, Any], rows: Any, tokenizer: Any,
                      callback: Any) -> Any:
         """The ``Trainer`` (or a subclass of it, such as TRL's) that runs the steps."""
         from transformers import Trainer, TrainingArguments
@@ -366,18 +363,17 @@ class TrainingExecutor:
                        train_dataset=rows, data_collator=PaddingCollator(tokenizer.pad_token_id),
                        processing_class=tokenizer, callbacks=[callback])
 
-    def extra_result(self, spec: TaskSpec, history: list[dict[str, Any]]) -> dict[str, Any]:
+    def extra_result(self, spec: TrainingTaskSpec, history: list[dict[str, Any]]) -> dict[str, Any]:
         """Result fields of this task type beyond the shared ones (the trainer's own metrics)."""
         return {}
 
     @staticmethod
-    def _device(spec: TaskSpec, options: TrainingOptions) -> str:
+    def _device(spec: TrainingTaskSpec, options: TrainingOptions) -> str:
         return models.training_device(models.device_map_for(spec))
 
-    def load_starting_point(self, spec: TaskSpec, out_dir: Path) -> tuple[Path, Path | None, str | None, Any]:
+    def load_starting_point(self, spec: TrainingTaskSpec, out_dir: Path) -> tuple[Path, Path | None, str | None, Any]:
         """The base model's directory, the ``checkpoint.load`` weights to start from (directory and
         kind, or None) and the tokenizer: the checkpoint's own when it has one, else the base's."""
-        assert spec.model is not None  # training specs require a model (validated at submission)
         base_dir = models.resolve_model_dir(spec.model.source.identifier, spec.model.source.revision)
         init_dir, init_kind = self._initial_checkpoint(spec, out_dir)
         tokenizer_dir = init_dir if init_dir is not None and models.has_tokenizer(init_dir) else base_dir
@@ -388,7 +384,7 @@ class TrainingExecutor:
         return base_dir, init_dir, init_kind, tokenizer
 
     @staticmethod
-    def _initial_checkpoint(spec: TaskSpec, out_dir: Path) -> tuple[Path | None, str | None]:
+    def _initial_checkpoint(spec: TrainingTaskSpec, out_dir: Path) -> tuple[Path | None, str | None]:
         load = spec.checkpoint.load if spec.checkpoint else None
         if load is None:
             return None, None
@@ -396,19 +392,18 @@ class TrainingExecutor:
         return directory, checkpoint_kind(directory)
 
     @staticmethod
-    def load_causal_lm(directory: Path, spec: TaskSpec, field: str, dtype: str) -> Any:
-        assert spec.model is not None
+    def load_causal_lm(directory: Path, spec: TrainingTaskSpec, field: str, dtype: str) -> Any:
         # Master weights in ``dtype`` (training_precision); the device is the Trainer's choice.
         return models.load_causal_lm(directory, dtype, spec.model.transformers.trust_remote_code, field)
 
-    def build_model(self, spec: TaskSpec, base_dir: Path, init_dir: Path | None, init_kind: str | None,
+    def build_model(self, spec: TrainingTaskSpec, base_dir: Path, init_dir: Path | None, init_kind: str | None,
                     options: TrainingOptions, dtype: str) -> Any:
         """The model to train: all its weights (``model``) or a LoRA adapter on it (``lora``)."""
         if self.output_kind(spec) == "lora":
             return self.build_lora_model(spec, base_dir, init_dir, init_kind, options, dtype)
         return self.build_full_model(spec, base_dir, init_dir, init_kind, dtype)
 
-    def build_full_model(self, spec: TaskSpec, base_dir: Path, init_dir: Path | None, init_kind: str | None,
+    def build_full_model(self, spec: TrainingTaskSpec, base_dir: Path, init_dir: Path | None, init_kind: str | None,
                          dtype: str) -> Any:
         """Full fine-tuning: the base model, a full checkpoint, or the base with an adapter merged in."""
         if init_kind == "model" and init_dir is not None:
@@ -421,7 +416,7 @@ class TrainingExecutor:
             model.requires_grad_(True)  # peft froze the base weights; full fine-tuning trains them all
         return model
 
-    def build_lora_model(self, spec: TaskSpec, base_dir: Path, init_dir: Path | None, init_kind: str | None,
+    def build_lora_model(self, spec: TrainingTaskSpec, base_dir: Path, init_dir: Path | None, init_kind: str | None,
                          options: TrainingOptions, dtype: str) -> Any:
         """A new LoRA adapter (``spec.lora``) on the base or a full checkpoint, or an earlier adapter
         trained further."""

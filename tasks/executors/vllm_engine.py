@@ -36,7 +36,7 @@ from typing import Any
 
 from app.core.data_roots import check_remote_code, under_results
 from app.core.errors import ExecutorError, SpecError
-from app.core.task_spec import InferenceOptions, TaskSpec
+from app.core.task_spec import InferenceOptions, InferenceTaskSpec
 from tasks.executors.models import (
     CHECKPOINT_FIELD,
     IDENTIFIER_FIELD,
@@ -165,9 +165,8 @@ class VllmEngineCache:
         self.stats = EngineStats()
         register_cache(self)
 
-    def key_for(self, spec: TaskSpec, *, model_dir: Path | None, adapter_dir: Path | None) -> EngineKey:
+    def key_for(self, spec: InferenceTaskSpec, *, model_dir: Path | None, adapter_dir: Path | None) -> EngineKey:
         """Validate the spec's paths and build the key (cheap: nothing is loaded)."""
-        assert spec.model is not None
         options = spec.model.transformers
         vllm_options = spec.model.vllm
         base_dir = resolve_model_dir(spec.model.source.identifier, spec.model.source.revision)

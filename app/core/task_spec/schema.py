@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import typing
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     AliasChoices,
@@ -24,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -646,29 +647,61 @@ class ParallelSpec(Strict):
 
 
 # -- the task ---------------------------------------------------------------------------------
-class BaseTaskSpec(Strict):
-    """What every task type shares; each member of ``TaskSpec`` narrows ``taskType`` and types its ``data``.
+# The sections not every task type has, and the types whose member of ``TaskSpec`` declares each;
+# a section given to another type is refused naming them (``BaseTaskSpec._misplaced_sections``),
+# the first in this order. ``sft`` shares its member with ``lora_sft`` but has no ``lora``.
+SECTION_TYPES: dict[str, tuple[str, ...]] = {
+    "training": TRAINING_TYPES,
+    "lora": LORA_TYPES,
+    "echo": ("echo",),
+    "inference": ("inference",),
+    "postprocess": ("inference",),
+    "parallel": ("inference",),
+    "reward_model": ("ppo",),
+    "generation": ("ppo",),
+    "model": ("inference", *TRAINING_TYPES),
+    "checkpoint": ("inference", *TRAINING_TYPES),
+}
 
-    The sections a type does not use stay here as optional fields so that a misplaced one is
-    refused with a message naming the type that uses it (``_sections``), not as unknown."""
+
+def misplaced_section_message(name: str, task_type: str) -> str:
+    """Why ``name`` is refused for ``task_type``: the type(s) that use it where they are few."""
+    users = SECTION_TYPES[name]
+    if len(users) == 1:
+        return f"{name}: only allowed for taskType {users[0]!r}, not {task_type!r}"
+    if name == "lora":
+        return f"lora: only allowed for taskType {', '.join(users)}, not {task_type!r}"
+    return f"{name}: not allowed for taskType {task_type!r}"
+
+
+class BaseTaskSpec(Strict):
+    """What every task type shares; each member of ``TaskSpec`` narrows ``taskType``, types its
+    ``data`` and declares the sections its type uses (``SECTION_TYPES``)."""
 
     taskType: str
     tags: list[str] = Field(default_factory=list)
     resources: ResourcesSpec | None = None
     enforce_cpu: bool = False
     sloSeconds: float | None = Field(default=None, gt=0)
-    parallel: ParallelSpec | None = None
-    model: ModelSpec | None = None
-    reward_model: RewardModelSpec | None = None
     data: Any = None  # typed by each member of TaskSpec
-    inference: InferenceOptions | None = None
-    generation: GenerationOptions | None = None
-    postprocess: PostprocessSpec | None = None
-    training: TrainingOptions | None = None
-    lora: LoraOptions | None = None
-    checkpoint: CheckpointSpec | None = None
     output: OutputSpec = Field(default_factory=OutputSpec)
-    echo: EchoOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _misplaced_sections(cls, data: Any) -> Any:
+        """A section of another task type is refused naming the types that use it, not as an
+        unknown field; an empty one (``lora: null``) is dropped. With a ``taskType`` that names no
+        type the sections cannot be judged: they are dropped and the type is the one error."""
+        if not isinstance(data, dict):
+            return data
+        kind = data.get("taskType")
+        if not (isinstance(kind, str) and kind in TASK_TYPES):
+            return {key: value for key, value in data.items() if key not in SECTION_TYPES}
+        misplaced = [name for name, users in SECTION_TYPES.items() if name in data and kind not in users]
+        for name in misplaced:
+            if data[name] is not None:
+                raise ValueError(misplaced_section_message(name, kind))
+        return {key: value for key, value in data.items() if key not in misplaced}
 
     @field_validator("taskType")
     @classmethod
@@ -687,54 +720,6 @@ class BaseTaskSpec(Strict):
                 raise ValueError(f"tag {tag!r} is not 1-32 characters of [A-Za-z0-9_-]")
         return sorted(set(value))
 
-    @model_validator(mode="after")
-    def _sections(self) -> BaseTaskSpec:
-        kind = self.taskType
-        if kind == "inference" and (self.training is not None or self.lora is not None):
-            raise ValueError("training: not allowed for taskType 'inference'")
-        if kind not in LORA_TYPES and self.lora is not None:
-            raise ValueError(f"lora: only allowed for taskType {', '.join(LORA_TYPES)}, not {kind!r}")
-        if kind != "echo" and self.echo is not None:
-            raise ValueError(f"echo: only allowed for taskType 'echo', not {kind!r}")
-        if kind != "inference":
-            for name in ("inference", "postprocess", "parallel"):
-                if getattr(self, name) is not None:
-                    raise ValueError(f"{name}: only allowed for taskType 'inference', not {kind!r}")
-        if kind != "ppo":
-            for name in ("reward_model", "generation"):
-                if getattr(self, name) is not None:
-                    raise ValueError(f"{name}: only allowed for taskType 'ppo', not {kind!r}")
-        if self.training is not None:
-            given = self.training.model_fields_set
-            if kind in ("dpo", "ppo") and self.training.packing:
-                raise ValueError(f"training: packing concatenates sft examples; it has no meaning for {kind!r}")
-            if kind == "ppo" and (self.training.bf16 or self.training.fp16):
-                raise ValueError("training: bf16/fp16 mixed precision is not implemented for ppo "
-                                 "(it trains in the weights' dtype, model.transformers.dtype)")
-            if kind != "dpo" and "beta" in given:
-                raise ValueError(f"training: beta is a dpo setting, not for taskType {kind!r}")
-            ppo_only = [name for name in PPO_TRAINING_FIELDS if name in given]
-            if kind != "ppo" and ppo_only:
-                raise ValueError(f"training: {ppo_only[0]} is a ppo setting, not for taskType {kind!r}")
-        if self.model is not None and self.model.adapters and kind != "inference":
-            raise ValueError(f"model: adapters are applied at inference; for taskType {kind!r} "
-                             "use checkpoint.load")
-        if self.enforce_cpu and self.model is not None and self.model.transformers.device_map == "cuda":
-            raise ValueError("enforce_cpu: true, but model.transformers.device_map is 'cuda'; give one")
-        if self.model is not None and self.model.adapters and self.checkpoint and self.checkpoint.load:
-            raise ValueError("model: adapters and checkpoint.load both name weights to start from; give one")
-        remote_code = self.model is not None and (
-            self.model.transformers.trust_remote_code or bool(self.model.vllm and self.model.vllm.trust_remote_code))
-        if remote_code and self._downloads_weights():
-            raise ValueError("model: trust_remote_code is never allowed with weights downloaded from a URL or "
-                             "the orchestrator (checkpoint.load, model.adapters): their code would run on the worker")
-        return self
-
-    def _downloads_weights(self) -> bool:
-        load = self.checkpoint.load if self.checkpoint else None
-        adapters = self.model.adapters if self.model else []
-        return (load is not None and load.type == "http") or any(not a.path for a in adapters)
-
     # ``data`` as the type the caller reads (parsed once, with the spec; no copy, no check again).
     def inference_data(self) -> InferenceData:
         if not isinstance(self.data, InferenceData):
@@ -748,41 +733,99 @@ class BaseTaskSpec(Strict):
 
     @property
     def shards(self) -> int:
-        """How many workers may share this task: ``parallel.max_shards`` when enabled,
-        else ``resources.replicas`` (1: none)."""
-        if self.parallel is not None and self.parallel.enabled:
-            return self.parallel.max_shards
+        """How many workers may share this task: ``resources.replicas`` (1: none)."""
         return self.resources.replicas if self.resources is not None else 1
 
 
-class InferenceTaskSpec(BaseTaskSpec):
-    taskType: Literal["inference"]
+class ModelTaskSpec(BaseTaskSpec):
+    """A task that loads a model: inference and every training type."""
+
     model: ModelSpec
+    checkpoint: CheckpointSpec | None = None
+
+    @model_validator(mode="after")
+    def _across_sections(self) -> ModelTaskSpec:
+        self._type_checks()
+        model = self.model  # None only in a spec typed around unresolved references (``unresolved_member``)
+        if model is None:
+            return self
+        if self.enforce_cpu and model.transformers.device_map == "cuda":
+            raise ValueError("enforce_cpu: true, but model.transformers.device_map is 'cuda'; give one")
+        load = self.checkpoint.load if self.checkpoint else None
+        if model.adapters and load is not None:
+            raise ValueError("model: adapters and checkpoint.load both name weights to start from; give one")
+        remote_code = model.transformers.trust_remote_code or bool(model.vllm and model.vllm.trust_remote_code)
+        downloads = (load is not None and load.type == "http") or any(not a.path for a in model.adapters)
+        if remote_code and downloads:
+            raise ValueError("model: trust_remote_code is never allowed with weights downloaded from a URL or "
+                             "the orchestrator (checkpoint.load, model.adapters): their code would run on the worker")
+        return self
+
+    def _type_checks(self) -> None:
+        """The checks of one kind of task, before those across its model sections."""
+
+
+class InferenceTaskSpec(ModelTaskSpec):
+    taskType: Literal["inference"]
     data: InferenceData
+    inference: InferenceOptions | None = None
+    postprocess: PostprocessSpec | None = None
+    parallel: ParallelSpec | None = None
+
+    @property
+    def shards(self) -> int:
+        """``parallel.max_shards`` when enabled, else ``resources.replicas`` (1: none)."""
+        if self.parallel is not None and self.parallel.enabled:
+            return self.parallel.max_shards
+        return super().shards
+
+
+class TrainingTaskSpec(ModelTaskSpec):
+    """A task that trains a model (``TRAINING_TYPES``)."""
+
+    training: TrainingOptions | None = None
+    lora: LoraOptions | None = None
+
+    def _type_checks(self) -> None:
+        kind = self.taskType
+        if self.training is not None:
+            given = self.training.model_fields_set
+            if kind in ("dpo", "ppo") and self.training.packing:
+                raise ValueError(f"training: packing concatenates sft examples; it has no meaning for {kind!r}")
+            if kind == "ppo" and (self.training.bf16 or self.training.fp16):
+                raise ValueError("training: bf16/fp16 mixed precision is not implemented for ppo "
+                                 "(it trains in the weights' dtype, model.transformers.dtype)")
+            if kind != "dpo" and "beta" in given:
+                raise ValueError(f"training: beta is a dpo setting, not for taskType {kind!r}")
+            ppo_only = [name for name in PPO_TRAINING_FIELDS if name in given]
+            if kind != "ppo" and ppo_only:
+                raise ValueError(f"training: {ppo_only[0]} is a ppo setting, not for taskType {kind!r}")
+        if self.model is not None and self.model.adapters:
+            raise ValueError(f"model: adapters are applied at inference; for taskType {kind!r} "
+                             "use checkpoint.load")
 
 
 class EchoTaskSpec(BaseTaskSpec):
     taskType: Literal["echo"]
     data: dict[str, Any] | None = None  # echoed back as given
+    echo: EchoOptions | None = None
 
 
-class SftTaskSpec(BaseTaskSpec):
+class SftTaskSpec(TrainingTaskSpec):
     taskType: Literal["sft", "lora_sft"]
-    model: ModelSpec
     data: SftData
 
 
-class DpoTaskSpec(BaseTaskSpec):
+class DpoTaskSpec(TrainingTaskSpec):
     taskType: Literal["dpo"]
-    model: ModelSpec
     data: DpoData
 
 
-class PpoTaskSpec(BaseTaskSpec):
+class PpoTaskSpec(TrainingTaskSpec):
     taskType: Literal["ppo"]
-    model: ModelSpec
-    reward_model: RewardModelSpec
     data: PpoData
+    reward_model: RewardModelSpec
+    generation: GenerationOptions | None = None
 
 
 # A task spec: one member per task type, chosen by ``taskType`` (``app.core.task_spec.validation.parse_task_spec``).
@@ -798,5 +841,33 @@ TASK_SPEC_MODELS: dict[str, type[BaseTaskSpec]] = {
 }
 # Sections a member of TaskSpec requires (``app.core.task_spec.validation`` names the type in the message).
 REQUIRED_SECTIONS = ("model", "data", "reward_model")
+
+
+@functools.cache
+def unresolved_member(task_type: str) -> type[BaseTaskSpec]:
+    """The member of ``task_type`` as a spec is typed at submission while some fields wait for
+    ``${...}`` references the worker resolves (``validation._typed_around``): a subclass of the
+    member (routing reads its sections through ``isinstance``) whose ``data`` is untyped and whose
+    required sections may be absent; every other field and check is the member's."""
+    member = TASK_SPEC_MODELS[task_type]
+    loosened: dict[str, Any] = {"data": (Any, None)}
+    if issubclass(member, ModelTaskSpec):
+        loosened["model"] = (ModelSpec | None, None)
+    if issubclass(member, PpoTaskSpec):
+        loosened["reward_model"] = (RewardModelSpec | None, None)
+    return create_model(f"Unresolved{member.__name__}", __base__=member, **loosened)
+
+
+SpecT = TypeVar("SpecT", bound=BaseTaskSpec)
+
+
+def spec_as(spec: BaseTaskSpec, member: type[SpecT]) -> SpecT:
+    """``spec`` as the member (or group of members) an executor runs: the task layer sends each
+    task type to its own executor, so anything else is a programming error."""
+    if not isinstance(spec, member):
+        raise TypeError(f"taskType {spec.taskType!r} is not a {member.__name__}")
+    return spec
+
+
 # Validation context: the prompts of a sharded task's merge went to its shards (``data.items`` may be absent).
 PROMPTS_IN_SHARDS = "prompts_in_shards"

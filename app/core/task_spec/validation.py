@@ -14,7 +14,14 @@ from typing import Any, overload
 from pydantic import ValidationError
 
 from app.core.errors import SpecError
-from app.core.task_spec.schema import PROMPTS_IN_SHARDS, REQUIRED_SECTIONS, TASK_SPEC_MODELS, BaseTaskSpec, TaskSpec
+from app.core.task_spec.schema import (
+    PROMPTS_IN_SHARDS,
+    REQUIRED_SECTIONS,
+    TASK_SPEC_MODELS,
+    BaseTaskSpec,
+    TaskSpec,
+    unresolved_member,
+)
 
 
 def _loc_to_path(prefix: str, loc: tuple[Any, ...]) -> str:
@@ -58,6 +65,20 @@ def error_messages(errors: Sequence[Any], prefix: str) -> list[tuple[str, str]]:
     return messages
 
 
+# The order a task spec's problems are listed in (the first names the error's field), whichever
+# member of TaskSpec declares each section: placement, model, data, then the task's own settings.
+FIELD_ORDER = ("taskType", "tags", "resources", "enforce_cpu", "sloSeconds", "parallel", "model", "reward_model",
+               "data", "inference", "generation", "postprocess", "training", "lora", "checkpoint", "output", "echo")
+
+
+def in_field_order(exc: ValidationError) -> list[Any]:
+    """A task spec's errors in ``FIELD_ORDER`` of their top-level field (stable within a field)."""
+    def rank(err: Any) -> int:
+        loc = tuple(err["loc"])
+        return FIELD_ORDER.index(loc[0]) if loc and loc[0] in FIELD_ORDER else len(FIELD_ORDER)
+    return sorted(exc.errors(), key=rank)
+
+
 def spec_error_from_messages(messages: Sequence[tuple[str, str]], prefix: str) -> SpecError:
     """One ``SpecError`` naming the first field and listing every problem."""
     if not messages:
@@ -93,8 +114,8 @@ def parse_task_spec(raw: Any, prefix: str = "spec", *, check_data: bool = True,
     ``check_data=False``: the merge of a sharded task, whose prompts went to its shards.
     ``unresolved`` (submission, before the worker resolves ``${...}`` references): tells whether
     a problem at a dotted field path (``data.items``) is a reference's; problems there are left to the
-    worker's parse; when any is left, the spec is typed as far as it can be without them: a
-    ``BaseTaskSpec`` (its ``data`` untyped; ``None`` in the rare spec where that fails too).
+    worker's parse; when any is left, the spec is typed as far as it can be without them: its
+    member's ``unresolved_member`` (``data`` untyped; ``None`` in the rare spec where that fails too).
     ``locate`` names a dotted path in messages (default ``<prefix>.<path>``)."""
     count_parse()
     if not isinstance(raw, dict):
@@ -106,7 +127,7 @@ def parse_task_spec(raw: Any, prefix: str = "spec", *, check_data: bool = True,
         # An unknown or missing taskType: the base model names it (and any other problem).
         return (model or BaseTaskSpec).model_validate(raw, context=context)  # type: ignore[return-value]
     except ValidationError as exc:
-        messages = error_messages(exc.errors(), "")
+        messages = error_messages(in_field_order(exc), "")
     held: list[tuple[str, str]] = []
     if unresolved is not None:
         held = [(path, msg) for path, msg in messages if unresolved(path)]
@@ -120,17 +141,20 @@ def parse_task_spec(raw: Any, prefix: str = "spec", *, check_data: bool = True,
 def _typed_around(raw: dict[str, Any], held: list[str], unresolved: Callable[[str], bool],
                   context: dict[str, Any] | None, name: Callable[[str], str], prefix: str) -> BaseTaskSpec | None:
     """The spec typed as far as it can be while the fields at ``held`` wait: those fields are left
-    out (and then any section that fails for want of them), and the base model, whose ``data`` is
-    untyped, runs the checks across sections; a problem it finds elsewhere is raised. Routing
-    reads the result (tags, resources, engine: never left out, as they are never held)."""
+    out (and then any section that fails for want of them), and the member of its type with
+    ``data`` untyped and required sections optional (``unresolved_member``) runs the checks across
+    sections; a problem it finds elsewhere is raised. Routing reads the result's sections (tags,
+    resources, engine: never left out, as they are never held)."""
     rest = copy.deepcopy(raw)
     for _ in range(MAX_LEAVE_OUT_ROUNDS):
         for path in held:
             _leave_out(rest, path)
+        task_type = rest.get("taskType")
+        model = unresolved_member(task_type) if task_type in TASK_SPEC_MODELS else BaseTaskSpec
         try:
-            return BaseTaskSpec.model_validate(rest, context=context)
+            return model.model_validate(rest, context=context)
         except ValidationError as exc:
-            messages = error_messages(exc.errors(), "")
+            messages = error_messages(in_field_order(exc), "")
         unheld = [(path, msg) for path, msg in messages if not unresolved(path)]
         if unheld:
             raise spec_error_from_messages([(name(path), msg) for path, msg in unheld], prefix)
@@ -160,7 +184,7 @@ def _leave_out(spec: dict[str, Any], path: str) -> None:
     if path in ("", "taskType"):
         spec["taskType"] = "echo"
         return
-    if not trail:  # a section the base model does not require (model, data): nothing to remove
+    if not trail:  # an absent field (a missing section: the unresolved member requires none)
         return
     container, key = trail[-1]
     del container[key]
