@@ -33,6 +33,7 @@ from kombu.utils.encoding import bytes_to_str
 from app.core.limits import json_bytes
 from app.core.redaction import redact_secrets
 from app.core.redis_client import add_replica_wait, confirm_replicated, replicated_writes
+from app.core.sentinel_master import FailoverConnection
 from app.core.settings import get_settings
 from app.worker.outage import REDIS_OUTAGE_S, RETRY_INTERVAL_S
 
@@ -146,7 +147,12 @@ class RedactingRedisBackend(RedisBackend):
 
 
 class RedactingSentinelBackend(RedactingRedisBackend, SentinelBackend):
-    """``RedactingRedisBackend`` on the master the sentinels name (``REDIS_URL=sentinel://...``)."""
+    """``RedactingRedisBackend`` on the master the sentinels name (``REDIS_URL=sentinel://...``),
+    whose connections go to the master the process last heard of (``app.core.sentinel_master``)."""
+
+    def _get_pool(self, **params: Any) -> Any:
+        params.setdefault("connection_class", FailoverConnection)  # unless TLS chose its own
+        return super()._get_pool(**params)
 
 
 class RedactingRequest(Request):

@@ -32,6 +32,7 @@ from kombu.utils.json import dumps
 
 from app.core import keys
 from app.core.redis_client import StaleMaster, add_replica_wait, confirm_replicated, get_redis, replicated_writes
+from app.core.sentinel_master import FailoverConnection
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,10 @@ class RecordingChannel(kombu_redis.Channel):
 
 
 class RecordingSentinelChannel(RecordingChannel, kombu_redis.SentinelChannel):
-    """``RecordingChannel`` on a master found through Sentinel."""
+    """``RecordingChannel`` on a master found through Sentinel, whose connections go to the
+    master the process last heard of (``app.core.sentinel_master``)."""
+
+    connection_class = FailoverConnection
 
 
 class RecordingTransport(kombu_redis.Transport):

@@ -4,7 +4,8 @@
 client of that server; a ``sentinel://`` URL (``app.core.redis_address``) a client of the
 master the sentinels name, which asks them again whenever its connection fails or the
 server it reaches has become a replica (redis-py's ``SentinelConnectionPool``), so a
-failover needs no restart.
+failover needs no restart; its connections share with the process's others where the master
+is (``app.core.sentinel_master``).
 
 redis-py's connection pool notices a fork and reconnects, so a client created in
 the worker's parent is safe in its pool children too.
@@ -22,6 +23,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from app.core.redis_address import is_sentinel_url, parse_sentinel_url
+from app.core.sentinel_master import FailoverConnection
 from app.core.settings import get_settings
 
 # Short timeouts: a heartbeat must notice a dead Redis quickly and try again later.
@@ -66,8 +68,11 @@ def new_client(url: str, master: str = "", **options: Any) -> redis.Redis:
     # does not answer (paused) already cost its timeout, and is not asked again.
     options.setdefault("retry", Retry(ExponentialBackoff(cap=1.0, base=0.1), FAILOVER_RETRIES,
                                       supported_errors=(redis.ConnectionError,)))
+    # FailoverConnection: once one connection of the process finds the master replaced, the
+    # others go to the new one without waiting out a timeout each (app.core.sentinel_master).
     sentinels = Sentinel(list(address.sentinels), sentinel_kwargs=sentinel_connection_options(),
-                         db=address.db, username=address.username, password=address.password, **options)
+                         db=address.db, username=address.username, password=address.password,
+                         connection_class=FailoverConnection, **options)
     return sentinels.master_for(master)
 
 

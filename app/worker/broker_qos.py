@@ -18,6 +18,13 @@ stored result and is dropped (``tasks/base.py``), as an acknowledgement lost in 
 failover is (docs/RELIABILITY.md, "Redis failover"). Recording a delivery
 (``append``) is tried twice too: the message is already popped from its queue, and
 without that record nothing would ever hand it out again.
+
+The consumer's BRPOP connection is held by the channel, outside the connection pool, so
+nothing checks where it points: after a task that ran through a failover, the next BRPOP
+went to the paused master and waited there for kombu's BRPOP health check (5 s). Before
+the consumer asks for a task, a connection that points at another server than the master
+the process last heard of (``app.core.sentinel_master``) is dropped, and the BRPOP goes to
+the new master.
 """
 
 from __future__ import annotations
@@ -30,11 +37,22 @@ from celery import signals
 from kombu.transport import redis as redis_transport
 from kombu.transport import virtual
 
+from app.core.sentinel_master import points_at_old_master
+
 log = logging.getLogger("meshq.worker")
 
 
 class FailoverQoS(redis_transport.QoS):
     """Kombu's Redis ``QoS``, whose acknowledgements free the consumer even when Redis is away."""
+
+    def can_consume(self) -> bool:
+        if not super().can_consume():
+            return False
+        connection = self._idle_brpop_connection()  # the consumer is about to send its BRPOP
+        if points_at_old_master(connection):
+            log.info("the consumer's connection points at a replaced master: its next BRPOP goes to the new one")
+            connection.disconnect()
+        return True
 
     def append(self, message: Any, delivery_tag: Any) -> None:
         self._twice(lambda: super(FailoverQoS, self).append(message, delivery_tag))
@@ -69,13 +87,18 @@ class FailoverQoS(redis_transport.QoS):
     def _drop_idle_brpop_connection(self) -> None:
         """The consumer's next BRPOP would go to the server that just did not answer, and wait
         there for kombu's BRPOP health check (seconds): on a new connection it goes to the
-        master the sentinels name now. Only when no BRPOP waits for its reply (that reply may
-        hold a message already popped)."""
+        master the sentinels name now."""
+        connection = self._idle_brpop_connection()
+        if connection is not None:
+            connection.disconnect()
+
+    def _idle_brpop_connection(self) -> Any:
+        """The consumer's BRPOP connection, only when no BRPOP waits for its reply (that reply
+        may hold a message already popped: it must be read, not dropped); else ``None``."""
         channel = self.channel
         client = channel.__dict__.get("client")  # only if the channel ever consumed
         connection = getattr(client, "connection", None)
-        if connection is not None and not channel._in_poll:
-            connection.disconnect()
+        return connection if connection is not None and not channel._in_poll else None
 
 
 @signals.worker_init.connect
