@@ -64,7 +64,7 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check cli server pipelines tasks app tests bench tools
-	$(BIN)/mypy cli server pipelines tasks app
+	$(BIN)/mypy cli server pipelines tasks app bench
 	# The direction of imports between layers (contracts in setup.cfg, [importlinter]).
 	$(BIN)/lint-imports
 

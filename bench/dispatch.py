@@ -261,7 +261,7 @@ def main() -> int:
     print(f"bench: Redis {'(private, embedded)' if server else '(given, never flushed)'}, "
           f"queues {os.environ['TASK_TOPIC']} and {os.environ['MESHQ_BENCH_BARE_QUEUE']}", flush=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    rounds: list[tuple[float, dict[str, float], dict[str, float]]] = []
+    rounds: list[dict[str, dict[str, float]]] = []  # per round: each side's row
     results_fs = "?"
     try:
         # All rounds' files are removed at the end: deleting thousands of task

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import psutil
@@ -127,7 +127,7 @@ def timed(action: Callable[[], object], before: Callable[[], None]) -> tuple[flo
     return cached, time.perf_counter() - started
 
 
-def rounds_of(repeat: int, operations: dict[str, tuple[Callable[[], object], Callable[[], None]]]
+def rounds_of(repeat: int, operations: Mapping[str, tuple[Callable[[], object], Callable[[], None]]]
               ) -> dict[str, list[tuple[float, float]]]:
     """``repeat`` rounds, each running every operation once, the order rotating per round.
 

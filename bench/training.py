@@ -98,15 +98,15 @@ def plain_lora(raw_spec: dict[str, Any], out_json: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(spec.model.source.identifier, dtype=torch.float32)
     lora = spec.lora
     set_seed(spec.training.seed)
-    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                             target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                  target_modules=lora.target_modules, task_type="CAUSAL_LM"))
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(model=model, args=training_arguments(spec.training, Path(tmp), device),
+        trainer = Trainer(model=peft_model, args=training_arguments(spec.training, Path(tmp), device),
                           train_dataset=rows, data_collator=PaddingCollator(tokenizer.pad_token_id),  # type: ignore[arg-type]
                           processing_class=tokenizer)
         trainer.remove_callback(PrinterCallback)  # meshq removes it too (one stdout line per step)
         output = trainer.train()
-        model.save_pretrained(Path(tmp) / "final_lora")
+        peft_model.save_pretrained(str(Path(tmp) / "final_lora"))
     write_plain_result(out_json, trainer, output, started)
 
 
