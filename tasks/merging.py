@@ -243,6 +243,7 @@ def start_follower(task: Any, member: Member, client: redis.Redis, owner: str, t
     try:
         member.runs = member.lease.try_acquire(count_run=True)
     except TaskCancelled as exc:
+        member.lease = None  # never taken: a cancelled task's lease script stops before it
         end_cancelled(task, member, str(exc), claims)
         return False
     except AlreadyFinished:  # a duplicate of a finished task: dropped, as base.py drops it
@@ -268,14 +269,24 @@ def finish(member: Member, claims: ClaimedMessages) -> None:
 
 
 def end_cancelled(task: Any, member: Member, reason: str, claims: ClaimedMessages) -> None:
-    """A cancelled follower ends REVOKED (as ``MeshqTask._end_cancelled`` ends a task)."""
+    """A cancelled follower ends REVOKED (as ``MeshqTask._end_cancelled`` ends a task), unless
+    another worker took it over meanwhile: then that run decides its outcome, as for a result."""
     from app.artifacts.manifest import write_task_outputs
+    from app.artifacts.run_record import fenced
     from tasks.base import results_root
 
     out_dir = results_root(get_settings().results_dir) / member.task_id
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_task_outputs(out_dir, {"task_id": member.task_id, "taskType": "inference", "cancelled": True,
-                                 "message": reason, "progress": {}})
+    try:
+        if member.lease is not None:
+            member.lease.check([])  # the fence: LeaseLost when another worker took it over
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with fenced(out_dir, member.runs):  # a late run's cancel never replaces a later run's outputs
+            write_task_outputs(out_dir, {"task_id": member.task_id, "taskType": "inference", "cancelled": True,
+                                         "message": reason, "progress": {}})
+    except LeaseLost as exc:
+        log.warning("%s; its cancellation is not recorded", exc)
+        member.lease = None
+        return  # its message stays unacknowledged: kombu hands it back if nobody finishes it
     task.backend.store_result(member.task_id, {"exc_type": "TaskCancelled", "exc_module": "app.core.errors",
                                                "exc_message": [member.task_id, reason]},
                               states.REVOKED, request=member.request)

@@ -177,3 +177,42 @@ def test_a_worker_killed_mid_batch_loses_no_task_and_runs_none_twice(
         assert item["prompt"] == prompt_of(i) and result["usage"]["completion_tokens"] == 200
     wait_for(lambda: redis_client.hlen("unacked") == 0 and redis_client.llen("tasks") == 0, 30,
              message="every message acknowledged")
+
+
+def test_a_followers_cancellation_is_not_recorded_once_another_worker_took_it_over(
+        redis_client, tmp_path, monkeypatch, tiny_model_dir) -> None:
+    """A follower cancelled while its merged batch ran, whose lease another worker took
+    meanwhile (this one was paused past it): the other worker's run decides the task's outcome,
+    so this worker stores no REVOKED and writes no outputs (as for a follower's result)."""
+    from app.celery import app
+    from app.core import keys
+    from app.core.settings import reset_settings
+    from app.core.task_spec import parse_task_spec
+    from app.worker.lease import TaskLease
+    from app.worker.merge_claims import ClaimedMessages
+    from tasks.executors.inference import load_prompts
+    from tasks.merging import Member, end_cancelled
+
+    monkeypatch.setenv("RESULTS_DIR", str(tmp_path / "results"))
+    reset_settings()
+    try:
+        task = app.tasks["meshq.inference"]
+        task_id = "follower-taken-over"
+        spec = parse_task_spec(one_prompt(tiny_model_dir, prompt_of(1)))
+        lease = TaskLease(redis_client, task_id, "paused-worker", 30,
+                          result_key=task.backend.get_key_for_task(task_id))
+        runs = lease.try_acquire(count_run=True)
+        assert runs == 1
+        # This worker was paused past the lease: another one took the task over as run 2.
+        redis_client.set(keys.task_lease(task_id), "other-worker", ex=30)
+        redis_client.incr(keys.task_runs(task_id))
+        member = Member(task_id, spec, load_prompts(spec, tmp_path), lease=lease, runs=runs)
+
+        end_cancelled(task, member, "cancelled while it ran in a merged batch",
+                      ClaimedMessages(redis_client, "unused-queue"))
+
+        assert task.backend.get_task_meta(task_id)["status"] == "PENDING"  # nothing stored
+        assert not (tmp_path / "results" / task_id).exists()
+        assert redis_client.get(keys.task_lease(task_id)) == "other-worker"  # its lease untouched
+    finally:
+        reset_settings()
