@@ -352,7 +352,15 @@ def complete_follower(task: Any, member: Member, own: dict[str, Any], claims: Cl
 
 
 def fail_follower(task: Any, member: Member, exc: BaseException, claims: ClaimedMessages) -> None:
-    """A follower that failed alone: FAILURE stored, ``task-failed`` sent, message acknowledged."""
+    """A follower that failed alone: FAILURE stored, ``task-failed`` sent, message acknowledged —
+    unless another worker took it over meanwhile (its run decides the outcome)."""
+    try:
+        if member.lease is not None:
+            member.lease.check([])  # the fence: LeaseLost when another worker took it over
+    except LeaseLost as lost:
+        log.warning("%s; its failure (%s) is not recorded", lost, exc)
+        member.lease = None
+        return  # its message stays unacknowledged: kombu hands it back if nobody finishes it
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     task.backend.mark_as_failure(member.task_id, exc, traceback=tb, request=member.request,
                                  call_errbacks=False)

@@ -179,11 +179,12 @@ def test_a_worker_killed_mid_batch_loses_no_task_and_runs_none_twice(
              message="every message acknowledged")
 
 
-def test_a_followers_cancellation_is_not_recorded_once_another_worker_took_it_over(
+def test_a_followers_cancellation_or_failure_is_not_recorded_once_another_worker_took_it_over(
         redis_client, tmp_path, monkeypatch, tiny_model_dir) -> None:
-    """A follower cancelled while its merged batch ran, whose lease another worker took
-    meanwhile (this one was paused past it): the other worker's run decides the task's outcome,
-    so this worker stores no REVOKED and writes no outputs (as for a follower's result)."""
+    """A follower cancelled (or failed alone) while its merged batch ran, whose lease another
+    worker took meanwhile (this one was paused past it): the other worker's run decides the
+    task's outcome, so this worker stores no REVOKED or FAILURE and writes no outputs (as for a
+    follower's result)."""
     from app.celery import app
     from app.core import keys
     from app.core.settings import reset_settings
@@ -191,7 +192,7 @@ def test_a_followers_cancellation_is_not_recorded_once_another_worker_took_it_ov
     from app.worker.lease import TaskLease
     from app.worker.merge_claims import ClaimedMessages
     from tasks.executors.inference import load_prompts
-    from tasks.merging import Member, end_cancelled
+    from tasks.merging import Member, end_cancelled, fail_follower
 
     monkeypatch.setenv("RESULTS_DIR", str(tmp_path / "results"))
     reset_settings()
@@ -206,10 +207,12 @@ def test_a_followers_cancellation_is_not_recorded_once_another_worker_took_it_ov
         # This worker was paused past the lease: another one took the task over as run 2.
         redis_client.set(keys.task_lease(task_id), "other-worker", ex=30)
         redis_client.incr(keys.task_runs(task_id))
-        member = Member(task_id, spec, load_prompts(spec, tmp_path), lease=lease, runs=runs)
-
-        end_cancelled(task, member, "cancelled while it ran in a merged batch",
-                      ClaimedMessages(redis_client, "unused-queue"))
+        prompts = load_prompts(spec, tmp_path)
+        claims = ClaimedMessages(redis_client, "unused-queue")
+        end_cancelled(task, Member(task_id, spec, prompts, lease=lease, runs=runs),
+                      "cancelled while it ran in a merged batch", claims)
+        fail_follower(task, Member(task_id, spec, prompts, lease=lease, runs=runs),
+                      RuntimeError("its prompt failed alone"), claims)
 
         assert task.backend.get_task_meta(task_id)["status"] == "PENDING"  # nothing stored
         assert not (tmp_path / "results" / task_id).exists()
