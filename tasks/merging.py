@@ -268,6 +268,21 @@ def finish(member: Member, claims: ClaimedMessages) -> None:
         claims.ack(member.message)
 
 
+def check_fence(member: Member) -> None:
+    """The fence before a follower's outcome is stored: ``LeaseLost`` when another worker took it
+    over (its lease, or a later run started). A follower cancelled as it joined took no lease."""
+    if member.lease is not None:
+        member.lease.check([])
+
+
+def taken_over(member: Member, lost: LeaseLost, what: str) -> None:
+    """The follower's run decides nothing: ``what`` is not recorded, its lease (the other worker's
+    now) is not released and its message stays unacknowledged, for kombu to hand back if nobody
+    finishes it."""
+    log.warning("%s; %s", lost, what)
+    member.lease = None
+
+
 def end_cancelled(task: Any, member: Member, reason: str, claims: ClaimedMessages) -> None:
     """A cancelled follower ends REVOKED (as ``MeshqTask._end_cancelled`` ends a task), unless
     another worker took it over meanwhile: then that run decides its outcome, as for a result."""
@@ -277,16 +292,14 @@ def end_cancelled(task: Any, member: Member, reason: str, claims: ClaimedMessage
 
     out_dir = results_root(get_settings().results_dir) / member.task_id
     try:
-        if member.lease is not None:
-            member.lease.check([])  # the fence: LeaseLost when another worker took it over
+        check_fence(member)
         out_dir.mkdir(parents=True, exist_ok=True)
         with fenced(out_dir, member.runs):  # a late run's cancel never replaces a later run's outputs
             write_task_outputs(out_dir, {"task_id": member.task_id, "taskType": "inference", "cancelled": True,
                                          "message": reason, "progress": {}})
-    except LeaseLost as exc:
-        log.warning("%s; its cancellation is not recorded", exc)
-        member.lease = None
-        return  # its message stays unacknowledged: kombu hands it back if nobody finishes it
+    except LeaseLost as lost:
+        taken_over(member, lost, "its cancellation is not recorded")
+        return
     task.backend.store_result(member.task_id, {"exc_type": "TaskCancelled", "exc_module": "app.core.errors",
                                                "exc_message": [member.task_id, reason]},
                               states.REVOKED, request=member.request)
@@ -332,13 +345,12 @@ def complete_follower(task: Any, member: Member, own: dict[str, Any], claims: Cl
                   "worker_id": settings.worker_id, "started_at": member.started_at,
                   "finished_at": utc_now_iso(), **own}
         assert member.lease is not None
-        member.lease.check([])  # the fence: LeaseLost when another worker took it over
+        check_fence(member)
         delivered = finish_result(member.task_id, member.spec, out_dir, result,
                                   time.monotonic() - member.started, run=member.runs)
-    except LeaseLost as exc:
-        log.warning("%s; nothing of it is kept", exc)
-        member.lease = None
-        return  # its message stays unacknowledged: kombu hands it back if nobody finishes it
+    except LeaseLost as lost:
+        taken_over(member, lost, "nothing of it is kept")
+        return
     except Exception as exc:
         fail_follower(task, member, exc, claims)
         return
@@ -355,12 +367,10 @@ def fail_follower(task: Any, member: Member, exc: BaseException, claims: Claimed
     """A follower that failed alone: FAILURE stored, ``task-failed`` sent, message acknowledged —
     unless another worker took it over meanwhile (its run decides the outcome)."""
     try:
-        if member.lease is not None:
-            member.lease.check([])  # the fence: LeaseLost when another worker took it over
+        check_fence(member)
     except LeaseLost as lost:
-        log.warning("%s; its failure (%s) is not recorded", lost, exc)
-        member.lease = None
-        return  # its message stays unacknowledged: kombu hands it back if nobody finishes it
+        taken_over(member, lost, f"its failure ({exc}) is not recorded")
+        return
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     task.backend.mark_as_failure(member.task_id, exc, traceback=tb, request=member.request,
                                  call_errbacks=False)
