@@ -43,8 +43,7 @@ class FailoverConnection(SentinelManagedConnection):
     connections where the master is (module docstring)."""
 
     def connect_to(self, address: Any) -> None:
-        if self.connection_pool.is_master:
-            _masters[self._deployment()] = (str(address[0]), int(address[1]))
+        self._remember(address)
         super().connect_to(address)
 
     def connect(self) -> Any:
@@ -68,6 +67,10 @@ class FailoverConnection(SentinelManagedConnection):
             address = self.connection_pool.get_master_address()  # drops this pool's idle ones on a change
         except ConnectionError:
             return  # no master named just now: the next connect asks again
+        self._remember(address)
+
+    def _remember(self, address: Any) -> None:
+        """``address``, named by the sentinels, is the master now (a replica pool's is not)."""
         if self.connection_pool.is_master:
             _masters[self._deployment()] = (str(address[0]), int(address[1]))
 
