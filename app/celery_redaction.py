@@ -121,29 +121,67 @@ class RedactingRedisBackend(RedisBackend):
         # away fails the store at once — ``store_result`` above retries a final state through
         # an outage, and a PROGRESS report is skipped rather than holding the task up.
         client = self.client
-        if state not in states.READY_STATES or not replicated_writes(client):
+        # The worker's task-end commands of a success (app.worker.signals) ride in this round trip.
+        end_in = getattr(request, "meshq_end_in", None) \
+            if state == states.SUCCESS and getattr(request, "id", None) == meta["task_id"] else None
+        replicated = state in states.READY_STATES and replicated_writes(client)
+        if end_in is None and not replicated:
             self._store_script(keys=[key], args=[value, int(expires or 0)], client=client)
             return result
+        pipe = client.pipeline(transaction=False)
+        # EVAL, not the registered script: redis-py asks Redis which scripts it has (SCRIPT EXISTS, a
+        # round trip) before every pipeline holding one, and a NOSCRIPT here would leave the end
+        # commands after it (the lease's release) done without the result stored.
+        pipe.eval(STORE_UNLESS_SUCCESS, 1, key, value, int(expires or 0))
+        if end_in is not None:
+            end_in(pipe)
         # Behind Sentinel a final state waits (bounded) for a replica to have it, so a failover
         # right after does not lose it; one stored on a master that was replaced meanwhile is
         # stored again (StaleMaster, retried by ``store_result``) on the new one.
-        pipe = client.pipeline(transaction=False)
-        self._store_script(keys=[key], args=[value, int(expires or 0)], client=pipe)
-        add_replica_wait(pipe)
-        confirm_replicated(client, pipe.execute()[-1], f"the {state} result of task {meta['task_id']}")
+        if replicated:
+            add_replica_wait(pipe)
+        replies = pipe.execute(raise_on_error=False)
+        if isinstance(replies[0], Exception):  # the store itself failed; the end commands' errors are logged
+            raise replies[0]
+        if replicated:
+            confirm_replicated(client, replies[-1], f"the {state} result of task {meta['task_id']}")
+        if end_in is not None:
+            errors = [reply for reply in replies[1:] if isinstance(reply, Exception)]
+            if errors:
+                log.warning("task %s: its end status was not all recorded: %s", meta["task_id"], errors[0])
+            request.meshq_end_written = True
         return result
 
     def _get_result_meta(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         meta: dict[str, Any] = super()._get_result_meta(*args, **kwargs)
-        limit = get_settings().max_result_bytes
+        request = kwargs.get("request", args[3] if len(args) > 3 else None)
         for field in ("args", "kwargs"):
             if meta.get(field) is not None:
-                value = redact_secrets(meta[field])
-                # Bounded like a result: a sharded task's merge is called with every shard's result.
-                size = json_bytes(value)
-                meta[field] = value if size <= limit else \
-                    f"<{size} bytes, not stored: more than MAX_RESULT_BYTES={limit}>"
+                meta[field] = stored_arguments(request, field, meta[field])
         return meta
+
+
+def stored_arguments(request: Any, field: str, value: Any) -> Any:
+    """``value`` (a request's ``args`` or ``kwargs``) as the result backend stores it: redacted,
+    and past ``MAX_RESULT_BYTES`` (a sharded task's merge is called with every shard's result)
+    a note of its size. ``args`` (the spec) is worked out once per request: its STARTED,
+    PROGRESS and final states all store the same one. ``kwargs`` is not kept: a pipeline
+    stage edits its own ``pipeline`` keyword while it runs (the next stage's routing)."""
+    cache: dict[str, tuple[Any, Any]] | None = getattr(request, "meshq_stored_arguments", None)
+    if cache is not None and field in cache and cache[field][0] is value:
+        return cache[field][1]
+    limit = get_settings().max_result_bytes
+    redacted = redact_secrets(value)
+    size = json_bytes(redacted)
+    stored = redacted if size <= limit else f"<{size} bytes, not stored: more than MAX_RESULT_BYTES={limit}>"
+    if request is not None and field == "args":
+        try:
+            if cache is None:
+                cache = request.meshq_stored_arguments = {}
+            cache[field] = (value, stored)  # the object itself is kept: an identity check, never a stale id
+        except AttributeError:  # a request that takes no attributes: worked out each time
+            pass
+    return stored
 
 
 class RedactingSentinelBackend(RedactingRedisBackend, SentinelBackend):

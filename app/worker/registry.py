@@ -52,6 +52,22 @@ def public_env(settings: Settings) -> dict[str, Any]:
     }
 
 
+def add_status_commands(pipe: Any, worker_id: str, status: str, *, current_task: str = "",
+                        last_task: str | None = None, task_event: str | None = None) -> None:
+    """Add a status change to a pipeline: the hash's changing fields, ``STATUS`` on the
+    workers channel and, if given, a ``tasks.events`` message."""
+    fields: dict[Any, Any] = {"status": status, "current_task": current_task,
+                              "last_seen": events.utc_now_iso()}
+    if last_task is not None:
+        fields["last_task"] = last_task
+    pipe.hset(keys.worker_hash(worker_id), mapping=fields)
+    pipe.publish(keys.WORKERS_CHANNEL, events.worker_event(
+        "STATUS", worker_id, status=status,
+        payload={"current_task": current_task, "last_task": last_task}))
+    if task_event is not None:
+        pipe.publish(keys.TASKS_CHANNEL, task_event)
+
+
 def set_worker_status(worker_id: str, status: str, *, current_task: str = "",
                       last_task: str | None = None, client: redis.Redis | None = None,
                       task_event: str | None = None,
@@ -63,18 +79,10 @@ def set_worker_status(worker_id: str, status: str, *, current_task: str = "",
     more commands to it, whose replies are returned (``None`` if Redis failed).
     """
     client = client or get_redis()
-    fields: dict[Any, Any] = {"status": status, "current_task": current_task,
-                              "last_seen": events.utc_now_iso()}
-    if last_task is not None:
-        fields["last_task"] = last_task
     try:
         pipe = client.pipeline(transaction=False)
-        pipe.hset(keys.worker_hash(worker_id), mapping=fields)
-        pipe.publish(keys.WORKERS_CHANNEL, events.worker_event(
-            "STATUS", worker_id, status=status,
-            payload={"current_task": current_task, "last_task": last_task}))
-        if task_event is not None:
-            pipe.publish(keys.TASKS_CHANNEL, task_event)
+        add_status_commands(pipe, worker_id, status, current_task=current_task, last_task=last_task,
+                            task_event=task_event)
         own = len(pipe)
         if extra is not None:
             extra(pipe)

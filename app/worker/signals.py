@@ -7,6 +7,7 @@ Pool child: mark the worker RUNNING/IDLE and publish task events around each tas
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import time
@@ -27,7 +28,7 @@ from app.worker.capability_queues import CapabilityQueues
 from app.worker.invisibility import MessageKeeper
 from app.worker.lease import lease_ttl_s, record_last_error, refresh_leases
 from app.worker.outage import PUBLISH_RETRY_POLICY, write_with_retry
-from app.worker.registry import IDLE, RUNNING, WorkerRegistry, set_worker_status
+from app.worker.registry import IDLE, RUNNING, WorkerRegistry, add_status_commands, set_worker_status
 from app.worker.status_writer import StatusWriter
 from app.worker.watchdog import StuckTaskWatchdog
 
@@ -180,7 +181,8 @@ def flush_status_writes(**_: Any) -> None:
 
 
 # Start and end of a task each cost one Redis round trip (status + both events +
-# lease); the end's goes out in the background.
+# lease). A success's end rides in the round trip that stores its result; any other
+# end goes out in the background.
 @signals.task_prerun.connect
 def on_task_start(task_id: str, task: Any, **_: Any) -> None:
     worker_id = get_settings().worker_id
@@ -201,6 +203,7 @@ def on_task_start(task_id: str, task: Any, **_: Any) -> None:
     replies = set_worker_status(
         worker_id, RUNNING, current_task=task_id, task_event=started if lease is None else None,
         extra=acquire if lease is not None else None)
+    task.request.meshq_end_in = functools.partial(_add_success_end, task_id, task)
     if lease is not None and replies and not isinstance(replies[0], Exception) and _replicated(replies, task_id):
         task.request.meshq_lease_reply = replies[0]
 
@@ -216,10 +219,27 @@ def _replicated(replies: list[Any], task_id: str) -> bool:
     return True
 
 
+def _add_success_end(task_id: str, task: Any, pipe: Any) -> None:
+    """A success's task-end commands (IDLE, ``TASK_SUCCEEDED``, the lease's release), added by
+    the result backend to the pipeline that stores the result (``app.celery_redaction``): the
+    end costs no round trip of its own, and the lease is released right after the result is
+    stored, as a redelivered copy waiting for it needs."""
+    worker_id = get_settings().worker_id
+    started = _started_at.get(task_id)
+    event = task_event("TASK_SUCCEEDED", worker_id, task_id, taskType=_task_type(task),
+                       runtime_sec=round(time.monotonic() - started, 3) if started is not None else 0.0)
+    add_status_commands(pipe, worker_id, IDLE, last_task=task_id, task_event=event)
+    lease = getattr(task.request, "meshq_lease", None)
+    if lease is not None:
+        lease.release_in(pipe)
+
+
 @signals.task_postrun.connect
 def on_task_end(task_id: str, task: Any, retval: Any = None, state: str | None = None, **_: Any) -> None:
     worker_id = get_settings().worker_id
     payload: dict[str, Any] = {"taskType": _task_type(task), "runtime_sec": _runtime_s(task_id)}
+    if state == "SUCCESS" and getattr(task.request, "meshq_end_written", False):
+        return  # written with the result (_add_success_end)
     if state == "SUCCESS":
         event = task_event("TASK_SUCCEEDED", worker_id, task_id, **payload)
     elif state == "IGNORED" and not getattr(task.request, "meshq_cancelled", False):
