@@ -25,8 +25,6 @@ the disk out and leaves the dispatch overhead itself.
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing
 import os
 import secrets
 import statistics
@@ -34,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -167,67 +166,34 @@ def send_bare_noop(n: int) -> tuple[float, list[float]]:
     return time.perf_counter() - t0, starts
 
 
-def listen_for_starts(url: str, ready: Any, stop: Any, out: Any) -> None:
-    """In its own process (no GIL shared with the submitting loop): TASK_STARTED times."""
-    from datetime import datetime
-
-    client = redis.Redis.from_url(url, decode_responses=True)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe("tasks.events")
-    ready.set()
-    started: dict[str, float] = {}
-    while not stop.is_set():
-        message = pubsub.get_message(timeout=0.2)
-        if message:
-            event = json.loads(message["data"])
-            if event["type"] == "TASK_STARTED":
-                started[event["task_id"]] = datetime.fromisoformat(event["ts"]).timestamp()
-    out.put(started)
-
-
-def send_meshq_echo(n: int, url: str, path: str = "apply_async") -> tuple[float, list[float]]:
+def send_meshq_echo(n: int, path: str = "apply_async") -> tuple[float, list[float]]:
     """Send ``n`` meshq echo tasks at once (``apply_async``, or the user's Python API:
     ``Pipeline.from_dict(...).submit()``), then await each: the seconds it took and each task's
-    submit→start delay (its TASK_STARTED event, heard by a listener in its own process)."""
-    # spawn, not fork: this process has threads (Celery's) by the second round, and a
-    # forked child can inherit one of their locks held.
-    context = multiprocessing.get_context("spawn")
-    ready, stop_flag, out = context.Event(), context.Event(), context.Queue()
-    listener = context.Process(target=listen_for_starts, args=(url, ready, stop_flag, out))
-    listener.start()
-    ready.wait(10)
-    try:
-        from pipelines import Pipeline
-        from tasks import echo
+    submit→start delay (its result's ``started_at``, as the bare no-op returns its start time:
+    no extra process listening on the meshq side only)."""
+    from pipelines import Pipeline
+    from tasks import echo
 
-        submitted: dict[str, float] = {}
-        t0 = time.perf_counter()
-        if path == "pipeline":  # the user's path: the public Python API, submit then wait
-            runs = []
-            for i in range(n):
-                submitted_at = time.time()
-                run = Pipeline.from_dict({"taskType": "echo", "data": {"i": i}}).submit()
-                submitted[run.stages[0]["task_id"]] = submitted_at
-                runs.append(run)
-            for run in runs:
-                run.wait(timeout=600)
-        else:
-            results = []
-            for i in range(n):
-                submitted_at = time.time()
-                r = echo.apply_async(args=[{"taskType": "echo", "data": {"i": i}}])
-                submitted[r.id] = submitted_at
-                results.append(r)
-            for r in results:
-                r.get(timeout=600)
-        elapsed = time.perf_counter() - t0
-        time.sleep(0.5)
-        stop_flag.set()
-        started: dict[str, float] = out.get(timeout=30)
-    finally:
-        stop_flag.set()
-        listener.join(timeout=10)
-    return elapsed, [started[tid] - submitted[tid] for tid in submitted if tid in started]
+    submitted: list[float] = []
+    results: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    if path == "pipeline":  # the user's path: the public Python API, submit then wait
+        runs = []
+        for i in range(n):
+            submitted.append(time.time())
+            runs.append(Pipeline.from_dict({"taskType": "echo", "data": {"i": i}}).submit())
+        for run in runs:
+            (result,) = run.wait(timeout=600).values()
+            results.append(result)
+    else:
+        sent = []
+        for i in range(n):
+            submitted.append(time.time())
+            sent.append(echo.apply_async(args=[{"taskType": "echo", "data": {"i": i}}]))
+        results = [r.get(timeout=600) for r in sent]
+    elapsed = time.perf_counter() - t0
+    return elapsed, [datetime.fromisoformat(result["started_at"]).timestamp() - at
+                     for result, at in zip(results, submitted, strict=True)]
 
 
 def run_meshq(n: int, env: dict[str, str], workdir: Path, results_dir: Path,
@@ -242,7 +208,7 @@ def run_meshq(n: int, env: dict[str, str], workdir: Path, results_dir: Path,
         while any(client.hget(f"worker:{worker_id}", "status") != "IDLE" for worker_id in worker_ids):
             time.sleep(0.1)
         cpu_before = worker.cpu_s()
-        elapsed, starts = send_meshq_echo(n, env["REDIS_URL"], path)
+        elapsed, starts = send_meshq_echo(n, path)
         cpu_ms = (worker.cpu_s() - cpu_before) * 1000 / n
     finally:
         stop(worker)
