@@ -39,11 +39,21 @@ log = logging.getLogger(__name__)
 MESHQ_TASK_PREFIX = "meshq."
 
 
-def _record_ttl_s() -> int:
-    expires = current_app.conf.result_expires
-    if isinstance(expires, timedelta):
-        return max(int(expires.total_seconds()), 1)
-    return max(int(expires or 0), 1) if expires else 7 * 24 * 3600
+_ttl_s: int | None = None
+
+
+def record_ttl_s() -> int:
+    """How long a task's records are kept (``result_expires``, as its results). Read once per
+    process, as Celery's result backend reads it once: a lookup in the app's configuration on
+    every send cost more than the rest of the record."""
+    global _ttl_s
+    if _ttl_s is None:
+        expires = current_app.conf.result_expires
+        if isinstance(expires, timedelta):
+            _ttl_s = max(int(expires.total_seconds()), 1)
+        else:
+            _ttl_s = max(int(expires or 0), 1) if expires else 7 * 24 * 3600
+    return _ttl_s
 
 
 class _Pending(threading.local):
@@ -112,7 +122,7 @@ def record_sent(sender: Any = None, headers: dict[str, Any] | None = None, **_: 
     task_id, key, queue = record
     client = get_redis()
     pipe = client.pipeline(transaction=False)
-    pipe.set(key, queue, ex=_record_ttl_s())
+    pipe.set(key, queue, ex=record_ttl_s())
     # Behind Sentinel: this write comes after the message's, so a replica that has it has
     # the message too — a task the caller was told is queued survives a failover.
     add_replica_wait(pipe)
@@ -157,7 +167,7 @@ class RecordingChannel(kombu_redis.Channel):
                 for priority in self.priority_steps:
                     pipe.pexpire(self._q_for_pri(queue, priority), self._expires[queue])
             if record is not None:
-                pipe.set(record[1], record[2], ex=_record_ttl_s())
+                pipe.set(record[1], record[2], ex=record_ttl_s())
             add_replica_wait(pipe)
             replies = pipe.execute(raise_on_error=False)  # a lost connection raises: kombu retries
             failed = [reply for reply in replies[:first + 1] if isinstance(reply, Exception)]
