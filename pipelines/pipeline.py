@@ -182,5 +182,5 @@ class Pipeline:
         ttl_s = record_ttl_s()
         # The record goes out in the first message's round trip, before it (app.sent_tasks).
         with written_with_publish(lambda pipe: run.record(pipe, ttl_s)):
-            run.sent_result = canvas.apply_async()
+            canvas.apply_async()
         return run

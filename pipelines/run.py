@@ -64,10 +64,6 @@ class PipelineRun:
     warnings: list[str] = field(default_factory=list)
     is_pipeline: bool = True
     is_graph: bool = False                # stages are graph nodes, each with its depends_on
-    # What ``submit`` got back from Celery (None for a run looked up by id). Kept so the result
-    # subscription Celery opened as it sent the task stays open for ``wait``: dropping it at once
-    # cost an UNSUBSCRIBE at submission and a new SUBSCRIBE in ``wait``.
-    sent_result: Any = field(default=None, repr=False, compare=False)
 
     # -- records --------------------------------------------------------------
     def record(self, client: redis.Redis, ttl_s: int) -> None:
@@ -209,7 +205,8 @@ class PipelineRun:
             if display is not None:
                 display.close()
 
-    def _wait_for_a_stage(self, report: dict[str, Any], wait_s: float) -> None:
+    @staticmethod
+    def _wait_for_a_stage(report: dict[str, Any], wait_s: float) -> None:
         """Block until the first unfinished stage ends or ``wait_s`` passed: the result
         backend's notification (Redis pub/sub), not a poll, wakes the waiter as soon as
         the stage ends; waiting on many runs in turn costs each finished one a single read."""
@@ -218,10 +215,8 @@ class PipelineRun:
         if pending is None:
             time.sleep(wait_s)
             return
-        sent = self.sent_result
-        result = sent if sent is not None and sent.id == pending else celery_app.AsyncResult(pending)
         try:
-            result.get(timeout=wait_s, propagate=False, disable_sync_subtasks=False)
+            celery_app.AsyncResult(pending).get(timeout=wait_s, propagate=False, disable_sync_subtasks=False)
         except CeleryTimeoutError:
             pass
 
