@@ -72,6 +72,19 @@ def _rides_with_messages(broker_url: str) -> bool:
     return issubclass(Connection(broker_url).get_transport_cls(), RecordingTransport | RecordingSentinelTransport)
 
 
+_broker_rides: bool | None = None
+
+
+def _messages_ride() -> bool:
+    """``_rides_with_messages`` of this process's broker, worked out on the first submission: the
+    broker URL is set once the app is configured, and reading it from the app's configuration
+    cost more than the rest of ``written_with_publish``."""
+    global _broker_rides
+    if _broker_rides is None:
+        _broker_rides = _rides_with_messages(str(current_app.conf.broker_url))
+    return _broker_rides
+
+
 @contextmanager
 def written_with_publish(write: Callable[[Any], None]) -> Iterator[None]:
     """Have ``write(pipe)`` (Redis commands added to a pipeline) sent in the same round trip
@@ -80,7 +93,7 @@ def written_with_publish(write: Callable[[Any], None]) -> Iterator[None]:
     message, where messages do not go through ``RecordingChannel``; written on leaving
     when nothing was published. A ``write`` that fails fails the publish (the message,
     sent in the same round trip, may be queued all the same)."""
-    if not _rides_with_messages(str(current_app.conf.broker_url)):
+    if not _messages_ride():
         _write_now(write)
         yield
         return
