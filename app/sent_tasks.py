@@ -39,11 +39,21 @@ log = logging.getLogger(__name__)
 MESHQ_TASK_PREFIX = "meshq."
 
 
-def _record_ttl_s() -> int:
-    expires = current_app.conf.result_expires
-    if isinstance(expires, timedelta):
-        return max(int(expires.total_seconds()), 1)
-    return max(int(expires or 0), 1) if expires else 7 * 24 * 3600
+_ttl_s: int | None = None
+
+
+def record_ttl_s() -> int:
+    """How long a task's records are kept (``result_expires``, as its results). Read once per
+    process, as Celery's result backend reads it once: a lookup in the app's configuration on
+    every send cost more than the rest of the record."""
+    global _ttl_s
+    if _ttl_s is None:
+        expires = current_app.conf.result_expires
+        if isinstance(expires, timedelta):
+            _ttl_s = max(int(expires.total_seconds()), 1)
+        else:
+            _ttl_s = max(int(expires or 0), 1) if expires else 7 * 24 * 3600
+    return _ttl_s
 
 
 class _Pending(threading.local):
@@ -62,6 +72,19 @@ def _rides_with_messages(broker_url: str) -> bool:
     return issubclass(Connection(broker_url).get_transport_cls(), RecordingTransport | RecordingSentinelTransport)
 
 
+_broker_rides: bool | None = None
+
+
+def _messages_ride() -> bool:
+    """``_rides_with_messages`` of this process's broker, worked out on the first submission: the
+    broker URL is set once the app is configured, and reading it from the app's configuration
+    cost more than the rest of ``written_with_publish``."""
+    global _broker_rides
+    if _broker_rides is None:
+        _broker_rides = _rides_with_messages(str(current_app.conf.broker_url))
+    return _broker_rides
+
+
 @contextmanager
 def written_with_publish(write: Callable[[Any], None]) -> Iterator[None]:
     """Have ``write(pipe)`` (Redis commands added to a pipeline) sent in the same round trip
@@ -70,7 +93,7 @@ def written_with_publish(write: Callable[[Any], None]) -> Iterator[None]:
     message, where messages do not go through ``RecordingChannel``; written on leaving
     when nothing was published. A ``write`` that fails fails the publish (the message,
     sent in the same round trip, may be queued all the same)."""
-    if not _rides_with_messages(str(current_app.conf.broker_url)):
+    if not _messages_ride():
         _write_now(write)
         yield
         return
@@ -112,7 +135,7 @@ def record_sent(sender: Any = None, headers: dict[str, Any] | None = None, **_: 
     task_id, key, queue = record
     client = get_redis()
     pipe = client.pipeline(transaction=False)
-    pipe.set(key, queue, ex=_record_ttl_s())
+    pipe.set(key, queue, ex=record_ttl_s())
     # Behind Sentinel: this write comes after the message's, so a replica that has it has
     # the message too — a task the caller was told is queued survives a failover.
     add_replica_wait(pipe)
@@ -157,7 +180,7 @@ class RecordingChannel(kombu_redis.Channel):
                 for priority in self.priority_steps:
                     pipe.pexpire(self._q_for_pri(queue, priority), self._expires[queue])
             if record is not None:
-                pipe.set(record[1], record[2], ex=_record_ttl_s())
+                pipe.set(record[1], record[2], ex=record_ttl_s())
             add_replica_wait(pipe)
             replies = pipe.execute(raise_on_error=False)  # a lost connection raises: kombu retries
             failed = [reply for reply in replies[:first + 1] if isinstance(reply, Exception)]

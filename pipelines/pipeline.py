@@ -27,11 +27,10 @@ from typing import Any
 
 from celery.canvas import Signature
 
-from app.celery import app
 from app.core.capabilities import Requirement
 from app.core.errors import SpecError
 from app.core.events import utc_now_iso
-from app.sent_tasks import written_with_publish
+from app.sent_tasks import record_ttl_s, written_with_publish
 from pipelines.graph import compile_canvas
 from pipelines.run import PipelineRun
 from pipelines.template import PipelineTemplate, StageTemplate, load_document, load_file, parse_pipeline
@@ -180,7 +179,7 @@ class Pipeline:
                      "run_on": s.run_on, **({"depends_on": list(s.depends_on)} if self.is_graph else {})}
                     for s, t in zip(self.stages, task_ids, strict=True)],
             is_graph=self.is_graph)
-        ttl_s = int(app.conf.result_expires or 7 * 24 * 3600)
+        ttl_s = record_ttl_s()
         # The record goes out in the first message's round trip, before it (app.sent_tasks).
         with written_with_publish(lambda pipe: run.record(pipe, ttl_s)):
             canvas.apply_async()

@@ -88,9 +88,20 @@ def live_workers(client: redis.Redis | None = None, *, cached: bool = False) -> 
     return workers
 
 
-def live_queues(client: redis.Redis | None = None, *, cached: bool = False) -> set[str]:
+# The queues of the last read of the live workers (that very list): a submission that finds
+# its queue served asks this of the cached read, and building the set again on every send cost
+# in proportion to the fleet (one entry per queue of every worker).
+_live_queues: tuple[list[dict[str, Any]], frozenset[str]] | None = None
+
+
+def live_queues(client: redis.Redis | None = None, *, cached: bool = False) -> frozenset[str]:
     """Every queue consumed by a worker whose heartbeat key is alive."""
-    return {queue for worker in live_workers(client, cached=cached) for queue in worker.get("queues") or []}
+    global _live_queues
+    workers = live_workers(client, cached=cached)
+    memo = _live_queues  # read once: another thread may replace it meanwhile
+    if memo is None or memo[0] is not workers:
+        memo = _live_queues = (workers, frozenset(q for worker in workers for q in worker.get("queues") or []))
+    return memo[1]
 
 
 def capability_warning(need: Requirement, queue: str, client: redis.Redis | None = None) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -32,6 +33,16 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S+\Z")
 
 
 def is_secret_key(key: str) -> bool:
+    # Key names are few and repeat on every send (each message is redacted): short ones are cached.
+    return _is_secret_name(key) if len(key) <= 128 else _segments_name_a_secret(key)
+
+
+@functools.lru_cache(maxsize=2048)
+def _is_secret_name(key: str) -> bool:
+    return _segments_name_a_secret(key)
+
+
+def _segments_name_a_secret(key: str) -> bool:
     segments = [s for s in _SEGMENT_SPLIT.split(key.lower()) if s]
     return any(s in _SECRET_SEGMENTS for s in segments) or any(
         a == "api" and b == "key" for a, b in zip(segments, segments[1:], strict=False))
