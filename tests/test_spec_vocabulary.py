@@ -10,6 +10,7 @@ from app.core.errors import SpecError
 from app.core.task_spec import BaseTaskSpec, parse_task_spec
 from app.core.task_spec.schema import SECTION_TYPES, TASK_SPEC_MODELS
 from app.core.task_spec.sizes import format_size, parse_cpu, parse_size
+from app.core.task_spec.validation import FIELD_ORDER
 from pipelines.template import parse_pipeline
 
 MODEL = {"source": {"type": "huggingface", "identifier": "/models/tiny"}}
@@ -170,6 +171,14 @@ def test_each_task_type_has_exactly_its_sections() -> None:
     assert set(TASK_SPEC_MODELS["ppo"].model_fields) - shared == {
         "model", "checkpoint", "training", "lora", "reward_model", "generation"}
     assert set(TASK_SPEC_MODELS["echo"].model_fields) - shared == {"echo"}
+
+
+def test_every_section_has_a_place_in_the_order_errors_are_listed_in() -> None:
+    """A spec's first problem names the error's field (FIELD_ORDER): a section added to a member
+    without a place there would be reported after every other, whatever the user got wrong."""
+    fields = set().union(*(member.model_fields for member in TASK_SPEC_MODELS.values()))
+    assert fields == set(FIELD_ORDER)
+    assert len(FIELD_ORDER) == len(set(FIELD_ORDER))
 
 
 @pytest.mark.parametrize(("task_type", "section", "message"), [
