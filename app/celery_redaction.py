@@ -152,9 +152,10 @@ class RedactingRedisBackend(RedisBackend):
             request.meshq_end_written = True
         return result
 
-    def _get_result_meta(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        meta: dict[str, Any] = super()._get_result_meta(*args, **kwargs)
-        request = kwargs.get("request", args[3] if len(args) > 3 else None)
+    def _get_result_meta(self, result: Any, state: str, traceback: Any, request: Any, format_date: bool = True,
+                         encode: bool = False) -> dict[str, Any]:
+        meta: dict[str, Any] = super()._get_result_meta(result, state, traceback, request, format_date=format_date,
+                                                        encode=encode)
         for field in ("args", "kwargs"):
             if meta.get(field) is not None:
                 meta[field] = stored_arguments(request, field, meta[field])

@@ -167,8 +167,9 @@ def _task_type(task: Any) -> str:
     return str(getattr(task, "task_type", None) or task.name.rsplit(".", 1)[-1])
 
 
-def _runtime_s(task_id: str) -> float:
-    started = _started_at.pop(task_id, None)
+def _elapsed_s(task_id: str) -> float:
+    """Seconds since ``task_id`` started in this process (0 when it is not known here)."""
+    started = _started_at.get(task_id)
     return round(time.monotonic() - started, 3) if started is not None else 0.0
 
 
@@ -220,50 +221,53 @@ def _replicated(replies: list[Any], task_id: str) -> bool:
 
 
 def _add_success_end(task_id: str, task: Any, pipe: Any) -> None:
-    """A success's task-end commands (IDLE, ``TASK_SUCCEEDED``, the lease's release), added by
-    the result backend to the pipeline that stores the result (``app.celery_redaction``): the
-    end costs no round trip of its own, and the lease is released right after the result is
-    stored, as a redelivered copy waiting for it needs."""
+    """A success's task-end commands, added by the result backend to the pipeline that stores
+    the result (``app.celery_redaction``): the end costs no round trip of its own, and the
+    lease is released right after the result is stored, as a redelivered copy waiting for it
+    needs."""
     worker_id = get_settings().worker_id
-    started = _started_at.get(task_id)
-    event = task_event("TASK_SUCCEEDED", worker_id, task_id, taskType=_task_type(task),
-                       runtime_sec=round(time.monotonic() - started, 3) if started is not None else 0.0)
-    add_status_commands(pipe, worker_id, IDLE, last_task=task_id, task_event=event)
-    lease = getattr(task.request, "meshq_lease", None)
-    if lease is not None:
-        lease.release_in(pipe)
+    add_status_commands(pipe, worker_id, IDLE, last_task=task_id,
+                        task_event=_end_event(worker_id, task_id, task, "SUCCESS", None, _elapsed_s(task_id)))
+    _add_end_commands(pipe, task_id, task, None)
 
 
 @signals.task_postrun.connect
 def on_task_end(task_id: str, task: Any, retval: Any = None, state: str | None = None, **_: Any) -> None:
-    worker_id = get_settings().worker_id
-    payload: dict[str, Any] = {"taskType": _task_type(task), "runtime_sec": _runtime_s(task_id)}
+    runtime_s = _elapsed_s(task_id)
+    _started_at.pop(task_id, None)
     if state == "SUCCESS" and getattr(task.request, "meshq_end_written", False):
         return  # written with the result (_add_success_end)
-    if state == "SUCCESS":
-        event = task_event("TASK_SUCCEEDED", worker_id, task_id, **payload)
-    elif state == "IGNORED" and not getattr(task.request, "meshq_cancelled", False):
-        # A dropped duplicate or a stage forwarded to another worker: not an outcome.
-        event = None
-    elif state in ("FAILURE", "REVOKED", "IGNORED") or isinstance(retval, BaseException):
-        error = f"{type(retval).__name__}: {retval}" if isinstance(retval, BaseException) else str(state)
-        event = task_event("TASK_FAILED", worker_id, task_id, error=error, state=state, **payload)
-    else:  # RETRY / REJECTED: the task will run again, it has not finished
-        event = None
-    # The task's lease is released here, after Celery stored the result, so a
-    # redelivered copy waiting for it finds the result.
-    lease = getattr(task.request, "meshq_lease", None)
+    worker_id = get_settings().worker_id
+    event = _end_event(worker_id, task_id, task, state, retval, runtime_s)
     last_error = _error_text(retval) if state in ("FAILURE", "RETRY") else None
-
-    def extra(pipe: Any) -> None:
-        if lease is not None:
-            lease.release_in(pipe)
-        if last_error:  # named by the run cap's message, should the task's worker die later
-            record_last_error(pipe, task_id, last_error)
-
     # Retried through a Redis outage (app.worker.outage): the task's end event is not lost.
     _status_writer.submit(write_with_retry, set_worker_status, worker_id, IDLE, last_task=task_id,
-                          task_event=event, extra=extra, what=f"task-end status write of {task_id}")
+                          task_event=event, extra=lambda pipe: _add_end_commands(pipe, task_id, task, last_error),
+                          what=f"task-end status write of {task_id}")
+
+
+def _end_event(worker_id: str, task_id: str, task: Any, state: str | None, retval: Any,
+               runtime_s: float) -> str | None:
+    """The ``tasks.events`` message of a task's end in ``state`` (None: not an outcome)."""
+    payload: dict[str, Any] = {"taskType": _task_type(task), "runtime_sec": runtime_s}
+    if state == "SUCCESS":
+        return task_event("TASK_SUCCEEDED", worker_id, task_id, **payload)
+    if state == "IGNORED" and not getattr(task.request, "meshq_cancelled", False):
+        return None  # a dropped duplicate or a stage forwarded to another worker: not an outcome
+    if state in ("FAILURE", "REVOKED", "IGNORED") or isinstance(retval, BaseException):
+        error = f"{type(retval).__name__}: {retval}" if isinstance(retval, BaseException) else str(state)
+        return task_event("TASK_FAILED", worker_id, task_id, error=error, state=state, **payload)
+    return None  # RETRY / REJECTED: the task will run again, it has not finished
+
+
+def _add_end_commands(pipe: Any, task_id: str, task: Any, last_error: str | None) -> None:
+    """Besides the status: the task's lease is released (after Celery stored the result, so a
+    redelivered copy waiting for it finds the result) and a run's error is recorded."""
+    lease = getattr(task.request, "meshq_lease", None)
+    if lease is not None:
+        lease.release_in(pipe)
+    if last_error:  # named by the run cap's message, should the task's worker die later
+        record_last_error(pipe, task_id, last_error)
 
 
 def _error_text(retval: Any) -> str | None:
