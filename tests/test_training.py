@@ -202,13 +202,18 @@ def test_sample_history_keeps_the_ends() -> None:
     assert sampled[0] == [1, 1.0] and sampled[-1] == [200, 200.0] and len(sampled) == 11
 
 
+# Each name matches whole trailing components of a module's path (peft ≥ 0.22: "norm" is only model.norm,
+# not input_layernorm), so the three kinds of RMSNorm in the test model are named one by one.
+NORMS = ["input_layernorm", "post_attention_layernorm", "norm"]
+
+
 def test_modules_to_save_trains_and_saves_whole_modules(tiny_model_dir: Path, tmp_path: Path) -> None:
     from safetensors import safe_open
 
     plain = LoRASFTExecutor().run(training_spec("lora_sft", tiny_model_dir, training={"max_steps": 1},
                                                 lora=MEMORISE_LORA), tmp_path / "a", RecordingProgress())
     norms = LoRASFTExecutor().run(training_spec("lora_sft", tiny_model_dir, training={"max_steps": 1},
-                                                lora={**MEMORISE_LORA, "modules_to_save": ["norm"]}),
+                                                lora={**MEMORISE_LORA, "modules_to_save": NORMS}),
                                   tmp_path / "b", RecordingProgress())
     hidden, layers = 128, 4  # the test model: two RMSNorms per layer plus the final one
     assert norms["trainable_params"] - plain["trainable_params"] == hidden * (2 * layers + 1)

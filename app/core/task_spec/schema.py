@@ -476,7 +476,9 @@ class LoraOptions(Strict):
     dropout: float = Field(default=0.05, ge=0, lt=1)
     bias: Literal["none", "all", "lora_only"] = "none"
     target_modules: list[str] | str | None = None
-    modules_to_save: list[str] | None = None  # e.g. ["norm"]: also train (and save) these whole modules
+    # e.g. ["lm_head"]: also train (and save) these whole modules; peft matches a name against the
+    # trailing components of each module's path ("norm" is model.norm, not input_layernorm)
+    modules_to_save: list[str] | None = None
     task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
     use_rslora: bool = False
 
