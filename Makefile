@@ -25,13 +25,12 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# The newest versions setup.cfg allows, into .venv, written to constraints.txt; run `make test`
-# (and `make test-deepspeed`) before committing the new pins.
-upgrade-pins:
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q torch==2.13.0
+# The newest versions setup.cfg allows, into .venv, written to constraints.txt (all but meshq
+# and torch, pinned above with a build tag that differs per machine); run `make test` (and
+# `make test-deepspeed`) before committing the new pins.
+upgrade-pins: install
 	$(BIN)/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[test,dev]'
-	$(BIN)/python tools/requirements.py --freeze > constraints.txt
+	$(BIN)/python tools/requirements.py --freeze --without meshq torch pip setuptools wheel > constraints.txt
 	touch $(STAMP)
 
 $(VLLM_STAMP): setup.cfg pyproject.toml

@@ -7,9 +7,9 @@ vLLM was built against.
 
     python tools/requirements.py --extras test --without torch
 
-``--freeze`` prints instead the exact version of every package installed here except meshq
-and torch (the Makefile pins torch itself, and its local build tag differs per machine):
-``make upgrade-pins`` writes it to ``constraints.txt``, which ``make install`` installs with.
+``--freeze`` prints instead the exact version of every package installed here but those
+named with ``--without``: ``make upgrade-pins`` writes it to ``constraints.txt``, which
+``make install`` installs with.
 """
 
 from __future__ import annotations
@@ -57,11 +57,12 @@ def main() -> None:
     parser.add_argument("--without", nargs="*", default=[])
     parser.add_argument("--freeze", action="store_true")
     args = parser.parse_args()
+    without = {name.lower() for name in args.without}
     if args.freeze:
         header = "# Versions `make test` last passed with (make upgrade-pins rewrites this file).\n"
-        print(header + "\n".join(frozen({"meshq", "torch", "pip", "setuptools", "wheel"})))
+        print(header + "\n".join(frozen(without)))
         return
-    print("\n".join(requirements(args.extras, {name.lower() for name in args.without})))
+    print("\n".join(requirements(args.extras, without)))
 
 
 if __name__ == "__main__":
