@@ -14,6 +14,11 @@ each gets ``app.core.redaction.redact_secrets`` applied:
   answers with the redacted representation, as Celery's ``safe=True`` does.
 
 The task itself still receives its real arguments.
+
+The texts Celery shows of arguments and results (``saferepr``'s) are built by
+``app.core.plain_repr`` where that gives the same text faster: at every send
+(``argsrepr``/``kwargsrepr``) and for every result's ``task-succeeded`` event in the pool
+process (``celery.app.trace`` formats it there), which ``shown_repr`` replaces.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 from typing import Any
 
 from celery import states
+from celery.app import trace as celery_trace
 from celery.app.amqp import AMQP
 from celery.backends.redis import RedisBackend, SentinelBackend
 from celery.exceptions import BackendStoreError
@@ -31,6 +37,7 @@ from celery.worker.request import Request
 from kombu.utils.encoding import bytes_to_str
 
 from app.core.limits import json_bytes
+from app.core.plain_repr import plain_repr
 from app.core.redaction import redact_secrets
 from app.core.redis_client import add_replica_wait, confirm_replicated, replicated_writes
 from app.core.sentinel_master import FailoverConnection
@@ -38,6 +45,20 @@ from app.core.settings import get_settings
 from app.worker.outage import REDIS_OUTAGE_S, RETRY_INTERVAL_S
 
 log = logging.getLogger(__name__)
+
+
+def shown_repr(value: Any, maxlen: int | None = None, maxlevels: int = 3, seen: Any = None) -> str:
+    """``saferepr(value, maxlen, maxlevels)``: the same text, built directly for plain data."""
+    if maxlen is not None:
+        text = plain_repr(value, maxlen, maxlevels)
+        if text is not None:
+            return text
+    return saferepr(value, maxlen, maxlevels, seen)
+
+
+# Celery's tracer formats each task's return value with ``saferepr`` (a module global it looks
+# up at every call) for the task-succeeded event: ~150 µs for a meshq result, ~25 µs this way.
+celery_trace.saferepr = shown_repr
 
 
 class RedactingAMQP(AMQP):
@@ -49,9 +70,9 @@ class RedactingAMQP(AMQP):
                    argsrepr: str | None = None, kwargsrepr: str | None = None, **options: Any) -> Any:
         levels = self.app.conf.task_repr_maxlevels
         if argsrepr is None:
-            argsrepr = saferepr(redact_secrets(args or ()), self.argsrepr_maxsize, maxlevels=levels)
+            argsrepr = shown_repr(redact_secrets(args or ()), self.argsrepr_maxsize, maxlevels=levels)
         if kwargsrepr is None:
-            kwargsrepr = saferepr(redact_secrets(kwargs or {}), self.kwargsrepr_maxsize, maxlevels=levels)
+            kwargsrepr = shown_repr(redact_secrets(kwargs or {}), self.kwargsrepr_maxsize, maxlevels=levels)
         return super().as_task_v2(task_id, name, args, kwargs, *positional, argsrepr=argsrepr,
                                   kwargsrepr=kwargsrepr, **options)
 
