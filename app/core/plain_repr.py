@@ -36,6 +36,14 @@ def plain_repr(value: Any, maxlen: int, maxlevels: int = 3) -> str | None:
     return "".join(parts)
 
 
+def _take_text(parts: list[str], room: list[int], text: str) -> None:
+    """``text`` quoted as ``saferepr`` quotes a string or key; one too long for the room left
+    is refused before it is copied (a megabyte string costs nothing here)."""
+    if len(text) + 2 >= room[0]:
+        raise _TooLong
+    _take(parts, room, "'" + text.replace("'", "\\'") + "'")
+
+
 def _take(parts: list[str], room: list[int], text: str) -> None:
     room[0] -= len(text)
     if room[0] <= 0:  # saferepr cuts a token that reaches its limit: only shorter texts are equal
@@ -46,7 +54,7 @@ def _take(parts: list[str], room: list[int], text: str) -> None:
 def _add(value: Any, level: int, maxlevels: int, parts: list[str], room: list[int]) -> None:
     kind = type(value)
     if kind is str:
-        _take(parts, room, "'" + value.replace("'", "\\'") + "'")
+        _take_text(parts, room, value)
     elif kind is int or kind is float or kind is bool:
         _take(parts, room, str(value))
     elif value is None:
@@ -63,7 +71,7 @@ def _add(value: Any, level: int, maxlevels: int, parts: list[str], room: list[in
                     raise _NotPlain
                 if i:
                     _take(parts, room, ", ")
-                _take(parts, room, "'" + key.replace("'", "\\'") + "'")
+                _take_text(parts, room, key)
                 _take(parts, room, ": ")
                 _add(item, level + 1, maxlevels, parts, room)
             _take(parts, room, "}")
