@@ -1,10 +1,12 @@
 import hashlib
 import json
+import math
+import uuid
 from pathlib import Path
 
 import pytest
 
-from app.artifacts.manifest import build_manifest, write_task_outputs
+from app.artifacts.manifest import build_manifest, json_bytes, write_task_outputs
 from app.core.names import check_name
 
 
@@ -20,6 +22,37 @@ def test_manifest_sizes_and_hashes(tmp_path: Path) -> None:
         {"path": "sub/b.bin", "bytes": 10, "sha256": hashlib.sha256(b"\x00" * 10).hexdigest()},
     ]
     assert manifest["total_bytes"] == 15
+
+
+@pytest.mark.parametrize("value", [
+    {"b": [1, 2.5, None, True, False, "text", {"z": {}, "a": []}], "a": -0.0, "c": 1.2e-05, "d": 1e300},
+    {"quote": "\" \\ \n \u2028 \x00", "non_ascii": "é 日本 🙂"},
+    [], {}, "plain", 7,
+])
+def test_json_files_are_indented_sorted_and_read_back_equal(value: object) -> None:
+    data = json_bytes(value)
+    assert data.endswith(b"\n")
+    assert json.loads(data) == value
+    if isinstance(value, dict) and value:  # keys sorted, two-space indent: a readable file
+        keys = [line.split(b'"')[1] for line in data.splitlines() if line.startswith(b'  "')]
+        assert keys == sorted(keys) and data.startswith(b'{\n  "')
+
+
+@pytest.mark.parametrize("value", [{"loss": float("nan")}, {"loss": float("inf")}, {1: "an integer key"},
+                                   {"big": 2**70}])
+def test_json_files_keep_what_the_standard_library_writes(value: object) -> None:
+    # NaN, infinities, integer keys, integers over 64 bits: written as json.dumps writes them
+    assert json_bytes(value) == (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
+    read = json.loads(json_bytes(value))
+    if isinstance(read.get("loss"), float) and math.isnan(read["loss"]):
+        return
+    assert read == ({"1": "an integer key"} if 1 in value else value)
+
+
+def test_json_files_refuse_what_json_refuses() -> None:
+    for value in ({"id": uuid.uuid4()}, {"tags": {"a"}}, {"blob": b"bytes"}):
+        with pytest.raises(TypeError):
+            json_bytes(value)
 
 
 def test_write_task_outputs(tmp_path: Path) -> None:
