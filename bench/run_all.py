@@ -22,6 +22,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 
 BENCHMARKS: list[tuple[str, list[str]]] = [
     ("dispatch.py", []),
+    ("pool_path.py", []),
     ("fleet.py", []),
     ("server_transfer.py", []),
     ("webui.py", []),
